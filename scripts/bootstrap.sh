@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Sets up everything the demo and the tests need on a fresh Debian machine, then returns:
+#   - etcd-server and nats-server from Debian's packages, when missing;
+#   - a virtual environment in .venv with this package and its dev tools (pinned by
+#     constraints.txt). Re-running is cheap: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"
+    elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+    else say "need root to run: $*  (install sudo or run as root)"; return 1; fi
+}
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    say "Python >= 3.11 is required (found: $("$PY" --version 2>&1 || echo none))"
+    exit 1
+fi
+
+apt_pkgs=()
+have etcd || apt_pkgs+=(etcd-server)
+have nats-server || apt_pkgs+=(nats-server)
+"$PY" -m venv --help >/dev/null 2>&1 && "$PY" -c 'import ensurepip' 2>/dev/null \
+    || apt_pkgs+=(python3-venv)
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        say "installing from Debian's packages: ${apt_pkgs[*]}"
+        as_root apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+            "${apt_pkgs[@]}" >/dev/null
+    else
+        say "missing ${apt_pkgs[*]} and no apt-get here: install them by hand"
+        exit 1
+    fi
+fi
+
+stamp=.venv/.installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "creating .venv and installing failover-supervisor with its dev tools"
+    [ -x .venv/bin/python ] || "$PY" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,302 @@
+"""The backend plugin contract and the entry-point registry.
+
+A backend knows one engine's dialect (launch flags, routes, stream shapes) and nothing of
+failover policy. Plugins are classes registered under the entry-point group
+``failover_supervisor.backends``; the first-party ones in ``plugins/`` register the same way a
+third party does. :mod:`supervisor.testing.conformance` checks a plugin against the simulator.
+
+Engine dialect facts live in a plugin's :class:`Dialect`, and the simulator reads them from
+there instead of restating them.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import aiohttp
+
+from supervisor.model import (
+    ClientRequest,
+    EngineLoad,
+    EngineSpec,
+    LaunchCommand,
+    Piece,
+    Progress,
+    Readiness,
+    UpstreamRequest,
+)
+
+ENTRY_POINT_GROUP = "failover_supervisor.backends"
+
+
+class BackendError(RuntimeError):
+    """An engine call failed; the message says which call and what the engine answered."""
+
+
+class EngineOutOfMemory(BackendError):
+    """The engine could not get GPU memory (wake or load). Retryable for a bounded time."""
+
+
+class MalformedStream(BackendError):
+    """The engine sent something that is not its stream format: a failure of that engine."""
+
+
+@dataclass(frozen=True)
+class MetricNames:
+    running: str
+    waiting: str
+    kv_usage: str | None = None
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """Facts about one engine's HTTP API, shared by its plugin and the simulator."""
+
+    name: str
+    program: tuple[str, ...]
+    default_port: int
+    model_flag: str | None  # None: the model is positional
+    health_path: str = "/health"
+    deep_health_path: str | None = None
+    sleep_flag: str | None = None  # launch flag that enables the sleep/release routes
+    sleep_env: Mapping[str, str] = field(default_factory=dict)
+    sleep_path: str | None = None
+    wake_path: str | None = None
+    is_sleeping_path: str | None = None
+    abort_path: str | None = None
+    metrics: MetricNames | None = None
+    metrics_format: str = "prometheus"  # or "json"
+    abort_log: str = "Aborted request {rid}."
+    served_name_flag: str = "--served-model-name"
+    host_flag: str = "--host"
+    port_flag: str = "--port"
+    max_seqs_flag: str | None = None
+    request_id_field: str | None = None  # body field that sets the engine-side request id
+    openai_token_ids: bool = False  # OpenAI routes return token ids (``return_token_ids``)
+    openai_error_shape: str = "flat"  # "wrapped": {"error": {...}}; "flat": {"object": "error"}
+
+
+class EngineEndpoint:
+    """An engine's base URL plus an HTTP session; every call has a deadline."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, timeout: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.session = session
+        self.timeout = timeout
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[int, bytes]:
+        """One request; returns (status, body). Connection failures raise ``aiohttp`` errors."""
+        t = aiohttp.ClientTimeout(total=timeout_s if timeout_s is not None else self.timeout)
+        async with self.session.request(
+            method, self.url + path, json=json_body, params=params, timeout=t
+        ) as resp:
+            return resp.status, await resp.read()
+
+    async def call_ok(self, method: str, path: str, **kw: Any) -> bytes:
+        status, body = await self.call(method, path, **kw)
+        if status >= 400:
+            text = body[:300].decode("utf-8", "replace")
+            if status >= 500 and "out of memory" in text.lower():
+                raise EngineOutOfMemory(f"{method} {path} -> {status}: {text}")
+            raise BackendError(f"{method} {path} -> {status}: {text}")
+        return body
+
+
+class StreamDecoder(ABC):
+    """Turns one upstream stream's SSE ``data:`` payloads into :class:`Piece` s.
+
+    Stateful per stream (e.g. SGLang's cumulative text becomes deltas here, once).
+    """
+
+    @abstractmethod
+    def feed(self, data: bytes) -> Piece | None:
+        """Decode one event's payload (without ``data: ``); None for events that carry nothing.
+
+        Raises :class:`MalformedStream` for anything that is not this engine's format.
+        """
+
+
+def loads_event(data: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MalformedStream(f"stream event is not JSON: {data[:80]!r}") from e
+    if not isinstance(obj, dict):
+        raise MalformedStream(f"stream event is not a JSON object: {data[:80]!r}")
+    if "error" in obj and "choices" not in obj:
+        raise MalformedStream(f"engine reported an error mid-stream: {str(obj['error'])[:200]}")
+    return obj
+
+
+class Backend(ABC):
+    """One engine dialect. Subclass it, set :attr:`dialect`, and register the class under the
+    entry-point group ``failover_supervisor.backends``.
+
+    Hooks that talk to the engine are ``async`` and receive an :class:`EngineEndpoint`; they
+    raise :class:`BackendError` (or a subclass) with a message a human can act on.
+    """
+
+    dialect: ClassVar[Dialect]
+    #: Whether :meth:`continuation` resumes from token ids (exact) or from text.
+    continuation_mode: ClassVar[str] = "text"
+    #: Whether a stream whose prompt is token ids can be resumed after tokens were sent.
+    resumes_token_prompts: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return self.dialect.name
+
+    # -- launching ---------------------------------------------------------------------
+    def command(self, spec: EngineSpec) -> LaunchCommand:
+        """The engine's command line for ``spec``: real flags, shadow flags included.
+
+        The default covers engines whose flags follow the dialect's names; override for more.
+        """
+        d = self.dialect
+        args: list[str] = []
+        if d.model_flag:
+            args += [d.model_flag, spec.model]
+        else:
+            args.append(spec.model)
+        args += [d.host_flag, spec.host, d.port_flag, str(spec.port)]
+        if spec.served_model_name:
+            args += [d.served_name_flag, spec.served_model_name]
+        env = dict(spec.env)
+        if spec.role == "shadow" or spec.options.get("sleep_mode"):
+            if d.sleep_flag is None:
+                raise BackendError(
+                    f"{d.name} has no sleep mode; give its shadows a suspend strategy instead"
+                )
+            args.append(d.sleep_flag)
+            env.update(d.sleep_env)
+        if spec.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.gpus)
+        args += list(spec.extra_args)
+        return LaunchCommand(program=d.program, args=tuple(args), env=env)
+
+    # -- health ------------------------------------------------------------------------
+    async def health(self, ep: EngineEndpoint) -> Readiness:
+        """Liveness and readiness in one answer: loading, sleeping, ready, unhealthy, down."""
+        try:
+            status, _ = await ep.call("GET", self.dialect.health_path)
+        except (aiohttp.ClientConnectionError, TimeoutError):
+            return Readiness.DOWN
+        if status >= 500:
+            # Some engines answer 503 while loading; a plugin that can tell overrides this.
+            return Readiness.UNHEALTHY
+        if status != 200:
+            return Readiness.LOADING
+        if self.dialect.is_sleeping_path and await self._sleeping_or_none(ep):
+            return Readiness.SLEEPING
+        return Readiness.READY
+
+    async def _sleeping_or_none(self, ep: EngineEndpoint) -> bool:
+        try:
+            return await self.is_sleeping(ep)
+        except BackendError:
+            return False  # the route exists only with sleep mode enabled
+
+    # -- sleep and wake ----------------------------------------------------------------
+    @abstractmethod
+    async def sleep(self, ep: EngineEndpoint, level: int = 1) -> None:
+        """Release GPU memory while staying loaded (level 1: KV only; 2: weights too)."""
+
+    @abstractmethod
+    async def wake(self, ep: EngineEndpoint, tags: tuple[str, ...] = ()) -> None:
+        """Take GPU memory back (optionally in stages by tag). OOM raises EngineOutOfMemory."""
+
+    @abstractmethod
+    async def is_sleeping(self, ep: EngineEndpoint) -> bool:
+        """Whether the engine has released its GPU memory."""
+
+    # -- requests ----------------------------------------------------------------------
+    @abstractmethod
+    async def abort(self, ep: EngineEndpoint, request_id: str) -> bool:
+        """Cancel one request explicitly. Returns False where the engine has no abort route
+        (closing the connection is then the abort)."""
+
+    @abstractmethod
+    def first_request(self, req: ClientRequest, request_id: str) -> UpstreamRequest:
+        """The first piece of ``req``: streamed, carrying ``request_id`` engine-side, asking
+        for token ids where the engine can return them."""
+
+    @abstractmethod
+    def continuation(
+        self, req: ClientRequest, progress: Progress, request_id: str
+    ) -> UpstreamRequest:
+        """The request that resumes ``req`` on another engine after ``progress`` was sent:
+        prompt + emitted as token ids where possible, text otherwise; budget reduced."""
+
+    @abstractmethod
+    def decoder(self, upstream: UpstreamRequest) -> StreamDecoder:
+        """A decoder for the stream that ``upstream`` produces."""
+
+    async def load(self, ep: EngineEndpoint) -> EngineLoad:
+        """Running/waiting requests and KV usage from the engine's own metrics."""
+        m = self.dialect.metrics
+        if m is None:
+            return EngineLoad()
+        text = (await ep.call_ok("GET", "/metrics")).decode("utf-8", "replace")
+        values = parse_prometheus_gauges(text, {m.running, m.waiting, m.kv_usage or ""})
+        return EngineLoad(
+            running=int(values.get(m.running, 0)),
+            waiting=int(values.get(m.waiting, 0)),
+            kv_usage=values.get(m.kv_usage or "", 0.0),
+        )
+
+
+def parse_prometheus_gauges(text: str, names: set[str]) -> dict[str, float]:
+    """Sum of each named series in Prometheus text format (labels ignored)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
+        if name_end < 0 or line[:name_end] not in names:
+            continue
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        out[line[:name_end]] = out.get(line[:name_end], 0.0) + value
+    return out
+
+
+class BackendNotFound(LookupError):
+    pass
+
+
+def available_backends() -> dict[str, type[Backend]]:
+    """Every backend class registered under the entry-point group, by name."""
+    found: dict[str, type[Backend]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.load()
+    return found
+
+
+def load_backend(name: str) -> Backend:
+    eps = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise BackendNotFound(
+            f"no backend named {name!r} (registered: {known}); a third-party backend must be "
+            f"installed and declare an entry point in group {ENTRY_POINT_GROUP!r}"
+        )
+    cls = eps[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise BackendNotFound(f"entry point {name!r} does not name a Backend subclass")
+    return cls()

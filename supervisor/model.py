@@ -1,0 +1,130 @@
+"""Pure data shared by every part of the supervisor. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+
+class Readiness(StrEnum):
+    """What an engine's own HTTP API says about it (one probe's answer)."""
+
+    DOWN = "down"  # nothing answers
+    LOADING = "loading"  # up, still loading weights
+    SLEEPING = "sleeping"  # loaded, GPU memory released
+    READY = "ready"  # serving
+    UNHEALTHY = "unhealthy"  # answers, but says it is broken (5xx on /health)
+
+
+Role = Literal["active", "shadow"]
+RequestKind = Literal["completion", "chat"]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """How to launch one engine; the backend plugin turns it into a command line."""
+
+    engine_id: str
+    model: str
+    port: int
+    host: str = "127.0.0.1"
+    served_model_name: str | None = None
+    role: Role = "active"
+    gpus: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class LaunchCommand:
+    """``program`` is the real engine's entry (e.g. ``["vllm", "serve"]``); ``args`` follow it.
+
+    Keeping them apart lets the simulator stand in for ``program`` with the same ``args``.
+    """
+
+    program: tuple[str, ...]
+    args: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def argv(self) -> list[str]:
+        return [*self.program, *self.args]
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """An OpenAI-shaped request as the client sent it (``body`` is never modified)."""
+
+    kind: RequestKind
+    body: dict[str, Any]
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream", False))
+
+    @property
+    def max_tokens(self) -> int | None:
+        value = self.body.get("max_completion_tokens", self.body.get("max_tokens"))
+        return int(value) if value is not None else None
+
+
+@dataclass
+class Progress:
+    """What the client has been sent so far, across all pieces of one request."""
+
+    text: str = ""
+    token_ids: list[int] | None = field(default_factory=list)  # None: some ids were unknown
+    prompt_token_ids: list[int] | None = None
+    completion_tokens: int = 0
+
+    def add(self, piece: Piece) -> None:
+        self.text += piece.text
+        n = len(piece.token_ids) if piece.token_ids is not None else piece.n_tokens
+        self.completion_tokens += n
+        if piece.token_ids is None:
+            if piece.n_tokens:
+                self.token_ids = None
+        elif self.token_ids is not None:
+            self.token_ids.extend(piece.token_ids)
+        if piece.prompt_token_ids is not None and self.prompt_token_ids is None:
+            self.prompt_token_ids = piece.prompt_token_ids
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    """One piece of a request as sent to an engine: always streamed, so it can migrate."""
+
+    path: str
+    body: dict[str, Any]
+    request_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Piece:
+    """What one upstream stream event means, in engine-neutral terms."""
+
+    text: str = ""
+    token_ids: list[int] | None = None
+    n_tokens: int = 0  # tokens in this event when ids are not given (0 if unknown)
+    finish_reason: str | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None  # engine's own usage count, where reported

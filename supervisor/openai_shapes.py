@@ -1,0 +1,144 @@
+"""OpenAI-compatible request and stream shapes, shared by plugins of OpenAI-speaking engines.
+
+Only what tracking and continuation need is parsed; everything else passes through untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from supervisor.backends import BackendError, MalformedStream, StreamDecoder, loads_event
+from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
+
+COMPLETIONS_PATH = "/v1/completions"
+CHAT_PATH = "/v1/chat/completions"
+
+# Sampling fields that mean the same on /v1/completions as on /v1/chat/completions.
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "min_tokens",
+    "skip_special_tokens",
+)
+
+
+def path_for(req: ClientRequest) -> str:
+    return CHAT_PATH if req.kind == "chat" else COMPLETIONS_PATH
+
+
+def streamed_body(req: ClientRequest, *, include_usage: bool = True) -> dict[str, Any]:
+    """The client's body, streamed (internally we always stream, so any request can migrate)."""
+    body = copy.deepcopy(req.body)
+    body["stream"] = True
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def remaining_budget(req: ClientRequest, progress: Progress) -> int | None:
+    mt = req.max_tokens
+    return None if mt is None else max(mt - progress.completion_tokens, 0)
+
+
+def text_continuation(
+    req: ClientRequest, progress: Progress, request_id: str, *, rid_field: str | None
+) -> UpstreamRequest:
+    """Resume from text: prompt string + emitted text, or the partial assistant message with
+    ``continue_final_message``. Exact only where re-tokenizing the seam gives the same ids."""
+    body = streamed_body(req)
+    budget = remaining_budget(req, progress)
+    if budget is not None:
+        body.pop("max_completion_tokens", None)
+        body["max_tokens"] = budget
+    if rid_field:
+        body[rid_field] = request_id
+    if req.kind == "chat":
+        if progress.text:
+            body["messages"] = [
+                *req.body["messages"],
+                {"role": "assistant", "content": progress.text},
+            ]
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+        return UpstreamRequest(CHAT_PATH, body, request_id)
+    prompt = req.body.get("prompt")
+    if isinstance(prompt, str):
+        body["prompt"] = prompt + progress.text
+    elif progress.text:
+        raise BackendError(
+            "cannot resume a token-id prompt from text: this engine returned no token ids"
+        )
+    return UpstreamRequest(COMPLETIONS_PATH, body, request_id)
+
+
+def token_continuation(
+    req: ClientRequest, progress: Progress, request_id: str, *, rid_field: str | None
+) -> UpstreamRequest | None:
+    """Resume on /v1/completions from prompt ids + emitted ids, or None when ids are unknown."""
+    if progress.prompt_token_ids is None or progress.token_ids is None:
+        return None
+    body: dict[str, Any] = {k: req.body[k] for k in SAMPLING_KEYS if k in req.body}
+    body["model"] = req.body.get("model")
+    body["prompt"] = progress.prompt_token_ids + progress.token_ids
+    budget = remaining_budget(req, progress)
+    if budget is not None:
+        body["max_tokens"] = budget
+    elif req.kind == "chat":
+        body["max_tokens"] = None  # chat's default is "until the context ends"
+    body["stream"] = True
+    body["stream_options"] = {"include_usage": True}
+    if rid_field:
+        body[rid_field] = request_id
+    return UpstreamRequest(COMPLETIONS_PATH, body, request_id)
+
+
+class OpenAIStreamDecoder(StreamDecoder):
+    """Decodes ``text_completion`` and ``chat.completion.chunk`` events (vLLM extensions
+    ``token_ids`` / ``prompt_token_ids`` read where present)."""
+
+    def feed(self, data: bytes) -> Piece | None:
+        obj = loads_event(data)
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            raise MalformedStream(f"stream event has no choices list: {data[:80]!r}")
+        piece = Piece()
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            piece.prompt_tokens = usage.get("prompt_tokens")
+            piece.completion_tokens = usage.get("completion_tokens")
+        top_prompt_ids = obj.get("prompt_token_ids")
+        if isinstance(top_prompt_ids, list):
+            piece.prompt_token_ids = top_prompt_ids
+        if not choices:
+            return piece if usage or top_prompt_ids else None
+        ch = choices[0]
+        if not isinstance(ch, dict):
+            raise MalformedStream(f"stream choice is not an object: {data[:80]!r}")
+        if "delta" in ch:
+            delta = ch["delta"]
+            text = delta.get("content") if isinstance(delta, dict) else None
+        else:
+            text = ch.get("text")
+        if text is not None and not isinstance(text, str):
+            raise MalformedStream(f"stream text is not a string: {data[:80]!r}")
+        piece.text = text or ""
+        ids = ch.get("token_ids")
+        if isinstance(ids, list):
+            piece.token_ids = ids
+        elif piece.text:
+            piece.n_tokens = 1  # one event per token when the engine does not say otherwise
+        if isinstance(ch.get("prompt_token_ids"), list):
+            piece.prompt_token_ids = ch["prompt_token_ids"]
+        piece.finish_reason = ch.get("finish_reason")
+        return piece

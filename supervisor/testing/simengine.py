@@ -1,0 +1,573 @@
+"""Simulated inference engines: vLLM, SGLang and TensorRT-LLM dialects, as real processes.
+
+Run one with ``failover-supervisor sim-engine --dialect vllm --port 8001 --enable-sleep-mode``.
+It takes the real engine's own flags (read from the dialect facts in ``plugins/``), so a
+plugin launches the simulator exactly as it launches the real engine, plus ``--sim-*`` knobs
+for timing, simulated GPU memory and faults. See ``docs/simulator.md``.
+
+Generation is deterministic (see :mod:`supervisor.testing.simtokenizer`); GPU memory is
+accounted in a ledger shared by all simulated engines on the machine
+(:mod:`supervisor.testing.gpuledger`), held by the API server *and* a worker child, so a
+SIGKILL of the API server alone frees nothing until the worker is gone too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from supervisor.backends import Dialect
+from supervisor.testing.gpuledger import (
+    DEFAULT_CAPACITY_GIB,
+    GIB,
+    GpuLedger,
+    SimulatedOOM,
+    default_ledger_path,
+    process_ref,
+)
+from supervisor.testing.simtokenizer import EOS_ID, SequenceState, SimTokenizer
+
+DIALECTS = ("vllm", "sglang", "trtllm")
+
+
+def dialect_facts(name: str) -> Dialect:
+    """The dialect facts of the first-party plugin for ``name`` (one source of truth)."""
+    if name == "vllm":
+        from plugins.vllm import DIALECT
+    elif name == "sglang":
+        from plugins.sglang import DIALECT
+    elif name == "trtllm":
+        from plugins.trtllm import DIALECT
+    else:
+        raise ValueError(f"unknown dialect {name!r}; choose one of {', '.join(DIALECTS)}")
+    return DIALECT
+
+
+@dataclass
+class Faults:
+    """Fault knobs; token counts are over all requests since the fault was set."""
+
+    exit_after_tokens: int | None = None  # the process exits with status 1
+    kill_after_tokens: int | None = None  # the API server SIGKILLs itself
+    hang_after_tokens: int | None = None  # generation stops; /health still answers
+    malformed_after_tokens: int | None = None  # a stream gets a garbage event, then ends
+    fail_health: bool = False  # /health answers 503
+    error_500: bool = False  # inference routes answer 500
+
+    def update(self, values: dict[str, Any]) -> None:
+        names = {f.name for f in fields(self)}
+        for key, value in values.items():
+            if key not in names:
+                raise ValueError(f"unknown fault {key!r}; known: {', '.join(sorted(names))}")
+            if key in ("fail_health", "error_500"):
+                if not isinstance(value, bool):
+                    raise ValueError(f"fault {key!r} takes true or false")
+            elif value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"fault {key!r} takes a token count >= 0 or null")
+            setattr(self, key, value)
+
+
+@dataclass
+class SimOptions:
+    dialect: str
+    model: str = "sim-model"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    sleep_enabled: bool = False
+    metrics_enabled: bool = True
+    incremental_stream: bool = False
+    max_num_seqs: int = 256
+    max_model_len: int = 4096
+    load_time: float = 0.3
+    ttft: float = 0.02
+    itl: float = 0.01
+    sleep_time: float = 0.05
+    wake_time: float = 0.1
+    weights_gib: float = 16.0
+    kv_gib: float = 48.0
+    gpu_capacity_gib: float = DEFAULT_CAPACITY_GIB
+    gpus: tuple[str, ...] = ("0",)
+    ledger: Path = field(default_factory=default_ledger_path)
+    release_delay: float = 0.2
+    eos_every: int = 0
+    drain_timeout: float = 5.0
+    faults: Faults = field(default_factory=Faults)
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model
+
+
+class EngineSleeping(RuntimeError):
+    pass
+
+
+class RequestAborted(Exception):
+    """An explicit abort (SGLang ``/abort_request``) ended the request."""
+
+
+@dataclass
+class SamplingRequest:
+    """A generation request in engine-neutral terms (each dialect's HTTP layer builds it)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    abort_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Token:
+    """One generated token, with the text the client is to see (stop strings trimmed)."""
+
+    id: int
+    text: str
+    finish_reason: str | None = None
+    stop_reason: str | None = None
+
+
+class SimEngine:
+    """The engine behind the HTTP surface: memory, sleep state, generation, faults, counters."""
+
+    def __init__(self, opts: SimOptions, log: SimLog) -> None:
+        self.opts = opts
+        self.log = log
+        self.tokenizer = SimTokenizer()
+        self.ledger = GpuLedger(opts.ledger, opts.gpu_capacity_gib)
+        self.owner = f"{opts.dialect}:{opts.host}:{opts.port}:{os.getpid()}"
+        self.loaded = asyncio.Event()
+        self.released: set[str] = set()  # memory tags released by sleep
+        self.hung = asyncio.Event()
+        self.running = 0
+        self.waiting = 0
+        self.tokens_since_fault = 0
+        self.counters: dict[str, int] = {
+            "prompt_tokens": 0,
+            "generation_tokens": 0,
+            "finished_stop": 0,
+            "finished_length": 0,
+            "finished_abort": 0,
+        }
+        self.active: dict[str, SamplingRequest] = {}
+        self._slots = asyncio.Semaphore(opts.max_num_seqs)
+        self._worker: asyncio.subprocess.Process | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._procs: list[list[int]] = []
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def load(self) -> None:
+        """Start the worker, take GPU memory, wait the load time. OOM -> exit like CUDA's."""
+        self._worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _WORKER_CODE,
+            str(self.opts.release_delay),
+            stdin=asyncio.subprocess.PIPE,
+        )
+        self._procs = [process_ref(os.getpid()), process_ref(self._worker.pid)]
+        self.log.info(
+            f"loading {self.opts.model} on GPU(s) {','.join(self.opts.gpus)} "
+            f"(weights {self.opts.weights_gib} GiB, KV cache {self.opts.kv_gib} GiB); "
+            f"worker pid {self._worker.pid}"
+        )
+        await asyncio.sleep(self.opts.load_time)
+        await self._allocate(("weights", "kv_cache"))
+        self.loaded.set()
+        self.log.info("model loaded, engine ready")
+
+    async def _allocate(self, tags: Sequence[str]) -> None:
+        sizes = {"weights": self.opts.weights_gib, "kv_cache": self.opts.kv_gib}
+        for tag in tags:
+            await asyncio.to_thread(
+                self.ledger.allocate,
+                self.owner,
+                tag,
+                self.opts.gpus,
+                int(sizes[tag] * GIB),
+                self._procs,
+            )
+
+    async def release(self, tags: Sequence[str]) -> None:
+        await asyncio.sleep(self.opts.sleep_time)
+        for tag in tags:
+            await asyncio.to_thread(self.ledger.free, self.owner, tag)
+            self.released.add(tag)
+        self.log.info(f"released GPU memory: {', '.join(tags)}")
+
+    async def resume(self, tags: Sequence[str]) -> None:
+        """Take memory back; raises SimulatedOOM (memory stays released) if it does not fit."""
+        await asyncio.sleep(self.opts.wake_time)
+        await self._allocate(tags)
+        self.released.difference_update(tags)
+        self.log.info(f"resumed GPU memory: {', '.join(tags)}")
+
+    @property
+    def sleeping(self) -> bool:
+        return bool(self.released)
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.ledger.free, self.owner)
+        if self._worker and self._worker.stdin:
+            self._worker.stdin.close()  # the worker exits after its release delay
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._worker.wait(), self.opts.release_delay + 2)
+
+    # -- generation ------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        return uuid.uuid4().hex
+
+    async def generate(self, req: SamplingRequest) -> AsyncGenerator[Token, None]:
+        """Yield tokens for ``req``. Logs the abort if the consumer goes away mid-way."""
+        if self.sleeping:
+            raise EngineSleeping("the engine is sleeping; wake it up first")
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        self.idle.clear()
+        self.active[req.request_id] = req
+        self.counters["prompt_tokens"] += len(req.prompt_ids)
+        self.log.info(f"Added request {req.request_id}.")
+        seed = req.seed
+        if req.temperature > 0 and seed is None:
+            seed = random.getrandbits(63)  # a fresh sample: not reproducible
+        state = SequenceState(
+            req.prompt_ids,
+            seed=seed if req.temperature > 0 else None,
+            eos_every=0 if req.ignore_eos else self.opts.eos_every,
+        )
+        finished = "abort"
+        text = ""
+        try:
+            await self._pause(self.opts.ttft, req)
+            for i in range(req.max_tokens):
+                if i:
+                    await self._pause(self.opts.itl, req)
+                tid = state.next_token()
+                state.append(tid)
+                self.counters["generation_tokens"] += 1
+                await self._count_token_faults()
+                if tid == EOS_ID:
+                    finished = "stop"
+                    yield Token(tid, "", "stop")
+                    return
+                piece = self.tokenizer.piece(tid)
+                hit = _find_stop(text, piece, req.stop)
+                if hit is not None:
+                    cut, stop = hit
+                    finished = "stop"
+                    yield Token(tid, piece[:cut], "stop", stop)
+                    return
+                text += piece
+                last = i == req.max_tokens - 1
+                if last:
+                    finished = "length"
+                yield Token(tid, piece, "length" if last else None)
+        finally:
+            self.running -= 1
+            if not self.running:
+                self.idle.set()
+            self.active.pop(req.request_id, None)
+            self._slots.release()
+            self.counters[f"finished_{finished}"] += 1
+            if finished == "abort":
+                self.log.info(self.abort_line(req.request_id))
+
+    def abort_line(self, rid: str) -> str:
+        return dialect_facts(self.opts.dialect).abort_log.format(rid=rid)
+
+    async def _pause(self, seconds: float, req: SamplingRequest) -> None:
+        if self.hung.is_set():
+            await asyncio.Event().wait()  # wedged: never returns, until cancelled
+        if req.abort_event.is_set():
+            raise RequestAborted(req.request_id)
+        if seconds > 0:
+            abort = asyncio.ensure_future(req.abort_event.wait())
+            try:
+                await asyncio.wait([abort], timeout=seconds)
+            finally:
+                abort.cancel()
+        if req.abort_event.is_set():
+            raise RequestAborted(req.request_id)
+        if self.hung.is_set():
+            await asyncio.Event().wait()
+
+    async def _count_token_faults(self) -> None:
+        f = self.opts.faults
+        self.tokens_since_fault += 1
+        n = self.tokens_since_fault
+        if f.kill_after_tokens is not None and n >= f.kill_after_tokens:
+            self.log.info(f"fault: SIGKILL of the API server after {n} tokens")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if f.exit_after_tokens is not None and n >= f.exit_after_tokens:
+            self.log.info(f"fault: engine core died after {n} tokens; exiting with status 1")
+            sys.stderr.flush()
+            os._exit(1)
+        if f.hang_after_tokens is not None and n >= f.hang_after_tokens and not self.hung.is_set():
+            self.log.info(f"fault: engine hangs after {n} tokens (process stays alive)")
+            self.hung.set()
+
+    def malformed_due(self) -> bool:
+        m = self.opts.faults.malformed_after_tokens
+        return m is not None and self.tokens_since_fault >= m
+
+    def set_faults(self, values: dict[str, Any]) -> None:
+        self.opts.faults.update(values)
+        self.tokens_since_fault = 0
+        self.log.info(f"faults set: {values}")
+
+    def kv_usage(self) -> float:
+        return min(1.0, self.running / max(self.opts.max_num_seqs, 1))
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "dialect": self.opts.dialect,
+            "model": self.opts.name,
+            "pid": os.getpid(),
+            "worker_pid": self._worker.pid if self._worker else None,
+            "loaded": self.loaded.is_set(),
+            "sleeping": self.sleeping,
+            "released": sorted(self.released),
+            "hung": self.hung.is_set(),
+            "running": self.running,
+            "waiting": self.waiting,
+            "gpus": list(self.opts.gpus),
+            "counters": dict(self.counters),
+            "faults": {f.name: getattr(self.opts.faults, f.name) for f in fields(Faults)},
+        }
+
+
+def _find_stop(before: str, piece: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """Where in ``piece`` a stop string completes (cut index into piece), if any."""
+    full = before + piece
+    best: tuple[int, str] | None = None
+    for s in stops:
+        if not s:
+            continue
+        idx = full.find(s, max(0, len(before) - len(s) + 1))
+        if idx >= 0:
+            cut = max(0, idx - len(before))
+            if best is None or cut < best[0]:
+                best = (cut, s)
+    return best
+
+
+# The worker stands for an engine's GPU worker process (vLLM's EngineCore, SGLang's
+# scheduler): it lives until its parent's pipe closes, then lingers a moment, as real workers
+# do while releasing device memory.
+_WORKER_CODE = """
+import sys, time, signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+sys.stdin.buffer.read()
+time.sleep(float(sys.argv[1]))
+"""
+
+
+class SimLog:
+    """Engine-style log lines on stderr (the supervisor captures them per engine)."""
+
+    def __init__(self, dialect: str) -> None:
+        self.tag = dialect
+
+    def info(self, msg: str) -> None:
+        stamp = time.strftime("%m-%d %H:%M:%S")
+        sys.stderr.write(f"INFO {stamp} [sim-{self.tag}] {msg}\n")
+        sys.stderr.flush()
+
+    def error(self, msg: str) -> None:
+        stamp = time.strftime("%m-%d %H:%M:%S")
+        sys.stderr.write(f"ERROR {stamp} [sim-{self.tag}] {msg}\n")
+        sys.stderr.flush()
+
+
+# -- command line --------------------------------------------------------------------------
+def build_parser(dialect: str) -> argparse.ArgumentParser:
+    """The real engine's flags for ``dialect`` (names from its plugin) plus ``--sim-*``."""
+    d = dialect_facts(dialect)
+    p = argparse.ArgumentParser(
+        prog=f"failover-supervisor sim-engine --dialect {dialect}",
+        description=f"Simulated {dialect} engine (takes {' '.join(d.program)}'s own flags).",
+    )
+    if d.model_flag:
+        p.add_argument(d.model_flag, dest="model", default="sim-model")
+    else:
+        p.add_argument("model", nargs="?", default="sim-model")
+        p.add_argument("--model", dest="model_opt", default=None, help=argparse.SUPPRESS)
+    p.add_argument(d.host_flag, dest="host", default="127.0.0.1")
+    p.add_argument(d.port_flag, dest="port", type=int, default=d.default_port)
+    p.add_argument(d.served_name_flag, dest="served_model_name", default=None)
+    if d.sleep_flag:
+        p.add_argument(d.sleep_flag, dest="sleep_enabled", action="store_true")
+    if d.max_seqs_flag:
+        p.add_argument(d.max_seqs_flag, dest="max_num_seqs", type=int, default=256)
+    if dialect == "vllm":
+        p.add_argument("--max-model-len", dest="max_model_len", type=int, default=4096)
+        for flag in (
+            "--gpu-memory-utilization",
+            "--tensor-parallel-size",
+            "--load-format",
+            "--dtype",
+            "--quantization",
+        ):
+            p.add_argument(flag, help="accepted for compatibility; no effect")
+        for flag in ("--enforce-eager", "--disable-log-requests"):
+            p.add_argument(flag, action="store_true", help="accepted; no effect")
+    elif dialect == "sglang":
+        p.add_argument("--context-length", dest="max_model_len", type=int, default=4096)
+        p.add_argument("--enable-metrics", dest="metrics_enabled", action="store_true")
+        p.add_argument(
+            "--incremental-streaming-output", dest="incremental_stream", action="store_true"
+        )
+        for flag in ("--mem-fraction-static", "--tp-size", "--dtype"):
+            p.add_argument(flag, help="accepted for compatibility; no effect")
+    else:
+        p.add_argument("--max_seq_len", dest="max_model_len", type=int, default=4096)
+        for flag in ("--backend", "--tp_size", "--kv_cache_free_gpu_memory_fraction"):
+            p.add_argument(flag, help="accepted for compatibility; no effect")
+    s = p.add_argument_group("simulator")
+    s.add_argument("--sim-load-time", type=float, default=0.3, help="seconds to load (0.3)")
+    s.add_argument("--sim-ttft", type=float, default=0.02, help="time to first token (0.02)")
+    s.add_argument("--sim-itl", type=float, default=0.01, help="inter-token latency (0.01)")
+    s.add_argument("--sim-sleep-time", type=float, default=0.05, help="seconds to sleep (0.05)")
+    s.add_argument("--sim-wake-time", type=float, default=0.1, help="seconds to wake (0.1)")
+    s.add_argument("--sim-weights-gib", type=float, default=16.0, help="weights per GPU (16)")
+    s.add_argument("--sim-kv-gib", type=float, default=48.0, help="KV cache per GPU (48)")
+    s.add_argument(
+        "--sim-gpu-capacity-gib",
+        type=float,
+        default=DEFAULT_CAPACITY_GIB,
+        help="capacity of each simulated GPU, set by the first engine (80)",
+    )
+    s.add_argument(
+        "--sim-ledger",
+        type=Path,
+        default=None,
+        help="GPU ledger file ($FAILOVER_SIM_LEDGER or a file in the temp dir)",
+    )
+    s.add_argument(
+        "--sim-release-delay",
+        type=float,
+        default=0.2,
+        help="seconds the worker outlives the API server (0.2)",
+    )
+    s.add_argument(
+        "--sim-eos-every",
+        type=int,
+        default=0,
+        help="end a sequence with EOS about once in N tokens (0: never)",
+    )
+    s.add_argument(
+        "--sim-drain-timeout",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, seconds in-flight requests may finish in (5)",
+    )
+    s.add_argument("--sim-exit-after-tokens", type=int, default=None)
+    s.add_argument("--sim-kill-after-tokens", type=int, default=None)
+    s.add_argument("--sim-hang-after-tokens", type=int, default=None)
+    s.add_argument("--sim-malformed-after-tokens", type=int, default=None)
+    s.add_argument("--sim-fail-health", action="store_true")
+    s.add_argument("--sim-error-500", action="store_true")
+    return p
+
+
+def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
+    ns = build_parser(dialect).parse_args(list(argv))
+    model = getattr(ns, "model_opt", None) or ns.model
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip()
+    gpus = tuple(g.strip() for g in visible.split(",") if g.strip()) or ("0",)
+    faults = Faults(
+        exit_after_tokens=ns.sim_exit_after_tokens,
+        kill_after_tokens=ns.sim_kill_after_tokens,
+        hang_after_tokens=ns.sim_hang_after_tokens,
+        malformed_after_tokens=ns.sim_malformed_after_tokens,
+        fail_health=ns.sim_fail_health,
+        error_500=ns.sim_error_500,
+    )
+    return SimOptions(
+        dialect=dialect,
+        model=model,
+        host=ns.host,
+        port=ns.port,
+        served_model_name=ns.served_model_name,
+        sleep_enabled=getattr(ns, "sleep_enabled", False),
+        # vLLM and TRT-LLM always serve /metrics; SGLang only with --enable-metrics.
+        metrics_enabled=getattr(ns, "metrics_enabled", True),
+        incremental_stream=getattr(ns, "incremental_stream", False),
+        max_num_seqs=getattr(ns, "max_num_seqs", 256),
+        max_model_len=ns.max_model_len,
+        load_time=ns.sim_load_time,
+        ttft=ns.sim_ttft,
+        itl=ns.sim_itl,
+        sleep_time=ns.sim_sleep_time,
+        wake_time=ns.sim_wake_time,
+        weights_gib=ns.sim_weights_gib,
+        kv_gib=ns.sim_kv_gib,
+        gpu_capacity_gib=ns.sim_gpu_capacity_gib,
+        gpus=gpus,
+        ledger=ns.sim_ledger or default_ledger_path(),
+        release_delay=ns.sim_release_delay,
+        eos_every=ns.sim_eos_every,
+        drain_timeout=ns.sim_drain_timeout,
+        faults=faults,
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry of ``failover-supervisor sim-engine``; ``argv`` starts with ``--dialect NAME``."""
+    args = list(argv)
+    pre = argparse.ArgumentParser(prog="failover-supervisor sim-engine", add_help=False)
+    pre.add_argument("--dialect", choices=DIALECTS)
+    known, rest = pre.parse_known_args(args)
+    if known.dialect is None:
+        if "-h" in rest or "--help" in rest:
+            print(
+                "usage: failover-supervisor sim-engine --dialect {vllm,sglang,trtllm} "
+                "[engine flags] [--sim-* flags]\n"
+                "Run with --dialect NAME --help for that dialect's flags."
+            )
+            return 0
+        pre.error("--dialect is required (vllm, sglang or trtllm)")
+    opts = parse_options(known.dialect, rest)
+    from supervisor.testing.simhttp import serve
+
+    try:
+        return asyncio.run(serve(opts))
+    except KeyboardInterrupt:
+        return 130
+
+
+__all__ = [
+    "DIALECTS",
+    "EngineSleeping",
+    "Faults",
+    "RequestAborted",
+    "SamplingRequest",
+    "SimEngine",
+    "SimLog",
+    "SimOptions",
+    "SimulatedOOM",
+    "Token",
+    "dialect_facts",
+    "main",
+    "parse_options",
+]

@@ -1,0 +1,789 @@
+"""The simulated engines' HTTP APIs (aiohttp), one route table per dialect.
+
+Shapes follow ``shared/ENGINES.md``: vLLM's OpenAI server and sleep routes, SGLang's native
+``/generate`` and memory-saver routes plus its OpenAI routes, ``trtllm-serve``'s OpenAI routes.
+Bad input gets the engine's own kind of 4xx (FastAPI-style ``{"detail": ...}`` for unknown
+routes and for SGLang's native routes' validation errors; each engine's OpenAI error shape
+otherwise), never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from supervisor.testing.simengine import (
+    EngineSleeping,
+    RequestAborted,
+    SamplingRequest,
+    SimEngine,
+    SimLog,
+    SimOptions,
+    SimulatedOOM,
+    Token,
+    dialect_facts,
+)
+from supervisor.testing.simtokenizer import ChatMessage, apply_chat_template
+
+MAX_BODY = 32 * 1024 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """A request error rendered in the dialect's shape: OpenAI-style or FastAPI ``detail``."""
+
+    def __init__(
+        self, status: int, message: str, *, detail: bool = False, native: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.detail = detail  # FastAPI validation shape: {"detail": [...]}, 422
+        self.native = native  # SGLang native routes: {"error": {"message": ...}}
+
+
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    413: "RequestEntityTooLarge",
+    422: "UnprocessableEntityError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+
+
+class Api:
+    """Request parsing and response shapes shared by the three dialects."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self.engine = engine
+        self.opts: SimOptions = engine.opts
+        self.facts = dialect_facts(self.opts.dialect)
+        self.draining = False
+
+    # -- helpers ---------------------------------------------------------------------
+    def error(self, status: int, message: str) -> web.Response:
+        etype = _ERROR_TYPES.get(status, "Error")
+        if self.facts.openai_error_shape == "wrapped":
+            body: dict[str, Any] = {
+                "error": {"message": message, "type": etype, "param": None, "code": status}
+            }
+        else:
+            body = {
+                "object": "error",
+                "message": message,
+                "type": etype,
+                "param": None,
+                "code": status,
+            }
+        return web.json_response(body, status=status)
+
+    async def read_json(self, request: web.Request, *, detail: bool = False) -> dict[str, Any]:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as e:
+            raise ApiError(413, "request body too large", detail=detail) from e
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}", detail=detail) from e
+        if not isinstance(obj, dict):
+            raise ApiError(400, "request body must be a JSON object", detail=detail)
+        return obj
+
+    def check_model(self, body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if model is not None and model != self.opts.name:
+            raise ApiError(404, f"The model `{model}` does not exist.")
+
+    def check_serving(self) -> None:
+        if self.opts.faults.error_500:
+            raise ApiError(500, "simulated internal server error")
+        if self.engine.sleeping:
+            raise ApiError(503, "The engine is sleeping; call /wake_up first.")
+
+    def sampling(
+        self, body: dict[str, Any], prompt_ids: list[int], *, default_max: int | None
+    ) -> SamplingRequest:
+        mt = body.get("max_completion_tokens", body.get("max_tokens", default_max))
+        room = self.opts.max_model_len - len(prompt_ids)
+        if room <= 0:
+            raise ApiError(
+                400,
+                f"prompt has {len(prompt_ids)} tokens; the maximum context "
+                f"length is {self.opts.max_model_len}",
+            )
+        if mt is None:
+            mt = room
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise ApiError(400, "max_tokens must be a positive integer")
+        if mt > room:
+            raise ApiError(
+                400,
+                f"max_tokens {mt} is too large: prompt has {len(prompt_ids)} "
+                f"tokens, context length is {self.opts.max_model_len}",
+            )
+        temperature = body.get("temperature", 1.0)
+        if (
+            not isinstance(temperature, (int, float))
+            or isinstance(temperature, bool)
+            or temperature < 0
+        ):
+            raise ApiError(400, "temperature must be a number >= 0")
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ApiError(400, "seed must be an integer")
+        stop = body.get("stop") or ()
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+            raise ApiError(400, "stop must be a string or a list of strings")
+        if body.get("n", 1) != 1:
+            raise ApiError(400, "the simulator serves n=1 only")
+        return SamplingRequest(
+            request_id="",
+            prompt_ids=prompt_ids,
+            max_tokens=mt,
+            temperature=float(temperature),
+            seed=seed,
+            stop=tuple(stop),
+            ignore_eos=bool(body.get("ignore_eos", False)),
+        )
+
+    def prompt_ids(self, prompt: Any) -> list[int]:
+        tok = self.engine.tokenizer
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            return tok.encode(prompt)
+        if (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            if any(not 0 <= t < tok.vocab_size for t in prompt):
+                raise ApiError(400, f"token id out of vocabulary (size {tok.vocab_size})")
+            return list(prompt)
+        if isinstance(prompt, list) and len(prompt) > 1:
+            raise ApiError(400, "the simulator serves one prompt per request")
+        raise ApiError(400, "prompt must be a string, a list of token ids, or a batch of one")
+
+    def chat_prompt(self, body: dict[str, Any]) -> list[int]:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise ApiError(400, "messages must be a non-empty list")
+        parsed: list[ChatMessage] = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ApiError(400, f"messages[{i}] must be an object with a string role")
+            content = m.get("content", "")
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if not (
+                        isinstance(part, dict)
+                        and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)
+                    ):
+                        raise ApiError(400, f"messages[{i}].content: only text parts are served")
+                    parts.append(part["text"])
+                content = "".join(parts)
+            if not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}].content must be a string or text parts")
+            parsed.append(ChatMessage(m["role"], content))
+        cont = bool(body.get("continue_final_message", False))
+        add_gen = bool(body.get("add_generation_prompt", True))
+        if cont and add_gen and "add_generation_prompt" in body:
+            raise ApiError(
+                400, "continue_final_message and add_generation_prompt cannot both be true"
+            )
+        if cont and parsed[-1].role != "assistant":
+            raise ApiError(400, "continue_final_message needs an assistant message last")
+        text = apply_chat_template(
+            parsed, add_generation_prompt=add_gen and not cont, continue_final_message=cont
+        )
+        return self.engine.tokenizer.encode(text)
+
+    def request_id(self, request: web.Request, body: dict[str, Any]) -> str:
+        field = self.facts.request_id_field
+        rid = body.get(field) if field else None
+        if rid is not None and not isinstance(rid, str):
+            raise ApiError(400, f"{field} must be a string")
+        return rid or request.headers.get("X-Request-Id") or self.engine.new_request_id()
+
+    # -- OpenAI routes ---------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.opts.name,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": self.opts.dialect,
+                        "root": self.opts.model,
+                        "parent": None,
+                        "max_model_len": self.opts.max_model_len,
+                    }
+                ],
+            }
+        )
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._openai(request, chat=True)
+
+    async def _openai(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        body = await self.read_json(request)
+        self.check_model(body)
+        self.check_serving()
+        if chat:
+            ids = self.chat_prompt(body)
+            sreq = self.sampling(body, ids, default_max=None)
+        else:
+            if "prompt" not in body:
+                raise ApiError(400, "prompt is required")
+            ids = self.prompt_ids(body["prompt"])
+            sreq = self.sampling(body, ids, default_max=16)
+        rid = self.request_id(request, body)
+        sreq.request_id = ("chatcmpl-" if chat else "cmpl-") + rid
+        with_ids = self.facts.openai_token_ids and bool(body.get("return_token_ids"))
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "stream must be true or false")
+        shape = _OpenAIShape(sreq.request_id, self.opts.name, chat, with_ids, ids)
+        if not stream:
+            toks = [t async for t in self.engine.generate(sreq)]
+            return web.json_response(shape.full(toks))
+        opts = body.get("stream_options") or {}
+        include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        resp = await self._sse_start(request)
+        n = 0
+        try:
+            async with contextlib.aclosing(self.engine.generate(sreq)) as gen:
+                if chat:
+                    await self._send(resp, shape.role_chunk())
+                async for tok in gen:
+                    if self.engine.malformed_due():
+                        await resp.write(b'data: {"id": "garbage", "choices": [{"tex\n\n')
+                        return resp
+                    n += 1
+                    await self._send(resp, shape.chunk(tok))
+            if include_usage:
+                await self._send(resp, shape.usage_chunk(n))
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, RequestAborted):
+            pass  # the client went away; the generator logged the abort
+        return resp
+
+    async def _sse_start(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        return resp
+
+    async def _send(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
+        await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+    # -- vLLM dev routes ---------------------------------------------------------------
+    async def vllm_sleep(self, request: web.Request) -> web.Response:
+        if not self.opts.sleep_enabled:
+            return self.error(400, "Sleep mode is not enabled. Start with --enable-sleep-mode.")
+        level = request.query.get("level", "1")
+        if level not in ("1", "2"):
+            return self.error(400, f"level must be 1 or 2, not {level!r}")
+        if not self.engine.sleeping:
+            tags = ("kv_cache",) if level == "1" else ("weights", "kv_cache")
+            await self.engine.release(tags)
+        return web.Response(status=200)
+
+    async def vllm_wake(self, request: web.Request) -> web.Response:
+        if not self.opts.sleep_enabled:
+            return self.error(400, "Sleep mode is not enabled. Start with --enable-sleep-mode.")
+        tags = request.query.getall("tags", [])
+        bad = [t for t in tags if t not in ("weights", "kv_cache")]
+        if bad:
+            return self.error(400, f"unknown tags {bad}; use weights or kv_cache")
+        todo = [t for t in (tags or ["weights", "kv_cache"]) if t in self.engine.released]
+        try:
+            await self.engine.resume(todo)
+        except SimulatedOOM as e:
+            self.engine.log.error(str(e))
+            return self.error(500, str(e))
+        return web.Response(status=200)
+
+    async def vllm_is_sleeping(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": self.engine.sleeping})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await self.read_json(request)
+        if "messages" in body:
+            ids = self.chat_prompt(body)
+        elif "prompt" in body:
+            ids = self.prompt_ids(body["prompt"])
+        else:
+            raise ApiError(400, "give prompt or messages")
+        return web.json_response(
+            {
+                "count": len(ids),
+                "max_model_len": self.opts.max_model_len,
+                "tokens": ids,
+                "token_strs": None,
+            }
+        )
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await self.read_json(request)
+        toks = body.get("tokens")
+        if not isinstance(toks, list) or not all(isinstance(t, int) for t in toks):
+            raise ApiError(400, "tokens must be a list of integers")
+        try:
+            return web.json_response({"prompt": self.engine.tokenizer.decode(toks)})
+        except ValueError as e:
+            raise ApiError(400, str(e)) from e
+
+    async def ok(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    # -- health and metrics ------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if self.opts.faults.fail_health or not self.engine.loaded.is_set():
+            return web.Response(status=503)
+        return web.Response(status=200)
+
+    async def health_generate(self, request: web.Request) -> web.Response:
+        if self.opts.faults.fail_health or not self.engine.loaded.is_set():
+            return web.Response(status=503)
+        if self.engine.sleeping:
+            return web.Response(status=503, text="memory released")
+        sreq = SamplingRequest(f"HEALTH_CHECK_{self.engine.new_request_id()}", [1], 1, 0.0)
+        async for _ in self.engine.generate(sreq):  # hangs, like the real one, when wedged
+            pass
+        return web.Response(status=200)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.facts.metrics_format == "json":
+            return web.json_response(
+                [
+                    {
+                        "timestamp": time.strftime("%m-%d-%Y %H:%M:%S"),
+                        "iter": self.engine.counters["generation_tokens"],
+                        "numActiveRequests": self.engine.running,
+                        "numQueuedRequests": self.engine.waiting,
+                        "gpuMemUsage": 0
+                        if self.engine.sleeping
+                        else int((self.opts.weights_gib + self.opts.kv_gib) * 1024**3),
+                    }
+                ]
+            )
+        if not self.opts.metrics_enabled:
+            raise web.HTTPNotFound()
+        m = self.facts.metrics
+        assert m is not None
+        e = self.engine
+        lbl = f'model_name="{self.opts.name}"'
+        prefix = m.running.split(":")[0]
+        c = e.counters
+        lines = [
+            f"# TYPE {m.running} gauge",
+            f"{m.running}{{{lbl}}} {float(e.running)}",
+            f"# TYPE {m.waiting} gauge",
+            f"{m.waiting}{{{lbl}}} {float(e.waiting)}",
+        ]
+        if m.kv_usage:
+            lines += [f"# TYPE {m.kv_usage} gauge", f"{m.kv_usage}{{{lbl}}} {e.kv_usage()}"]
+        lines += [
+            f"# TYPE {prefix}:prompt_tokens_total counter",
+            f"{prefix}:prompt_tokens_total{{{lbl}}} {float(c['prompt_tokens'])}",
+            f"# TYPE {prefix}:generation_tokens_total counter",
+            f"{prefix}:generation_tokens_total{{{lbl}}} {float(c['generation_tokens'])}",
+        ]
+        if prefix == "vllm":
+            lines.append("# TYPE vllm:request_success_total counter")
+            for reason in ("stop", "length", "abort"):
+                lines.append(
+                    f'vllm:request_success_total{{finished_reason="{reason}",{lbl}}} '
+                    f"{float(c['finished_' + reason])}"
+                )
+        else:
+            lines += [
+                f"# TYPE {prefix}:num_aborted_requests_total counter",
+                f"{prefix}:num_aborted_requests_total{{{lbl}}} {float(c['finished_abort'])}",
+            ]
+        return web.Response(
+            text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8"
+        )
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "simulated"})
+
+    # -- SGLang native routes ----------------------------------------------------------
+    async def sglang_generate(self, request: web.Request) -> web.StreamResponse:
+        body = await self.read_json(request, detail=True)
+        text, input_ids = body.get("text"), body.get("input_ids")
+        if (text is None) == (input_ids is None):
+            raise ApiError(
+                400, "Either text or input_ids should be provided, not both.", native=True
+            )
+        if text is not None and not isinstance(text, str):
+            raise ApiError(422, "text: Input should be a valid string", detail=True)
+        sp = body.get("sampling_params") or {}
+        if not isinstance(sp, dict):
+            raise ApiError(422, "sampling_params: Input should be a valid dictionary", detail=True)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(422, "stream: Input should be a valid boolean", detail=True)
+        self.check_serving()
+        ids = self.prompt_ids(text if text is not None else input_ids)
+        params = {
+            "max_tokens": sp.get("max_new_tokens", 128),
+            **{k: sp[k] for k in ("temperature", "stop", "ignore_eos") if k in sp},
+        }
+        if "sampling_seed" in sp:
+            params["seed"] = sp["sampling_seed"]
+        sreq = self.sampling(params, ids, default_max=128)
+        rid = body.get("rid") or self.engine.new_request_id()
+        if not isinstance(rid, str):
+            raise ApiError(422, "rid: Input should be a valid string", detail=True)
+        sreq.request_id = rid
+        shape = _GenerateShape(rid, len(ids), incremental=self.opts.incremental_stream)
+        if not stream:
+            async for tok in self.engine.generate(sreq):
+                shape.add(tok)
+            return web.json_response(shape.event(final=True))
+        resp = await self._sse_start(request)
+        try:
+            async with contextlib.aclosing(self.engine.generate(sreq)) as gen:
+                async for tok in gen:
+                    if self.engine.malformed_due():
+                        await resp.write(b'data: {"text": "garb\n\n')
+                        return resp
+                    shape.add(tok)
+                    await self._send(resp, shape.event())
+        except RequestAborted:
+            shape.fin = {"type": "abort", "message": f"Abort request {rid}"}
+            with contextlib.suppress(ConnectionResetError):
+                await self._send(resp, shape.event())
+        except ConnectionResetError:
+            return resp
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def sglang_abort(self, request: web.Request) -> web.Response:
+        body = await self.read_json(request, detail=True)
+        if body.get("abort_all"):
+            targets = list(self.engine.active.values())
+        else:
+            rid = body.get("rid")
+            if not isinstance(rid, str):
+                raise ApiError(422, "rid: Input should be a valid string", detail=True)
+            targets = [r for r in self.engine.active.values() if r.request_id == rid]
+        for r in targets:
+            r.abort_event.set()
+        return web.Response(status=200)
+
+    async def sglang_release(self, request: web.Request) -> web.Response:
+        tags = await self._sglang_tags(request)
+        already = [t for t in tags if t in self.engine.released]
+        if already:
+            return self.error(400, f"memory already released for tags {already}")
+        await self.engine.release(tags)
+        return web.json_response({"success": True, "message": "released"})
+
+    async def sglang_resume(self, request: web.Request) -> web.Response:
+        tags = await self._sglang_tags(request)
+        missing = [t for t in tags if t not in self.engine.released]
+        if missing:
+            return self.error(400, f"cannot resume tags {missing}: they were not released")
+        try:
+            await self.engine.resume(tags)
+        except SimulatedOOM as e:
+            self.engine.log.error(str(e))
+            return self.error(500, str(e))
+        return web.json_response({"success": True, "message": "resumed"})
+
+    async def _sglang_tags(self, request: web.Request) -> list[str]:
+        if not self.opts.sleep_enabled:
+            raise ApiError(400, "memory saver is not enabled; start with --enable-memory-saver")
+        body = await self.read_json(request) if request.can_read_body else {}
+        tags = body.get("tags") or ["weights", "kv_cache"]
+        if not isinstance(tags, list) or any(t not in ("weights", "kv_cache") for t in tags):
+            raise ApiError(400, "tags must be a list of 'weights' and 'kv_cache'")
+        return list(dict.fromkeys(tags))
+
+    async def sglang_server_info(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "model_path": self.opts.model,
+                "served_model_name": self.opts.name,
+                "max_running_requests": self.opts.max_num_seqs,
+                "context_length": self.opts.max_model_len,
+                "enable_memory_saver": self.opts.sleep_enabled,
+                "incremental_streaming_output": self.opts.incremental_stream,
+                "version": "simulated",
+            }
+        )
+
+    async def sglang_model_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_path": self.opts.model, "is_generation": True})
+
+    # -- simulator control (not part of any engine's API) ------------------------------
+    async def sim_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.engine.state())
+
+    async def sim_faults(self, request: web.Request) -> web.Response:
+        body = await self.read_json(request)
+        try:
+            self.engine.set_faults(body)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from e
+        return web.json_response(self.engine.state()["faults"])
+
+
+class _GenerateShape:
+    """SGLang ``/generate`` events: cumulative text and ids unless incremental output is on."""
+
+    def __init__(self, rid: str, prompt_tokens: int, *, incremental: bool) -> None:
+        self.rid, self.prompt_tokens, self.incremental = rid, prompt_tokens, incremental
+        self.ids: list[int] = []
+        self.text = ""
+        self.new_ids: list[int] = []
+        self.new_text = ""
+        self.fin: dict[str, Any] | None = None
+
+    def add(self, tok: Token) -> None:
+        self.ids.append(tok.id)
+        self.text += tok.text
+        self.new_ids, self.new_text = [tok.id], tok.text
+        if tok.finish_reason == "length":
+            self.fin = {"type": "length", "length": len(self.ids)}
+        elif tok.finish_reason == "stop":
+            self.fin = {"type": "stop", "matched": tok.stop_reason or tok.id}
+
+    def event(self, *, final: bool = False) -> dict[str, Any]:
+        incr = self.incremental and not final
+        return {
+            "text": self.new_text if incr else self.text,
+            "output_ids": self.new_ids if incr else list(self.ids),
+            "meta_info": {
+                "id": self.rid,
+                "finish_reason": self.fin,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": len(self.ids),
+                "cached_tokens": 0,
+            },
+            "index": 0,
+        }
+
+
+class _OpenAIShape:
+    """Builds one request's OpenAI chunks and full responses."""
+
+    def __init__(self, rid: str, model: str, chat: bool, with_ids: bool, prompt: list[int]):
+        self.rid, self.model, self.chat, self.with_ids = rid, model, chat, with_ids
+        self.prompt = prompt
+        self.created = int(time.time())
+        self.obj = "chat.completion.chunk" if chat else "text_completion"
+        self.first = True
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.rid, "object": self.obj, "created": self.created, "model": self.model}
+
+    def role_chunk(self) -> dict[str, Any]:
+        d = self._head()
+        d["choices"] = [
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        ]
+        if self.with_ids:
+            d["prompt_token_ids"] = self.prompt
+            self.first = False
+        return d
+
+    def chunk(self, tok: Token) -> dict[str, Any]:
+        d = self._head()
+        ch: dict[str, Any] = {"index": 0}
+        if self.chat:
+            ch["delta"] = {"content": tok.text}
+        else:
+            ch["text"] = tok.text
+        ch["logprobs"] = None
+        ch["finish_reason"] = tok.finish_reason
+        ch["stop_reason"] = tok.stop_reason
+        if self.with_ids:
+            ch["token_ids"] = [tok.id]
+            if self.first:
+                ch["prompt_token_ids"] = self.prompt
+                self.first = False
+        d["choices"] = [ch]
+        return d
+
+    def usage(self, n: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": n,
+            "total_tokens": len(self.prompt) + n,
+        }
+
+    def usage_chunk(self, n: int) -> dict[str, Any]:
+        d = self._head()
+        d["choices"] = []
+        d["usage"] = self.usage(n)
+        return d
+
+    def full(self, toks: list[Token]) -> dict[str, Any]:
+        text = "".join(t.text for t in toks)
+        last = toks[-1] if toks else None
+        ch: dict[str, Any] = {
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": last.finish_reason if last else "length",
+            "stop_reason": last.stop_reason if last else None,
+        }
+        if self.chat:
+            ch["message"] = {"role": "assistant", "content": text}
+        else:
+            ch["text"] = text
+        if self.with_ids:
+            ch["token_ids"] = [t.id for t in toks]
+            if not self.chat:
+                ch["prompt_token_ids"] = self.prompt
+        d: dict[str, Any] = {
+            "id": self.rid,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [ch],
+            "usage": self.usage(len(toks)),
+        }
+        if self.with_ids and self.chat:
+            d["prompt_token_ids"] = self.prompt
+        return d
+
+
+def build_app(api: Api) -> web.Application:
+    d = api.opts.dialect
+    facts = api.facts
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if api.draining:
+            return api.error(503, "server is shutting down")
+        try:
+            return await handler(request)
+        except ApiError as e:
+            if e.detail:
+                return web.json_response(
+                    {"detail": [{"type": "value_error", "loc": ["body"], "msg": e.message}]},
+                    status=422 if e.status == 400 else e.status,
+                )
+            if e.native:
+                return web.json_response({"error": {"message": e.message}}, status=e.status)
+            return api.error(e.status, e.message)
+        except EngineSleeping as e:
+            return api.error(503, str(e))
+        except web.HTTPNotFound:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        except web.HTTPMethodNotAllowed:
+            return web.json_response({"detail": "Method Not Allowed"}, status=405)
+        except (ConnectionResetError, RequestAborted):
+            raise web.HTTPBadRequest() from None  # the client is gone; nothing to answer
+
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    r = app.router
+    r.add_get(facts.health_path, api.health)
+    r.add_get("/v1/models", api.models)
+    r.add_post("/v1/completions", api.completions)
+    r.add_post("/v1/chat/completions", api.chat)
+    r.add_get("/metrics", api.metrics)
+    r.add_get("/sim/state", api.sim_state)
+    r.add_post("/sim/faults", api.sim_faults)
+    if d == "vllm":
+        r.add_post("/tokenize", api.tokenize)
+        r.add_post("/detokenize", api.detokenize)
+        r.add_get("/version", api.version)
+        for env, val in facts.sleep_env.items():
+            # vLLM mounts its sleep and cache routes only in development mode.
+            if os.environ.get(env) == val:
+                r.add_post(facts.sleep_path or "/sleep", api.vllm_sleep)
+                r.add_post(facts.wake_path or "/wake_up", api.vllm_wake)
+                r.add_get(facts.is_sleeping_path or "/is_sleeping", api.vllm_is_sleeping)
+                r.add_post("/reset_prefix_cache", api.ok)
+    elif d == "sglang":
+        r.add_get(facts.deep_health_path or "/health_generate", api.health_generate)
+        r.add_post("/generate", api.sglang_generate)
+        r.add_post(facts.abort_path or "/abort_request", api.sglang_abort)
+        r.add_post(facts.sleep_path or "/release_memory_occupation", api.sglang_release)
+        r.add_post(facts.wake_path or "/resume_memory_occupation", api.sglang_resume)
+        r.add_get("/get_server_info", api.sglang_server_info)
+        r.add_get("/server_info", api.sglang_server_info)
+        r.add_get("/get_model_info", api.sglang_model_info)
+        r.add_post("/flush_cache", api.ok)
+    else:
+        r.add_get("/version", api.version)
+    return app
+
+
+async def serve(opts: SimOptions) -> int:
+    """Run one simulated engine until SIGTERM/SIGINT; returns the exit status."""
+    log = SimLog(opts.dialect)
+    engine = SimEngine(opts, log)
+    api = Api(engine)
+    runner = web.AppRunner(
+        build_app(api), handler_cancellation=True, shutdown_timeout=1.0, access_log=None
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    site = web.TCPSite(runner, opts.host, opts.port, reuse_address=True)
+    # SGLang answers /health (503) while it loads; vLLM and trtllm-serve listen once loaded.
+    early = opts.dialect == "sglang"
+    try:
+        if early:
+            await site.start()
+            log.info(f"listening on http://{opts.host}:{opts.port} (loading)")
+        load = asyncio.ensure_future(engine.load())
+        done, _ = await asyncio.wait(
+            [load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+        if load not in done:
+            load.cancel()
+            return 0
+        load.result()
+        if not early:
+            await site.start()
+        log.info(f"Uvicorn running on http://{opts.host}:{opts.port}")
+        await stop.wait()
+        log.info("shutting down: no new requests; draining in-flight ones")
+        api.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(engine.idle.wait(), opts.drain_timeout)
+        return 0
+    except SimulatedOOM as e:
+        log.error(f"{e} (while loading)")
+        return 1
+    except OSError as e:
+        log.error(f"cannot listen on {opts.host}:{opts.port}: {e}")
+        return 1
+    finally:
+        await runner.cleanup()
+        await engine.shutdown()
