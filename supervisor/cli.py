@@ -1,12 +1,22 @@
-"""``failover-supervisor`` command line."""
+"""``failover-supervisor`` command line. User mistakes get a message and an exit status,
+never a traceback: 2 for a bad config or bad arguments, 1 for a failure at run time."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from supervisor import __version__
+
+
+def _err(msg: str) -> None:
+    print(f"failover-supervisor: {msg}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,12 +32,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run the supervisor for this node")
+    run.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
+    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    check = sub.add_parser("check-config", help="validate a config file (exit 2 if invalid)")
+    check.add_argument("config", type=Path)
+    st = sub.add_parser("status", help="show a running supervisor's slots and engines")
+    st.add_argument("--admin", default="http://127.0.0.1:8470", help="admin API URL")
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
     sub.add_parser("sim-engine", help="run a simulated engine (vllm, sglang, trtllm dialects)")
-    demo = sub.add_parser("demo", help="watch a simulated engine stream (no servers needed)")
-    demo.add_argument("--dialect", default="vllm", choices=("vllm", "sglang", "trtllm"))
-    demo.add_argument("--tokens", type=int, default=40)
+    demo = sub.add_parser("demo", help="watch a failover on simulated engines (no servers)")
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave the supervisor running afterwards (Ctrl-C to stop)",
+    )
+    demo.add_argument("--tokens", type=int, default=400, help="length of the demo stream")
     sub.add_parser("backends", help="list the backend plugins found through entry points")
     ns = parser.parse_args(args)
+    if ns.command == "run":
+        return _run(ns.config, ns.log_level)
+    if ns.command == "check-config":
+        return _check(ns.config)
+    if ns.command == "status":
+        return _status(ns.admin, ns.json)
     if ns.command == "demo":
         from supervisor.demo import run_demo
 
@@ -43,3 +71,74 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser.print_help()
     return 2
+
+
+def _load(path: Path) -> Any:
+    from supervisor.config import ConfigError, load
+
+    try:
+        return load(path)
+    except ConfigError as e:
+        _err(f"invalid config {path}:")
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return None
+
+
+def _check(path: Path) -> int:
+    cfg = _load(path)
+    if cfg is None:
+        return 2
+    shadows = sum(s.shadows for s in cfg.slots)
+    print(f"{path}: OK — node {cfg.node}, {len(cfg.slots)} slot(s), {shadows} shadow(s)")
+    return 0
+
+
+def _run(path: Path, level: str) -> int:
+    import anyio
+
+    from supervisor import log
+    from supervisor.daemon import Supervisor
+
+    cfg = _load(path)
+    if cfg is None:
+        return 2
+    log.configure(level)
+    try:
+        anyio.run(Supervisor(cfg).run, lambda line: print(line, flush=True))
+    except OSError as e:
+        _err(f"cannot start: {e}")
+        return 1
+    return 0
+
+
+def _status(admin: str, raw: bool) -> int:
+    try:
+        with urllib.request.urlopen(admin.rstrip("/") + "/status", timeout=5) as r:
+            st = json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        _err(f"cannot reach the admin API at {admin}: {e}")
+        return 1
+    if raw:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"node {st['node']}  ready={st['ready']}  uptime {st['uptime_s']:.0f}s")
+    print(f"\n{'SLOT':16} {'MODEL':24} {'EPOCH':>5}  {'ACTIVE':16} STATE")
+    for s in st["slots"]:
+        state = f"degraded: {s['degraded_reason']}" if s["degraded"] else "serving"
+        print(f"{s['name']:16} {s['model']:24} {s['epoch']:>5}  {s['active'] or '-':16} {state}")
+    print(f"\n{'ENGINE':16} {'SLOT':16} {'ROLE':7} {'STATE':10} {'PID':>8}  {'URL':24} GPUS")
+    for eng in st["engines"]:
+        print(
+            f"{eng['id']:16} {eng['slot']:16} {eng['role']:7} {eng['state']:10} "
+            f"{eng['pid'] or '-':>8}  {eng['url']:24} {','.join(eng['gpus'])}"
+        )
+    if st["failovers"]:
+        print(f"\n{'SLOT':16} {'RESULT':9} {'FAILED':16} {'PROMOTED':16} STEPS (ms)   REASON")
+        for f in st["failovers"][:10]:
+            steps = " ".join(f"{k}={v * 1000:.0f}" for k, v in f["steps"].items())
+            print(
+                f"{f['slot']:16} {f['result']:9} {f['failed_engine'] or '-':16} "
+                f"{f['promoted_engine'] or '-':16} {steps:12} {f['reason']}"
+            )
+    return 0

@@ -128,3 +128,102 @@ class Piece:
     prompt_token_ids: list[int] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None  # engine's own usage count, where reported
+
+
+class EngineState(StrEnum):
+    """Engine lifecycle: launching -> loading -> {active | sleeping}; sleeping -> waking ->
+    active; active -> draining -> stopped; any -> failed."""
+
+    LAUNCHING = "launching"
+    LOADING = "loading"
+    SLEEPING = "sleeping"
+    WAKING = "waking"
+    ACTIVE = "active"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass
+class Engine:
+    """One engine the supervisor runs (mutable record; no I/O)."""
+
+    id: str
+    slot: str
+    role: Role
+    spec: EngineSpec
+    backend: str
+    state: EngineState = EngineState.LAUNCHING
+    pid: int | None = None
+    started_at: float | None = None  # wall time
+    reason: str = ""  # why it is in its state (failed, draining, ...)
+    relaunches: int = 0
+
+    @property
+    def url(self) -> str:
+        return self.spec.url
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "slot": self.slot,
+            "role": self.role,
+            "state": self.state.value,
+            "pid": self.pid,
+            "url": self.url,
+            "backend": self.backend,
+            "gpus": list(self.spec.gpus),
+            "reason": self.reason,
+            "relaunches": self.relaunches,
+        }
+
+
+@dataclass
+class FailoverRecord:
+    """One failover (or switchover): why, what, how long each step took (seconds)."""
+
+    slot: str
+    failed_engine: str | None
+    reason: str
+    kind: str = "failover"  # failover | switchover | drain
+    detected_at: float = 0.0  # wall time the failure was declared
+    promoted_engine: str | None = None
+    epoch: int | None = None
+    result: str = "in_progress"  # promoted | degraded | error
+    steps: dict[str, float] = field(default_factory=dict)
+    finished_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "kind": self.kind,
+            "failed_engine": self.failed_engine,
+            "reason": self.reason,
+            "detected_at": self.detected_at,
+            "promoted_engine": self.promoted_engine,
+            "epoch": self.epoch,
+            "result": self.result,
+            "steps": dict(self.steps),
+            "finished_at": self.finished_at,
+        }
+
+
+@dataclass
+class Slot:
+    """A unit of serving capacity: one active engine at a time plus shadows."""
+
+    name: str
+    model: str
+    epoch: int = 0
+    active: str | None = None
+    degraded_reason: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "epoch": self.epoch,
+            "active": self.active,
+            "degraded": bool(self.degraded_reason),
+            "degraded_reason": self.degraded_reason,
+        }

@@ -103,6 +103,7 @@ class SimOptions:
     release_delay: float = 0.2
     eos_every: int = 0
     drain_timeout: float = 5.0
+    start_asleep: bool = False
     faults: Faults = field(default_factory=Faults)
 
     @property
@@ -188,6 +189,13 @@ class SimEngine:
             f"worker pid {self._worker.pid}"
         )
         await asyncio.sleep(self.opts.load_time)
+        if self.opts.start_asleep:
+            # GPU Memory Service style shadow: weights mapped, no KV cache until woken.
+            await self._allocate(("weights",))
+            self.released.add("kv_cache")
+            self.loaded.set()
+            self.log.info("model loaded; starting asleep (KV cache not allocated)")
+            return
         await self._allocate(("weights", "kv_cache"))
         self.loaded.set()
         self.log.info("model loaded, engine ready")
@@ -481,6 +489,12 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
         default=5.0,
         help="on SIGTERM, seconds in-flight requests may finish in (5)",
     )
+    s.add_argument(
+        "--sim-start-asleep",
+        action="store_true",
+        help="load weights only and start asleep, as a GPU Memory Service shadow "
+        "does (needs the dialect's sleep flag to wake)",
+    )
     s.add_argument("--sim-exit-after-tokens", type=int, default=None)
     s.add_argument("--sim-kill-after-tokens", type=int, default=None)
     s.add_argument("--sim-hang-after-tokens", type=int, default=None)
@@ -528,6 +542,7 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         release_delay=ns.sim_release_delay,
         eos_every=ns.sim_eos_every,
         drain_timeout=ns.sim_drain_timeout,
+        start_asleep=ns.sim_start_asleep,
         faults=faults,
     )
 

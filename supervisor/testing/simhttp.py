@@ -497,10 +497,10 @@ class Api:
 
     async def sglang_release(self, request: web.Request) -> web.Response:
         tags = await self._sglang_tags(request)
-        already = [t for t in tags if t in self.engine.released]
-        if already:
-            return self.error(400, f"memory already released for tags {already}")
-        await self.engine.release(tags)
+        # Releasing what is already released is a no-op (unconfirmed against SGLang).
+        todo = [t for t in tags if t not in self.engine.released]
+        if todo:
+            await self.engine.release(todo)
         return web.json_response({"success": True, "message": "released"})
 
     async def sglang_resume(self, request: web.Request) -> web.Response:

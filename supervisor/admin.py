@@ -1,0 +1,98 @@
+"""Admin REST API (aiohttp, 127.0.0.1 by default): status, metrics, manual actions.
+
+- ``GET /status``: node, slots, engines, recent failovers with reasons and step timings
+- ``GET /metrics``: Prometheus text
+- ``POST /failover`` ``{"engine": ID}``: declare an engine dead now (as if it had failed)
+- ``POST /switchover`` ``{"slot": NAME, "to": SHADOW_ID?}``: planned move to a shadow
+- ``POST /drain`` ``{"engine": ID}``: stop an engine gracefully (an active one is switched over)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from supervisor.failover import FailoverError
+
+if TYPE_CHECKING:
+    from supervisor.daemon import Supervisor
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "code": status}}, status=status)
+
+
+class AdminApi:
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024)
+        app.router.add_get("/status", self.status)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/failover", self.failover)
+        app.router.add_post("/switchover", self.switchover)
+        app.router.add_post("/drain", self.drain)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        except web.HTTPException as e:
+            return _error(e.status, e.reason or "error")
+        except FailoverError as e:
+            return _error(409, str(e))
+
+    async def _body(self, request: web.Request, *keys: str) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.read() or b"{}")
+        except ValueError as e:
+            raise web.HTTPBadRequest(reason=f"body is not JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise web.HTTPBadRequest(reason="body must be a JSON object")
+        for k in keys:
+            if not isinstance(body.get(k), str):
+                raise web.HTTPBadRequest(reason=f"{k!r} (a string) is required")
+        return body
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.sup.status())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.sup.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def failover(self, request: web.Request) -> web.Response:
+        body = await self._body(request, "engine")
+        found = self.sup.engine(body["engine"])
+        if found is None:
+            raise web.HTTPNotFound(reason=f"no engine {body['engine']!r}")
+        _, engine = found
+        reason = str(body.get("reason") or "manual failover")
+        await self.sup.judge.declare_dead(engine, "admin", reason, time.time())
+        return web.json_response({"ok": True, "engine": engine.id})
+
+    async def switchover(self, request: web.Request) -> web.Response:
+        body = await self._body(request, "slot")
+        ctl = self.sup.controllers.get(body["slot"])
+        if ctl is None:
+            raise web.HTTPNotFound(reason=f"no slot {body['slot']!r}")
+        to = body.get("to")
+        if to is not None and not isinstance(to, str):
+            raise web.HTTPBadRequest(reason="'to' must be a shadow engine id")
+        record = await ctl.switchover(to)
+        return web.json_response(record.as_dict())
+
+    async def drain(self, request: web.Request) -> web.Response:
+        body = await self._body(request, "engine")
+        found = self.sup.engine(body["engine"])
+        if found is None:
+            raise web.HTTPNotFound(reason=f"no engine {body['engine']!r}")
+        ctl, engine = found
+        await ctl.drain(engine.id)
+        return web.json_response({"ok": True, "engine": engine.id})

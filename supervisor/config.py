@@ -1,0 +1,328 @@
+"""TOML config -> validated, typed config. Every default lives here, documented.
+
+Every error names the key path and what would be valid, e.g.
+``slot[0].shadows: must be an integer >= 0, got "two"``. ``check-config`` prints them all.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PLACEMENTS = ("paired", "pooled")
+ON_EXIT = ("stop", "leave")
+
+
+class ConfigError(ValueError):
+    """One or more problems, each ``key.path: message``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    probe_interval: float = 0.5  # seconds between HTTP probes of each engine
+    probe_timeout: float = 1.0  # a probe slower than this counts as failed (SIGSTOP, hangs)
+    failure_threshold: int = 3  # consecutive failed probes that make an engine dead
+    load_timeout: float = 900.0  # launch -> ready/sleeping; real engines take minutes
+    stall_timeout: float = 10.0  # no token for this long on a stream = stalled (frontend)
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    memory_release_timeout: float = 30.0  # wait for a dead paired engine's group to be gone
+    wake_timeout: float = 120.0  # wake call + readiness after it
+    wake_oom_retry: float = 10.0  # keep retrying a wake that hits OOM for this long
+    shadow_sleep_level: int = 1  # level used to put loaded shadows to sleep
+    relaunch_backoff: float = 1.0  # first delay before relaunching a failed engine
+    relaunch_backoff_max: float = 60.0  # the delay doubles up to this
+    stop_grace: float = 10.0  # SIGTERM -> this long -> SIGKILL of the engine's group
+
+
+@dataclass(frozen=True)
+class SlotConfig:
+    name: str
+    model: str
+    backend: str
+    base_port: int
+    served_model_name: str | None = None
+    shadows: int = 1
+    placement: str = "paired"  # paired: shadows share the active's GPUs; pooled: own GPUs
+    gpus: tuple[str, ...] = ("0",)
+    shadow_gpus: tuple[tuple[str, ...], ...] = ()  # pooled: one GPU list per shadow
+    extra_args: tuple[str, ...] = ()
+    shadow_extra_args: tuple[str, ...] = ()  # e.g. an engine's "start asleep" shadow mode
+    env: dict[str, str] = field(default_factory=dict)
+    simulate: bool = False  # run the simulator of the backend's dialect instead
+    sim_args: tuple[str, ...] = ()
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+@dataclass(frozen=True)
+class Config:
+    node: str = "node-1"
+    state_dir: Path = Path("/var/lib/failover-supervisor")
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8470
+    on_exit: str = "stop"  # stop: engines are stopped with the daemon; leave: they run on
+    health: HealthConfig = field(default_factory=HealthConfig)
+    failover: FailoverConfig = field(default_factory=FailoverConfig)
+    slots: tuple[SlotConfig, ...] = ()
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+class _Reader:
+    """Typed access to a TOML table that collects problems instead of raising at once."""
+
+    def __init__(self, data: dict[str, Any], path: str, problems: list[str]) -> None:
+        self.data, self.path, self.problems = data, path, problems
+        self.used: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def _get(self, key: str, default: Any, kinds: tuple[type, ...], want: str) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) and bool not in kinds:
+            self.problems.append(f"{self._key(key)}: must be {want}, got {value!r}")
+            return default
+        if not isinstance(value, kinds):
+            self.problems.append(f"{self._key(key)}: must be {want}, got {value!r}")
+            return default
+        return value
+
+    def text(self, key: str, default: Any = None, *, choices: tuple[str, ...] = ()) -> Any:
+        want = "one of " + ", ".join(repr(c) for c in choices) if choices else "a string"
+        value = self._get(key, default, (str,), want)
+        if choices and value not in choices and value is not None:
+            self.problems.append(f"{self._key(key)}: must be {want}, got {value!r}")
+            return default
+        if value == "" and not choices:
+            self.problems.append(f"{self._key(key)}: must not be empty")
+        return value
+
+    def number(
+        self, key: str, default: float, *, minimum: float = 0.0, strict: bool = False
+    ) -> float:
+        want = f"a number {'>' if strict else '>='} {minimum:g}"
+        value = self._get(key, default, (int, float), want)
+        if value < minimum or (strict and value == minimum):
+            self.problems.append(f"{self._key(key)}: must be {want}, got {value!r}")
+            return default
+        return float(value)
+
+    def integer(
+        self, key: str, default: Any, *, minimum: int = 0, maximum: int | None = None
+    ) -> Any:
+        rng = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        want = f"an integer {rng}"
+        value = self._get(key, default, (int,), want)
+        if value is None:
+            return None
+        if value < minimum or (maximum is not None and value > maximum):
+            self.problems.append(f"{self._key(key)}: must be {want}, got {value!r}")
+            return default
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        return bool(self._get(key, default, (bool,), "true or false"))
+
+    def strs(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self._get(key, list(default), (list,), "a list of strings")
+        if not all(isinstance(v, str) for v in value):
+            self.problems.append(f"{self._key(key)}: must be a list of strings, got {value!r}")
+            return default
+        return tuple(value)
+
+    def table(self, key: str) -> _Reader:
+        value = self._get(key, {}, (dict,), "a table")
+        return _Reader(value, self._key(key), self.problems)
+
+    def unknown(self, known_help: str = "") -> None:
+        for key in self.data:
+            if key not in self.used:
+                valid = ", ".join(sorted(self.used))
+                self.problems.append(f"{self._key(key)}: unknown key (valid here: {valid})")
+
+
+def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
+    problems: list[str] = []
+    top = _Reader(data, "", problems)
+    node = top.table("node")
+    name = node.text("name", "node-1")
+    state_dir = Path(node.text("state_dir", str(Config.state_dir)))
+    if base_dir is not None and not state_dir.is_absolute():
+        state_dir = base_dir / state_dir
+    on_exit = node.text("on_exit", "stop", choices=ON_EXIT)
+    node.unknown()
+
+    admin = top.table("admin")
+    admin_host = admin.text("host", "127.0.0.1")
+    admin_port = admin.integer("port", 8470, minimum=0, maximum=65535)
+    admin.unknown()
+
+    h = top.table("health")
+    dh = HealthConfig()
+    health = HealthConfig(
+        probe_interval=h.number("probe_interval", dh.probe_interval, strict=True),
+        probe_timeout=h.number("probe_timeout", dh.probe_timeout, strict=True),
+        failure_threshold=h.integer("failure_threshold", dh.failure_threshold, minimum=1),
+        load_timeout=h.number("load_timeout", dh.load_timeout, strict=True),
+        stall_timeout=h.number("stall_timeout", dh.stall_timeout, strict=True),
+    )
+    h.unknown()
+
+    f = top.table("failover")
+    df = FailoverConfig()
+    failover = FailoverConfig(
+        memory_release_timeout=f.number("memory_release_timeout", df.memory_release_timeout),
+        wake_timeout=f.number("wake_timeout", df.wake_timeout, strict=True),
+        wake_oom_retry=f.number("wake_oom_retry", df.wake_oom_retry),
+        shadow_sleep_level=f.integer(
+            "shadow_sleep_level", df.shadow_sleep_level, minimum=1, maximum=2
+        ),
+        relaunch_backoff=f.number("relaunch_backoff", df.relaunch_backoff),
+        relaunch_backoff_max=f.number("relaunch_backoff_max", df.relaunch_backoff_max),
+        stop_grace=f.number("stop_grace", df.stop_grace),
+    )
+    f.unknown()
+
+    top.used.add("slot")
+    raw_slots = data.get("slot", [])
+    slots: list[SlotConfig] = []
+    if not isinstance(raw_slots, list):
+        problems.append("slot: must be an array of tables ([[slot]] sections)")
+        raw_slots = []
+    for i, raw in enumerate(raw_slots):
+        slot = _slot(_Reader(raw, f"slot[{i}]", problems))
+        if slot is not None:
+            slots.append(slot)
+    top.unknown()
+    if not raw_slots:
+        problems.append("slot: at least one [[slot]] is required (name, model, backend, base_port)")
+    _cross_checks(slots, admin_port, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        node=name,
+        state_dir=state_dir,
+        admin_host=admin_host,
+        admin_port=admin_port,
+        on_exit=on_exit,
+        health=health,
+        failover=failover,
+        slots=tuple(slots),
+    )
+
+
+def _slot(r: _Reader) -> SlotConfig | None:
+    before = len(r.problems)
+    name = r.text("name")
+    model = r.text("model")
+    backend = r.text("backend")
+    base_port = r.integer("base_port", None, minimum=1, maximum=65535)
+    for key, value in (
+        ("name", name),
+        ("model", model),
+        ("backend", backend),
+        ("base_port", base_port),
+    ):
+        if value is None:
+            r.problems.append(f"{r.path}.{key}: required")
+    placement = r.text("placement", "paired", choices=PLACEMENTS)
+    shadows = r.integer("shadows", 1, minimum=0)
+    gpus = r.strs("gpus", ("0",))
+    raw_shadow_gpus = r._get("shadow_gpus", [], (list,), "a list of GPU lists")
+    shadow_gpus: list[tuple[str, ...]] = []
+    for j, g in enumerate(raw_shadow_gpus):
+        if not (isinstance(g, list) and g and all(isinstance(x, str) for x in g)):
+            r.problems.append(
+                f"{r.path}.shadow_gpus[{j}]: must be a non-empty list of GPU ids "
+                f'like ["1"], got {g!r}'
+            )
+        else:
+            shadow_gpus.append(tuple(g))
+    if placement == "pooled" and shadows and len(shadow_gpus) != shadows:
+        r.problems.append(
+            f"{r.path}.shadow_gpus: pooled placement needs one GPU list per "
+            f"shadow ({shadows}), got {len(shadow_gpus)}"
+        )
+    env = r._get("env", {}, (dict,), "a table of strings")
+    if not all(isinstance(v, str) for v in env.values()):
+        r.problems.append(f"{r.path}.env: values must be strings")
+    slot_cfg = SlotConfig(
+        name=name or "",
+        model=model or "",
+        backend=backend or "",
+        base_port=base_port or 0,
+        served_model_name=r.text("served_model_name"),
+        shadows=shadows,
+        placement=placement,
+        gpus=gpus,
+        shadow_gpus=tuple(shadow_gpus),
+        extra_args=r.strs("extra_args"),
+        shadow_extra_args=r.strs("shadow_extra_args"),
+        env=dict(env),
+        simulate=r.flag("simulate", False),
+        sim_args=r.strs("sim_args"),
+    )
+    r.unknown()
+    if base_port and base_port + shadows > 65535:
+        r.problems.append(f"{r.path}.base_port: {base_port} + {shadows} shadows passes 65535")
+    return slot_cfg if len(r.problems) == before else None
+
+
+def _cross_checks(slots: list[SlotConfig], admin_port: int, problems: list[str]) -> None:
+    from supervisor.backends import BackendNotFound, load_backend
+
+    names: dict[str, int] = {}
+    ports: dict[int, str] = {}
+    for i, s in enumerate(slots):
+        if s.name in names:
+            problems.append(f"slot[{i}].name: {s.name!r} is already slot[{names[s.name]}]'s name")
+        names.setdefault(s.name, i)
+        for port in range(s.base_port, s.base_port + s.shadows + 1):
+            if port in ports:
+                problems.append(
+                    f"slot[{i}].base_port: port {port} is also used by "
+                    f"{ports[port]}; slots need {s.shadows + 1} free ports each"
+                )
+            elif port == admin_port:
+                problems.append(f"slot[{i}].base_port: port {port} is the admin port")
+            ports.setdefault(port, f"slot {s.name!r}")
+        try:
+            backend = load_backend(s.backend)
+        except BackendNotFound as e:
+            problems.append(f"slot[{i}].backend: {e}")
+            continue
+        if s.shadows and backend.dialect.sleep_flag is None:
+            problems.append(
+                f"slot[{i}].shadows: backend {s.backend!r} has no sleep mode, so "
+                "its shadows need a suspend strategy (not available yet); "
+                "set shadows = 0"
+            )
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: not valid TOML: {e}"]) from e
+    return parse(data, base_dir=path.parent)

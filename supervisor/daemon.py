@@ -1,0 +1,141 @@
+"""The daemon: composes engines, health, failover and the admin API under one task group.
+
+Startup: admin API up (so ``/status`` shows progress), then per slot the shadows load and
+sleep, then the active engine becomes ready; then the supervisor reports ready. SIGTERM or
+SIGINT stops it cleanly: engines are stopped (``node.on_exit = "stop"``) or left running.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import anyio
+from aiohttp import web
+
+from supervisor import __version__
+from supervisor import log as logging
+from supervisor.admin import AdminApi
+from supervisor.backends import load_backend
+from supervisor.config import Config
+from supervisor.engines import EngineManager
+from supervisor.failover import HISTORY, SlotController
+from supervisor.health import HealthJudge
+from supervisor.metrics import Metrics
+from supervisor.model import Engine, FailoverRecord
+
+
+class Supervisor:
+    """One node's supervisor."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.history: deque[FailoverRecord] = deque(maxlen=HISTORY)
+        self.judge = HealthJudge(cfg.health, self.metrics, self._on_dead)
+        self.manager = EngineManager(cfg.log_dir, self.judge.process_exited)
+        self.controllers: dict[str, SlotController] = {}
+        self.backends = {s.name: load_backend(s.backend) for s in cfg.slots}
+        self.ready = anyio.Event()
+        self.stopping = anyio.Event()
+        self.admin_url = ""
+        self.started_at = time.time()
+        self.log = logging.get(node=cfg.node)
+
+    async def _on_dead(self, engine: Engine, source: str, reason: str, at: float) -> None:
+        await self.controllers[engine.slot].on_engine_dead(engine, source, reason, at)
+
+    def engine(self, engine_id: str) -> tuple[SlotController, Engine] | None:
+        for c in self.controllers.values():
+            if engine_id in c.engines:
+                return c, c.engines[engine_id]
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.cfg.node,
+            "version": __version__,
+            "ready": self.ready.is_set(),
+            "stopping": self.stopping.is_set(),
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "slots": [c.slot.as_dict() for c in self.controllers.values()],
+            "engines": [e.as_dict() for c in self.controllers.values() for e in c.engines.values()],
+            "failovers": [r.as_dict() for r in self.history],
+        }
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def run(self, announce: Callable[[str], None] = print) -> None:
+        """Run until :meth:`stop` or SIGTERM/SIGINT."""
+        self.log.info(
+            "starting",
+            version=__version__,
+            slots=[s.name for s in self.cfg.slots],
+            state_dir=str(self.cfg.state_dir),
+        )
+        self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
+            tg.start_soon(self._signals)
+            runner = web.AppRunner(AdminApi(self).app(), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, self.cfg.admin_host, self.cfg.admin_port)
+            await site.start()
+            port = runner.addresses[0][1]
+            self.admin_url = f"http://{self.cfg.admin_host}:{port}"
+            announce(f"admin: {self.admin_url}")
+            self.log.info("admin API listening", url=self.admin_url)
+            for scfg in self.cfg.slots:
+                self.controllers[scfg.name] = SlotController(
+                    self.cfg,
+                    scfg,
+                    self.backends[scfg.name],
+                    self.manager,
+                    self.judge,
+                    self.metrics,
+                    session,
+                    self.history,
+                    tg,
+                )
+            async with anyio.create_task_group() as starting:
+                for ctl in self.controllers.values():
+                    starting.start_soon(ctl.start)
+                starting.start_soon(self._abort_start_on_stop, starting.cancel_scope)
+                await self._all_started()
+                starting.cancel_scope.cancel()
+            if not self.stopping.is_set():
+                self.ready.set()
+                degraded = [
+                    c.slot.name for c in self.controllers.values() if c.slot.degraded_reason
+                ]
+                self.log.info("supervisor ready", degraded_slots=degraded)
+                announce("ready" + (f" (degraded: {', '.join(degraded)})" if degraded else ""))
+            await self.stopping.wait()
+            self.log.info("stopping", on_exit=self.cfg.on_exit)
+            with anyio.CancelScope(shield=True):
+                if self.cfg.on_exit == "stop":
+                    async with anyio.create_task_group() as stops:
+                        for ctl in self.controllers.values():
+                            stops.start_soon(ctl.stop_all)
+                await runner.cleanup()
+            tg.cancel_scope.cancel()
+        self.log.info("stopped")
+
+    async def _all_started(self) -> None:
+        for ctl in self.controllers.values():
+            await ctl.ready.wait()
+
+    async def _abort_start_on_stop(self, scope: anyio.CancelScope) -> None:
+        await self.stopping.wait()
+        scope.cancel()
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                self.log.info("signal received; shutting down", signal=signal.Signals(sig).name)
+                self.stop()
+                return

@@ -1,0 +1,140 @@
+"""Local engine processes: launch each in its own process group, watch its exit, stop it.
+
+An engine's exit is noticed by awaiting the child (no polling). "Gone" means more than the
+leader's exit: a paired shadow may only wake once *every* process of the dead engine's
+group is gone, since any of them may still hold GPU memory; :func:`group_alive` checks that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+from anyio.abc import Process, TaskGroup
+
+from supervisor import log as logging
+from supervisor.backends import Backend
+from supervisor.model import Engine, LaunchCommand
+from supervisor.testing.cluster import simulated
+
+ExitCallback = Callable[[Engine, int, float], Awaitable[None]]
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``, read from /proc."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        # fields[0] is the state, fields[2] the process group id.
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry.name))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    return bool(group_members(pgid))
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+class EngineManager:
+    """Starts, watches and stops engine processes; one log file per engine."""
+
+    def __init__(self, log_dir: Path, on_exit: ExitCallback) -> None:
+        self.log_dir = log_dir
+        self.on_exit = on_exit
+        self.procs: dict[str, Process] = {}
+        self.log = logging.get(component="engines")
+
+    def command(
+        self, engine: Engine, backend: Backend, simulate: bool, sim_args: tuple[str, ...]
+    ) -> LaunchCommand:
+        cmd = backend.command(engine.spec)
+        if simulate:
+            cmd = simulated(cmd, backend.dialect.name, sim_args)
+        return cmd
+
+    async def launch(self, tg: TaskGroup, engine: Engine, cmd: LaunchCommand) -> None:
+        """Start ``engine`` in a new session (its own process group) and watch it."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{engine.id}.log"
+        env = {**os.environ, **cmd.env}
+        header = f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} launch: {' '.join(cmd.argv)}\n"
+        out = await anyio.to_thread.run_sync(open, log_path, "ab")
+        try:
+            await anyio.to_thread.run_sync(out.write, header.encode())
+            await anyio.to_thread.run_sync(out.flush)
+            proc = await anyio.open_process(
+                cmd.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        finally:
+            out.close()  # the child keeps its own descriptor
+        engine.pid = proc.pid
+        engine.started_at = time.time()
+        self.procs[engine.id] = proc
+        self.log.info(
+            "engine launched",
+            engine=engine.id,
+            slot=engine.slot,
+            pid=proc.pid,
+            log=str(log_path),
+            argv=cmd.argv,
+        )
+        tg.start_soon(self._watch, engine, proc)
+
+    async def _watch(self, engine: Engine, proc: Process) -> None:
+        code = await proc.wait()
+        at = time.time()
+        if self.procs.get(engine.id) is proc:
+            del self.procs[engine.id]
+        await self.on_exit(engine, code, at)
+
+    def running(self, engine: Engine) -> bool:
+        return engine.id in self.procs
+
+    async def wait_group_gone(self, pgid: int, timeout: float) -> bool:
+        """Wait until no process of ``pgid`` is left; False if still there at the timeout."""
+        with anyio.move_on_after(timeout):
+            while await anyio.to_thread.run_sync(group_alive, pgid):
+                await anyio.sleep(0.005)
+            return True
+        return False
+
+    async def stop(self, engine: Engine, grace: float) -> None:
+        """SIGTERM the engine's group, SIGKILL it after ``grace``; return once it is gone."""
+        if engine.pid is None:
+            return
+        pgid = engine.pid  # leader of its own session: pgid == pid
+        signal_group(pgid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+        signal_group(pgid, signal.SIGTERM)
+        if not await self.wait_group_gone(pgid, grace):
+            self.log.warning(
+                "engine ignored SIGTERM; killing its group", engine=engine.id, grace=grace
+            )
+            signal_group(pgid, signal.SIGKILL)
+            await self.wait_group_gone(pgid, 10)
+
+    def kill_now(self, engine: Engine) -> None:
+        if engine.pid is not None:
+            signal_group(engine.pid, signal.SIGKILL)

@@ -1,0 +1,480 @@
+"""The failover policy, one :class:`SlotController` per slot.
+
+On the death of a slot's active engine: mark it failed; pick a sleeping shadow; for a
+shadow on the same GPUs, wait until the dead engine's whole process group is gone (its GPU
+memory with it); wake the shadow through its plugin, retrying an out-of-memory wake for a
+bounded time; check readiness; promote it (epoch + 1). Then restore the configured number
+of shadows. With no shadow the slot is degraded (metric, log; the frontend answers 503)
+until a shadow is ready again. Every decision is logged with its reason; every step is timed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import aiohttp
+import anyio
+from anyio.abc import TaskGroup
+
+from supervisor import log as logging
+from supervisor.backends import Backend, BackendError, EngineEndpoint, EngineOutOfMemory
+from supervisor.config import Config, SlotConfig
+from supervisor.engines import EngineManager
+from supervisor.health import HealthJudge
+from supervisor.metrics import Metrics
+from supervisor.model import (
+    Engine,
+    EngineSpec,
+    EngineState,
+    FailoverRecord,
+    Readiness,
+    Role,
+    Slot,
+)
+
+HISTORY = 50  # failover records kept for /status
+
+
+class FailoverError(RuntimeError):
+    pass
+
+
+class Step:
+    """Times one failover step into ``record.steps[name]`` (seconds)."""
+
+    def __init__(self, record: FailoverRecord, name: str) -> None:
+        self.record, self.name = record, name
+
+    def __enter__(self) -> Step:
+        self.t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.record.steps[self.name] = round(time.monotonic() - self.t0, 6)
+
+
+class SlotController:
+    """Owns one slot's engines: startup, failover, shadow restoration, manual actions."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        slot_cfg: SlotConfig,
+        backend: Backend,
+        manager: EngineManager,
+        judge: HealthJudge,
+        metrics: Metrics,
+        session: aiohttp.ClientSession,
+        history: deque[FailoverRecord],
+        tg: TaskGroup,
+    ) -> None:
+        self.cfg, self.scfg, self.backend = cfg, slot_cfg, backend
+        self.manager, self.judge, self.metrics = manager, judge, metrics
+        self.session, self.history, self.tg = session, history, tg
+        self.slot = Slot(slot_cfg.name, slot_cfg.model_name)
+        self.engines: dict[str, Engine] = {}
+        self.lock = anyio.Lock()  # one promotion at a time per slot
+        self._ids: Iterator[int] = itertools.count()
+        self._relaunch_failures = 0
+        self.log = logging.get(slot=slot_cfg.name)
+        self.ready = anyio.Event()
+        self._set_degraded("starting")
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def endpoint(self, engine: Engine, timeout: float | None = None) -> EngineEndpoint:
+        return EngineEndpoint(engine.url, self.session, timeout or self.cfg.health.probe_timeout)
+
+    def set_state(self, engine: Engine, state: EngineState, reason: str = "") -> None:
+        if engine.state is not state:
+            self.log.info(
+                "engine state",
+                engine=engine.id,
+                epoch=self.slot.epoch,
+                **{"from": engine.state.value, "to": state.value},
+                reason=reason or None,
+            )
+        engine.state = state
+        engine.reason = reason
+        self.metrics.set_engine_state(engine.slot, engine.id, state)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.metrics.shadows_available.labels(self.slot.name).set(len(self.sleeping_shadows()))
+        self.metrics.slot_epoch.labels(self.slot.name).set(self.slot.epoch)
+
+    def _set_degraded(self, reason: str) -> None:
+        self.slot.degraded_reason = reason
+        self.metrics.slot_degraded.labels(self.slot.name).set(1 if reason else 0)
+
+    def live(self) -> list[Engine]:
+        return [
+            e
+            for e in self.engines.values()
+            if e.state not in (EngineState.FAILED, EngineState.STOPPED)
+        ]
+
+    def sleeping_shadows(self) -> list[Engine]:
+        return [
+            e
+            for e in self.engines.values()
+            if e.role == "shadow" and e.state is EngineState.SLEEPING
+        ]
+
+    def active_engine(self) -> Engine | None:
+        return self.engines.get(self.slot.active) if self.slot.active else None
+
+    def _gpu_sets(self) -> list[tuple[str, ...]]:
+        if self.scfg.placement == "paired":
+            return [self.scfg.gpus]
+        return [self.scfg.gpus, *self.scfg.shadow_gpus]
+
+    def _occupied(self) -> tuple[set[int], list[tuple[str, ...]]]:
+        # An engine's port and GPUs stay taken until its process group is gone.
+        held = [
+            e
+            for e in self.engines.values()
+            if e.state is not EngineState.STOPPED or self.manager.running(e)
+        ]
+        held = [e for e in held if e.state is not EngineState.FAILED or self.manager.running(e)]
+        return {e.spec.port for e in held}, [e.spec.gpus for e in held]
+
+    def _new_engine(self, role: Role) -> Engine:
+        ports, gpu_sets = self._occupied()
+        port = next(
+            (
+                p
+                for p in range(self.scfg.base_port, self.scfg.base_port + self.scfg.shadows + 1)
+                if p not in ports
+            ),
+            None,
+        )
+        if port is None:
+            raise FailoverError("no free port in the slot's range (an engine still runs)")
+        if self.scfg.placement == "paired":
+            gpus = self.scfg.gpus
+        else:
+            free = [g for g in self._gpu_sets() if g not in gpu_sets]
+            if not free:
+                raise FailoverError("no free GPU set for a new engine")
+            gpus = free[0]
+        extra = self.scfg.extra_args + (self.scfg.shadow_extra_args if role == "shadow" else ())
+        eid = f"{self.slot.name}-{next(self._ids)}"
+        spec = EngineSpec(
+            engine_id=eid,
+            model=self.scfg.model,
+            port=port,
+            served_model_name=self.scfg.served_model_name,
+            role=role,
+            gpus=gpus,
+            extra_args=extra,
+            env=dict(self.scfg.env),
+        )
+        engine = Engine(eid, self.slot.name, role, spec, self.scfg.backend)
+        self.engines[eid] = engine
+        self.set_state(engine, EngineState.LAUNCHING)
+        return engine
+
+    async def _launch(self, engine: Engine) -> None:
+        cmd = self.manager.command(engine, self.backend, self.scfg.simulate, self.scfg.sim_args)
+        await self.manager.launch(self.tg, engine, cmd)
+        self.set_state(engine, EngineState.LOADING)
+        self.tg.start_soon(self.judge.probe_loop, engine, self.backend, self.endpoint(engine))
+
+    async def _wait_health(
+        self,
+        engine: Engine,
+        want: set[Readiness],
+        timeout: float,
+    ) -> Readiness:
+        ep = self.endpoint(engine)
+        deadline = time.monotonic() + timeout
+        last = Readiness.DOWN
+        while time.monotonic() < deadline:
+            if engine.state is EngineState.FAILED:
+                raise FailoverError(f"engine {engine.id} failed: {engine.reason}")
+            try:
+                last = await self.backend.health(ep)
+            except Exception as e:  # plugin bug: contained, counted, retried
+                self.metrics.plugin_errors.labels(self.backend.name, "health").inc()
+                self.log.error("backend health hook raised", engine=engine.id, error=repr(e))
+            if last in want:
+                return last
+            await anyio.sleep(0.01)
+        raise FailoverError(
+            f"engine {engine.id} not {'/'.join(want)} after {timeout}s (last: {last})"
+        )
+
+    # -- startup -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Shadows load and sleep first (so an active on the same GPUs fits), then the
+        active engine becomes ready."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.scfg.shadows):
+                tg.start_soon(self._start_shadow_logged)
+        async with self.lock:
+            engine = self._new_engine("active")
+            await self._launch(engine)
+            try:
+                await self._wait_health(engine, {Readiness.READY}, self.cfg.health.load_timeout)
+            except FailoverError as e:
+                self.log.error("active engine did not come up", engine=engine.id, error=str(e))
+                self._set_degraded(f"active engine did not come up: {e}")
+                self.ready.set()
+                return
+            self._promote_state(engine)
+        self.ready.set()
+
+    def _promote_state(self, engine: Engine) -> None:
+        self.slot.epoch += 1
+        self.slot.active = engine.id
+        engine.role = "active"
+        engine.spec = replace(engine.spec, role="active")
+        self.set_state(engine, EngineState.ACTIVE, f"promoted at epoch {self.slot.epoch}")
+        self._set_degraded("")
+        self.log.info("slot serving", engine=engine.id, epoch=self.slot.epoch)
+
+    async def _start_shadow_logged(self) -> None:
+        try:
+            await self.start_shadow()
+        except FailoverError as e:
+            self.log.error("shadow did not come up", error=str(e))
+
+    async def start_shadow(self) -> Engine:
+        """Launch one shadow, wait until loaded, put it to sleep, verify it sleeps."""
+        engine = self._new_engine("shadow")
+        await self._launch(engine)
+        state = await self._wait_health(
+            engine, {Readiness.READY, Readiness.SLEEPING}, self.cfg.health.load_timeout
+        )
+        ep = self.endpoint(engine, timeout=self.cfg.failover.wake_timeout)
+        if state is Readiness.READY:
+            try:
+                await self.backend.sleep(ep, self.cfg.failover.shadow_sleep_level)
+            except Exception as e:
+                self._plugin_failed(engine, "sleep", e)
+                raise FailoverError(f"could not put shadow {engine.id} to sleep: {e}") from e
+        await self._wait_health(engine, {Readiness.SLEEPING}, self.cfg.failover.wake_timeout)
+        self.set_state(
+            engine,
+            EngineState.SLEEPING,
+            f"loaded and asleep (level {self.cfg.failover.shadow_sleep_level})",
+        )
+        self._relaunch_failures = 0
+        if self.slot.active is None and not self.lock.locked() and self.ready.is_set():
+            self.tg.start_soon(self.recover, "a shadow is ready for a degraded slot")
+        return engine
+
+    def _plugin_failed(self, engine: Engine, hook: str, e: Exception) -> None:
+        if not isinstance(e, BackendError):
+            self.metrics.plugin_errors.labels(self.backend.name, hook).inc()
+            self.log.error(f"backend {hook} hook raised", engine=engine.id, error=repr(e))
+
+    # -- failure -------------------------------------------------------------------------
+    async def on_engine_dead(
+        self, engine: Engine, source: str, reason: str, detected_at: float
+    ) -> None:
+        was_active = self.slot.active == engine.id
+        self.set_state(engine, EngineState.FAILED, f"{source}: {reason}")
+        self.manager.kill_now(engine)  # a hung or stopped engine must not linger
+        if was_active:
+            record = FailoverRecord(
+                self.slot.name, engine.id, f"{source}: {reason}", detected_at=detected_at
+            )
+            self.slot.active = None
+            self._set_degraded(f"active engine {engine.id} failed")
+            await self.failover(record, dead=engine)
+        self.tg.start_soon(self.relaunch_after, engine)
+
+    async def failover(self, record: FailoverRecord, dead: Engine | None) -> None:
+        self.history.appendleft(record)
+        t0 = time.monotonic()
+        async with self.lock:
+            try:
+                await self._failover_locked(record, dead)
+            except FailoverError as e:
+                record.result = "error"
+                self._set_degraded(str(e))
+                self.log.error("failover failed; slot degraded", reason=record.reason, error=str(e))
+            finally:
+                record.finished_at = time.time()
+                self.metrics.failovers.labels(
+                    self.slot.name, record.kind + ":" + record.reason.split(":")[0], record.result
+                ).inc()
+                if record.result == "promoted":
+                    self.metrics.failover_seconds.labels(self.slot.name).observe(
+                        time.monotonic() - t0
+                    )
+
+    async def _failover_locked(self, record: FailoverRecord, dead: Engine | None) -> None:
+        while True:
+            shadows = self.sleeping_shadows()
+            if not shadows:
+                record.result = "degraded"
+                self._set_degraded("no shadow available")
+                self.log.error("slot degraded: no sleeping shadow to promote", reason=record.reason)
+                return
+            shadow = shadows[0]
+            self.log.info(
+                "failing over",
+                failed=record.failed_engine,
+                to=shadow.id,
+                reason=record.reason,
+                epoch=self.slot.epoch,
+            )
+            if (
+                dead is not None
+                and set(dead.spec.gpus) & set(shadow.spec.gpus)
+                and dead.pid is not None
+            ):
+                with Step(record, "memory_release"):
+                    gone = await self.manager.wait_group_gone(
+                        dead.pid, self.cfg.failover.memory_release_timeout
+                    )
+                if not gone:
+                    raise FailoverError(
+                        f"engine {dead.id}'s processes still hold its GPUs after "
+                        f"{self.cfg.failover.memory_release_timeout}s; not waking a paired "
+                        "shadow into an OOM"
+                    )
+            try:
+                with Step(record, "wake"):
+                    await self._wake(shadow)
+            except FailoverError as e:
+                self.log.error(
+                    "shadow failed to wake; trying the next", engine=shadow.id, error=str(e)
+                )
+                self.set_state(shadow, EngineState.FAILED, f"wake failed: {e}")
+                self.manager.kill_now(shadow)
+                self.tg.start_soon(self.relaunch_after, shadow)
+                continue
+            with Step(record, "promote"):
+                self._promote_state(shadow)
+            self.metrics.wake_seconds.labels(self.slot.name).observe(record.steps["wake"])
+            record.promoted_engine, record.epoch, record.result = (
+                shadow.id,
+                self.slot.epoch,
+                "promoted",
+            )
+            self.log.info(
+                "failover done",
+                promoted=shadow.id,
+                epoch=self.slot.epoch,
+                steps=record.steps,
+                total_ms=round((time.time() - record.detected_at) * 1000, 1),
+            )
+            return
+
+    async def _wake(self, shadow: Engine) -> None:
+        """Wake through the plugin; an OOM is retried for ``wake_oom_retry`` seconds."""
+        self.set_state(shadow, EngineState.WAKING, "chosen for promotion")
+        ep = self.endpoint(shadow, timeout=self.cfg.failover.wake_timeout)
+        deadline = time.monotonic() + self.cfg.failover.wake_oom_retry
+        while True:
+            try:
+                with anyio.fail_after(self.cfg.failover.wake_timeout):
+                    await self.backend.wake(ep)
+                break
+            except EngineOutOfMemory as e:
+                if time.monotonic() >= deadline:
+                    raise FailoverError(f"wake kept hitting OOM: {e}") from e
+                self.log.warning("wake hit OOM; retrying", engine=shadow.id, error=str(e))
+                await anyio.sleep(0.05)
+            except TimeoutError as e:
+                raise FailoverError(f"wake took over {self.cfg.failover.wake_timeout}s") from e
+            except (BackendError, aiohttp.ClientError) as e:
+                raise FailoverError(f"wake failed: {e}") from e
+            except Exception as e:
+                self._plugin_failed(shadow, "wake", e)
+                raise FailoverError(f"backend wake hook raised: {e!r}") from e
+        await self._wait_health(shadow, {Readiness.READY}, self.cfg.failover.wake_timeout)
+
+    async def recover(self, why: str) -> None:
+        if self.slot.active is not None:
+            return
+        record = FailoverRecord(
+            self.slot.name, None, f"recover: {why}", kind="recovery", detected_at=time.time()
+        )
+        await self.failover(record, dead=None)
+
+    async def relaunch_after(self, engine: Engine) -> None:
+        """Replace a failed engine with a new shadow, with exponential backoff."""
+        if engine.pid is not None:
+            await self.manager.wait_group_gone(engine.pid, self.cfg.failover.stop_grace + 10)
+        missing = self.scfg.shadows - len([e for e in self.live() if e.role == "shadow"])
+        if missing <= 0:
+            return
+        self._relaunch_failures += 1
+        f = self.cfg.failover
+        delay = min(f.relaunch_backoff * 2 ** (self._relaunch_failures - 1), f.relaunch_backoff_max)
+        self.log.info("relaunching as a new shadow", replaces=engine.id, delay=delay)
+        await anyio.sleep(delay)
+        self.metrics.engine_relaunches.labels(self.slot.name).inc()
+        try:
+            new = await self.start_shadow()
+            new.relaunches = engine.relaunches + 1
+        except FailoverError as e:
+            self.log.error("relaunched shadow did not come up", error=str(e))
+
+    # -- manual actions ----------------------------------------------------------------
+    async def switchover(self, to: str | None, kind: str = "switchover") -> FailoverRecord:
+        """Planned move of the slot to a shadow; the old active is stopped gracefully."""
+        old = self.active_engine()
+        if to is not None:
+            target = self.engines.get(to)
+            if target is None or target.state is not EngineState.SLEEPING:
+                raise FailoverError(f"{to!r} is not a sleeping shadow of slot {self.slot.name}")
+        record = FailoverRecord(
+            self.slot.name,
+            old.id if old else None,
+            f"{kind}: requested",
+            kind=kind,
+            detected_at=time.time(),
+        )
+        if old is not None:
+            self.slot.active = None
+            self._set_degraded(f"{kind} in progress")
+            self.set_state(old, EngineState.DRAINING, f"{kind} requested")
+            with Step(record, "drain"):
+                await self.manager.stop(old, self.cfg.failover.stop_grace)
+            self.set_state(old, EngineState.STOPPED, kind)
+        if to is not None:  # put the chosen shadow first
+            target = self.engines[to]
+            self.engines = {to: target, **{k: v for k, v in self.engines.items() if k != to}}
+        await self.failover(record, dead=old)
+        if old is not None:
+            self.tg.start_soon(self.relaunch_after, old)
+        return record
+
+    async def drain(self, engine_id: str) -> None:
+        engine = self.engines.get(engine_id)
+        if engine is None:
+            raise FailoverError(f"no engine {engine_id!r} in slot {self.slot.name}")
+        if engine.id == self.slot.active:
+            await self.switchover(None, kind="drain")
+            return
+        self.set_state(engine, EngineState.DRAINING, "drain requested")
+        await self.manager.stop(engine, self.cfg.failover.stop_grace)
+        self.set_state(engine, EngineState.STOPPED, "drained")
+        self.tg.start_soon(self.relaunch_after, engine)
+
+    async def stop_all(self) -> None:
+        for engine in self.live():
+            self.set_state(engine, EngineState.STOPPED, "supervisor shutting down")
+        async with anyio.create_task_group() as tg:
+            for engine in list(self.engines.values()):
+                if self.manager.running(engine):
+                    tg.start_soon(self.manager.stop, engine, self.cfg.failover.stop_grace)
+
+
+def find_engine(
+    controllers: dict[str, SlotController], pred: Callable[[Engine], bool]
+) -> tuple[SlotController, Engine] | None:
+    for c in controllers.values():
+        for e in c.engines.values():
+            if pred(e):
+                return c, e
+    return None

@@ -1,0 +1,110 @@
+"""Every Prometheus metric of the supervisor, defined once (names follow Prometheus
+conventions: ``failover_supervisor_`` prefix, ``_total`` counters, ``_seconds`` units)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from supervisor.model import EngineState
+
+# Failover steps are milliseconds to minutes (a real engine's wake can take a minute).
+_DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+)
+
+
+class Metrics:
+    """The supervisor's metrics in their own registry (so tests can run several daemons)."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.failovers = Counter(
+            "failover_supervisor_failovers_total",
+            "Failovers (and manual switchovers) by slot, reason and result.",
+            ["slot", "reason", "result"],
+            registry=r,
+        )
+        self.detection_seconds = Histogram(
+            "failover_supervisor_detection_seconds",
+            "From the failure's first sign (e.g. process exit) to the engine declared dead.",
+            ["source"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.wake_seconds = Histogram(
+            "failover_supervisor_wake_seconds",
+            "Time a shadow took to wake and become ready.",
+            ["slot"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.failover_seconds = Histogram(
+            "failover_supervisor_failover_seconds",
+            "From the engine declared dead to its replacement promoted.",
+            ["slot"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.engine_state = Gauge(
+            "failover_supervisor_engine_state",
+            "1 for the state each engine is in, 0 for the others.",
+            ["slot", "engine", "state"],
+            registry=r,
+        )
+        self.shadows_available = Gauge(
+            "failover_supervisor_shadows_available",
+            "Sleeping shadows ready to wake, per slot.",
+            ["slot"],
+            registry=r,
+        )
+        self.slot_epoch = Gauge(
+            "failover_supervisor_slot_epoch",
+            "The slot's epoch (grows by one on every promotion).",
+            ["slot"],
+            registry=r,
+        )
+        self.slot_degraded = Gauge(
+            "failover_supervisor_slot_degraded",
+            "1 while the slot has no ready active engine.",
+            ["slot"],
+            registry=r,
+        )
+        self.engine_relaunches = Counter(
+            "failover_supervisor_engine_relaunches_total",
+            "Engines relaunched (as new shadows) after they failed.",
+            ["slot"],
+            registry=r,
+        )
+        self.plugin_errors = Counter(
+            "failover_supervisor_plugin_errors_total",
+            "Backend plugin calls that raised, by backend and hook.",
+            ["backend", "hook"],
+            registry=r,
+        )
+
+    def set_engine_state(self, slot: str, engine: str, state: EngineState) -> None:
+        for s in EngineState:
+            self.engine_state.labels(slot, engine, s.value).set(1 if s is state else 0)
+
+    def forget_engine(self, slot: str, engine: str) -> None:
+        for s in EngineState:
+            with contextlib.suppress(KeyError):
+                self.engine_state.remove(slot, engine, s.value)
