@@ -215,6 +215,12 @@ class SlotController:
         async with anyio.create_task_group() as tg:
             for _ in range(self.scfg.shadows):
                 tg.start_soon(self._start_shadow_logged)
+        await self.start_active()
+        self.ready.set()
+
+    async def start_active(self) -> None:
+        """Launch an active engine cold and promote it once ready (startup, or a slot with
+        no shadows that lost its active engine)."""
         async with self.lock:
             engine = self._new_engine("active")
             await self._launch(engine)
@@ -223,10 +229,8 @@ class SlotController:
             except FailoverError as e:
                 self.log.error("active engine did not come up", engine=engine.id, error=str(e))
                 self._set_degraded(f"active engine did not come up: {e}")
-                self.ready.set()
                 return
             self._promote_state(engine)
-        self.ready.set()
 
     def _promote_state(self, engine: Engine) -> None:
         self.slot.epoch += 1
@@ -279,7 +283,8 @@ class SlotController:
     ) -> None:
         was_active = self.slot.active == engine.id
         self.set_state(engine, EngineState.FAILED, f"{source}: {reason}")
-        self.manager.kill_now(engine)  # a hung or stopped engine must not linger
+        if source != "exit" or self.cfg.failover.kill_dead_group:
+            self.manager.kill_now(engine)  # a hung or stopped engine must not linger
         if was_active:
             record = FailoverRecord(
                 self.slot.name, engine.id, f"{source}: {reason}", detected_at=detected_at
@@ -335,6 +340,7 @@ class SlotController:
                         dead.pid, self.cfg.failover.memory_release_timeout
                     )
                 if not gone:
+                    self.manager.kill_now(dead)
                     raise FailoverError(
                         f"engine {dead.id}'s processes still hold its GPUs after "
                         f"{self.cfg.failover.memory_release_timeout}s; not waking a paired "
@@ -404,8 +410,9 @@ class SlotController:
         """Replace a failed engine with a new shadow, with exponential backoff."""
         if engine.pid is not None:
             await self.manager.wait_group_gone(engine.pid, self.cfg.failover.stop_grace + 10)
+        cold = self.scfg.shadows == 0 and self.slot.active is None and not self.live()
         missing = self.scfg.shadows - len([e for e in self.live() if e.role == "shadow"])
-        if missing <= 0:
+        if missing <= 0 and not cold:
             return
         self._relaunch_failures += 1
         f = self.cfg.failover
@@ -413,6 +420,10 @@ class SlotController:
         self.log.info("relaunching as a new shadow", replaces=engine.id, delay=delay)
         await anyio.sleep(delay)
         self.metrics.engine_relaunches.labels(self.slot.name).inc()
+        if cold:
+            self.log.info("no shadows configured: restarting the active engine cold")
+            await self.start_active()
+            return
         try:
             new = await self.start_shadow()
             new.relaunches = engine.relaunches + 1

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anyio
@@ -150,3 +151,177 @@ async def running_engine(
         yield proc, ep
     finally:
         await anyio.to_thread.run_sync(stop, proc)
+
+
+def free_port_range(n: int, host: str = "127.0.0.1") -> int:
+    """A base port such that ``base .. base + n - 1`` are all free right now."""
+    for _ in range(200):
+        base = free_port(host)
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((host, p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no range of {n} free ports found")
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def render_config(cfg: dict[str, object]) -> str:
+    """A small TOML writer for the configs tests and the demo generate (tables + [[slot]])."""
+    lines: list[str] = []
+    for table, values in cfg.items():
+        if table == "slot":
+            continue
+        assert isinstance(values, dict)
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    for slot in cfg.get("slot", []):  # type: ignore[attr-defined]
+        lines.append("[[slot]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in slot.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def sim_slot(
+    name: str,
+    *,
+    shadows: int = 1,
+    gpus: Sequence[str] = ("0",),
+    dialect: str = "vllm",
+    sim_args: Sequence[str] = FAST_SIM_ARGS,
+    **extra: object,
+) -> dict[str, object]:
+    """A [[slot]] of simulated engines on free ports; paired shadows start asleep."""
+    slot: dict[str, object] = {
+        "name": name,
+        "model": "sim-model",
+        "backend": dialect,
+        "base_port": free_port_range(shadows + 1),
+        "shadows": shadows,
+        "placement": "paired",
+        "gpus": list(gpus),
+        "simulate": True,
+        "sim_args": list(sim_args),
+    }
+    if shadows:
+        slot["shadow_extra_args"] = ["--sim-start-asleep"]
+    slot.update(extra)
+    return slot
+
+
+@dataclass
+class SupervisorProcess:
+    """A ``failover-supervisor run`` process started by :func:`start_supervisor`."""
+
+    proc: subprocess.Popen[bytes]
+    admin_url: str
+    config_path: Path
+    stderr_path: Path
+    stdout_path: Path
+
+    def logs(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def spawn_supervisor(
+    workdir: Path,
+    slots: Sequence[dict[str, object]],
+    *,
+    health: dict[str, object] | None = None,
+    failover: dict[str, object] | None = None,
+    env: dict[str, str] | None = None,
+) -> SupervisorProcess:
+    """Write a config for ``slots`` and start the real daemon on it (not waiting)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg: dict[str, object] = {
+        "node": {"name": "test-node", "state_dir": str(workdir / "state")},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "health": {
+            "probe_interval": 0.05,
+            "probe_timeout": 0.25,
+            "failure_threshold": 3,
+            "load_timeout": 30,
+            **(health or {}),
+        },
+        "failover": {
+            "relaunch_backoff": 0.05,
+            "stop_grace": 3,
+            "wake_timeout": 10,
+            **(failover or {}),
+        },
+        "slot": list(slots),
+    }
+    path = workdir / "supervisor.toml"
+    path.write_text(render_config(cfg))
+    out, err = workdir / "supervisor.out", workdir / "supervisor.err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "run", "--config", str(path)],
+            stdout=o,
+            stderr=e,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+    return SupervisorProcess(proc, "", path, err, out)
+
+
+def _announced(sup: SupervisorProcess) -> bool:
+    lines = sup.stdout_path.read_text().splitlines()
+    for line in lines:
+        if line.startswith("admin: "):
+            sup.admin_url = line.split(" ", 1)[1].strip()
+    return any(line.startswith("ready") for line in lines)
+
+
+async def start_supervisor(
+    workdir: Path,
+    slots: Sequence[dict[str, object]],
+    *,
+    ready_timeout: float = 60,
+    **kw: Any,
+) -> SupervisorProcess:
+    """:func:`spawn_supervisor`, then wait until the daemon reports ready."""
+    sup = await anyio.to_thread.run_sync(lambda: spawn_supervisor(workdir, slots, **kw))
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if await anyio.to_thread.run_sync(_announced, sup):
+            return sup
+        if sup.proc.poll() is not None:
+            raise RuntimeError(
+                f"supervisor exited with {sup.proc.returncode}:\n{sup.logs()[-3000:]}"
+            )
+        await anyio.sleep(0.05)
+    await anyio.to_thread.run_sync(sup.stop)
+    raise TimeoutError(f"supervisor not ready after {ready_timeout}s:\n{sup.logs()[-3000:]}")

@@ -1,0 +1,283 @@
+"""The real daemon on one node with simulated engines as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from supervisor.testing.cluster import (
+    FAST_SIM_ARGS,
+    SupervisorProcess,
+    sim_slot,
+    start_supervisor,
+)
+from supervisor.testing.gpuledger import GIB, GpuLedger, process_start_time
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+class Admin:
+    def __init__(self, sup: SupervisorProcess, session: aiohttp.ClientSession) -> None:
+        self.sup, self.session = sup, session
+
+    async def status(self) -> dict[str, Any]:
+        async with self.session.get(self.sup.admin_url + "/status") as r:
+            assert r.status == 200
+            return await r.json()  # type: ignore[no-any-return]
+
+    async def post(self, path: str, body: Any) -> tuple[int, Any]:
+        async with self.session.post(self.sup.admin_url + path, json=body) as r:
+            return r.status, await r.json()
+
+    async def metrics(self) -> str:
+        async with self.session.get(self.sup.admin_url + "/metrics") as r:
+            return await r.text()
+
+    async def wait(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 15, what: str = "condition"
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        st: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            st = await self.status()
+            if pred(st):
+                return st
+            await anyio.sleep(0.02)
+        raise AssertionError(
+            f"timed out waiting for {what}; status:\n"
+            f"{json.dumps(st, indent=1)}\nlogs:\n{self.sup.logs()[-4000:]}"
+        )
+
+
+def slot_of(st: dict[str, Any], name: str = "s") -> dict[str, Any]:
+    return next(s for s in st["slots"] if s["name"] == name)
+
+
+def engine_of(st: dict[str, Any], engine_id: str) -> dict[str, Any]:
+    return next(e for e in st["engines"] if e["id"] == engine_id)
+
+
+def active_of(st: dict[str, Any], name: str = "s") -> dict[str, Any]:
+    return engine_of(st, slot_of(st, name)["active"])
+
+
+def full_strength(st: dict[str, Any], name: str = "s", shadows: int = 1) -> bool:
+    s = slot_of(st, name)
+    sleeping = [e for e in st["engines"] if e["slot"] == name and e["state"] == "sleeping"]
+    return s["active"] is not None and len(sleeping) >= shadows
+
+
+@pytest.fixture
+async def daemon(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> AsyncIterator[Callable[..., Any]]:
+    started: list[SupervisorProcess] = []
+
+    async def start(*slots: dict[str, Any], **kw: Any) -> Admin:
+        sup = await start_supervisor(
+            tmp_path / f"sup{len(started)}", slots or [sim_slot("s")], **kw
+        )
+        started.append(sup)
+        return Admin(sup, session)
+
+    yield start
+    for sup in started:
+        code = await anyio.to_thread.run_sync(sup.stop)
+        assert code == 0, sup.logs()[-3000:]
+
+
+async def complete(session: aiohttp.ClientSession, url: str, n: int = 4) -> int:
+    async with session.post(
+        url + "/v1/completions", json={"prompt": "the river", "max_tokens": n}
+    ) as r:
+        return r.status
+
+
+async def test_shadow_sleeps_and_primary_serves(
+    daemon: Any, session: aiohttp.ClientSession, own_gpu_ledger: Path
+) -> None:
+    admin = await daemon()
+    st = await admin.status()
+    assert st["ready"] and slot_of(st)["epoch"] == 1
+    active = active_of(st)
+    shadow = next(e for e in st["engines"] if e["role"] == "shadow")
+    assert (active["state"], shadow["state"]) == ("active", "sleeping")
+    # Memory per the ledger: active 16 + 48 GiB, the sleeping shadow its 16 GiB of weights.
+    assert GpuLedger(own_gpu_ledger).usage()["0"].used == (64 + 16) * GIB
+    assert await complete(session, active["url"]) == 200
+    assert await complete(session, shadow["url"]) == 503
+    assert 'failover_supervisor_shadows_available{slot="s"} 1.0' in await admin.metrics()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP])
+async def test_dead_active_is_replaced_by_the_woken_shadow(
+    daemon: Any, session: aiohttp.ClientSession, sig: signal.Signals
+) -> None:
+    admin = await daemon()
+    st = await admin.status()
+    old = active_of(st)
+    shadow = next(e for e in st["engines"] if e["role"] == "shadow")
+    os.killpg(old["pid"], sig)
+    st = await admin.wait(lambda s: slot_of(s)["epoch"] == 2, what="promotion")
+    assert slot_of(st)["active"] == shadow["id"]
+    assert engine_of(st, old["id"])["state"] == "failed"
+    rec = st["failovers"][0]
+    assert rec["result"] == "promoted" and rec["failed_engine"] == old["id"]
+    assert {"wake", "promote"} <= set(rec["steps"])
+    source = {signal.SIGKILL: "exit", signal.SIGTERM: "exit", signal.SIGSTOP: "probe"}[sig]
+    assert rec["reason"].startswith(source), rec
+    assert await complete(session, shadow["url"]) == 200
+    # The slot goes back to full strength: a new shadow replaces the failed engine.
+    st = await admin.wait(full_strength, what="a replacement shadow")
+    assert 'failover_supervisor_failovers_total{reason="failover:' + source in await admin.metrics()
+    if sig == signal.SIGSTOP:  # the hung engine was killed, not left stopped
+        with anyio.fail_after(5):
+            while process_start_time(old["pid"]) is not None:
+                await anyio.sleep(0.02)
+
+
+async def test_slot_without_shadow_degrades_then_restarts_cold(
+    daemon: Any, session: aiohttp.ClientSession
+) -> None:
+    admin = await daemon(sim_slot("s", shadows=0))
+    old = active_of(await admin.status())
+    os.killpg(old["pid"], signal.SIGKILL)
+    st = await admin.wait(
+        lambda s: bool(s["failovers"]) and s["failovers"][0]["result"] == "degraded",
+        what="degraded record",
+    )
+    assert 'failover_supervisor_slot_degraded{slot="s"}' in await admin.metrics()
+    st = await admin.wait(
+        lambda s: slot_of(s)["epoch"] == 2 and not slot_of(s)["degraded"], what="cold restart"
+    )
+    assert await complete(session, active_of(st)["url"]) == 200
+
+
+async def test_paired_shadow_waits_for_the_dead_engines_memory(
+    daemon: Any, session: aiohttp.ClientSession
+) -> None:
+    # The worker outlives a SIGKILLed API server by 0.8 s and holds the GPU meanwhile (the
+    # supervisor lets it exit on its own); with OOM retries off, waking the shadow any
+    # earlier would fail the failover.
+    slow_release = (*FAST_SIM_ARGS, "--sim-release-delay", "0.8")
+    admin = await daemon(
+        sim_slot("s", sim_args=slow_release),
+        failover={"wake_oom_retry": 0, "kill_dead_group": False},
+    )
+    st = await admin.status()
+    old = active_of(st)
+    shadow = next(e for e in st["engines"] if e["role"] == "shadow")
+    os.kill(old["pid"], signal.SIGKILL)  # the API server only: its worker lingers
+    st = await admin.wait(
+        lambda s: bool(s["failovers"]) and s["failovers"][0]["result"] != "in_progress",
+        what="failover result",
+    )
+    rec = st["failovers"][0]
+    assert rec["result"] == "promoted", (rec, admin.sup.logs()[-2000:])
+    assert rec["steps"]["memory_release"] >= 0.6
+    log = Path(admin.sup.config_path).parent / "state" / "logs" / f"{shadow['id']}.log"
+    assert "out of memory" not in log.read_text()
+
+
+async def test_admin_switchover_drain_and_manual_failover(
+    daemon: Any, session: aiohttp.ClientSession
+) -> None:
+    admin = await daemon()
+    st = await admin.status()
+    shadow = next(e for e in st["engines"] if e["role"] == "shadow")
+    status, body = await admin.post("/switchover", {"slot": "s", "to": shadow["id"]})
+    assert status == 200 and body["result"] == "promoted", body
+    st = await admin.wait(full_strength, what="full strength after switchover")
+    assert slot_of(st)["epoch"] == 2 and slot_of(st)["active"] == shadow["id"]
+
+    status, body = await admin.post("/drain", {"engine": shadow["id"]})
+    assert status == 200
+    st = await admin.wait(
+        lambda s: slot_of(s)["epoch"] == 3 and full_strength(s), what="drain of the active"
+    )
+    assert engine_of(st, shadow["id"])["state"] == "stopped"
+
+    victim = active_of(st)["id"]
+    status, _ = await admin.post("/failover", {"engine": victim})
+    assert status == 200
+    st = await admin.wait(lambda s: slot_of(s)["epoch"] == 4, what="manual failover")
+    assert st["failovers"][0]["reason"].startswith("admin")
+
+    for path, body, want in [
+        ("/failover", {"engine": "nope"}, 404),
+        ("/failover", {}, 400),
+        ("/switchover", {"slot": "nope"}, 404),
+        ("/switchover", {"slot": "s", "to": victim}, 409),  # not a sleeping shadow
+        ("/drain", [1, 2], 400),
+    ]:
+        status, answer = await admin.post(path, body)
+        assert status == want, (path, body, answer)
+        assert "message" in answer["error"]
+
+
+async def test_two_slots_fail_over_independently(
+    daemon: Any, session: aiohttp.ClientSession
+) -> None:
+    admin = await daemon(sim_slot("a", gpus=["0"]), sim_slot("b", gpus=["1"]))
+    st = await admin.status()
+    os.killpg(active_of(st, "a")["pid"], signal.SIGKILL)
+    st = await admin.wait(lambda s: slot_of(s, "a")["epoch"] == 2, what="slot a failover")
+    assert slot_of(st, "b")["epoch"] == 1
+    assert await complete(session, active_of(st, "b")["url"]) == 200
+
+
+# -- a third-party plugin that raises ----------------------------------------------------
+RAISING_PLUGIN = '''
+from plugins.vllm import VllmBackend
+
+
+class RaisingBackend(VllmBackend):
+    """Behaves like vLLM but its wake hook raises, as a buggy plugin might."""
+
+    async def wake(self, ep, tags=()):
+        raise RuntimeError("plugin bug in wake")
+'''
+
+
+def install_fake_distribution(site: Path) -> None:
+    """A real installed distribution (dist-info + entry point) without pip."""
+    site.mkdir(parents=True)
+    (site / "raising_backend.py").write_text(RAISING_PLUGIN)
+    info = site / "raising_backend-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: raising-backend\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[failover_supervisor.backends]\nraising = raising_backend:RaisingBackend\n"
+    )
+
+
+async def test_a_plugin_that_raises_is_contained(
+    daemon: Any, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    install_fake_distribution(site)
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    slot = sim_slot("s", dialect="vllm", backend="raising")
+    admin = await daemon(slot, env={"PYTHONPATH": path})
+    os.killpg(active_of(await admin.status())["pid"], signal.SIGKILL)
+    st = await admin.wait(
+        lambda s: bool(s["failovers"]) and s["failovers"][0]["result"] != "in_progress",
+        what="failover attempt",
+    )
+    assert st["failovers"][0]["result"] in ("degraded", "error")
+    assert slot_of(st)["degraded"]
+    assert (
+        'failover_supervisor_plugin_errors_total{backend="vllm",hook="wake"}'
+        in await admin.metrics()
+    )
+    assert "plugin bug in wake" in admin.sup.logs()
+    assert admin.sup.proc.poll() is None  # the daemon is still up

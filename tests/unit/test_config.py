@@ -1,0 +1,110 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import ConfigError, load, parse
+
+GOOD = {"slot": [{"name": "a", "model": "m", "backend": "vllm", "base_port": 9000}]}
+
+
+def test_defaults_are_filled_in() -> None:
+    cfg = parse(GOOD)
+    assert cfg.admin_host == "127.0.0.1" and cfg.health.failure_threshold == 3
+    s = cfg.slots[0]
+    assert (s.shadows, s.placement, s.gpus, s.simulate) == (1, "paired", ("0",), False)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({}, "slot: at least one [[slot]] is required"),
+        ({"slot": [{"name": "a"}]}, "slot[0].model: required"),
+        (
+            {"slot": [{**GOOD["slot"][0], "shadows": "two"}]},
+            "slot[0].shadows: must be an integer >= 0, got 'two'",
+        ),
+        (
+            {"slot": [{**GOOD["slot"][0], "placement": "near"}]},
+            "slot[0].placement: must be one of 'paired', 'pooled'",
+        ),
+        (
+            {"slot": [{**GOOD["slot"][0], "backend": "nope"}]},
+            "slot[0].backend: no backend named 'nope' (registered: sglang, trtllm, vllm)",
+        ),
+        ({"slot": [{**GOOD["slot"][0], "gpus": [0]}]}, "slot[0].gpus: must be a list of strings"),
+        ({"slot": [{**GOOD["slot"][0], "colour": 1}]}, "slot[0].colour: unknown key"),
+        ({**GOOD, "health": {"probe_interval": 0}}, "health.probe_interval: must be a number > 0"),
+        (
+            {**GOOD, "health": {"failure_threshold": True}},
+            "health.failure_threshold: must be an integer >= 1, got True",
+        ),
+        ({**GOOD, "admin": {"port": 70000}}, "admin.port: must be an integer >= 0 and <= 65535"),
+        ({"slot": [GOOD["slot"][0], GOOD["slot"][0]]}, "slot[1].name: 'a' is already slot[0]'s"),
+        (
+            {"slot": [{**GOOD["slot"][0], "backend": "trtllm"}]},
+            "slot[0].shadows: backend 'trtllm' has no sleep mode",
+        ),
+        (
+            {
+                "slot": [
+                    {**GOOD["slot"][0], "placement": "pooled", "shadows": 2, "shadow_gpus": [["1"]]}
+                ]
+            },
+            "slot[0].shadow_gpus: pooled placement needs one GPU list per shadow (2), got 1",
+        ),
+        (
+            {**GOOD, "failover": {"shadow_sleep_level": 3}},
+            "failover.shadow_sleep_level: must be an integer >= 1 and <= 2, got 3",
+        ),
+        ({**GOOD, "nodes": {}}, "nodes: unknown key"),
+    ],
+)
+def test_every_error_names_the_key_and_the_fix(data: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(data)
+    assert any(p.startswith(expected) for p in e.value.problems), e.value.problems
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({"health": {"probe_timeout": -1}, "slot": [{"name": "a", "shadows": -1}]})
+    assert len(e.value.problems) >= 4
+
+
+def test_example_config_is_valid() -> None:
+    cfg = load(Path(__file__).parents[2] / "examples" / "sim-single-node.toml")
+    assert [s.name for s in cfg.slots] == ["chat", "code"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args], capture_output=True, text=True
+    )
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[slot]]\nname = "a"\nmodel = "m"\nbackend = "vllm"\nbase_port = "x"\n')
+    out = run_cli("check-config", str(bad))
+    assert out.returncode == 2
+    assert "slot[0].base_port: must be an integer" in out.stderr
+    assert "Traceback" not in out.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[[slot]\n")
+    out = run_cli("check-config", str(broken))
+    assert out.returncode == 2 and "not valid TOML" in out.stderr
+    out = run_cli("check-config", str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and "cannot read" in out.stderr
+    out = run_cli("run", "--config", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    good = tmp_path / "good.toml"
+    good.write_text('[[slot]]\nname = "a"\nmodel = "m"\nbackend = "vllm"\nbase_port = 9000\n')
+    out = run_cli("check-config", str(good))
+    assert out.returncode == 0 and "OK" in out.stdout
+
+
+def test_status_cli_without_a_daemon_says_so() -> None:
+    out = run_cli("status", "--admin", "http://127.0.0.1:9")
+    assert out.returncode == 1 and "cannot reach the admin API" in out.stderr
