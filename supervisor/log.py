@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 
 
-def configure(level: str = "info", *, json: bool | None = None) -> None:
+def configure(level: str = "info", *, json: bool | None = None, file: Any = None) -> None:
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
@@ -25,7 +25,7 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=file or sys.stderr),
         cache_logger_on_first_use=False,
     )
 
