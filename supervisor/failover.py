@@ -80,7 +80,7 @@ class SlotController:
         self.lock = anyio.Lock()  # one promotion at a time per slot
         self._ids: Iterator[int] = itertools.count()
         self._relaunch_failures = 0
-        self.log = logging.get(slot=slot_cfg.name)
+        self.log = logging.get(node=cfg.node, slot=slot_cfg.name)
         self.ready = anyio.Event()
         self._set_degraded("starting")
 

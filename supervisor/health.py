@@ -37,7 +37,7 @@ class HealthJudge:
         self.metrics = metrics
         self.on_dead = on_dead
         self.dead: set[str] = set()
-        self.log = logging.get(component="health")
+        self.log = logging.get(component="health")  # engine and slot bound per event
 
     async def declare_dead(
         self, engine: Engine, source: str, reason: str, first_sign_at: float

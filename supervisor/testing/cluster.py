@@ -261,12 +261,13 @@ def spawn_supervisor(
     *,
     health: dict[str, object] | None = None,
     failover: dict[str, object] | None = None,
+    node: dict[str, object] | None = None,
     env: dict[str, str] | None = None,
 ) -> SupervisorProcess:
     """Write a config for ``slots`` and start the real daemon on it (not waiting)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg: dict[str, object] = {
-        "node": {"name": "test-node", "state_dir": str(workdir / "state")},
+        "node": {"name": "test-node", "state_dir": str(workdir / "state"), **(node or {})},
         "admin": {"host": "127.0.0.1", "port": free_port()},
         "health": {
             "probe_interval": 0.05,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -281,3 +282,24 @@ async def test_a_plugin_that_raises_is_contained(
     )
     assert "plugin bug in wake" in admin.sup.logs()
     assert admin.sup.proc.poll() is None  # the daemon is still up
+
+
+async def test_status_command_prints_the_table(daemon: Any) -> None:
+    admin = await daemon()
+    out = await anyio.run_process(
+        [sys.executable, "-m", "supervisor", "status", "--admin", admin.sup.admin_url]
+    )
+    text = out.stdout.decode()
+    assert "node test-node  ready=True" in text
+    assert "s-1" in text and "sleeping" in text and "active" in text
+
+
+async def test_on_exit_leave_keeps_engines_running(tmp_path: Path) -> None:
+    sup = await start_supervisor(tmp_path, [sim_slot("s", shadows=0)], node={"on_exit": "leave"})
+    async with aiohttp.ClientSession() as s, s.get(sup.admin_url + "/status") as r:
+        pid = (await r.json())["engines"][0]["pid"]
+    assert await anyio.to_thread.run_sync(sup.stop) == 0
+    try:
+        assert process_start_time(pid) is not None  # still running after the daemon left
+    finally:
+        os.killpg(pid, signal.SIGKILL)
