@@ -48,6 +48,21 @@ class FailoverConfig:
 
 
 @dataclass(frozen=True)
+class FrontendConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_inflight_per_engine: int = 64  # requests one engine takes at once from us
+    max_queue: int = 256  # requests waiting for an engine; beyond: 503 at once
+    queue_timeout: float = 10.0  # waiting longer than this for an engine: 503
+    migration_limit: int = 3  # times one request may move to another engine
+    migration_wait: float = 60.0  # how long a broken stream waits for a survivor (a wake)
+    drain_timeout: float = 30.0  # on SIGTERM, in-flight requests may finish this long
+    retry_after: int = 1  # seconds, in the Retry-After header of a 503
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class SlotConfig:
     name: str
     model: str
@@ -78,6 +93,7 @@ class Config:
     on_exit: str = "stop"  # stop: engines are stopped with the daemon; leave: they run on
     health: HealthConfig = field(default_factory=HealthConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     slots: tuple[SlotConfig, ...] = ()
 
     @property
@@ -205,6 +221,25 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
     )
     f.unknown()
 
+    fe = top.table("frontend")
+    dfe = FrontendConfig()
+    frontend = FrontendConfig(
+        enabled=fe.flag("enabled", dfe.enabled),
+        host=fe.text("host", dfe.host),
+        port=fe.integer("port", dfe.port, minimum=0, maximum=65535),
+        max_inflight_per_engine=fe.integer(
+            "max_inflight_per_engine", dfe.max_inflight_per_engine, minimum=1
+        ),
+        max_queue=fe.integer("max_queue", dfe.max_queue, minimum=0),
+        queue_timeout=fe.number("queue_timeout", dfe.queue_timeout),
+        migration_limit=fe.integer("migration_limit", dfe.migration_limit, minimum=0),
+        migration_wait=fe.number("migration_wait", dfe.migration_wait),
+        drain_timeout=fe.number("drain_timeout", dfe.drain_timeout),
+        retry_after=fe.integer("retry_after", dfe.retry_after, minimum=0),
+        max_body_bytes=fe.integer("max_body_bytes", dfe.max_body_bytes, minimum=1024),
+    )
+    fe.unknown()
+
     top.used.add("slot")
     raw_slots = data.get("slot", [])
     slots: list[SlotConfig] = []
@@ -219,6 +254,8 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
     if not raw_slots:
         problems.append("slot: at least one [[slot]] is required (name, model, backend, base_port)")
     _cross_checks(slots, admin_port, problems)
+    if frontend.enabled and frontend.port and frontend.port == admin_port:
+        problems.append(f"frontend.port: {frontend.port} is also the admin port")
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -229,6 +266,7 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         on_exit=on_exit,
         health=health,
         failover=failover,
+        frontend=frontend,
         slots=tuple(slots),
     )
 

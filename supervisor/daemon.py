@@ -24,9 +24,44 @@ from supervisor.backends import load_backend
 from supervisor.config import Config
 from supervisor.engines import EngineManager
 from supervisor.failover import HISTORY, SlotController
+from supervisor.frontend.app import Frontend
+from supervisor.frontend.routing import Target
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
-from supervisor.model import Engine, FailoverRecord
+from supervisor.model import Engine, EngineState, FailoverRecord
+
+
+class DaemonDirectory:
+    """The frontend's view of engines, answered from the slot controllers."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self._changed = anyio.Event()
+
+    def models(self) -> list[str]:
+        return sorted({c.slot.model for c in self.sup.controllers.values()})
+
+    def candidates(self, model: str) -> list[Target]:
+        out = []
+        for c in self.sup.controllers.values():
+            e = c.active_engine()
+            if c.slot.model == model and e is not None and e.state is EngineState.ACTIVE:
+                out.append(Target(e.id, e.url, c.backend))
+        return out
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def notify(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def report_failure(
+        self, engine_id: str, source: str, reason: str, first_sign_at: float
+    ) -> None:
+        found = self.sup.engine(engine_id)
+        if found is not None:
+            await self.sup.judge.declare_dead(found[1], source, reason, first_sign_at)
 
 
 class Supervisor:
@@ -43,10 +78,15 @@ class Supervisor:
         self.ready = anyio.Event()
         self.stopping = anyio.Event()
         self.admin_url = ""
+        self.frontend_url = ""
+        self.directory = DaemonDirectory(self)
+        self.frontend: Frontend | None = None
         self.started_at = time.time()
         self.log = logging.get(node=cfg.node)
 
     async def _on_dead(self, engine: Engine, source: str, reason: str, at: float) -> None:
+        if self.frontend is not None:
+            self.frontend.router.engine_failed(engine.id)  # its streams migrate at once
         await self.controllers[engine.slot].on_engine_dead(engine, source, reason, at)
 
     def engine(self, engine_id: str) -> tuple[SlotController, Engine] | None:
@@ -62,6 +102,7 @@ class Supervisor:
             "ready": self.ready.is_set(),
             "stopping": self.stopping.is_set(),
             "uptime_s": round(time.time() - self.started_at, 3),
+            "frontend": self.frontend_url or None,
             "slots": [c.slot.as_dict() for c in self.controllers.values()],
             "engines": [e.as_dict() for c in self.controllers.values() for e in c.engines.values()],
             "failovers": [r.as_dict() for r in self.history],
@@ -89,6 +130,7 @@ class Supervisor:
             self.admin_url = f"http://{self.cfg.admin_host}:{port}"
             announce(f"admin: {self.admin_url}")
             self.log.info("admin API listening", url=self.admin_url)
+            fe_runner = await self._start_frontend(session, announce)
             for scfg in self.cfg.slots:
                 self.controllers[scfg.name] = SlotController(
                     self.cfg,
@@ -100,6 +142,7 @@ class Supervisor:
                     session,
                     self.history,
                     tg,
+                    on_change=self.directory.notify,
                 )
             async with anyio.create_task_group() as starting:
                 for ctl in self.controllers.values():
@@ -109,6 +152,8 @@ class Supervisor:
                 starting.cancel_scope.cancel()
             if not self.stopping.is_set():
                 self.ready.set()
+                if self.frontend is not None:
+                    self.frontend.ready = True
                 degraded = [
                     c.slot.name for c in self.controllers.values() if c.slot.degraded_reason
                 ]
@@ -117,13 +162,36 @@ class Supervisor:
             await self.stopping.wait()
             self.log.info("stopping", on_exit=self.cfg.on_exit)
             with anyio.CancelScope(shield=True):
+                if self.frontend is not None:
+                    await self.frontend.drain()
                 if self.cfg.on_exit == "stop":
                     async with anyio.create_task_group() as stops:
                         for ctl in self.controllers.values():
                             stops.start_soon(ctl.stop_all)
                 await runner.cleanup()
+                if fe_runner is not None:
+                    await fe_runner.cleanup()
             tg.cancel_scope.cancel()
         self.log.info("stopped")
+
+    async def _start_frontend(
+        self, session: aiohttp.ClientSession, announce: Callable[[str], None]
+    ) -> web.AppRunner | None:
+        if not self.cfg.frontend.enabled:
+            return None
+        self.frontend = Frontend(self.cfg, self.directory, self.metrics, session)
+        # handler_cancellation: a client that goes away cancels its handler at once, so the
+        # upstream request is aborted without waiting for the next token to fail to write.
+        runner = web.AppRunner(self.frontend.app(), access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(
+            runner, self.cfg.frontend.host, self.cfg.frontend.port, reuse_address=True
+        )
+        await site.start()
+        self.frontend_url = f"http://{self.cfg.frontend.host}:{runner.addresses[0][1]}"
+        announce(f"frontend: {self.frontend_url}")
+        self.log.info("frontend listening", url=self.frontend_url)
+        return runner
 
     async def _all_started(self) -> None:
         for ctl in self.controllers.values():

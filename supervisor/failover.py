@@ -71,10 +71,12 @@ class SlotController:
         session: aiohttp.ClientSession,
         history: deque[FailoverRecord],
         tg: TaskGroup,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.cfg, self.scfg, self.backend = cfg, slot_cfg, backend
         self.manager, self.judge, self.metrics = manager, judge, metrics
         self.session, self.history, self.tg = session, history, tg
+        self.on_change = on_change  # routing follows every state change
         self.slot = Slot(slot_cfg.name, slot_cfg.model_name)
         self.engines: dict[str, Engine] = {}
         self.lock = anyio.Lock()  # one promotion at a time per slot
@@ -101,6 +103,7 @@ class SlotController:
         engine.reason = reason
         self.metrics.set_engine_state(engine.slot, engine.id, state)
         self._update_gauges()
+        self.on_change()
 
     def _update_gauges(self) -> None:
         self.metrics.shadows_available.labels(self.slot.name).set(len(self.sleeping_shadows()))
@@ -235,6 +238,7 @@ class SlotController:
     def _promote_state(self, engine: Engine) -> None:
         self.slot.epoch += 1
         self.slot.active = engine.id
+        engine.state = EngineState.WAKING  # so that set_state below notifies routing
         engine.role = "active"
         engine.spec = replace(engine.spec, role="active")
         self.set_state(engine, EngineState.ACTIVE, f"promoted at epoch {self.slot.epoch}")

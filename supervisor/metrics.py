@@ -100,6 +100,41 @@ class Metrics:
             registry=r,
         )
 
+        self.requests = Counter(
+            "failover_supervisor_frontend_requests_total",
+            "Client requests answered by the frontend, by route and HTTP status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.rejections = Counter(
+            "failover_supervisor_frontend_rejections_total",
+            "Requests refused with 503 (saturated, no engine, draining), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.migrations = Counter(
+            "failover_supervisor_migrations_total",
+            "Requests re-issued to another engine after their stream broke, by result "
+            "(resumed, failed) and continuation mode (token_ids, text, reroute).",
+            ["result", "mode"],
+            registry=r,
+        )
+        self.cancellations = Counter(
+            "failover_supervisor_cancellations_total",
+            "Requests whose client went away; the upstream request was aborted.",
+            ["route"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "failover_supervisor_frontend_inflight",
+            "Requests in flight per engine.",
+            ["engine"],
+            registry=r,
+        )
+        self.queued = Gauge(
+            "failover_supervisor_frontend_queued", "Requests waiting for an engine.", registry=r
+        )
+
     def set_engine_state(self, slot: str, engine: str, state: EngineState) -> None:
         for s in EngineState:
             self.engine_state.labels(slot, engine, s.value).set(1 if s is state else 0)

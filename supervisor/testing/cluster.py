@@ -238,6 +238,7 @@ class SupervisorProcess:
 
     proc: subprocess.Popen[bytes]
     admin_url: str
+    frontend_url: str
     config_path: Path
     stderr_path: Path
     stdout_path: Path
@@ -261,6 +262,7 @@ def spawn_supervisor(
     *,
     health: dict[str, object] | None = None,
     failover: dict[str, object] | None = None,
+    frontend: dict[str, object] | None = None,
     node: dict[str, object] | None = None,
     env: dict[str, str] | None = None,
 ) -> SupervisorProcess:
@@ -282,6 +284,7 @@ def spawn_supervisor(
             "wake_timeout": 10,
             **(failover or {}),
         },
+        "frontend": {"port": free_port(), **(frontend or {})},
         "slot": list(slots),
     }
     path = workdir / "supervisor.toml"
@@ -295,7 +298,7 @@ def spawn_supervisor(
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
         )
-    return SupervisorProcess(proc, "", path, err, out)
+    return SupervisorProcess(proc, "", "", path, err, out)
 
 
 def _announced(sup: SupervisorProcess) -> bool:
@@ -303,6 +306,8 @@ def _announced(sup: SupervisorProcess) -> bool:
     for line in lines:
         if line.startswith("admin: "):
             sup.admin_url = line.split(" ", 1)[1].strip()
+        if line.startswith("frontend: "):
+            sup.frontend_url = line.split(" ", 1)[1].strip()
     return any(line.startswith("ready") for line in lines)
 
 

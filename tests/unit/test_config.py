@@ -67,6 +67,23 @@ def test_every_error_names_the_key_and_the_fix(data: dict, expected: str) -> Non
     assert any(p.startswith(expected) for p in e.value.problems), e.value.problems
 
 
+def test_every_section_reaches_the_config() -> None:
+    cfg = parse(
+        {
+            **GOOD,
+            "node": {"name": "n9", "on_exit": "leave"},
+            "admin": {"port": 9999},
+            "health": {"probe_timeout": 2.5},
+            "failover": {"wake_timeout": 7, "kill_dead_group": False},
+            "frontend": {"max_inflight_per_engine": 4, "port": 9100},
+        }
+    )
+    assert (cfg.node, cfg.on_exit, cfg.admin_port) == ("n9", "leave", 9999)
+    assert cfg.health.probe_timeout == 2.5
+    assert (cfg.failover.wake_timeout, cfg.failover.kill_dead_group) == (7, False)
+    assert (cfg.frontend.max_inflight_per_engine, cfg.frontend.port) == (4, 9100)
+
+
 def test_all_problems_are_reported_at_once() -> None:
     with pytest.raises(ConfigError) as e:
         parse({"health": {"probe_timeout": -1}, "slot": [{"name": "a", "shadows": -1}]})

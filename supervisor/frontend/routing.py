@@ -1,0 +1,180 @@
+"""Routing and admission: pick an engine for a request, or say 503 quickly.
+
+Only ready active engines of the requested model are candidates (the daemon's
+:class:`EngineDirectory` says which). Among them the least loaded by our own in-flight
+count wins. Each engine takes at most ``max_inflight_per_engine`` requests at once; beyond
+that requests wait in a bounded queue for at most ``queue_timeout`` seconds. A full queue,
+a timeout, or a drain means 503 with Retry-After, never a hang.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import anyio
+
+from supervisor.backends import Backend
+from supervisor.config import FrontendConfig
+from supervisor.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class Target:
+    """An engine the frontend may send requests to."""
+
+    engine_id: str
+    url: str
+    backend: Backend
+
+
+class EngineDirectory(Protocol):
+    """What the frontend needs to know about engines (implemented by the daemon)."""
+
+    def models(self) -> list[str]: ...
+
+    def candidates(self, model: str) -> list[Target]:
+        """Ready active engines serving ``model``."""
+        ...
+
+    async def changed(self) -> None:
+        """Returns the next time the set of ready engines changes."""
+        ...
+
+    async def report_failure(
+        self, engine_id: str, source: str, reason: str, first_sign_at: float
+    ) -> None:
+        """A stream showed the engine broken (stall, garbage): let health decide."""
+        ...
+
+
+class Rejected(Exception):
+    """No engine can take the request now: answer 503 with Retry-After."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Lease:
+    """One request's hold on an engine; cancelled if the engine is declared dead."""
+
+    target: Target
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    engine_failed: bool = False
+
+
+class Router:
+    def __init__(self, cfg: FrontendConfig, directory: EngineDirectory, metrics: Metrics) -> None:
+        self.cfg, self.directory, self.metrics = cfg, directory, metrics
+        self.inflight: dict[str, int] = {}
+        self.leases: dict[str, set[int]] = {}
+        self._lease_objs: dict[int, Lease] = {}
+        self.waiting = 0
+        self.draining = False
+        self._freed = anyio.Event()
+
+    def _pick(self, model: str, exclude: set[str]) -> Target | None:
+        best: Target | None = None
+        best_load = self.cfg.max_inflight_per_engine
+        for t in self.directory.candidates(model):
+            if t.engine_id in exclude:
+                continue
+            load = self.inflight.get(t.engine_id, 0)
+            if load < best_load:
+                best, best_load = t, load
+        return best
+
+    async def acquire(
+        self,
+        model: str,
+        *,
+        exclude: set[str] = frozenset(),  # type: ignore[assignment]
+        wait: float | None = None,
+    ) -> Lease:
+        """Take a slot on the least-loaded engine of ``model``; wait (bounded) if none."""
+        if self.draining:
+            raise Rejected("draining", "the supervisor is shutting down")
+        target = self._pick(model, exclude)
+        if target is None:
+            if self.waiting >= self.cfg.max_queue:
+                raise Rejected(
+                    "queue_full",
+                    f"all engines for {model!r} are busy and the "
+                    f"queue is full ({self.cfg.max_queue})",
+                )
+            target = await self._wait_for(
+                model, exclude, self.cfg.queue_timeout if wait is None else wait
+            )
+        n = self.inflight.get(target.engine_id, 0) + 1
+        self.inflight[target.engine_id] = n
+        self.metrics.inflight.labels(target.engine_id).set(n)
+        lease = Lease(target)
+        self._lease_objs[id(lease)] = lease
+        self.leases.setdefault(target.engine_id, set()).add(id(lease))
+        return lease
+
+    async def _wait_for(self, model: str, exclude: set[str], timeout: float) -> Target:
+        self.waiting += 1
+        self.metrics.queued.set(self.waiting)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                with anyio.move_on_after(left):
+                    async with anyio.create_task_group() as tg:
+                        # Wake on either: an engine frees a place, or the engine set changes.
+                        tg.start_soon(self._first_of, tg.cancel_scope, self._freed.wait)
+                        tg.start_soon(self._first_of, tg.cancel_scope, self.directory.changed)
+                if self.draining:
+                    raise Rejected("draining", "the supervisor is shutting down")
+                target = self._pick(model, exclude)
+                if target is not None:
+                    return target
+        finally:
+            self.waiting -= 1
+            self.metrics.queued.set(self.waiting)
+        if self.directory.candidates(model):
+            raise Rejected("saturated", f"all engines for {model!r} stayed busy for {timeout:g}s")
+        raise Rejected(
+            "no_engine", f"no engine is serving {model!r} right now (failing over or degraded)"
+        )
+
+    @staticmethod
+    async def _first_of(scope: anyio.CancelScope, waiter: Callable[[], object]) -> None:
+        await waiter()  # type: ignore[misc]
+        scope.cancel()
+
+    def release(self, lease: Lease) -> None:
+        eid = lease.target.engine_id
+        self._lease_objs.pop(id(lease), None)
+        self.leases.get(eid, set()).discard(id(lease))
+        n = max(0, self.inflight.get(eid, 0) - 1)
+        self.inflight[eid] = n
+        self.metrics.inflight.labels(eid).set(n)
+        freed, self._freed = self._freed, anyio.Event()
+        freed.set()
+
+    def engine_failed(self, engine_id: str) -> None:
+        """Cancel every stream on a dead engine so each migrates at once."""
+        for key in list(self.leases.get(engine_id, ())):
+            lease = self._lease_objs.get(key)
+            if lease is not None:
+                lease.engine_failed = True
+                lease.scope.cancel()
+
+    @contextmanager
+    def held(self, lease: Lease) -> Iterator[Lease]:
+        try:
+            yield lease
+        finally:
+            self.release(lease)
+
+    def total_inflight(self) -> int:
+        return sum(self.inflight.values())

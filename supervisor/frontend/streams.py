@@ -1,0 +1,314 @@
+"""Relay one client request through engines, migrating it when its upstream breaks.
+
+The client always sees one stream in the shape it asked for (``text_completion`` or
+``chat.completion.chunk``), with the id, ``created`` and model of its first piece, exactly
+one finish reason and one ``[DONE]``. Upstream, every request is streamed (so that a
+non-streaming request can migrate too). When the upstream breaks — EOF before the finish,
+a reset, a 5xx, garbage, the engine declared dead, no token for ``stall_timeout`` — the
+backend plugin builds the continuation from what was already sent and another engine (or
+the slot's freshly woken shadow) takes it, up to ``migration_limit`` times.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import anyio
+
+from supervisor import log as logging
+from supervisor.backends import BackendError, EngineEndpoint, MalformedStream
+from supervisor.config import FrontendConfig
+from supervisor.frontend.routing import Lease, Rejected, Router
+from supervisor.metrics import Metrics
+from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
+from supervisor.upstream import iter_sse_data
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class UpstreamBroken(Exception):
+    """The engine's stream ended badly; the request may migrate."""
+
+    def __init__(self, reason: str, *, engine_fault: bool = False) -> None:
+        super().__init__(reason)
+        self.engine_fault = engine_fault  # garbage or stall: report the engine to health
+
+
+class UpstreamClientError(Exception):
+    """The engine refused the request itself (4xx): the client's mistake, passed on."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class MigrationFailed(Exception):
+    pass
+
+
+@dataclass
+class ClientShape:
+    """Renders pieces in the shape the client asked for."""
+
+    kind: str
+    rid: str
+    model: str
+    created: int
+    with_ids: bool = False
+
+    @property
+    def object(self) -> str:
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+
+    def _chunk(self, choice: dict[str, Any], **extra: Any) -> bytes:
+        obj = {
+            "id": self.rid,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            **extra,
+        }
+        return b"data: " + _dumps(obj).encode() + b"\n\n"
+
+    def role_chunk(self) -> bytes:
+        return self._chunk(
+            {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        )
+
+    def piece_chunk(self, piece: Piece, finish: str | None) -> bytes:
+        if self.kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "delta": {"content": piece.text}}
+        else:
+            choice = {"index": 0, "text": piece.text}
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish
+        if self.with_ids and piece.token_ids is not None:
+            choice["token_ids"] = piece.token_ids
+        return self._chunk(choice)
+
+    def usage_chunk(self, usage: dict[str, int]) -> bytes:
+        obj = {
+            "id": self.rid,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage,
+        }
+        return b"data: " + _dumps(obj).encode() + b"\n\n"
+
+    def full(self, progress: Progress, finish: str | None, usage: dict[str, int]) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if self.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": progress.text}
+            obj = "chat.completion"
+        else:
+            choice["text"] = progress.text
+            obj = "text_completion"
+        if self.with_ids and progress.token_ids is not None:
+            choice["token_ids"] = progress.token_ids
+        return {
+            "id": self.rid,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": usage,
+        }
+
+
+Emit = Callable[[bytes], Awaitable[None]]
+
+
+class RequestRelay:
+    """One client request's journey through one or more engines."""
+
+    def __init__(
+        self,
+        req: ClientRequest,
+        rid: str,
+        shape: ClientShape,
+        router: Router,
+        session: aiohttp.ClientSession,
+        cfg: FrontendConfig,
+        stall_timeout: float,
+        metrics: Metrics,
+        emit: Emit | None,
+    ) -> None:
+        self.req, self.rid, self.shape = req, rid, shape
+        self.router, self.session, self.cfg = router, session, cfg
+        self.stall_timeout, self.metrics, self.emit = stall_timeout, metrics, emit
+        self.progress = Progress()
+        self.finish: str | None = None
+        self.prompt_tokens: int | None = None
+        self.attempt = 0
+        self.sent_before_attempt = 0
+        self.current: tuple[Lease, UpstreamRequest] | None = None
+        self.log = logging.get(request_id=rid)
+        self.model = str(req.body.get("model"))
+
+    # -- the loop --------------------------------------------------------------------------
+    async def run(self) -> None:
+        failed: set[str] = set()
+        while True:
+            wait = None if self.attempt == 0 else self.cfg.migration_wait
+            try:
+                lease = await self.router.acquire(self.model, exclude=failed, wait=wait)
+            except Rejected:
+                if self.attempt:
+                    self.metrics.migrations.labels("failed", self._mode(None)).inc()
+                raise
+            backend = lease.target.backend
+            budget_left = self._budget_left()
+            if budget_left == 0:  # every token was sent; only the finish was lost
+                self.router.release(lease)
+                self.finish = "length"
+                return
+            try:
+                if self.attempt == 0:
+                    up = backend.first_request(self.req, self.rid)
+                else:
+                    up = backend.continuation(
+                        self.req, self.progress, f"{self.rid}-m{self.attempt}"
+                    )
+            except BackendError as e:
+                self.router.release(lease)
+                self.metrics.migrations.labels("failed", "none").inc()
+                raise MigrationFailed(str(e)) from e
+            try:
+                with self.router.held(lease):
+                    self.current = (lease, up)
+                    self.sent_before_attempt = self.progress.completion_tokens
+                    await self._piece(lease, up)
+                if self.attempt:
+                    self.metrics.migrations.labels("resumed", self._mode(backend)).inc()
+                return
+            except UpstreamBroken as e:
+                failed.add(lease.target.engine_id)
+                if e.engine_fault:
+                    await self.router.directory.report_failure(
+                        lease.target.engine_id, "stream", str(e), time.time()
+                    )
+                self.attempt += 1
+                if self.attempt > self.cfg.migration_limit:
+                    self.metrics.migrations.labels("failed", self._mode(backend)).inc()
+                    raise MigrationFailed(
+                        f"stream broke {self.attempt} times (migration_limit "
+                        f"{self.cfg.migration_limit}); last: {e}"
+                    ) from e
+                self.log.warning(
+                    "stream disconnected; recreating stream on another engine",
+                    engine=lease.target.engine_id,
+                    reason=str(e),
+                    tokens_sent=self.progress.completion_tokens,
+                    attempt=self.attempt,
+                )
+            finally:
+                self.current = None
+
+    def _mode(self, backend: object) -> str:
+        if self.progress.completion_tokens == 0:
+            return "reroute"
+        return str(getattr(backend, "continuation_mode", "unknown"))
+
+    def _budget_left(self) -> int | None:
+        mt = self.req.max_tokens
+        return None if mt is None else mt - self.progress.completion_tokens
+
+    async def _piece(self, lease: Lease, up: UpstreamRequest) -> None:
+        decoder = lease.target.backend.decoder(up)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        with lease.scope:
+            try:
+                async with self.session.post(
+                    lease.target.url + up.path, json=up.body, headers=up.headers, timeout=timeout
+                ) as resp:
+                    if resp.status != 200:
+                        await self._bad_status(resp)
+                    events = iter_sse_data(resp)
+                    async for data in self._with_stall_limit(events, lease):
+                        piece = decoder.feed(data)
+                        if piece is None:
+                            continue
+                        await self._on_piece(piece)
+                        if self.finish is not None:
+                            return  # usage and [DONE] after the finish are not needed
+            except MalformedStream as e:
+                raise UpstreamBroken(str(e), engine_fault="mid-stream" not in str(e)) from e
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+                raise UpstreamBroken(f"connection failed: {type(e).__name__}: {e}") from e
+        if lease.engine_failed:
+            raise UpstreamBroken("engine declared dead")
+        raise UpstreamBroken("stream ended without a finish reason")
+
+    async def _with_stall_limit(
+        self, events: AsyncIterator[bytes], lease: Lease
+    ) -> AsyncIterator[bytes]:
+        while True:
+            with anyio.move_on_after(self.stall_timeout) as scope:
+                try:
+                    data = await anext(events)
+                except StopAsyncIteration:
+                    return
+            if scope.cancelled_caught:
+                raise UpstreamBroken(
+                    f"no token for {self.stall_timeout:g}s (stalled)", engine_fault=True
+                )
+            yield data
+
+    async def _bad_status(self, resp: aiohttp.ClientResponse) -> None:
+        body = (await resp.read())[:2000]
+        try:
+            obj = json.loads(body)
+            err = obj.get("error", obj) if isinstance(obj, dict) else {}
+            message = err.get("message") if isinstance(err, dict) else None
+        except ValueError:
+            message = None
+        message = message or body.decode("utf-8", "replace") or resp.reason or "error"
+        if 400 <= resp.status < 500 and resp.status not in (404, 408, 429):
+            raise UpstreamClientError(resp.status, str(message))
+        raise UpstreamBroken(f"engine answered {resp.status}: {str(message)[:200]}")
+
+    async def _on_piece(self, piece: Piece) -> None:
+        if self.prompt_tokens is None and piece.prompt_tokens is not None:
+            # A continuation's prompt includes what was emitted before it.
+            self.prompt_tokens = piece.prompt_tokens - self.sent_before_attempt
+        self.progress.add(piece)
+        if self.prompt_tokens is None and self.progress.prompt_token_ids is not None:
+            self.prompt_tokens = len(self.progress.prompt_token_ids)
+        finish = piece.finish_reason
+        if finish is None and self._budget_left() == 0:
+            finish = "length"
+        if finish is not None:
+            self.finish = finish
+        if self.emit is not None and (piece.text or finish or piece.token_ids):
+            await self.emit(self.shape.piece_chunk(piece, finish))
+
+    def usage(self) -> dict[str, int]:
+        p = self.prompt_tokens or 0
+        c = self.progress.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def abort_upstream(self) -> None:
+        """The client went away: cancel the engine-side request explicitly where possible
+        (closing the connection, which happens as the relay unwinds, is the rest)."""
+        if self.current is None:
+            return
+        lease, up = self.current
+        ep = EngineEndpoint(lease.target.url, self.session, timeout=1.0)
+        with anyio.move_on_after(1.0):
+            try:
+                await lease.target.backend.abort(ep, up.request_id)
+            except (BackendError, aiohttp.ClientError, TimeoutError) as e:
+                self.log.warning("explicit abort failed", error=str(e))

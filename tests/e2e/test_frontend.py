@@ -1,0 +1,505 @@
+"""The frontend through the real daemon: token-exact migration, cancellation, admission,
+drain, bad input. Seed 001's scenarios are here too, on the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from supervisor.testing.cluster import (
+    FAST_SIM_ARGS,
+    SupervisorProcess,
+    sim_slot,
+    start_supervisor,
+)
+from supervisor.upstream import iter_sse_data
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+# SIGTERM makes a simulated engine drain for only 0.1 s, so a long stream really breaks.
+SIM = (*FAST_SIM_ARGS, "--sim-drain-timeout", "0.1")
+MAX_TOKENS = 60
+
+
+class Cluster:
+    def __init__(self, sup: SupervisorProcess, session: aiohttp.ClientSession) -> None:
+        self.sup, self.session = sup, session
+        self.url = sup.frontend_url
+
+    async def status(self) -> dict[str, Any]:
+        async with self.session.get(self.sup.admin_url + "/status") as r:
+            return await r.json()  # type: ignore[no-any-return]
+
+    async def metrics(self) -> str:
+        async with self.session.get(self.sup.admin_url + "/metrics") as r:
+            return await r.text()
+
+    async def full_strength(self, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = await self.status()
+            ok = all(
+                s["active"]
+                and any(e["slot"] == s["name"] and e["state"] == "sleeping" for e in st["engines"])
+                for s in st["slots"]
+            )
+            if ok:
+                return st
+            await anyio.sleep(0.02)
+        raise AssertionError(f"not at full strength:\n{self.sup.logs()[-3000:]}")
+
+    async def active(self) -> dict[str, Any]:
+        st = await self.status()
+        slot = st["slots"][0]
+        return next(e for e in st["engines"] if e["id"] == slot["active"])
+
+    async def faults(self, engine: dict[str, Any], **faults: Any) -> None:
+        async with self.session.post(engine["url"] + "/sim/faults", json=faults) as r:
+            assert r.status == 200
+
+    def engine_log(self, engine_id: str) -> str:
+        return (self.sup.config_path.parent / "state" / "logs" / f"{engine_id}.log").read_text()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, session: aiohttp.ClientSession) -> AsyncIterator[Cluster]:
+    sup = await start_supervisor(
+        tmp_path,
+        [sim_slot("s", sim_args=SIM)],
+        health={"stall_timeout": 1.0},
+        frontend={"migration_wait": 10},
+    )
+    try:
+        yield Cluster(sup, session)
+    finally:
+        assert await anyio.to_thread.run_sync(sup.stop) == 0, sup.logs()[-3000:]
+
+
+def request_body(kind: str, stream: bool, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "sim-model",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
+    if kind == "chat":
+        body["messages"] = [{"role": "user", "content": "Tell me of the river."}]
+    else:
+        body["prompt"] = "the lantern over the harbor"
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+async def send(
+    session: aiohttp.ClientSession, url: str, kind: str, body: dict[str, Any], on_chunk: Any = None
+) -> dict[str, Any]:
+    """One request; returns text, finish reasons, ids and usage as the client saw them."""
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    async with session.post(url + path, json=body) as r:
+        assert r.status == 200, await r.text()
+        if not body["stream"]:
+            obj = await r.json()
+            ch = obj["choices"][0]
+            text = ch["message"]["content"] if kind == "chat" else ch["text"]
+            return {
+                "text": text,
+                "finishes": [ch["finish_reason"]],
+                "ids": {obj["id"]},
+                "usage": obj["usage"],
+                "done": 1,
+            }
+        out: dict[str, Any] = {
+            "text": "",
+            "finishes": [],
+            "ids": set(),
+            "usage": None,
+            "done": 0,
+            "chunks": 0,
+        }
+        async for data in iter_sse_data(r):
+            obj = json.loads(data)
+            assert "error" not in obj, obj
+            out["ids"].add(obj["id"])
+            if obj.get("usage"):
+                out["usage"] = obj["usage"]
+            for ch in obj["choices"]:
+                piece = ch["delta"].get("content") if kind == "chat" else ch["text"]
+                out["text"] += piece or ""
+                if ch["finish_reason"]:
+                    out["finishes"].append(ch["finish_reason"])
+            out["chunks"] += 1
+            if on_chunk is not None:
+                await on_chunk(out["chunks"])
+        out["done"] = 1  # iter_sse_data returns only on [DONE]
+        return out
+
+
+def signal_after(pid: int, sig: int, chunks: int) -> Any:
+    fired = False
+
+    async def hook(n: int) -> None:
+        nonlocal fired
+        if not fired and n >= chunks:
+            fired = True
+            os.killpg(pid, sig)
+
+    return hook
+
+
+async def signal_later(pid: int, sig: int, delay: float) -> None:
+    await anyio.sleep(delay)
+    os.killpg(pid, sig)
+
+
+CASES = [
+    # (signal, break at token) — SIGKILL at the first token, in the middle, before the last
+    *[("SIGKILL", k) for k in (1, MAX_TOKENS // 2, MAX_TOKENS - 1)],
+    ("SIGTERM", MAX_TOKENS // 2),
+    ("SIGSTOP", MAX_TOKENS // 2),
+]
+
+
+async def test_migration_is_token_exact(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+    """For completions and chat, stream and not, each fault: the client's output equals an
+    unbroken run's, with one id, one finish reason and usage summed across the pieces."""
+    url = cluster.url
+    for kind in ("completion", "chat"):
+        for stream in (True, False):
+            unbroken = await send(session, url, kind, request_body(kind, stream))
+            assert unbroken["finishes"] == ["length"]
+            for sig, at in CASES:
+                if not stream and (sig, at) != ("SIGKILL", MAX_TOKENS // 2) and sig == "SIGKILL":
+                    continue  # non-streaming: one SIGKILL position plus SIGTERM and SIGSTOP
+                await cluster.full_strength()
+                victim = await cluster.active()
+                before = await cluster.status()
+                hook = None
+                if sig == "SIGKILL":  # the engine kills itself while making token `at`
+                    await cluster.faults(victim, kill_after_tokens=at)
+                elif stream:  # signal it once the client has `at` chunks
+                    hook = signal_after(victim["pid"], getattr(signal, sig), at)
+                if not stream and sig != "SIGKILL":
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(signal_later, victim["pid"], getattr(signal, sig), 0.05)
+                        got = await send(session, url, kind, request_body(kind, stream))
+                else:
+                    got = await send(session, url, kind, request_body(kind, stream), hook)
+                label = (kind, stream, sig, at)
+                assert got["text"] == unbroken["text"], label
+                assert got["finishes"] == ["length"], label
+                assert len(got["ids"]) == 1, label
+                assert got["usage"]["completion_tokens"] == MAX_TOKENS, label
+                assert got["usage"]["prompt_tokens"] == unbroken["usage"]["prompt_tokens"], label
+                with anyio.fail_after(10):  # SIGTERM: the engine may finish it while draining
+                    while (await cluster.status())["slots"][0]["epoch"] == before["slots"][0][
+                        "epoch"
+                    ]:
+                        await anyio.sleep(0.02)
+    assert (
+        'failover_supervisor_migrations_total{mode="token_ids",result="resumed"}'
+        in await cluster.metrics()
+    )
+    assert "recreating stream" in cluster.sup.logs()
+
+
+async def test_stalled_stream_migrates(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+    """A wedged engine whose /health still says 200: the stall limit catches it."""
+    unbroken = await send(session, cluster.url, "completion", request_body("completion", True))
+    victim = await cluster.active()
+    await cluster.faults(victim, hang_after_tokens=10)
+    got = await send(session, cluster.url, "completion", request_body("completion", True))
+    assert got["text"] == unbroken["text"]
+    st = await cluster.status()
+    assert st["failovers"][0]["reason"].startswith("stream: no token for")
+
+
+async def test_engine_garbage_is_an_engine_failure(
+    cluster: Cluster, session: aiohttp.ClientSession
+) -> None:
+    unbroken = await send(session, cluster.url, "chat", request_body("chat", True))
+    victim = await cluster.active()
+    await cluster.faults(victim, malformed_after_tokens=7)
+    got = await send(session, cluster.url, "chat", request_body("chat", True))
+    assert got["text"] == unbroken["text"]
+    st = await cluster.status()
+    assert st["failovers"][0]["failed_engine"] == victim["id"]
+    assert "not JSON" in st["failovers"][0]["reason"]
+
+
+async def test_openai_client_works_unchanged(cluster: Cluster) -> None:
+    openai = pytest.importorskip("openai")
+
+    def use_client() -> tuple[str, str, str]:
+        client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0)
+        comp = client.completions.create(
+            model="sim-model", prompt="the river", max_tokens=5, temperature=0
+        )
+        chat = client.chat.completions.create(
+            model="sim-model",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            temperature=0,
+        )
+        parts = []
+        for chunk in client.chat.completions.create(
+            model="sim-model",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        return comp.choices[0].text, chat.choices[0].message.content or "", "".join(parts)
+
+    comp, chat, streamed = await anyio.to_thread.run_sync(use_client)
+    assert len(comp.split()) == 5 and chat == streamed and len(chat.split()) == 5
+
+
+async def test_bad_input_gets_openai_shaped_4xx(
+    cluster: Cluster, session: aiohttp.ClientSession
+) -> None:
+    cases: list[tuple[str, Any, int, str]] = [
+        ("/v1/completions", b"{nope", 400, "not valid JSON"),
+        ("/v1/completions", b"[]", 400, "JSON object"),
+        ("/v1/completions", {"prompt": "x"}, 400, "'model'"),
+        ("/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
+        ("/v1/completions", {"model": "sim-model"}, 400, "'prompt'"),
+        ("/v1/completions", {"model": "sim-model", "prompt": {"a": 1}}, 400, "'prompt'"),
+        (
+            "/v1/completions",
+            {"model": "sim-model", "prompt": "x", "max_tokens": -1},
+            400,
+            "max_tokens",
+        ),
+        ("/v1/completions", {"model": "sim-model", "prompt": "x", "stream": "yes"}, 400, "stream"),
+        (
+            "/v1/completions",
+            {"model": "sim-model", "prompt": "x", "echo": True},
+            400,
+            "not supported",
+        ),
+        ("/v1/chat/completions", {"model": "sim-model", "messages": []}, 400, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": "sim-model", "messages": [{"content": "x"}]},
+            400,
+            "role",
+        ),
+        ("/v1/completions", b"x" * (5 * 1024 * 1024), 413, "bytes"),
+        ("/v1/nothing", {}, 404, "no route"),
+    ]
+    for path, body, want, fragment in cases:
+        kw: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
+        async with session.post(cluster.url + path, **kw) as r:
+            answer = await r.json()
+            assert r.status == want, (path, answer)
+            assert fragment in answer["error"]["message"], (path, answer)
+            assert set(answer["error"]) == {"message", "type", "param", "code"}
+    # An engine's own refusal (too many tokens for its context) comes back as a 4xx too.
+    async with session.post(
+        cluster.url + "/v1/completions",
+        json={"model": "sim-model", "prompt": "x", "max_tokens": 100000},
+    ) as r:
+        assert r.status == 400 and "context" in (await r.json())["error"]["message"]
+    async with session.get(cluster.url + "/health") as r:
+        assert r.status == 200
+
+
+async def test_overload_gets_503_quickly_and_loses_nothing(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    sup = await start_supervisor(
+        tmp_path,
+        [sim_slot("s", shadows=0, sim_args=(*FAST_SIM_ARGS, "--sim-itl", "0.01"))],
+        frontend={"max_inflight_per_engine": 4, "max_queue": 2, "queue_timeout": 0.3},
+    )
+    try:
+
+        async def one(i: int, results: list[Any]) -> None:
+            t0 = time.monotonic()
+            async with session.post(
+                sup.frontend_url + "/v1/completions",
+                json={"model": "sim-model", "prompt": "x", "max_tokens": 50, "temperature": 0},
+            ) as r:
+                body = await r.json()
+                results.append(
+                    (r.status, r.headers.get("Retry-After"), body, time.monotonic() - t0)
+                )
+
+        results: list[Any] = []
+        with anyio.fail_after(20):  # nothing hangs
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(one, i, results)
+        ok = [r for r in results if r[0] == 200]
+        refused = [r for r in results if r[0] == 503]
+        assert len(ok) + len(refused) == 20
+        assert 4 <= len(ok) <= 6 + 2, [r[0] for r in results]
+        assert all(r[1] == "1" and "error" in r[2] for r in refused)
+        assert max(r[3] for r in refused) < 2.0  # refused quickly, not after a long wait
+        assert all(r[2]["usage"]["completion_tokens"] == 50 for r in ok)
+    finally:
+        assert await anyio.to_thread.run_sync(sup.stop) == 0
+
+
+async def test_sigterm_drains_in_flight_then_exits_zero(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    sup = await start_supervisor(tmp_path, [sim_slot("s", shadows=0)])
+    results: dict[str, Any] = {}
+
+    async def long_stream() -> None:
+        results["long"] = await send(
+            session, sup.frontend_url, "completion", request_body("completion", True, 400)
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(long_stream)
+        await anyio.sleep(0.2)
+        sup.proc.send_signal(signal.SIGTERM)
+        await anyio.sleep(0.1)
+        async with session.get(sup.frontend_url + "/health") as r:
+            assert r.status == 503
+        async with session.post(
+            sup.frontend_url + "/v1/completions", json={"model": "sim-model", "prompt": "x"}
+        ) as r:
+            assert r.status == 503 and r.headers["Retry-After"]
+    assert results["long"]["usage"]["completion_tokens"] == 400
+    assert await anyio.to_thread.run_sync(sup.proc.wait) == 0
+
+
+# -- seed 001: migration with two workers, and cancellation --------------------------------
+@pytest.fixture
+async def two_workers(tmp_path: Path, dialect: str) -> AsyncIterator[SupervisorProcess]:
+    """Two engines of one model (two shadowless slots), as in seed 001."""
+    sim = (*FAST_SIM_ARGS, "--sim-itl", "0.001", "--sim-drain-timeout", "0.5")
+    sup = await start_supervisor(
+        tmp_path,
+        [
+            sim_slot("w0", shadows=0, gpus=["0"], dialect=dialect, sim_args=sim),
+            sim_slot("w1", shadows=0, gpus=["1"], dialect=dialect, sim_args=sim),
+        ],
+    )
+    try:
+        yield sup
+    finally:
+        assert await anyio.to_thread.run_sync(sup.stop) == 0
+
+
+async def engine_holding(
+    sup: SupervisorProcess, session: aiohttp.ClientSession, rid: str
+) -> dict[str, Any]:
+    """Poll both engines' logs for the request id, as the seed's test polls worker logs."""
+    logs = sup.config_path.parent / "state" / "logs"
+    with anyio.fail_after(5):
+        while True:
+            async with session.get(sup.admin_url + "/status") as r:
+                st = await r.json()
+            for e in st["engines"]:
+                log = logs / f"{e['id']}.log"
+                if (
+                    e["state"] == "active"
+                    and log.exists()
+                    and any(
+                        line.startswith("INFO") and "Added request" in line and rid in line
+                        for line in log.read_text().splitlines()
+                    )
+                ):
+                    return e  # type: ignore[no-any-return]
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("dialect", ["vllm"])
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+async def test_request_migration_worker_failure(
+    two_workers: SupervisorProcess, session: aiohttp.ClientSession, sig: str
+) -> None:
+    """Seed 001: a long request (3000 tokens); the worker holding it is killed (SIGKILL) or
+    shut down (SIGTERM); the request still completes, and the frontend logged the migration."""
+    sup = two_workers
+    rid = f"seed001-{sig}"
+    result: dict[str, Any] = {}
+
+    async def client() -> None:
+        async with session.post(
+            sup.frontend_url + "/v1/completions",
+            json={
+                "model": "sim-model",
+                "prompt": "x",
+                "max_tokens": 3000,
+                "temperature": 0,
+                "stream": True,
+            },
+            headers={"X-Request-Id": rid},
+        ) as r:
+            n = 0
+            async for data in iter_sse_data(r):
+                obj = json.loads(data)
+                n += sum(1 for ch in obj["choices"] if ch["text"])
+                result["finish"] = (
+                    obj["choices"][0]["finish_reason"] if obj["choices"] else result.get("finish")
+                )
+            result["tokens"] = n
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client)
+        engine = await engine_holding(sup, session, rid)
+        await anyio.sleep(0.3)
+        os.killpg(engine["pid"], getattr(signal, sig))
+    assert result["tokens"] == 3000 and result["finish"] == "length"
+    assert "recreating stream" in sup.logs()
+
+
+@pytest.mark.parametrize("dialect", ["vllm", "sglang"])
+@pytest.mark.parametrize("mode", ["completion", "chat", "chat_stream"])
+async def test_request_cancellation(
+    two_workers: SupervisorProcess, session: aiohttp.ClientSession, mode: str, dialect: str
+) -> None:
+    """Seed 001: a client cancels (a completion, a non-streaming chat, a streaming chat
+    after 5 chunks); the engine logs the abort of that request id within 1 s."""
+    sup = two_workers
+    rid = f"cancel-{mode}-{dialect}"
+    kind = "completion" if mode == "completion" else "chat"
+    body = request_body(kind, mode == "chat_stream", max_tokens=3000)
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+
+    async def client() -> None:
+        async with session.post(
+            sup.frontend_url + path, json=body, headers={"X-Request-Id": rid}
+        ) as r:
+            if mode == "chat_stream":
+                n = 0
+                async for _ in iter_sse_data(r):
+                    n += 1
+                    if n == 5:
+                        return  # leaving the block closes the connection: a cancel
+            else:
+                await r.read()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client)
+        engine = await engine_holding(sup, session, rid)
+        if mode != "chat_stream":
+            await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+    t0 = time.monotonic()
+    log = sup.config_path.parent / "state" / "logs" / f"{engine['id']}.log"
+    with anyio.fail_after(1.0):
+        while not any(
+            "Aborted request" in line and rid in line for line in log.read_text().splitlines()
+        ):
+            await anyio.sleep(0.01)
+    assert time.monotonic() - t0 < 1.0
+    async with session.get(sup.admin_url + "/metrics") as r:
+        assert "failover_supervisor_cancellations_total" in await r.text()
