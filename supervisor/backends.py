@@ -11,7 +11,6 @@ there instead of restating them.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import aiohttp
+import orjson
 
 from supervisor.model import (
     ClientRequest,
@@ -132,7 +132,7 @@ class StreamDecoder(ABC):
 
 def loads_event(data: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(data)
+        obj = orjson.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise MalformedStream(f"stream event is not JSON: {data[:80]!r}") from e
     if not isinstance(obj, dict):

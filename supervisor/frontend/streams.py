@@ -13,22 +13,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import anyio
+import orjson
 
 from supervisor import log as logging
-from supervisor.backends import BackendError, EngineEndpoint, MalformedStream
+from supervisor.backends import BackendError, EngineEndpoint, MalformedStream, StreamDecoder
 from supervisor.config import FrontendConfig
 from supervisor.frontend.routing import Lease, Rejected, Router
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
 from supervisor.upstream import iter_sse_data
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class UpstreamBroken(Exception):
@@ -74,7 +73,7 @@ class ClientShape:
             "choices": [choice],
             **extra,
         }
-        return b"data: " + _dumps(obj).encode() + b"\n\n"
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
 
     def role_chunk(self) -> bytes:
         return self._chunk(
@@ -106,7 +105,7 @@ class ClientShape:
             "choices": [],
             "usage": usage,
         }
-        return b"data: " + _dumps(obj).encode() + b"\n\n"
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
 
     def full(self, progress: Progress, finish: str | None, usage: dict[str, int]) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
@@ -154,6 +153,8 @@ class RequestRelay:
         self.prompt_tokens: int | None = None
         self.attempt = 0
         self.sent_before_attempt = 0
+        self.last_event = 0.0
+        self.stalled = False
         self.current: tuple[Lease, UpstreamRequest] | None = None
         self.log = logging.get(request_id=rid)
         self.model = str(req.body.get("model"))
@@ -228,44 +229,60 @@ class RequestRelay:
 
     async def _piece(self, lease: Lease, up: UpstreamRequest) -> None:
         decoder = lease.target.backend.decoder(up)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        self.last_event = time.monotonic()
+        self.stalled = False
+        error: Exception | None = None
         with lease.scope:
-            try:
-                async with self.session.post(
-                    lease.target.url + up.path, json=up.body, headers=up.headers, timeout=timeout
-                ) as resp:
-                    if resp.status != 200:
-                        await self._bad_status(resp)
-                    events = iter_sse_data(resp)
-                    async for data in self._with_stall_limit(events, lease):
-                        piece = decoder.feed(data)
-                        if piece is None:
-                            continue
-                        await self._on_piece(piece)
-                        if self.finish is not None:
-                            return  # usage and [DONE] after the finish are not needed
-            except MalformedStream as e:
-                raise UpstreamBroken(str(e), engine_fault="mid-stream" not in str(e)) from e
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-                raise UpstreamBroken(f"connection failed: {type(e).__name__}: {e}") from e
+            async with anyio.create_task_group() as tg:
+                # One watchdog per stream, not a deadline per event: the hot path stays lean.
+                tg.start_soon(self._stall_watchdog, lease)
+                try:
+                    await self._read(lease, up, decoder)
+                except Exception as e:  # re-raised below, outside the task group's wrapping
+                    error = e
+                finally:
+                    tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if self.finish is not None:
+            return
+        if self.stalled:
+            raise UpstreamBroken(
+                f"no token for {self.stall_timeout:g}s (stalled)", engine_fault=True
+            )
         if lease.engine_failed:
             raise UpstreamBroken("engine declared dead")
         raise UpstreamBroken("stream ended without a finish reason")
 
-    async def _with_stall_limit(
-        self, events: AsyncIterator[bytes], lease: Lease
-    ) -> AsyncIterator[bytes]:
+    async def _read(self, lease: Lease, up: UpstreamRequest, decoder: StreamDecoder) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
+        try:
+            async with self.session.post(
+                lease.target.url + up.path, json=up.body, headers=up.headers, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    await self._bad_status(resp)
+                async for data in iter_sse_data(resp):
+                    self.last_event = time.monotonic()
+                    piece = decoder.feed(data)
+                    if piece is None:
+                        continue
+                    await self._on_piece(piece)
+                    if self.finish is not None:
+                        return  # usage and [DONE] after the finish are not needed
+        except MalformedStream as e:
+            raise UpstreamBroken(str(e), engine_fault="mid-stream" not in str(e)) from e
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            raise UpstreamBroken(f"connection failed: {type(e).__name__}: {e}") from e
+
+    async def _stall_watchdog(self, lease: Lease) -> None:
+        step = max(self.stall_timeout / 4, 0.01)
         while True:
-            with anyio.move_on_after(self.stall_timeout) as scope:
-                try:
-                    data = await anext(events)
-                except StopAsyncIteration:
-                    return
-            if scope.cancelled_caught:
-                raise UpstreamBroken(
-                    f"no token for {self.stall_timeout:g}s (stalled)", engine_fault=True
-                )
-            yield data
+            await anyio.sleep(step)
+            if time.monotonic() - self.last_event > self.stall_timeout:
+                self.stalled = True
+                lease.scope.cancel()
+                return
 
     async def _bad_status(self, resp: aiohttp.ClientResponse) -> None:
         body = (await resp.read())[:2000]
