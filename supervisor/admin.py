@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from supervisor.failover import FailoverError
+from supervisor.failover import FailoverError, SlotController
+from supervisor.model import Engine
 
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
@@ -67,12 +68,16 @@ class AdminApi:
         body = generate_latest(self.sup.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def failover(self, request: web.Request) -> web.Response:
+    async def _engine(self, request: web.Request) -> tuple[SlotController, Engine, dict[str, Any]]:
+        """The slot controller and engine named by the body's ``engine``, or 404."""
         body = await self._body(request, "engine")
         found = self.sup.engine(body["engine"])
         if found is None:
             raise web.HTTPNotFound(reason=f"no engine {body['engine']!r}")
-        _, engine = found
+        return found[0], found[1], body
+
+    async def failover(self, request: web.Request) -> web.Response:
+        _, engine, body = await self._engine(request)
         reason = str(body.get("reason") or "manual failover")
         await self.sup.judge.declare_dead(engine, "admin", reason, time.time())
         return web.json_response({"ok": True, "engine": engine.id})
@@ -89,10 +94,6 @@ class AdminApi:
         return web.json_response(record.as_dict())
 
     async def drain(self, request: web.Request) -> web.Response:
-        body = await self._body(request, "engine")
-        found = self.sup.engine(body["engine"])
-        if found is None:
-            raise web.HTTPNotFound(reason=f"no engine {body['engine']!r}")
-        ctl, engine = found
+        ctl, engine, _ = await self._engine(request)
         await ctl.drain(engine.id)
         return web.json_response({"ok": True, "engine": engine.id})

@@ -483,13 +483,3 @@ class SlotController:
             for engine in list(self.engines.values()):
                 if self.manager.running(engine):
                     tg.start_soon(self.manager.stop, engine, self.cfg.failover.stop_grace)
-
-
-def find_engine(
-    controllers: dict[str, SlotController], pred: Callable[[Engine], bool]
-) -> tuple[SlotController, Engine] | None:
-    for c in controllers.values():
-        for e in c.engines.values():
-            if pred(e):
-                return c, e
-    return None
