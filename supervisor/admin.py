@@ -5,6 +5,7 @@
 - ``POST /failover`` ``{"engine": ID}``: declare an engine dead now (as if it had failed)
 - ``POST /switchover`` ``{"slot": NAME, "to": SHADOW_ID?}``: planned move to a shadow
 - ``POST /drain`` ``{"engine": ID}``: stop an engine gracefully (an active one is switched over)
+- ``POST /gpu/clear`` ``{"gpu": ID}``: a GPU marked broken by a fatal XID was reset or replaced
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class AdminApi:
         app.router.add_post("/failover", self.failover)
         app.router.add_post("/switchover", self.switchover)
         app.router.add_post("/drain", self.drain)
+        app.router.add_post("/gpu/clear", self.gpu_clear)
         return app
 
     @web.middleware
@@ -92,6 +94,13 @@ class AdminApi:
             raise web.HTTPBadRequest(reason="'to' must be a shadow engine id")
         record = await ctl.switchover(to)
         return web.json_response(record.as_dict())
+
+    async def gpu_clear(self, request: web.Request) -> web.Response:
+        body = await self._body(request, "gpu")
+        if not self.sup.gpu.clear(body["gpu"]):
+            raise web.HTTPNotFound(reason=f"GPU {body['gpu']!r} is not marked broken")
+        launched = sum(c.restore_shadows() for c in self.sup.controllers.values())
+        return web.json_response({"ok": True, "gpu": body["gpu"], "launching": launched})
 
     async def drain(self, request: web.Request) -> web.Response:
         ctl, engine, _ = await self._engine(request)

@@ -48,6 +48,18 @@ class FailoverConfig:
 
 
 @dataclass(frozen=True)
+class GpuConfig:
+    # Where XID lines come from: "auto" (/dev/kmsg when readable, else none), "kmsg",
+    # "journal" (journalctl -k -f), "none", or a file path to follow (tests, simulators).
+    xid_source: str = "auto"
+    # NVML readings: "auto" (nvidia-ml-py if installed and a driver answers), "off", or a
+    # JSON file of readings (tests, simulators).
+    nvml: str = "auto"
+    poll_interval: float = 5.0  # seconds between NVML readings
+    pci: dict[str, str] = field(default_factory=dict)  # GPU id -> PCI bus id, if no NVML
+
+
+@dataclass(frozen=True)
 class FrontendConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -94,6 +106,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
     slots: tuple[SlotConfig, ...] = ()
 
     @property
@@ -240,6 +253,20 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
     )
     fe.unknown()
 
+    g = top.table("gpu")
+    dg = GpuConfig()
+    pci = g._get("pci", {}, (dict,), 'a table of GPU id = "PCI bus id"')
+    if not all(isinstance(v, str) for v in pci.values()):
+        problems.append('gpu.pci: values must be PCI bus ids like "0000:3b:00"')
+        pci = {}
+    gpu = GpuConfig(
+        xid_source=g.text("xid_source", dg.xid_source),
+        nvml=g.text("nvml", dg.nvml),
+        poll_interval=g.number("poll_interval", dg.poll_interval, strict=True),
+        pci=dict(pci),
+    )
+    g.unknown()
+
     top.used.add("slot")
     raw_slots = data.get("slot", [])
     slots: list[SlotConfig] = []
@@ -267,6 +294,7 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         health=health,
         failover=failover,
         frontend=frontend,
+        gpu=gpu,
         slots=tuple(slots),
     )
 

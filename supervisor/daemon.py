@@ -7,10 +7,12 @@ SIGINT stops it cleanly: engines are stopped (``node.on_exit = "stop"``) or left
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -26,9 +28,26 @@ from supervisor.engines import EngineManager
 from supervisor.failover import HISTORY, SlotController
 from supervisor.frontend.app import Frontend
 from supervisor.frontend.routing import Target
+from supervisor.gpu import (
+    GpuWatcher,
+    JsonReadings,
+    NvmlReader,
+    NvmlUnavailable,
+    follow_file,
+    follow_journal,
+    follow_kmsg,
+)
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
 from supervisor.model import Engine, EngineState, FailoverRecord
+
+
+def _readable(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        return True
+    except OSError:
+        return False
 
 
 class DaemonDirectory:
@@ -83,11 +102,54 @@ class Supervisor:
         self.frontend: Frontend | None = None
         self.started_at = time.time()
         self.log = logging.get(node=cfg.node)
+        self.gpu = self._gpu_watcher()
 
     async def _on_dead(self, engine: Engine, source: str, reason: str, at: float) -> None:
         if self.frontend is not None:
             self.frontend.router.engine_failed(engine.id)  # its streams migrate at once
         await self.controllers[engine.slot].on_engine_dead(engine, source, reason, at)
+
+    def _gpu_watcher(self) -> GpuWatcher:
+        g = self.cfg.gpu
+        lines: Any = None
+        if g.xid_source == "kmsg" or (g.xid_source == "auto" and _readable("/dev/kmsg")):
+            lines = follow_kmsg
+        elif g.xid_source == "journal":
+            lines = follow_journal
+        elif g.xid_source not in ("auto", "none"):
+            path = Path(g.xid_source)
+            lines = lambda: follow_file(path)  # noqa: E731
+        readings: Any = None
+        if g.nvml in ("auto", "on"):
+            try:
+                readings = NvmlReader()
+            except NvmlUnavailable as e:
+                if g.nvml == "on":
+                    raise
+                self.log.info("NVML readings off", reason=str(e))
+        elif g.nvml != "off":
+            readings = JsonReadings(Path(g.nvml))
+        return GpuWatcher(
+            self.metrics,
+            self._gpu_fatal,
+            pci_map=g.pci,
+            lines=lines,
+            readings=readings,
+            poll_interval=g.poll_interval,
+        )
+
+    async def _gpu_fatal(self, gpu: str, reason: str, at: float) -> None:
+        """A broken GPU: every engine on it is dead; active engines first, so their slots
+        fail over (to shadows on other GPUs) before anything else."""
+        on_gpu = [
+            e
+            for c in self.controllers.values()
+            for e in c.engines.values()
+            if gpu in e.spec.gpus and e.state not in (EngineState.FAILED, EngineState.STOPPED)
+        ]
+        on_gpu.sort(key=lambda e: e.state is not EngineState.ACTIVE)
+        for engine in on_gpu:
+            await self.judge.declare_dead(engine, "gpu", reason, at)
 
     def engine(self, engine_id: str) -> tuple[SlotController, Engine] | None:
         for c in self.controllers.values():
@@ -106,6 +168,7 @@ class Supervisor:
             "slots": [c.slot.as_dict() for c in self.controllers.values()],
             "engines": [e.as_dict() for c in self.controllers.values() for e in c.engines.values()],
             "failovers": [r.as_dict() for r in self.history],
+            "gpus": self.gpu.snapshot(),
         }
 
     def stop(self) -> None:
@@ -131,6 +194,7 @@ class Supervisor:
             announce(f"admin: {self.admin_url}")
             self.log.info("admin API listening", url=self.admin_url)
             fe_runner = await self._start_frontend(session, announce)
+            tg.start_soon(self.gpu.run)
             for scfg in self.cfg.slots:
                 self.controllers[scfg.name] = SlotController(
                     self.cfg,
@@ -143,6 +207,7 @@ class Supervisor:
                     self.history,
                     tg,
                     on_change=self.directory.notify,
+                    gpu_broken=lambda gpu: gpu in self.gpu.broken,
                 )
             async with anyio.create_task_group() as starting:
                 for ctl in self.controllers.values():

@@ -72,11 +72,13 @@ class SlotController:
         history: deque[FailoverRecord],
         tg: TaskGroup,
         on_change: Callable[[], None] = lambda: None,
+        gpu_broken: Callable[[str], bool] = lambda gpu: False,
     ) -> None:
         self.cfg, self.scfg, self.backend = cfg, slot_cfg, backend
         self.manager, self.judge, self.metrics = manager, judge, metrics
         self.session, self.history, self.tg = session, history, tg
         self.on_change = on_change  # routing follows every state change
+        self.gpu_broken = gpu_broken  # GPUs a fatal XID (or NVML) marked broken
         self.slot = Slot(slot_cfg.name, slot_cfg.model_name)
         self.engines: dict[str, Engine] = {}
         self.lock = anyio.Lock()  # one promotion at a time per slot
@@ -120,11 +122,15 @@ class SlotController:
             if e.state not in (EngineState.FAILED, EngineState.STOPPED)
         ]
 
+    def _on_broken_gpu(self, e: Engine) -> bool:
+        return any(self.gpu_broken(g) for g in e.spec.gpus)
+
     def sleeping_shadows(self) -> list[Engine]:
+        """Shadows that may be woken: asleep, and not on a GPU known to be broken."""
         return [
             e
             for e in self.engines.values()
-            if e.role == "shadow" and e.state is EngineState.SLEEPING
+            if e.role == "shadow" and e.state is EngineState.SLEEPING and not self._on_broken_gpu(e)
         ]
 
     def active_engine(self) -> Engine | None:
@@ -157,12 +163,21 @@ class SlotController:
         )
         if port is None:
             raise FailoverError("no free port in the slot's range (an engine still runs)")
+        sets = self._gpu_sets()
+        if role == "shadow":  # pooled: shadows prefer shadow_gpus, the active its gpus
+            sets = [*sets[1:], *sets[:1]]
+        healthy = [g for g in sets if not any(self.gpu_broken(x) for x in g)]
+        if not healthy:
+            raise FailoverError(
+                "every GPU of the slot is marked broken; not launching "
+                "engines there (clear it with POST /gpu/clear once reset)"
+            )
         if self.scfg.placement == "paired":
-            gpus = self.scfg.gpus
+            gpus = healthy[0]
         else:
-            free = [g for g in self._gpu_sets() if g not in gpu_sets]
+            free = [g for g in healthy if g not in gpu_sets]
             if not free:
-                raise FailoverError("no free GPU set for a new engine")
+                raise FailoverError("no free healthy GPU set for a new engine")
             gpus = free[0]
         extra = self.scfg.extra_args + (self.scfg.shadow_extra_args if role == "shadow" else ())
         eid = f"{self.slot.name}-{next(self._ids)}"
@@ -183,6 +198,8 @@ class SlotController:
 
     async def _launch(self, engine: Engine) -> None:
         cmd = self.manager.command(engine, self.backend, self.scfg.simulate, self.scfg.sim_args)
+        for gpu in engine.spec.gpus:
+            self.metrics.engine_gpu.labels(engine.slot, engine.id, gpu).set(1)
         await self.manager.launch(self.tg, engine, cmd)
         self.set_state(engine, EngineState.LOADING)
         self.tg.start_soon(self.judge.probe_loop, engine, self.backend, self.endpoint(engine))
@@ -225,7 +242,12 @@ class SlotController:
         """Launch an active engine cold and promote it once ready (startup, or a slot with
         no shadows that lost its active engine)."""
         async with self.lock:
-            engine = self._new_engine("active")
+            try:
+                engine = self._new_engine("active")
+            except FailoverError as e:
+                self.log.error("cannot launch an active engine", error=str(e))
+                self._set_degraded(str(e))
+                return
             await self._launch(engine)
             try:
                 await self._wait_health(engine, {Readiness.READY}, self.cfg.health.load_timeout)
@@ -433,6 +455,15 @@ class SlotController:
             new.relaunches = engine.relaunches + 1
         except FailoverError as e:
             self.log.error("relaunched shadow did not come up", error=str(e))
+
+    def restore_shadows(self) -> int:
+        """Launch the shadows the slot is missing (e.g. after a broken GPU was cleared)."""
+        missing = self.scfg.shadows - len([e for e in self.live() if e.role == "shadow"])
+        for _ in range(max(0, missing)):
+            self.tg.start_soon(self._start_shadow_logged)
+        if self.slot.active is None and self.scfg.shadows == 0 and not self.live():
+            self.tg.start_soon(self.start_active)
+        return max(0, missing)
 
     # -- manual actions ----------------------------------------------------------------
     async def switchover(self, to: str | None, kind: str = "switchover") -> FailoverRecord:

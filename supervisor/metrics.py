@@ -135,6 +135,55 @@ class Metrics:
             "failover_supervisor_frontend_queued", "Requests waiting for an engine.", registry=r
         )
 
+        self.engine_gpu = Gauge(
+            "failover_supervisor_engine_gpu",
+            "1 for each GPU an engine uses: joins engine metrics with GPU metrics.",
+            ["slot", "engine", "gpu"],
+            registry=r,
+        )
+        self.gpu_healthy = Gauge(
+            "failover_supervisor_gpu_healthy",
+            "0 once a fatal XID or NVML marked the GPU broken, else 1.",
+            ["gpu"],
+            registry=r,
+        )
+        self.gpu_xid_events = Counter(
+            "failover_supervisor_gpu_xid_events_total",
+            "XID events from the kernel log, by GPU, XID and the action it maps to.",
+            ["gpu", "xid", "action"],
+            registry=r,
+        )
+        self.gpu_throttled = Gauge(
+            "failover_supervisor_gpu_throttled",
+            "1 while NVML reports the clocks throttled for the reason.",
+            ["gpu", "reason"],
+            registry=r,
+        )
+        self.gpu_memory_used = Gauge(
+            "failover_supervisor_gpu_memory_used_bytes",
+            "GPU memory in use (NVML).",
+            ["gpu"],
+            registry=r,
+        )
+        self.gpu_memory_total = Gauge(
+            "failover_supervisor_gpu_memory_total_bytes",
+            "GPU memory in all (NVML).",
+            ["gpu"],
+            registry=r,
+        )
+        self.gpu_ecc_uncorrected = Gauge(
+            "failover_supervisor_gpu_ecc_uncorrected_errors",
+            "Volatile uncorrected ECC errors (NVML).",
+            ["gpu"],
+            registry=r,
+        )
+        self.gpu_pages_pending = Gauge(
+            "failover_supervisor_gpu_pages_pending_retirement",
+            "1 while retired pages wait for a GPU reset (NVML).",
+            ["gpu"],
+            registry=r,
+        )
+
     def set_engine_state(self, slot: str, engine: str, state: EngineState) -> None:
         for s in EngineState:
             self.engine_state.labels(slot, engine, s.value).set(1 if s is state else 0)

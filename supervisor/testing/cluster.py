@@ -263,6 +263,7 @@ def spawn_supervisor(
     health: dict[str, object] | None = None,
     failover: dict[str, object] | None = None,
     frontend: dict[str, object] | None = None,
+    gpu: dict[str, object] | None = None,
     node: dict[str, object] | None = None,
     env: dict[str, str] | None = None,
 ) -> SupervisorProcess:
@@ -285,6 +286,8 @@ def spawn_supervisor(
             **(failover or {}),
         },
         "frontend": {"port": free_port(), **(frontend or {})},
+        # No kernel log or NVML in tests unless asked: the machine's own are not ours.
+        "gpu": {"xid_source": "none", "nvml": "off", **(gpu or {})},
         "slot": list(slots),
     }
     path = workdir / "supervisor.toml"

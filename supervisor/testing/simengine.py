@@ -64,13 +64,14 @@ class Faults:
     malformed_after_tokens: int | None = None  # a stream gets a garbage event, then ends
     fail_health: bool = False  # /health answers 503
     error_500: bool = False  # inference routes answer 500
+    gpu_lost: bool = False  # the GPU fell off the bus: generation and /health hang
 
     def update(self, values: dict[str, Any]) -> None:
         names = {f.name for f in fields(self)}
         for key, value in values.items():
             if key not in names:
                 raise ValueError(f"unknown fault {key!r}; known: {', '.join(sorted(names))}")
-            if key in ("fail_health", "error_500"):
+            if key in ("fail_health", "error_500", "gpu_lost"):
                 if not isinstance(value, bool):
                     raise ValueError(f"fault {key!r} takes true or false")
             elif value is not None and (not isinstance(value, int) or value < 0):
@@ -341,6 +342,8 @@ class SimEngine:
     def set_faults(self, values: dict[str, Any]) -> None:
         self.opts.faults.update(values)
         self.tokens_since_fault = 0
+        if self.opts.faults.gpu_lost:
+            self.hung.set()  # like a real engine whose GPU is gone: alive, stuck
         self.log.info(f"faults set: {values}")
 
     def kv_usage(self) -> float:

@@ -359,6 +359,8 @@ class Api:
 
     # -- health and metrics ------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
+        if self.opts.faults.gpu_lost:
+            await asyncio.Event().wait()  # the health check's CUDA call never returns
         if self.opts.faults.fail_health or not self.engine.loaded.is_set():
             return web.Response(status=503)
         return web.Response(status=200)
