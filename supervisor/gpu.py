@@ -233,7 +233,12 @@ class NvmlReader:
                 r.name = name.decode() if isinstance(name, bytes) else name
                 mem = n.nvmlDeviceGetMemoryInfo(h)
                 r.memory_used, r.memory_total = int(mem.used), int(mem.total)
-                reasons = n.nvmlDeviceGetCurrentClocksThrottleReasons(h)
+                # "Throttle reasons" were renamed "event reasons" in newer nvidia-ml-py.
+                get_reasons = (
+                    getattr(n, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                    or n.nvmlDeviceGetCurrentClocksThrottleReasons
+                )
+                reasons = get_reasons(h)
                 r.throttle_reasons = [v for k, v in THROTTLE_REASONS.items() if reasons & k]
                 with contextlib.suppress(n.NVMLError):  # ECC off or unsupported
                     r.ecc_uncorrected = int(
