@@ -145,3 +145,9 @@ async def test_follow_file_yields_appended_lines(tmp_path: Path) -> None:
             with path.open("a") as f:
                 f.write("ond\n")
     assert got == ["first", "second"]
+
+
+def test_docs_table_matches_the_code() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "gpu.md").read_text()
+    for xid, (action, meaning) in XID_TABLE.items():
+        assert f"| {xid} | {action.value} | {meaning} |" in doc, xid
