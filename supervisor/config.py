@@ -6,6 +6,7 @@ Every error names the key path and what would be valid, e.g.
 
 from __future__ import annotations
 
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,6 +380,13 @@ def _cross_checks(slots: list[SlotConfig], admin_port: int, problems: list[str])
         except BackendNotFound as e:
             problems.append(f"slot[{i}].backend: {e}")
             continue
+        program = backend.dialect.program[0]
+        if not s.simulate and shutil.which(program) is None:
+            problems.append(
+                f"slot[{i}].simulate: the {s.backend} engine program {program!r} is "
+                "not on PATH; install the engine, or set simulate = true to run "
+                "the simulator in its place"
+            )
         if s.shadows and backend.dialect.sleep_flag is None:
             problems.append(
                 f"slot[{i}].shadows: backend {s.backend!r} has no sleep mode, so "

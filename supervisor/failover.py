@@ -200,7 +200,13 @@ class SlotController:
         cmd = self.manager.command(engine, self.backend, self.scfg.simulate, self.scfg.sim_args)
         for gpu in engine.spec.gpus:
             self.metrics.engine_gpu.labels(engine.slot, engine.id, gpu).set(1)
-        await self.manager.launch(self.tg, engine, cmd)
+        try:
+            await self.manager.launch(self.tg, engine, cmd)
+        except OSError as e:
+            self.set_state(engine, EngineState.FAILED, f"cannot start {cmd.argv[0]}: {e}")
+            raise FailoverError(
+                f"cannot start engine {engine.id} ({cmd.argv[0]}): {e.strerror or e}"
+            ) from e
         self.set_state(engine, EngineState.LOADING)
         self.tg.start_soon(self.judge.probe_loop, engine, self.backend, self.endpoint(engine))
 
@@ -248,8 +254,8 @@ class SlotController:
                 self.log.error("cannot launch an active engine", error=str(e))
                 self._set_degraded(str(e))
                 return
-            await self._launch(engine)
             try:
+                await self._launch(engine)
                 await self._wait_health(engine, {Readiness.READY}, self.cfg.health.load_timeout)
             except FailoverError as e:
                 self.log.error("active engine did not come up", engine=engine.id, error=str(e))

@@ -303,3 +303,25 @@ async def test_on_exit_leave_keeps_engines_running(tmp_path: Path) -> None:
         assert process_start_time(pid) is not None  # still running after the daemon left
     finally:
         os.killpg(pid, signal.SIGKILL)
+
+
+async def test_an_engine_that_cannot_start_degrades_its_slot(tmp_path: Path) -> None:
+    """A vllm on PATH that cannot be executed: the slot degrades with the reason; the
+    daemon keeps running and shows no traceback."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    shim = bindir / "vllm"
+    shim.write_text("#!/nonexistent/interpreter\n")
+    shim.chmod(0o755)
+    slot = {"name": "s", "model": "m", "backend": "vllm", "base_port": 19931, "shadows": 0}
+    env = {"PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    sup = await start_supervisor(tmp_path / "sup", [slot], env=env)
+    try:
+        async with aiohttp.ClientSession() as s, s.get(sup.admin_url + "/status") as r:
+            st = await r.json()
+        assert st["slots"][0]["degraded"]
+        assert "cannot start engine s-0" in st["slots"][0]["degraded_reason"]
+        assert st["engines"][0]["state"] == "failed"
+        assert "Traceback" not in sup.logs()
+    finally:
+        assert await anyio.to_thread.run_sync(sup.stop) == 0

@@ -4,16 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ConfigError, load, parse
+from supervisor.config import ConfigError, SlotConfig, load, parse
 
-GOOD = {"slot": [{"name": "a", "model": "m", "backend": "vllm", "base_port": 9000}]}
+GOOD = {
+    "slot": [{"name": "a", "model": "m", "backend": "vllm", "base_port": 9000, "simulate": True}]
+}
 
 
 def test_defaults_are_filled_in() -> None:
     cfg = parse(GOOD)
     assert cfg.admin_host == "127.0.0.1" and cfg.health.failure_threshold == 3
     s = cfg.slots[0]
-    assert (s.shadows, s.placement, s.gpus, s.simulate) == (1, "paired", ("0",), False)
+    assert (s.shadows, s.placement, s.gpus) == (1, "paired", ("0",))
+    assert SlotConfig("a", "m", "vllm", 9000).simulate is False  # real engines by default
 
 
 @pytest.mark.parametrize(
@@ -117,7 +120,9 @@ def test_check_config_cli(tmp_path: Path) -> None:
     out = run_cli("run", "--config", str(bad))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     good = tmp_path / "good.toml"
-    good.write_text('[[slot]]\nname = "a"\nmodel = "m"\nbackend = "vllm"\nbase_port = 9000\n')
+    good.write_text(
+        '[[slot]]\nname = "a"\nmodel = "m"\nbackend = "vllm"\nbase_port = 9000\nsimulate = true\n'
+    )
     out = run_cli("check-config", str(good))
     assert out.returncode == 0 and "OK" in out.stdout
 
@@ -125,3 +130,11 @@ def test_check_config_cli(tmp_path: Path) -> None:
 def test_status_cli_without_a_daemon_says_so() -> None:
     out = run_cli("status", "--admin", "http://127.0.0.1:9")
     assert out.returncode == 1 and "cannot reach the admin API" in out.stderr
+
+
+def test_a_real_engine_must_be_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError) as e:
+        parse({"slot": [{**GOOD["slot"][0], "simulate": False}]})
+    assert any("'vllm' is not on PATH" in p and "simulate = true" in p for p in e.value.problems)
+    parse(GOOD)  # simulate = true: the simulator needs no engine
