@@ -106,10 +106,20 @@ def _run(path: Path, level: str) -> int:
     log.configure(level)
     try:
         anyio.run(Supervisor(cfg).run, lambda line: print(line, flush=True))
-    except OSError as e:
-        _err(f"cannot start: {e}")
+    except (OSError, ExceptionGroup) as e:
+        leaves = _leaf_errors(e)
+        if not all(isinstance(x, OSError) for x in leaves):
+            raise
+        for x in leaves:  # e.g. the admin or frontend port is taken
+            _err(f"cannot start: {x}")
         return 1
     return 0
+
+
+def _leaf_errors(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in _leaf_errors(sub)]
+    return [e]
 
 
 def _status(admin: str, raw: bool) -> int:

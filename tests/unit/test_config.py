@@ -138,3 +138,22 @@ def test_a_real_engine_must_be_on_path(tmp_path: Path, monkeypatch: pytest.Monke
         parse({"slot": [{**GOOD["slot"][0], "simulate": False}]})
     assert any("'vllm' is not on PATH" in p and "simulate = true" in p for p in e.value.problems)
     parse(GOOD)  # simulate = true: the simulator needs no engine
+
+
+def test_run_with_a_port_in_use_says_so(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            f'[node]\nstate_dir = "{tmp_path}"\n[admin]\nport = {port}\n'
+            '[[slot]]\nname = "a"\nmodel = "m"\nbackend = "vllm"\nbase_port = 19061\n'
+            "simulate = true\n"
+        )
+        out = run_cli("run", "--config", str(cfg))
+    assert out.returncode == 1
+    assert "cannot start" in out.stderr and "address already in use" in out.stderr
+    assert "Traceback" not in out.stderr
