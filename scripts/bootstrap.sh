@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the demo and the tests need on a fresh Debian machine, then returns:
 #   - etcd-server and nats-server from Debian's packages, when missing;
-#   - a virtual environment in .venv with this package and its dev tools (pinned by
-#     constraints.txt). Re-running is cheap: each step is skipped when already done.
+#   - a virtual environment in .venv with this package, its dev tools (pinned by
+#     constraints.txt) and the example third-party backend of tests/example_plugin. Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,11 +40,12 @@ if [ ${#apt_pkgs[@]} -gt 0 ]; then
 fi
 
 stamp=.venv/.installed
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt tests/example_plugin/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "creating .venv and installing failover-supervisor with its dev tools"
     [ -x .venv/bin/python ] || "$PY" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+    # The example third-party backend is installed like any plugin, for its conformance test.
+    .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]' -e tests/example_plugin
     echo "$want" > "$stamp"
 fi

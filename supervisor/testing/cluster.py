@@ -77,11 +77,16 @@ def launch(
     *,
     simulate: bool = True,
     sim_args: Sequence[str] = FAST_SIM_ARGS,
+    sim_dialect: str | None = None,
 ) -> EngineProcess:
-    """Start the engine for ``spec`` in its own process group, output to a log file."""
+    """Start the engine for ``spec`` in its own process group, output to a log file.
+
+    With ``simulate``, the simulator of ``sim_dialect`` (default: the backend's own dialect
+    name) stands in for the engine's program.
+    """
     cmd = backend.command(spec)
     if simulate:
-        cmd = simulated(cmd, backend.dialect.name, sim_args)
+        cmd = simulated(cmd, sim_dialect or backend.dialect.name, sim_args)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{spec.engine_id}.log"
     env = {**os.environ, **cmd.env}
@@ -142,9 +147,10 @@ async def running_engine(
     *,
     sim_args: Sequence[str] = FAST_SIM_ARGS,
     ready: set[Readiness] | None = None,
+    sim_dialect: str | None = None,
 ) -> AsyncIterator[tuple[EngineProcess, EngineEndpoint]]:
     """Launch a simulated engine, wait until ready, yield it, stop it (whole group)."""
-    proc = launch(backend, spec, log_dir, sim_args=sim_args)
+    proc = launch(backend, spec, log_dir, sim_args=sim_args, sim_dialect=sim_dialect)
     ep = EngineEndpoint(spec.url, session)
     try:
         await wait_for(backend, ep, ready or {Readiness.READY}, proc=proc)

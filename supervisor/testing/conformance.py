@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -28,7 +29,7 @@ import pytest
 
 from supervisor.backends import Backend, BackendError, EngineEndpoint, load_backend
 from supervisor.model import ClientRequest, EngineSpec, Progress, Readiness, Role, UpstreamRequest
-from supervisor.testing.cluster import free_port, running_engine, simulated
+from supervisor.testing.cluster import EngineProcess, free_port, running_engine, simulated
 from supervisor.testing.gpuledger import LEDGER_ENV
 from supervisor.upstream import iter_sse_data
 
@@ -133,6 +134,14 @@ class BackendConformance:
             engine_id=engine_id, model="sim-model", port=free_port(), role=role, gpus=(gpu,)
         )
 
+    def engine(
+        self, backend: Backend, spec: EngineSpec, log_dir: Path, session: aiohttp.ClientSession
+    ) -> AbstractAsyncContextManager[tuple[EngineProcess, EngineEndpoint]]:
+        """The simulator of this kit's dialect, launched as ``backend`` launches its engine."""
+        return running_engine(
+            backend, spec, log_dir, session, sim_dialect=self.dialect_name(backend)
+        )
+
     def can_sleep(self, backend: Backend) -> bool:
         return backend.dialect.sleep_flag is not None
 
@@ -165,7 +174,7 @@ class BackendConformance:
     ) -> None:
         role: Role = "shadow" if self.can_sleep(backend) else "active"
         spec = self.spec("hs", role=role)
-        async with running_engine(backend, spec, tmp_path, session) as (_, ep):
+        async with self.engine(backend, spec, tmp_path, session) as (_, ep):
             assert await backend.health(ep) is Readiness.READY
             if not self.can_sleep(backend):
                 with pytest.raises(BackendError):
@@ -198,7 +207,7 @@ class BackendConformance:
     ) -> None:
         import signal
 
-        async with running_engine(backend, self.spec("hk"), tmp_path, session) as (proc, ep):
+        async with self.engine(backend, self.spec("hk"), tmp_path, session) as (proc, ep):
             proc.signal_group(signal.SIGKILL)
             await anyio.to_thread.run_sync(proc.proc.wait)
             assert await backend.health(ep) is Readiness.DOWN
@@ -210,7 +219,7 @@ class BackendConformance:
     ) -> None:
         rid = f"conf-abort-{kind}-{time.monotonic_ns()}"
         req = completion(PROMPT_TEXT, 3000) if kind == "completion" else chat(3000)
-        async with running_engine(backend, self.spec("ab"), tmp_path, session) as (proc, ep):
+        async with self.engine(backend, self.spec("ab"), tmp_path, session) as (proc, ep):
             up = backend.first_request(req, rid)
             # Explicit abort where the engine has one, while the stream is still open.
             async with anyio.create_task_group() as tg:
@@ -264,8 +273,8 @@ class BackendConformance:
             req = completion(PROMPT_TEXT)
         a_spec, b_spec = self.spec("ca", gpu="0"), self.spec("cb", gpu="1")
         async with (
-            running_engine(backend, a_spec, tmp_path, session) as (_, a),
-            running_engine(backend, b_spec, tmp_path, session) as (_, b),
+            self.engine(backend, a_spec, tmp_path, session) as (_, a),
+            self.engine(backend, b_spec, tmp_path, session) as (_, b),
         ):
             whole = await stream_piece(backend, a, backend.first_request(req, "whole"), Progress())
             assert whole.progress.completion_tokens == MAX_TOKENS
