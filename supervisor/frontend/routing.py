@@ -10,7 +10,8 @@ a timeout, or a drain means 503 with Retry-After, never a hang.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -78,7 +79,7 @@ class Router:
         self.draining = False
         self._freed = anyio.Event()
 
-    def _pick(self, model: str, exclude: set[str]) -> Target | None:
+    def _pick(self, model: str, exclude: AbstractSet[str]) -> Target | None:
         best: Target | None = None
         best_load = self.cfg.max_inflight_per_engine
         for t in self.directory.candidates(model):
@@ -93,7 +94,7 @@ class Router:
         self,
         model: str,
         *,
-        exclude: set[str] = frozenset(),  # type: ignore[assignment]
+        exclude: AbstractSet[str] = frozenset(),
         wait: float | None = None,
     ) -> Lease:
         """Take a slot on the least-loaded engine of ``model``; wait (bounded) if none."""
@@ -118,7 +119,7 @@ class Router:
         self.leases.setdefault(target.engine_id, set()).add(id(lease))
         return lease
 
-    async def _wait_for(self, model: str, exclude: set[str], timeout: float) -> Target:
+    async def _wait_for(self, model: str, exclude: AbstractSet[str], timeout: float) -> Target:
         self.waiting += 1
         self.metrics.queued.set(self.waiting)
         deadline = time.monotonic() + timeout
@@ -147,8 +148,8 @@ class Router:
         )
 
     @staticmethod
-    async def _first_of(scope: anyio.CancelScope, waiter: Callable[[], object]) -> None:
-        await waiter()  # type: ignore[misc]
+    async def _first_of(scope: anyio.CancelScope, waiter: Callable[[], Awaitable[object]]) -> None:
+        await waiter()
         scope.cancel()
 
     def release(self, lease: Lease) -> None:
