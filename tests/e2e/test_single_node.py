@@ -134,8 +134,15 @@ async def test_dead_active_is_replaced_by_the_woken_shadow(
     rec = st["failovers"][0]
     assert rec["result"] == "promoted" and rec["failed_engine"] == old["id"]
     assert {"wake", "promote"} <= set(rec["steps"])
-    source = {signal.SIGKILL: "exit", signal.SIGTERM: "exit", signal.SIGSTOP: "probe"}[sig]
-    assert rec["reason"].startswith(source), rec
+    # SIGTERM: the engine drains (its /health answers 503) and then exits; whichever the
+    # judge sees first, exit or failed probes, is a correct detection.
+    sources = {
+        signal.SIGKILL: ("exit",),
+        signal.SIGTERM: ("exit", "probe"),
+        signal.SIGSTOP: ("probe",),
+    }[sig]
+    assert rec["reason"].split(":")[0] in sources, rec
+    source = rec["reason"].split(":")[0]
     assert await complete(session, shadow["url"]) == 200
     # The slot goes back to full strength: a new shadow replaces the failed engine.
     st = await admin.wait(full_strength, what="a replacement shadow")
