@@ -242,6 +242,9 @@ class SlotController:
             for _ in range(self.scfg.shadows):
                 tg.start_soon(self._start_shadow_logged)
         await self.start_active()
+        if self.slot.active is None and self.sleeping_shadows():
+            # The active engine did not come up, but a shadow is ready: serve with it.
+            await self.recover("the active engine did not come up at start")
         self.ready.set()
 
     async def start_active(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,10 +32,27 @@ FAST_SIM_ARGS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def _non_ephemeral_range() -> tuple[int, int]:
+    """Ports below the kernel's ephemeral range, which outgoing connections never take (a
+    port chosen inside it can be grabbed by a client socket before the server binds it)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return 10000, max(10001, low - 1)
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return free_port_range(1, host)
 
 
 def sim_program(dialect: str) -> tuple[str, ...]:
@@ -160,24 +178,14 @@ async def running_engine(
 
 
 def free_port_range(n: int, host: str = "127.0.0.1") -> int:
-    """A base port such that ``base .. base + n - 1`` are all free right now."""
-    for _ in range(200):
-        base = free_port(host)
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind((host, p))
+    """A base port such that ``base .. base + n - 1`` are all free right now, chosen at
+    random below the ephemeral range."""
+    lo, hi = _non_ephemeral_range()
+    for _ in range(500):
+        base = random.randint(lo, hi - n)
+        if all(_bindable(host, p) for p in range(base, base + n)):
             return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no range of {n} free ports found")
+    raise RuntimeError(f"no range of {n} free ports found in {lo}-{hi}")
 
 
 def _toml_value(v: object) -> str:

@@ -332,3 +332,26 @@ async def test_an_engine_that_cannot_start_degrades_its_slot(tmp_path: Path) -> 
         assert "Traceback" not in sup.logs()
     finally:
         assert await anyio.to_thread.run_sync(sup.stop) == 0
+
+
+async def test_active_failing_at_start_is_replaced_by_the_ready_shadow(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    slot = sim_slot("s")
+    base = int(slot["base_port"])
+    import socket
+
+    with socket.socket() as squatter:  # the active engine (second port) cannot bind
+        squatter.bind(("127.0.0.1", base + 1))
+        squatter.listen()
+        sup = await start_supervisor(tmp_path, [slot])
+        try:
+            admin = Admin(sup, session)
+            st = await admin.wait(
+                lambda s: slot_of(s)["active"] is not None, what="the shadow promoted"
+            )
+            assert active_of(st)["url"].endswith(f":{base}")  # the shadow's port
+            assert await complete(session, active_of(st)["url"]) == 200
+        finally:
+            squatter.close()
+            assert await anyio.to_thread.run_sync(sup.stop) == 0
