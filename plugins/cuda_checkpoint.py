@@ -32,6 +32,7 @@ from typing import Protocol
 import anyio
 
 from supervisor.backends import BackendError
+from supervisor.procfs import all_processes
 
 
 class CudaState(StrEnum):
@@ -48,16 +49,8 @@ class CheckpointError(BackendError):
 def process_tree(root: int) -> list[int]:
     """``root`` and all its descendants (read from /proc), parents before children."""
     children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        ppid = int(raw[raw.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
+    for p in all_processes():
+        children.setdefault(p.ppid, []).append(p.pid)
     out, todo = [], [root]
     while todo:
         pid = todo.pop(0)

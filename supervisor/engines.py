@@ -21,6 +21,7 @@ from anyio.abc import Process, TaskGroup
 from supervisor import log as logging
 from supervisor.backends import Backend
 from supervisor.model import Engine, LaunchCommand
+from supervisor.procfs import all_processes
 from supervisor.testing.cluster import simulated
 
 ExitCallback = Callable[[Engine, int, float], Awaitable[None]]
@@ -28,20 +29,7 @@ ExitCallback = Callable[[Engine, int, float], Awaitable[None]]
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes in process group ``pgid``, read from /proc."""
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        # fields[0] is the state, fields[2] the process group id.
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            members.append(int(entry.name))
-    return members
+    return [p.pid for p in all_processes() if p.pgrp == pgid and not p.gone]
 
 
 def group_alive(pgid: int) -> bool:

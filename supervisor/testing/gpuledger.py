@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from supervisor.procfs import read_stat
+
 GIB = 1024**3
 DEFAULT_CAPACITY_GIB = 80.0
 LEDGER_ENV = "FAILOVER_SIM_LEDGER"
@@ -39,15 +41,8 @@ def default_ledger_path() -> Path:
 
 def process_start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot, or None when it does not exist."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name may contain spaces and parentheses: fields start after the last ')'.
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    if fields[0] == b"Z":  # a zombie holds no memory
-        return None
-    return int(fields[19])
+    st = read_stat(pid)
+    return None if st is None or st.gone else st.start_time  # a zombie holds no memory
 
 
 def process_ref(pid: int) -> list[int]:

@@ -1,0 +1,41 @@
+"""Reading processes from /proc: the one parser of ``/proc/<pid>/stat``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    state: str  # R, S, D, T, Z, X, ...
+    ppid: int
+    pgrp: int
+    start_time: int  # clock ticks since boot: with the pid, a process's identity
+
+    @property
+    def gone(self) -> bool:
+        """Exited (a zombie or dead task holds no memory and runs nothing)."""
+        return self.state in ("Z", "X")
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """``pid``'s stat, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields start after the last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return ProcStat(pid, fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19]))
+
+
+def all_processes() -> Iterator[ProcStat]:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            st = read_stat(int(entry.name))
+            if st is not None:
+                yield st
