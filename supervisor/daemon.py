@@ -40,6 +40,7 @@ from supervisor.gpu import (
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
 from supervisor.model import Engine, EngineState, FailoverRecord
+from supervisor.sdnotify import Notifier
 
 
 def _readable(path: str) -> bool:
@@ -103,11 +104,34 @@ class Supervisor:
         self.started_at = time.time()
         self.log = logging.get(node=cfg.node)
         self.gpu = self._gpu_watcher()
+        self.notify = Notifier()
 
     async def _on_dead(self, engine: Engine, source: str, reason: str, at: float) -> None:
         if self.frontend is not None:
             self.frontend.router.engine_failed(engine.id)  # its streams migrate at once
         await self.controllers[engine.slot].on_engine_dead(engine, source, reason, at)
+
+    def _engines_changed(self) -> None:
+        self.directory.notify()
+        if self.ready.is_set() and not self.stopping.is_set():
+            self.notify.status(self.summary())
+
+    def summary(self) -> str:
+        """One line for ``systemctl status``."""
+        slots = list(self.controllers.values())
+        serving = [c for c in slots if c.slot.active is not None]
+        shadows = sum(len(c.sleeping_shadows()) for c in slots)
+        line = f"serving {len(serving)}/{len(slots)} slots, {shadows} shadows asleep"
+        degraded = [c.slot.name for c in slots if c.slot.degraded_reason]
+        if degraded:
+            line += f"; degraded: {', '.join(degraded)}"
+        if self.history:
+            last = self.history[0]
+            line += (
+                f"; last failover: slot {last.slot} {last.result} "
+                f"{time.strftime('%H:%M:%S', time.localtime(last.detected_at))}"
+            )
+        return line
 
     def _gpu_watcher(self) -> GpuWatcher:
         g = self.cfg.gpu
@@ -185,6 +209,8 @@ class Supervisor:
         self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
         async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
+            tg.start_soon(self.notify.watchdog)
+            self.notify.status("starting: shadows load and sleep, then active engines load")
             runner = web.AppRunner(AdminApi(self).app(), access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, self.cfg.admin_host, self.cfg.admin_port)
@@ -206,7 +232,7 @@ class Supervisor:
                     session,
                     self.history,
                     tg,
-                    on_change=self.directory.notify,
+                    on_change=self._engines_changed,
                     gpu_broken=lambda gpu: gpu in self.gpu.broken,
                 )
             async with anyio.create_task_group() as starting:
@@ -223,9 +249,11 @@ class Supervisor:
                     c.slot.name for c in self.controllers.values() if c.slot.degraded_reason
                 ]
                 self.log.info("supervisor ready", degraded_slots=degraded)
+                self.notify.ready(self.summary())
                 announce("ready" + (f" (degraded: {', '.join(degraded)})" if degraded else ""))
             await self.stopping.wait()
             self.log.info("stopping", on_exit=self.cfg.on_exit)
+            self.notify.stopping(f"stopping: draining requests, then engines ({self.cfg.on_exit})")
             with anyio.CancelScope(shield=True):
                 if self.frontend is not None:
                     await self.frontend.drain()

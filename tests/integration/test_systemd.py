@@ -1,0 +1,95 @@
+"""sd_notify on a real unix datagram socket, and the shipped unit checked by systemd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import anyio
+import pytest
+
+from supervisor.testing.cluster import sim_slot, start_supervisor
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.mark.anyio
+async def test_ready_watchdog_stopping_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    messages: list[tuple[str, dict[str, object] | None]] = []
+    sup = await start_supervisor(
+        tmp_path, [sim_slot("s")], env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            with anyio.fail_after(10):
+                while not any("READY=1" in m for m, _ in messages):
+                    await anyio.wait_readable(sock)
+                    msg = sock.recv(4096).decode()
+                    st = None
+                    if "READY=1" in msg:  # what the daemon looks like when it says ready
+                        async with http.get(sup.admin_url + "/status") as r:
+                            st = await r.json()
+                    messages.append((msg, st))
+            ready_status = next(st for m, st in messages if "READY=1" in m)
+            assert ready_status is not None and ready_status["ready"]
+            assert {e["state"] for e in ready_status["engines"]} == {"active", "sleeping"}
+            await anyio.sleep(0.5)  # watchdog pings keep coming while the loop runs
+        sup.proc.send_signal(15)
+        assert await anyio.to_thread.run_sync(sup.proc.wait) == 0
+        while True:
+            try:
+                messages.append((sock.recv(4096).decode(), None))
+            except BlockingIOError:
+                break
+    finally:
+        sock.close()
+        if sup.proc.poll() is None:
+            sup.stop()
+    kinds = [m.split("\n")[0].split("=")[0] for m, _ in messages]
+    first_ready = kinds.index("READY")
+    assert kinds[0] in ("STATUS", "WATCHDOG")  # starting, before READY
+    assert kinds.count("WATCHDOG") >= 3
+    assert "STOPPING" in kinds and kinds.index("STOPPING") > first_ready
+    assert any(m.startswith("READY=1\nSTATUS=serving 1/1 slots") for m, _ in messages)
+
+
+def test_no_notify_socket_means_no_notifications() -> None:
+    from supervisor.sdnotify import Notifier
+
+    n = Notifier({})
+    assert not n.enabled and n.watchdog_interval is None
+    n.ready("x")  # a no-op, not an error
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze not installed (Debian package systemd)",
+)
+def test_shipped_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    unit = (ROOT / "systemd" / "failover-supervisor.service").read_text()
+    # verify checks that ExecStart's program exists: point it at this checkout's command.
+    exe = Path(sys.executable).with_name("failover-supervisor")
+    unit = unit.replace("/opt/failover-supervisor/.venv/bin/failover-supervisor", str(exe))
+    target = tmp_path / "failover-supervisor.service"
+    target.write_text(unit)
+    out = subprocess.run(
+        ["systemd-analyze", "verify", str(target)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "warning"},
+    )
+    problems = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if "failover-supervisor.service" in line
+    ]
+    assert out.returncode == 0 and not problems, out.stdout + out.stderr
