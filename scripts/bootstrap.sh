@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the demo and the tests need on a fresh Debian machine, then returns:
-#   - etcd-server and nats-server from Debian's packages, when missing;
+#   - etcd-server, nats-server and prometheus from Debian's packages, when missing;
 #   - a virtual environment in .venv with this package, its dev tools (pinned by
 #     constraints.txt) and the example third-party backend of tests/example_plugin. Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
@@ -25,6 +25,7 @@ fi
 apt_pkgs=()
 have etcd || apt_pkgs+=(etcd-server)
 have nats-server || apt_pkgs+=(nats-server)
+have prometheus || apt_pkgs+=(prometheus)  # with promtool: alert rules and a real scrape
 "$PY" -m venv --help >/dev/null 2>&1 && "$PY" -c 'import ensurepip' 2>/dev/null \
     || apt_pkgs+=(python3-venv)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then

@@ -192,3 +192,27 @@ class Metrics:
         for s in EngineState:
             with contextlib.suppress(KeyError):
                 self.engine_state.remove(slot, engine, s.value)
+
+
+def reference_markdown() -> str:
+    """docs/metrics.md: every metric with its type, labels and help, from the code."""
+    m = Metrics()
+    rows = []
+    for metric in vars(m).values():
+        name = getattr(metric, "_name", None)
+        if name is None:
+            continue
+        kind = getattr(metric, "_type", "")
+        if kind == "counter":
+            name += "_total"
+        labels = ", ".join(f"`{x}`" for x in getattr(metric, "_labelnames", ()))
+        rows.append(
+            f"| `{name}` | {kind} | {labels or '—'} | {getattr(metric, '_documentation', '')} |"
+        )
+    return (
+        "# Metrics reference\n\n"
+        "Served on the admin API at `GET /metrics` (Prometheus text format). Generated from\n"
+        "`supervisor/metrics.py` by `failover-supervisor metrics-doc`; a test keeps this page\n"
+        "in step with the code. Alert rules: `systemd/prometheus/alerts.yml`.\n\n"
+        "| metric | type | labels | meaning |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )

@@ -348,3 +348,19 @@ async def start_supervisor(
         await anyio.sleep(0.05)
     await anyio.to_thread.run_sync(sup.stop)
     raise TimeoutError(f"supervisor not ready after {ready_timeout}s:\n{sup.logs()[-3000:]}")
+
+
+def start_prometheus(config: Path, workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    """A real ``prometheus`` server (Debian package ``prometheus``) on 127.0.0.1:port."""
+    with open(workdir / "prometheus.log", "wb") as log:
+        return subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
