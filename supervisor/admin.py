@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from supervisor.auth import bearer_ok
 from supervisor.failover import FailoverError, SlotController
 from supervisor.model import Engine
 
@@ -44,6 +45,9 @@ class AdminApi:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        token = self.sup.admin_token
+        if token is not None and request.method != "GET" and not bearer_ok(request, token):
+            return _error(401, "this call needs 'Authorization: Bearer <admin token>'")
         try:
             return await handler(request)  # type: ignore[no-any-return]
         except web.HTTPException as e:

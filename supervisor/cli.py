@@ -95,6 +95,10 @@ def _check(path: Path) -> int:
     cfg = _load(path)
     if cfg is None:
         return 2
+    from supervisor.config import warnings
+
+    for w in warnings(cfg):
+        print(f"warning: {w}", file=sys.stderr)
     shadows = sum(s.shadows for s in cfg.slots)
     print(f"{path}: OK — node {cfg.node}, {len(cfg.slots)} slot(s), {shadows} shadow(s)")
     return 0
@@ -109,9 +113,17 @@ def _run(path: Path, level: str) -> int:
     cfg = _load(path)
     if cfg is None:
         return 2
+    from supervisor.config import ConfigError
+
     log.configure(level)
     try:
-        anyio.run(Supervisor(cfg).run, lambda line: print(line, flush=True))
+        sup = Supervisor(cfg)
+    except ConfigError as e:
+        for p in e.problems:
+            _err(p)
+        return 2
+    try:
+        anyio.run(sup.run, lambda line: print(line, flush=True))
     except (OSError, ExceptionGroup) as e:
         leaves = _leaf_errors(e)
         if not all(isinstance(x, OSError) for x in leaves):

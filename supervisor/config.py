@@ -6,8 +6,10 @@ Every error names the key path and what would be valid, e.g.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,10 +71,11 @@ class FrontendConfig:
     max_queue: int = 256  # requests waiting for an engine; beyond: 503 at once
     queue_timeout: float = 10.0  # waiting longer than this for an engine: 503
     migration_limit: int = 3  # times one request may move to another engine
-    migration_wait: float = 60.0  # how long a broken stream waits for a survivor (a wake)
+    migration_wait: float = 120.0  # how long a broken stream waits for a survivor (a wake)
     drain_timeout: float = 30.0  # on SIGTERM, in-flight requests may finish this long
     retry_after: int = 1  # seconds, in the Retry-After header of a 503
     max_body_bytes: int = 4 * 1024 * 1024
+    api_key_file: str = ""  # when set, clients must send "Authorization: Bearer <key>"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class Config:
     state_dir: Path = Path("/var/lib/failover-supervisor")
     admin_host: str = "127.0.0.1"
     admin_port: int = 8470
+    # Mutating admin calls need "Authorization: Bearer <token>" when a token is configured:
+    # read from this file, or from the systemd credential "admin-token".
+    admin_token_file: str = ""
     on_exit: str = "stop"  # stop: engines are stopped with the daemon; leave: they run on
     health: HealthConfig = field(default_factory=HealthConfig)
     failover: FailoverConfig = field(default_factory=FailoverConfig)
@@ -206,6 +212,7 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
     admin = top.table("admin")
     admin_host = admin.text("host", "127.0.0.1")
     admin_port = admin.integer("port", 8470, minimum=0, maximum=65535)
+    admin_token_file = admin.text("token_file") or ""
     admin.unknown()
 
     h = top.table("health")
@@ -251,6 +258,7 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         drain_timeout=fe.number("drain_timeout", dfe.drain_timeout),
         retry_after=fe.integer("retry_after", dfe.retry_after, minimum=0),
         max_body_bytes=fe.integer("max_body_bytes", dfe.max_body_bytes, minimum=1024),
+        api_key_file=fe.text("api_key_file") or "",
     )
     fe.unknown()
 
@@ -291,6 +299,7 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         state_dir=state_dir,
         admin_host=admin_host,
         admin_port=admin_port,
+        admin_token_file=admin_token_file,
         on_exit=on_exit,
         health=health,
         failover=failover,
@@ -395,7 +404,37 @@ def _cross_checks(slots: list[SlotConfig], admin_port: int, problems: list[str])
             )
 
 
-def load(path: Path) -> Config:
+ENV_PREFIX = "FAILOVER_SUPERVISOR_"
+ENV_TABLES = ("node", "admin", "health", "failover", "frontend", "gpu")
+
+
+def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    """``FAILOVER_SUPERVISOR_<TABLE>_<KEY>=value`` sets ``[table] key`` (a TOML value, or
+    a bare string), e.g. ``FAILOVER_SUPERVISOR_ADMIN_PORT=9470``. Returns what was set."""
+    applied = []
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        table = next((t for t in ENV_TABLES if rest.startswith(t + "_")), None)
+        if table is None:
+            raise ConfigError(
+                [
+                    f"${name}: not a config key; use {ENV_PREFIX}<TABLE>_<KEY> "
+                    f"with TABLE one of {', '.join(ENV_TABLES)}"
+                ]
+            )
+        key = rest[len(table) + 1 :]
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # a bare string such as a host name or a path
+        data.setdefault(table, {})[key] = value
+        applied.append(f"{table}.{key} (from ${name})")
+    return applied
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
     try:
         text = path.read_text()
     except OSError as e:
@@ -404,4 +443,64 @@ def load(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{path}: not valid TOML: {e}"]) from e
+    apply_env_overrides(data, os.environ if env is None else env)
     return parse(data, base_dir=path.parent)
+
+
+def read_secret(path: str, credential: str, env: Mapping[str, str] | None = None) -> str | None:
+    """A secret from ``path``, else from the systemd credential ``credential``; None if
+    neither is set. The value is never logged."""
+    env = os.environ if env is None else env
+    if not path and env.get("CREDENTIALS_DIRECTORY"):
+        cred = Path(env["CREDENTIALS_DIRECTORY"]) / credential
+        if cred.exists():
+            path = str(cred)
+    if not path:
+        return None
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError([f"cannot read the {credential} file {path}: {e.strerror}"]) from e
+    if not secret:
+        raise ConfigError([f"the {credential} file {path} is empty"])
+    return secret
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but risky; check-config prints them, run logs them."""
+    out = []
+    loopback = ("127.", "::1", "localhost")
+    if not cfg.admin_host.startswith(loopback) and not cfg.admin_token_file:
+        out.append(
+            f"admin.host: {cfg.admin_host} is reachable from the network and "
+            "admin.token_file is not set: anyone who reaches it can fail over engines"
+        )
+    if (
+        cfg.frontend.enabled
+        and not cfg.frontend.host.startswith(loopback)
+        and not cfg.frontend.api_key_file
+    ):
+        out.append(
+            f"frontend.host: {cfg.frontend.host} serves anyone who reaches it "
+            "(frontend.api_key_file is not set)"
+        )
+    if cfg.frontend.migration_wait < cfg.failover.wake_timeout:
+        out.append(
+            f"frontend.migration_wait ({cfg.frontend.migration_wait:g}s) is shorter "
+            f"than failover.wake_timeout ({cfg.failover.wake_timeout:g}s): a broken "
+            "stream may give up before its slot's shadow is awake"
+        )
+    if cfg.health.probe_timeout > cfg.health.probe_interval * cfg.health.failure_threshold:
+        out.append(
+            "health.probe_timeout is longer than probe_interval x failure_threshold: "
+            "a hung engine is noticed only after the timeouts add up"
+        )
+    if (
+        any(s.placement == "paired" and s.shadows for s in cfg.slots)
+        and cfg.failover.wake_oom_retry == 0
+    ):
+        out.append(
+            "failover.wake_oom_retry = 0 with paired shadows: a wake that races the "
+            "dead engine's memory release fails instead of retrying"
+        )
+    return out

@@ -23,7 +23,7 @@ from supervisor import __version__
 from supervisor import log as logging
 from supervisor.admin import AdminApi
 from supervisor.backends import load_backend
-from supervisor.config import Config
+from supervisor.config import Config, read_secret, warnings
 from supervisor.engines import EngineManager
 from supervisor.failover import HISTORY, SlotController
 from supervisor.frontend.app import Frontend
@@ -105,6 +105,9 @@ class Supervisor:
         self.log = logging.get(node=cfg.node)
         self.gpu = self._gpu_watcher()
         self.notify = Notifier()
+        # Secrets: read once at start (ConfigError if a named file is missing); never logged.
+        self.admin_token = read_secret(cfg.admin_token_file, "admin-token")
+        self.api_key = read_secret(cfg.frontend.api_key_file, "frontend-api-key")
 
     async def _on_dead(self, engine: Engine, source: str, reason: str, at: float) -> None:
         if self.frontend is not None:
@@ -206,6 +209,8 @@ class Supervisor:
             slots=[s.name for s in self.cfg.slots],
             state_dir=str(self.cfg.state_dir),
         )
+        for warning in warnings(self.cfg):
+            self.log.warning("risky setting", detail=warning)
         self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
         async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
@@ -272,7 +277,7 @@ class Supervisor:
     ) -> web.AppRunner | None:
         if not self.cfg.frontend.enabled:
             return None
-        self.frontend = Frontend(self.cfg, self.directory, self.metrics, session)
+        self.frontend = Frontend(self.cfg, self.directory, self.metrics, session, self.api_key)
         # handler_cancellation: a client that goes away cancels its handler at once, so the
         # upstream request is aborted without waiting for the next token to fail to write.
         runner = web.AppRunner(self.frontend.app(), access_log=None, handler_cancellation=True)

@@ -22,6 +22,7 @@ import anyio
 from aiohttp import web
 
 from supervisor import log as logging
+from supervisor.auth import bearer_ok
 from supervisor.config import Config
 from supervisor.frontend.routing import EngineDirectory, Rejected, Router
 from supervisor.frontend.streams import (
@@ -82,7 +83,9 @@ class Frontend:
         directory: EngineDirectory,
         metrics: Metrics,
         session: aiohttp.ClientSession,
+        api_key: str | None = None,
     ) -> None:
+        self.api_key = api_key  # when set, /v1/* needs "Authorization: Bearer <key>"
         self.cfg, self.fcfg = cfg, cfg.frontend
         self.directory, self.metrics, self.session = directory, metrics, session
         self.router = Router(self.fcfg, directory, metrics)
@@ -102,6 +105,13 @@ class Frontend:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if (
+            self.api_key is not None
+            and request.path.startswith("/v1/")
+            and not bearer_ok(request, self.api_key)
+        ):
+            self.metrics.requests.labels(request.path, "401").inc()
+            return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
         try:
             resp: web.StreamResponse = await handler(request)
         except BadRequest as e:

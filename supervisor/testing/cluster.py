@@ -279,13 +279,14 @@ def spawn_supervisor(
     frontend: dict[str, object] | None = None,
     gpu: dict[str, object] | None = None,
     node: dict[str, object] | None = None,
+    admin: dict[str, object] | None = None,
     env: dict[str, str] | None = None,
 ) -> SupervisorProcess:
     """Write a config for ``slots`` and start the real daemon on it (not waiting)."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg: dict[str, object] = {
         "node": {"name": "test-node", "state_dir": str(workdir / "state"), **(node or {})},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port(), **(admin or {})},
         "health": {
             "probe_interval": 0.05,
             "probe_timeout": 0.25,

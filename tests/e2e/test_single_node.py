@@ -355,3 +355,49 @@ async def test_active_failing_at_start_is_replaced_by_the_ready_shadow(
         finally:
             squatter.close()
             assert await anyio.to_thread.run_sync(sup.stop) == 0
+
+
+async def test_admin_token_and_frontend_api_key(tmp_path: Path) -> None:
+    (tmp_path / "admin-token").write_text("s3cret-admin\n")
+    (tmp_path / "api-key").write_text("s3cret-client\n")
+    sup = await start_supervisor(
+        tmp_path / "sup",
+        [sim_slot("s")],
+        admin={"token_file": str(tmp_path / "admin-token")},
+        frontend={"api_key_file": str(tmp_path / "api-key")},
+    )
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(sup.admin_url + "/status") as r:
+                assert r.status == 200  # reading needs no token
+                engine = (await r.json())["engines"][0]["id"]
+            async with s.post(sup.admin_url + "/drain", json={"engine": engine}) as r:
+                assert r.status == 401
+            async with s.post(
+                sup.admin_url + "/drain",
+                json={"engine": engine},
+                headers={"Authorization": "Bearer wrong"},
+            ) as r:
+                assert r.status == 401
+            async with s.post(
+                sup.admin_url + "/drain",
+                json={"engine": engine},
+                headers={"Authorization": "Bearer s3cret-admin"},
+            ) as r:
+                assert r.status == 200
+            body = {"model": "sim-model", "prompt": "x", "max_tokens": 2}
+            async with s.post(sup.frontend_url + "/v1/completions", json=body) as r:
+                assert r.status == 401
+                assert (await r.json())["error"]["code"] == "invalid_api_key"
+            async with s.post(
+                sup.frontend_url + "/v1/completions",
+                json=body,
+                headers={"Authorization": "Bearer s3cret-client"},
+            ) as r:
+                assert r.status == 200
+            async with s.get(sup.frontend_url + "/health") as r:
+                assert r.status == 200
+    finally:
+        assert await anyio.to_thread.run_sync(sup.stop) == 0
+    logs = sup.logs() + sup.stdout_path.read_text()
+    assert "s3cret" not in logs

@@ -157,3 +157,53 @@ def test_run_with_a_port_in_use_says_so(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert "cannot start" in out.stderr and "address already in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    from supervisor.config import load
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[slot]]\nname = "a"\nmodel = "m"\nbackend = "vllm"\nbase_port = 9000\nsimulate = true\n'
+    )
+    cfg = load(
+        path,
+        env={
+            "FAILOVER_SUPERVISOR_ADMIN_PORT": "9999",
+            "FAILOVER_SUPERVISOR_NODE_NAME": "gpu-node-7",
+            "FAILOVER_SUPERVISOR_HEALTH_PROBE_TIMEOUT": "2.5",
+            "UNRELATED": "x",
+        },
+    )
+    assert (cfg.admin_port, cfg.node, cfg.health.probe_timeout) == (9999, "gpu-node-7", 2.5)
+    with pytest.raises(ConfigError) as e:
+        load(path, env={"FAILOVER_SUPERVISOR_ADMIN_PORT": "many"})
+    assert e.value.problems == ["admin.port: must be an integer >= 0 and <= 65535, got 'many'"]
+    with pytest.raises(ConfigError) as e:
+        load(path, env={"FAILOVER_SUPERVISOR_NOPE_X": "1"})
+    assert "not a config key" in e.value.problems[0]
+
+
+def test_risky_settings_are_warned_about_but_valid(tmp_path: Path) -> None:
+    from supervisor.config import warnings
+
+    assert warnings(parse(GOOD)) == []  # the defaults are not risky
+    risky = parse(
+        {
+            **GOOD,
+            "admin": {"host": "0.0.0.0"},
+            "frontend": {"migration_wait": 5},
+            "failover": {"wake_oom_retry": 0},
+        }
+    )
+    text = "\n".join(warnings(risky))
+    assert "reachable from the network" in text
+    assert "may give up before its slot's shadow is awake" in text
+    assert "wake_oom_retry = 0 with paired shadows" in text
+    cfg = tmp_path / "r.toml"
+    cfg.write_text(
+        '[admin]\nhost = "0.0.0.0"\n[[slot]]\nname = "a"\nmodel = "m"\n'
+        'backend = "vllm"\nbase_port = 9000\nsimulate = true\n'
+    )
+    out = run_cli("check-config", str(cfg))
+    assert out.returncode == 0 and "warning: admin.host" in out.stderr
