@@ -19,7 +19,7 @@ import aiohttp
 import anyio
 from aiohttp import web
 
-from supervisor import __version__
+from supervisor import __version__, statefile
 from supervisor import log as logging
 from supervisor.admin import AdminApi
 from supervisor.backends import load_backend
@@ -114,8 +114,21 @@ class Supervisor:
             self.frontend.router.engine_failed(engine.id)  # its streams migrate at once
         await self.controllers[engine.slot].on_engine_dead(engine, source, reason, at)
 
+    @property
+    def state_path(self) -> Path:
+        return self.cfg.state_dir / "engines.json"
+
     def _engines_changed(self) -> None:
         self.directory.notify()
+        # A small local file, written in place of the last one: what a restarted
+        # supervisor needs to adopt the engines instead of launching new ones.
+        statefile.save(
+            self.state_path,
+            {
+                "node": self.cfg.node,
+                "slots": {name: c.saved() for name, c in self.controllers.items()},
+            },
+        )
         if self.ready.is_set() and not self.stopping.is_set():
             self.notify.status(self.summary())
 
@@ -240,6 +253,13 @@ class Supervisor:
                     on_change=self._engines_changed,
                     gpu_broken=lambda gpu: gpu in self.gpu.broken,
                 )
+            saved = statefile.load(self.state_path)
+            if saved is not None and saved.get("node") == self.cfg.node:
+                for name, ctl in self.controllers.items():
+                    if name in saved.get("slots", {}):
+                        n = await ctl.adopt(saved["slots"][name])
+                        if n:
+                            announce(f"adopted {n} running engine(s) of slot {name}")
             async with anyio.create_task_group() as starting:
                 for ctl in self.controllers.values():
                     starting.start_soon(ctl.start)

@@ -21,7 +21,7 @@ from anyio.abc import Process, TaskGroup
 from supervisor import log as logging
 from supervisor.backends import Backend
 from supervisor.model import Engine, LaunchCommand
-from supervisor.procfs import all_processes
+from supervisor.procfs import all_processes, read_stat
 from supervisor.testing.cluster import simulated
 
 ExitCallback = Callable[[Engine, int, float], Awaitable[None]]
@@ -48,6 +48,7 @@ class EngineManager:
         self.log_dir = log_dir
         self.on_exit = on_exit
         self.procs: dict[str, Process] = {}
+        self.adopted: set[str] = set()  # engines started by an earlier supervisor
         self.log = logging.get(component="engines")
 
     def command(
@@ -80,6 +81,8 @@ class EngineManager:
             out.close()  # the child keeps its own descriptor
         engine.pid = proc.pid
         engine.started_at = time.time()
+        st = read_stat(proc.pid)
+        engine.start_ticks = st.start_time if st is not None else None
         self.procs[engine.id] = proc
         self.log.info(
             "engine launched",
@@ -99,7 +102,25 @@ class EngineManager:
         await self.on_exit(engine, code, at)
 
     def running(self, engine: Engine) -> bool:
-        return engine.id in self.procs
+        return engine.id in self.procs or engine.id in self.adopted
+
+    def adopt(self, tg: TaskGroup, engine: Engine) -> None:
+        """Watch an engine an earlier supervisor started: not our child, so its exit is
+        read from a pidfd (readable once the process has exited)."""
+        assert engine.pid is not None
+        fd = os.pidfd_open(engine.pid)
+        self.adopted.add(engine.id)
+        self.log.info("engine adopted", engine=engine.id, slot=engine.slot, pid=engine.pid)
+        tg.start_soon(self._watch_adopted, engine, fd)
+
+    async def _watch_adopted(self, engine: Engine, fd: int) -> None:
+        try:
+            await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+        self.adopted.discard(engine.id)
+        # Not our child: its exit status belongs to its parent. -1 says "unknown".
+        await self.on_exit(engine, -1, time.time())
 
     async def wait_group_gone(self, pgid: int, timeout: float) -> bool:
         """Wait until no process of ``pgid`` is left; False if still there at the timeout."""

@@ -11,10 +11,12 @@ until a shadow is ready again. Every decision is logged with its reason; every s
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import anyio
@@ -23,7 +25,7 @@ from anyio.abc import TaskGroup
 from supervisor import log as logging
 from supervisor.backends import Backend, BackendError, EngineEndpoint, EngineOutOfMemory
 from supervisor.config import Config, SlotConfig
-from supervisor.engines import EngineManager
+from supervisor.engines import EngineManager, signal_group
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
 from supervisor.model import (
@@ -35,6 +37,7 @@ from supervisor.model import (
     Role,
     Slot,
 )
+from supervisor.procfs import read_stat
 
 HISTORY = 50  # failover records kept for /status
 
@@ -235,12 +238,105 @@ class SlotController:
         )
 
     # -- startup -------------------------------------------------------------------------
+    def saved(self) -> dict[str, Any]:
+        """This slot's part of the state file."""
+        return {
+            "epoch": self.slot.epoch,
+            "active": self.slot.active,
+            "engines": [
+                {
+                    "id": e.id,
+                    "role": e.role,
+                    "state": e.state.value,
+                    "pid": e.pid,
+                    "start_time": e.start_ticks,
+                    "port": e.spec.port,
+                    "gpus": list(e.spec.gpus),
+                }
+                for e in self.live()
+                if e.pid is not None
+            ],
+        }
+
+    async def adopt(self, saved: dict[str, Any]) -> int:
+        """Take over the engines an earlier supervisor left running, where they are still
+        the same processes and answer as they did; returns how many were adopted."""
+        self.slot.epoch = int(saved.get("epoch", 0))
+        adopted = 0
+        for rec in saved.get("engines", []):
+            state = EngineState(rec.get("state", "failed"))
+            if state not in (EngineState.ACTIVE, EngineState.SLEEPING):
+                continue
+            st = read_stat(int(rec["pid"]))
+            if st is None or st.gone or st.start_time != rec.get("start_time"):
+                self.log.warning(
+                    "stale state: engine process gone or pid reused; not adopting",
+                    engine=rec["id"],
+                    pid=rec["pid"],
+                )
+                continue
+            role: Role = "active" if state is EngineState.ACTIVE else "shadow"
+            extra = self.scfg.extra_args + (self.scfg.shadow_extra_args if role == "shadow" else ())
+            spec = EngineSpec(
+                engine_id=rec["id"],
+                model=self.scfg.model,
+                port=rec["port"],
+                served_model_name=self.scfg.served_model_name,
+                role=role,
+                gpus=tuple(rec["gpus"]),
+                extra_args=extra,
+                env=dict(self.scfg.env),
+            )
+            engine = Engine(
+                rec["id"],
+                self.slot.name,
+                role,
+                spec,
+                self.scfg.backend,
+                pid=int(rec["pid"]),
+                start_ticks=st.start_time,
+            )
+            want = Readiness.READY if state is EngineState.ACTIVE else Readiness.SLEEPING
+            try:
+                answer = await self.backend.health(self.endpoint(engine))
+            except Exception as e:
+                answer = Readiness.DOWN
+                self._plugin_failed(engine, "health", e)
+            if answer is not want:
+                self.log.warning(
+                    "not adopting: the engine answers differently than saved",
+                    engine=engine.id,
+                    saved=state.value,
+                    answer=answer.value,
+                )
+                signal_group(engine.pid or 0, signal.SIGKILL)  # ours, but not usable
+                continue
+            self.engines[engine.id] = engine
+            self.manager.adopt(self.tg, engine)
+            self.set_state(engine, state, "adopted from an earlier supervisor")
+            if state is EngineState.ACTIVE:
+                self.slot.active = engine.id
+                self._set_degraded("")
+            self.tg.start_soon(self.judge.probe_loop, engine, self.backend, self.endpoint(engine))
+            adopted += 1
+        numbers = [
+            int(e.id.rsplit("-", 1)[1])
+            for e in self.engines.values()
+            if e.id.rsplit("-", 1)[1].isdigit()
+        ]
+        self._ids = itertools.count(max(numbers, default=-1) + 1)
+        return adopted
+
     async def start(self) -> None:
         """Shadows load and sleep first (so an active on the same GPUs fits), then the
-        active engine becomes ready."""
+        active engine becomes ready. Adopted engines count: only what is missing starts."""
+        missing = self.scfg.shadows - len([e for e in self.live() if e.role == "shadow"])
         async with anyio.create_task_group() as tg:
-            for _ in range(self.scfg.shadows):
+            for _ in range(max(0, missing)):
                 tg.start_soon(self._start_shadow_logged)
+        if self.slot.active is not None:
+            self.ready.set()
+            return
         await self.start_active()
         if self.slot.active is None and self.sleeping_shadows():
             # The active engine did not come up, but a shadow is ready: serve with it.

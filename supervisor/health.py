@@ -61,7 +61,10 @@ class HealthJudge:
     async def process_exited(self, engine: Engine, code: int, at: float) -> None:
         if engine.state in (EngineState.STOPPED, EngineState.DRAINING):
             return  # we are stopping it
-        how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        if code == -1:
+            how = "exited (adopted from an earlier supervisor: status unknown)"
+        else:
+            how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
         await self.declare_dead(engine, "exit", f"process {how}", at)
 
     async def stream_stalled(self, engine: Engine, request_id: str, seconds: float) -> None:

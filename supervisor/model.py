@@ -158,6 +158,7 @@ class Engine:
     started_at: float | None = None  # wall time
     reason: str = ""  # why it is in its state (failed, draining, ...)
     relaunches: int = 0
+    start_ticks: int | None = None  # process start time: with the pid, its identity
 
     @property
     def url(self) -> str:

@@ -207,3 +207,17 @@ def test_risky_settings_are_warned_about_but_valid(tmp_path: Path) -> None:
     )
     out = run_cli("check-config", str(cfg))
     assert out.returncode == 0 and "warning: admin.host" in out.stderr
+
+
+def test_systemd_example_config_is_valid_where_vllm_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    shim = bindir / "vllm"  # stands in for an installed vLLM: only its presence is checked
+    shim.write_text("#!/bin/sh\n")
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bindir))
+    cfg = load(Path(__file__).parents[2] / "systemd" / "config.example.toml", env={})
+    assert [s.name for s in cfg.slots] == ["qwen-0", "qwen-1"]
+    assert cfg.on_exit == "leave" and cfg.admin_token_file
