@@ -181,12 +181,7 @@ class Supervisor:
     async def _gpu_fatal(self, gpu: str, reason: str, at: float) -> None:
         """A broken GPU: every engine on it is dead; active engines first, so their slots
         fail over (to shadows on other GPUs) before anything else."""
-        on_gpu = [
-            e
-            for c in self.controllers.values()
-            for e in c.engines.values()
-            if gpu in e.spec.gpus and e.state not in (EngineState.FAILED, EngineState.STOPPED)
-        ]
+        on_gpu = [e for c in self.controllers.values() for e in c.live() if gpu in e.spec.gpus]
         on_gpu.sort(key=lambda e: e.state is not EngineState.ACTIVE)
         for engine in on_gpu:
             await self.judge.declare_dead(engine, "gpu", reason, at)

@@ -80,7 +80,6 @@ class EngineManager:
         finally:
             out.close()  # the child keeps its own descriptor
         engine.pid = proc.pid
-        engine.started_at = time.time()
         st = read_stat(proc.pid)
         engine.start_ticks = st.start_time if st is not None else None
         self.procs[engine.id] = proc

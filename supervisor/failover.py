@@ -136,6 +136,14 @@ class SlotController:
             if e.role == "shadow" and e.state is EngineState.SLEEPING and not self._on_broken_gpu(e)
         ]
 
+    def missing_shadows(self) -> int:
+        """Shadows the slot should have and does not (launching or asleep ones count)."""
+        return max(0, self.scfg.shadows - len([e for e in self.live() if e.role == "shadow"]))
+
+    def needs_cold_start(self) -> bool:
+        """A slot without shadows that has lost its engine can only restart one cold."""
+        return self.scfg.shadows == 0 and self.slot.active is None and not self.live()
+
     def active_engine(self) -> Engine | None:
         return self.engines.get(self.slot.active) if self.slot.active else None
 
@@ -149,9 +157,8 @@ class SlotController:
         held = [
             e
             for e in self.engines.values()
-            if e.state is not EngineState.STOPPED or self.manager.running(e)
+            if e.state not in (EngineState.STOPPED, EngineState.FAILED) or self.manager.running(e)
         ]
-        held = [e for e in held if e.state is not EngineState.FAILED or self.manager.running(e)]
         return {e.spec.port for e in held}, [e.spec.gpus for e in held]
 
     def _new_engine(self, role: Role) -> Engine:
@@ -182,9 +189,18 @@ class SlotController:
             if not free:
                 raise FailoverError("no free healthy GPU set for a new engine")
             gpus = free[0]
-        extra = self.scfg.extra_args + (self.scfg.shadow_extra_args if role == "shadow" else ())
         eid = f"{self.slot.name}-{next(self._ids)}"
-        spec = EngineSpec(
+        engine = Engine(
+            eid, self.slot.name, role, self._spec(eid, role, port, gpus), self.scfg.backend
+        )
+        self.engines[eid] = engine
+        self.set_state(engine, EngineState.LAUNCHING)
+        return engine
+
+    def _spec(self, eid: str, role: Role, port: int, gpus: tuple[str, ...]) -> EngineSpec:
+        """How this slot launches an engine of ``role`` on ``port`` and ``gpus``."""
+        extra = self.scfg.extra_args + (self.scfg.shadow_extra_args if role == "shadow" else ())
+        return EngineSpec(
             engine_id=eid,
             model=self.scfg.model,
             port=port,
@@ -194,10 +210,6 @@ class SlotController:
             extra_args=extra,
             env=dict(self.scfg.env),
         )
-        engine = Engine(eid, self.slot.name, role, spec, self.scfg.backend)
-        self.engines[eid] = engine
-        self.set_state(engine, EngineState.LAUNCHING)
-        return engine
 
     async def _launch(self, engine: Engine) -> None:
         cmd = self.manager.command(engine, self.backend, self.scfg.simulate, self.scfg.sim_args)
@@ -276,17 +288,7 @@ class SlotController:
                 )
                 continue
             role: Role = "active" if state is EngineState.ACTIVE else "shadow"
-            extra = self.scfg.extra_args + (self.scfg.shadow_extra_args if role == "shadow" else ())
-            spec = EngineSpec(
-                engine_id=rec["id"],
-                model=self.scfg.model,
-                port=rec["port"],
-                served_model_name=self.scfg.served_model_name,
-                role=role,
-                gpus=tuple(rec["gpus"]),
-                extra_args=extra,
-                env=dict(self.scfg.env),
-            )
+            spec = self._spec(rec["id"], role, rec["port"], tuple(rec["gpus"]))
             engine = Engine(
                 rec["id"],
                 self.slot.name,
@@ -330,9 +332,8 @@ class SlotController:
     async def start(self) -> None:
         """Shadows load and sleep first (so an active on the same GPUs fits), then the
         active engine becomes ready. Adopted engines count: only what is missing starts."""
-        missing = self.scfg.shadows - len([e for e in self.live() if e.role == "shadow"])
         async with anyio.create_task_group() as tg:
-            for _ in range(max(0, missing)):
+            for _ in range(self.missing_shadows()):
                 tg.start_soon(self._start_shadow_logged)
         if self.slot.active is not None:
             self.ready.set()
@@ -365,7 +366,6 @@ class SlotController:
     def _promote_state(self, engine: Engine) -> None:
         self.slot.epoch += 1
         self.slot.active = engine.id
-        engine.state = EngineState.WAKING  # so that set_state below notifies routing
         engine.role = "active"
         engine.spec = replace(engine.spec, role="active")
         self.set_state(engine, EngineState.ACTIVE, f"promoted at epoch {self.slot.epoch}")
@@ -541,9 +541,8 @@ class SlotController:
         """Replace a failed engine with a new shadow, with exponential backoff."""
         if engine.pid is not None:
             await self.manager.wait_group_gone(engine.pid, self.cfg.failover.stop_grace + 10)
-        cold = self.scfg.shadows == 0 and self.slot.active is None and not self.live()
-        missing = self.scfg.shadows - len([e for e in self.live() if e.role == "shadow"])
-        if missing <= 0 and not cold:
+        cold = self.needs_cold_start()
+        if not self.missing_shadows() and not cold:
             return
         self._relaunch_failures += 1
         f = self.cfg.failover
@@ -563,12 +562,12 @@ class SlotController:
 
     def restore_shadows(self) -> int:
         """Launch the shadows the slot is missing (e.g. after a broken GPU was cleared)."""
-        missing = self.scfg.shadows - len([e for e in self.live() if e.role == "shadow"])
-        for _ in range(max(0, missing)):
+        missing = self.missing_shadows()
+        for _ in range(missing):
             self.tg.start_soon(self._start_shadow_logged)
-        if self.slot.active is None and self.scfg.shadows == 0 and not self.live():
+        if self.needs_cold_start():
             self.tg.start_soon(self.start_active)
-        return max(0, missing)
+        return missing
 
     # -- manual actions ----------------------------------------------------------------
     async def switchover(self, to: str | None, kind: str = "switchover") -> FailoverRecord:

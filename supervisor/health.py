@@ -67,14 +67,6 @@ class HealthJudge:
             how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
         await self.declare_dead(engine, "exit", f"process {how}", at)
 
-    async def stream_stalled(self, engine: Engine, request_id: str, seconds: float) -> None:
-        await self.declare_dead(
-            engine,
-            "stall",
-            f"no token for {seconds:.1f}s on request {request_id}",
-            time.time() - seconds,
-        )
-
     async def probe_loop(self, engine: Engine, backend: Backend, ep: EngineEndpoint) -> None:
         """Probe ``engine`` while it lives; judge it only in states where health is known."""
         failures = 0

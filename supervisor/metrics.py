@@ -3,8 +3,6 @@ conventions: ``failover_supervisor_`` prefix, ``_total`` counters, ``_seconds`` 
 
 from __future__ import annotations
 
-import contextlib
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from supervisor.model import EngineState
@@ -187,11 +185,6 @@ class Metrics:
     def set_engine_state(self, slot: str, engine: str, state: EngineState) -> None:
         for s in EngineState:
             self.engine_state.labels(slot, engine, s.value).set(1 if s is state else 0)
-
-    def forget_engine(self, slot: str, engine: str) -> None:
-        for s in EngineState:
-            with contextlib.suppress(KeyError):
-                self.engine_state.remove(slot, engine, s.value)
 
 
 def reference_markdown() -> str:

@@ -155,7 +155,6 @@ class Engine:
     backend: str
     state: EngineState = EngineState.LAUNCHING
     pid: int | None = None
-    started_at: float | None = None  # wall time
     reason: str = ""  # why it is in its state (failed, draining, ...)
     relaunches: int = 0
     start_ticks: int | None = None  # process start time: with the pid, its identity
