@@ -60,7 +60,7 @@ class Rejected(Exception):
         self.reason = reason
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: each lease is one request's
 class Lease:
     """One request's hold on an engine; cancelled if the engine is declared dead."""
 
@@ -73,8 +73,7 @@ class Router:
     def __init__(self, cfg: FrontendConfig, directory: EngineDirectory, metrics: Metrics) -> None:
         self.cfg, self.directory, self.metrics = cfg, directory, metrics
         self.inflight: dict[str, int] = {}
-        self.leases: dict[str, set[int]] = {}
-        self._lease_objs: dict[int, Lease] = {}
+        self.leases: dict[str, set[Lease]] = {}  # per engine, the requests it serves
         self.waiting = 0
         self.draining = False
         self._freed = anyio.Event()
@@ -115,8 +114,7 @@ class Router:
         self.inflight[target.engine_id] = n
         self.metrics.inflight.labels(target.engine_id).set(n)
         lease = Lease(target)
-        self._lease_objs[id(lease)] = lease
-        self.leases.setdefault(target.engine_id, set()).add(id(lease))
+        self.leases.setdefault(target.engine_id, set()).add(lease)
         return lease
 
     async def _wait_for(self, model: str, exclude: AbstractSet[str], timeout: float) -> Target:
@@ -154,8 +152,7 @@ class Router:
 
     def release(self, lease: Lease) -> None:
         eid = lease.target.engine_id
-        self._lease_objs.pop(id(lease), None)
-        self.leases.get(eid, set()).discard(id(lease))
+        self.leases.get(eid, set()).discard(lease)
         n = max(0, self.inflight.get(eid, 0) - 1)
         self.inflight[eid] = n
         self.metrics.inflight.labels(eid).set(n)
@@ -164,11 +161,9 @@ class Router:
 
     def engine_failed(self, engine_id: str) -> None:
         """Cancel every stream on a dead engine so each migrates at once."""
-        for key in list(self.leases.get(engine_id, ())):
-            lease = self._lease_objs.get(key)
-            if lease is not None:
-                lease.engine_failed = True
-                lease.scope.cancel()
+        for lease in list(self.leases.get(engine_id, ())):
+            lease.engine_failed = True
+            lease.scope.cancel()
 
     @contextmanager
     def held(self, lease: Lease) -> Iterator[Lease]:
@@ -176,6 +171,3 @@ class Router:
             yield lease
         finally:
             self.release(lease)
-
-    def total_inflight(self) -> int:
-        return sum(self.inflight.values())

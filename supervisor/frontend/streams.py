@@ -128,6 +128,8 @@ class ClientShape:
 
 
 Emit = Callable[[bytes], Awaitable[None]]
+# A stream has no total deadline (the stall watchdog bounds silence); connecting has one.
+_UPSTREAM = aiohttp.ClientTimeout(total=None, sock_connect=5)
 
 
 class RequestRelay:
@@ -163,6 +165,9 @@ class RequestRelay:
     async def run(self) -> None:
         failed: set[str] = set()
         while True:
+            if self._budget_left() == 0:  # every token was sent; only the finish was lost
+                self.finish = "length"  # no engine is needed to say so
+                return
             wait = None if self.attempt == 0 else self.cfg.migration_wait
             try:
                 lease = await self.router.acquire(self.model, exclude=failed, wait=wait)
@@ -171,11 +176,6 @@ class RequestRelay:
                     self.metrics.migrations.labels("failed", self._mode(None)).inc()
                 raise
             backend = lease.target.backend
-            budget_left = self._budget_left()
-            if budget_left == 0:  # every token was sent; only the finish was lost
-                self.router.release(lease)
-                self.finish = "length"
-                return
             try:
                 if self.attempt == 0:
                     up = backend.first_request(self.req, self.rid)
@@ -255,10 +255,9 @@ class RequestRelay:
         raise UpstreamBroken("stream ended without a finish reason")
 
     async def _read(self, lease: Lease, up: UpstreamRequest, decoder: StreamDecoder) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         try:
             async with self.session.post(
-                lease.target.url + up.path, json=up.body, headers=up.headers, timeout=timeout
+                lease.target.url + up.path, json=up.body, headers=up.headers, timeout=_UPSTREAM
             ) as resp:
                 if resp.status != 200:
                     await self._bad_status(resp)
