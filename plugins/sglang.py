@@ -18,6 +18,7 @@ from supervisor.backends import (
     BackendError,
     Dialect,
     EngineEndpoint,
+    EngineReportedError,
     MalformedStream,
     MetricNames,
     StreamDecoder,
@@ -202,7 +203,7 @@ class GenerateStreamDecoder(StreamDecoder):
         if isinstance(fr, dict):
             kind = fr.get("type")
             if kind == "abort":
-                raise MalformedStream(f"engine aborted the request: {fr.get('message', '')}")
+                raise EngineReportedError(f"engine aborted the request: {fr.get('message', '')}")
             piece.finish_reason = "length" if kind == "length" else "stop"
         elif isinstance(fr, str):
             piece.finish_reason = fr

@@ -46,6 +46,11 @@ class MalformedStream(BackendError):
     """The engine sent something that is not its stream format: a failure of that engine."""
 
 
+class EngineReportedError(BackendError):
+    """The engine ended one stream with an error of its own (an error event, an abort): that
+    request failed there, which says nothing about the engine's health."""
+
+
 @dataclass(frozen=True)
 class MetricNames:
     running: str
@@ -138,7 +143,7 @@ def loads_event(data: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise MalformedStream(f"stream event is not a JSON object: {data[:80]!r}")
     if "error" in obj and "choices" not in obj:
-        raise MalformedStream(f"engine reported an error mid-stream: {str(obj['error'])[:200]}")
+        raise EngineReportedError(f"engine reported an error mid-stream: {str(obj['error'])[:200]}")
     return obj
 
 

@@ -22,7 +22,13 @@ import anyio
 import orjson
 
 from supervisor import log as logging
-from supervisor.backends import BackendError, EngineEndpoint, MalformedStream, StreamDecoder
+from supervisor.backends import (
+    BackendError,
+    EngineEndpoint,
+    EngineReportedError,
+    MalformedStream,
+    StreamDecoder,
+)
 from supervisor.config import FrontendConfig
 from supervisor.frontend.routing import Lease, Rejected, Router
 from supervisor.metrics import Metrics
@@ -269,8 +275,10 @@ class RequestRelay:
                     await self._on_piece(piece)
                     if self.finish is not None:
                         return  # usage and [DONE] after the finish are not needed
-        except MalformedStream as e:
-            raise UpstreamBroken(str(e), engine_fault="mid-stream" not in str(e)) from e
+        except EngineReportedError as e:  # this request failed there; the engine may be fine
+            raise UpstreamBroken(str(e)) from e
+        except MalformedStream as e:  # garbage: the engine is broken
+            raise UpstreamBroken(str(e), engine_fault=True) from e
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise UpstreamBroken(f"connection failed: {type(e).__name__}: {e}") from e
 

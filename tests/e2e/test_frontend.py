@@ -503,3 +503,40 @@ async def test_request_cancellation(
     assert time.monotonic() - t0 < 1.0
     async with session.get(sup.admin_url + "/metrics") as r:
         assert "failover_supervisor_cancellations_total" in await r.text()
+
+
+@pytest.mark.parametrize("dialect", ["sglang"])
+async def test_an_engine_side_abort_migrates_and_keeps_the_engine(
+    two_workers: SupervisorProcess, session: aiohttp.ClientSession
+) -> None:
+    """SGLang ends an aborted request with finish_reason "abort": the request moves to the
+    other engine, and the engine that aborted it is not declared dead."""
+    sup = two_workers
+    rid = "aborted-engine-side"
+    body = request_body("completion", True, 2000)
+    got: dict[str, Any] = {"tokens": 0, "finish": None}
+
+    async def client() -> None:
+        async with session.post(
+            sup.frontend_url + "/v1/completions", json=body, headers={"X-Request-Id": rid}
+        ) as r:
+            assert r.status == 200
+            async for data in iter_sse_data(r):
+                obj = json.loads(data)
+                assert "error" not in obj, obj
+                for ch in obj["choices"]:
+                    got["tokens"] += 1 if ch["text"] else 0
+                    got["finish"] = ch["finish_reason"] or got["finish"]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(client)
+        engine = await engine_holding(sup, session, rid)
+        await anyio.sleep(0.1)
+        async with session.post(engine["url"] + "/abort_request", json={"rid": rid}) as r:
+            assert r.status == 200
+    assert got == {"tokens": 2000, "finish": "length"}
+    assert "recreating stream" in sup.logs()
+    async with session.get(sup.admin_url + "/status") as r:
+        st = await r.json()
+    assert not st["failovers"]  # nobody called the aborting engine broken
+    assert {e["state"] for e in st["engines"]} == {"active"}
