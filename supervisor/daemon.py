@@ -105,6 +105,7 @@ class Supervisor:
         self.log = logging.get(node=cfg.node)
         self.gpu = self._gpu_watcher()
         self.notify = Notifier()
+        self._state_dirty = anyio.Event()
         # Secrets: read once at start (ConfigError if a named file is missing); never logged.
         self.admin_token = read_secret(cfg.admin_token_file, "admin-token")
         self.api_key = read_secret(cfg.frontend.api_key_file, "frontend-api-key")
@@ -120,8 +121,13 @@ class Supervisor:
 
     def _engines_changed(self) -> None:
         self.directory.notify()
-        # A small local file, written in place of the last one: what a restarted
-        # supervisor needs to adopt the engines instead of launching new ones.
+        self._state_dirty.set()  # saved by _save_state_loop, off the failover's path
+        if self.notify.enabled and self.ready.is_set() and not self.stopping.is_set():
+            self.notify.status(self.summary())
+
+    def _save_state(self) -> None:
+        """What a restarted supervisor needs to adopt the engines instead of launching new
+        ones: a small local file, replaced atomically."""
         statefile.save(
             self.state_path,
             {
@@ -129,8 +135,12 @@ class Supervisor:
                 "slots": {name: c.saved() for name, c in self.controllers.items()},
             },
         )
-        if self.ready.is_set() and not self.stopping.is_set():
-            self.notify.status(self.summary())
+
+    async def _save_state_loop(self) -> None:
+        while True:
+            await self._state_dirty.wait()
+            self._state_dirty = anyio.Event()  # changes from here on wait for the next save
+            await anyio.to_thread.run_sync(self._save_state)
 
     def summary(self) -> str:
         """One line for ``systemctl status``."""
@@ -223,6 +233,7 @@ class Supervisor:
         async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
             tg.start_soon(self._signals)
             tg.start_soon(self.notify.watchdog)
+            tg.start_soon(self._save_state_loop)
             self.notify.status("starting: shadows load and sleep, then active engines load")
             runner = web.AppRunner(AdminApi(self).app(), access_log=None)
             await runner.setup()
@@ -284,6 +295,7 @@ class Supervisor:
                 await runner.cleanup()
                 if fe_runner is not None:
                     await fe_runner.cleanup()
+                self._save_state()  # the final word: what was stopped, what was left running
             tg.cancel_scope.cancel()
         self.log.info("stopped")
 
