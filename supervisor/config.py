@@ -79,6 +79,31 @@ class FrontendConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Multi-node coordination: etcd for membership, election and fencing; NATS for
+    heartbeats. Absent ([cluster] not in the file): one node, no servers needed."""
+
+    name: str = "default"  # supervisors with the same etcd prefix and name form one cluster
+    etcd_endpoints: tuple[str, ...] = ()  # e.g. ["http://10.0.0.1:2379", ...]
+    etcd_prefix: str = "/failover-supervisor"
+    etcd_timeout: float = 1.0  # deadline of one etcd call (all endpoints tried within it)
+    lease_ttl: float = 3.0  # seconds; a node whose lease expires has left the cluster
+    nats_servers: tuple[str, ...] = ()  # e.g. ["nats://10.0.0.1:4222"]; none: no heartbeats
+    heartbeat_interval: float = 0.25  # seconds between this node's heartbeats
+    suspect_after: int = 3  # missed heartbeats that make a peer suspect
+    probe_timeout: float = 0.3  # the direct probe that confirms a suspect peer dead
+    # What a node does while it cannot reach etcd. keep-serving: engines keep serving and a
+    # same-node failover still happens (recorded in etcd on reconnect; if another node took
+    # the slot meanwhile, ours steps down). stop-promoting: no promotion without etcd.
+    etcd_unreachable: str = "keep-serving"
+    advertise_host: str = "127.0.0.1"  # how peers reach this node's admin API and engines
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.etcd_endpoints)
+
+
+@dataclass(frozen=True)
 class SlotConfig:
     name: str
     model: str
@@ -94,6 +119,11 @@ class SlotConfig:
     env: dict[str, str] = field(default_factory=dict)
     simulate: bool = False  # run the simulator of the backend's dialect instead
     sim_args: tuple[str, ...] = ()
+    # Multi-node only. hosts = "shadows": this node keeps only (pooled) shadows of a slot
+    # whose active engine lives on another node.
+    hosts: str = "active"
+    group_size: int = 1  # engines on that many nodes act as one (e.g. TP across 2 nodes)
+    group_rank: int = 0  # this node's member of the group; rank 0 serves requests
 
     @property
     def model_name(self) -> str:
@@ -114,6 +144,8 @@ class Config:
     failover: FailoverConfig = field(default_factory=FailoverConfig)
     frontend: FrontendConfig = field(default_factory=FrontendConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    engine_host: str = "127.0.0.1"  # where engines listen; peers must reach it in a cluster
     slots: tuple[SlotConfig, ...] = ()
 
     @property
@@ -207,6 +239,7 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
     if base_dir is not None and not state_dir.is_absolute():
         state_dir = base_dir / state_dir
     on_exit = node.text("on_exit", "stop", choices=ON_EXIT)
+    engine_host = node.text("engine_host", Config.engine_host)
     node.unknown()
 
     admin = top.table("admin")
@@ -276,6 +309,8 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
     )
     g.unknown()
 
+    cluster = _cluster(top.table("cluster"), "cluster" in data)
+
     top.used.add("slot")
     raw_slots = data.get("slot", [])
     slots: list[SlotConfig] = []
@@ -290,6 +325,13 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
     if not raw_slots:
         problems.append("slot: at least one [[slot]] is required (name, model, backend, base_port)")
     _cross_checks(slots, admin_port, problems)
+    if not cluster.enabled:
+        for i, sc in enumerate(slots):
+            if sc.hosts != "active" or sc.group_size > 1:
+                problems.append(
+                    f'slot[{i}]: hosts = "shadows" and group_size need a [cluster] '
+                    "with etcd_endpoints (another node must host the rest)"
+                )
     if frontend.enabled and frontend.port and frontend.port == admin_port:
         problems.append(f"frontend.port: {frontend.port} is also the admin port")
     if problems:
@@ -305,8 +347,44 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         failover=failover,
         frontend=frontend,
         gpu=gpu,
+        cluster=cluster,
+        engine_host=engine_host,
         slots=tuple(slots),
     )
+
+
+def _cluster(c: _Reader, present: bool) -> ClusterConfig:
+    d = ClusterConfig()
+    out = ClusterConfig(
+        name=c.text("name", d.name),
+        etcd_endpoints=c.strs("etcd_endpoints"),
+        etcd_prefix=c.text("etcd_prefix", d.etcd_prefix),
+        etcd_timeout=c.number("etcd_timeout", d.etcd_timeout, strict=True),
+        lease_ttl=c.number("lease_ttl", d.lease_ttl, strict=True),
+        nats_servers=c.strs("nats_servers"),
+        heartbeat_interval=c.number("heartbeat_interval", d.heartbeat_interval, strict=True),
+        suspect_after=c.integer("suspect_after", d.suspect_after, minimum=1),
+        probe_timeout=c.number("probe_timeout", d.probe_timeout, strict=True),
+        etcd_unreachable=c.text(
+            "etcd_unreachable", d.etcd_unreachable, choices=("keep-serving", "stop-promoting")
+        ),
+        advertise_host=c.text("advertise_host", d.advertise_host),
+    )
+    c.unknown()
+    if present and not out.etcd_endpoints:
+        c.problems.append(
+            'cluster.etcd_endpoints: required in a [cluster] (e.g. ["http://127.0.0.1:2379"]); '
+            "remove [cluster] to run one node without etcd"
+        )
+    for e in out.etcd_endpoints:
+        if not e.startswith(("http://", "https://")):
+            c.problems.append(f"cluster.etcd_endpoints: {e!r} must be an http(s):// URL")
+    for n in out.nats_servers:
+        if not n.startswith(("nats://", "tls://")):
+            c.problems.append(f"cluster.nats_servers: {n!r} must be a nats:// URL")
+    if out.lease_ttl < 2:
+        c.problems.append("cluster.lease_ttl: etcd leases are whole seconds; use 2 or more")
+    return out
 
 
 def _slot(r: _Reader) -> SlotConfig | None:
@@ -359,8 +437,18 @@ def _slot(r: _Reader) -> SlotConfig | None:
         env=dict(env),
         simulate=r.flag("simulate", False),
         sim_args=r.strs("sim_args"),
+        hosts=r.text("hosts", "active", choices=("active", "shadows")),
+        group_size=r.integer("group_size", 1, minimum=1),
+        group_rank=r.integer("group_rank", 0, minimum=0),
     )
     r.unknown()
+    if slot_cfg.group_rank >= slot_cfg.group_size:
+        r.problems.append(
+            f"{r.path}.group_rank: {slot_cfg.group_rank} is not below group_size "
+            f"({slot_cfg.group_size})"
+        )
+    if slot_cfg.hosts == "shadows" and shadows == 0:
+        r.problems.append(f'{r.path}.shadows: hosts = "shadows" needs shadows >= 1')
     if base_port and base_port + shadows > 65535:
         r.problems.append(f"{r.path}.base_port: {base_port} + {shadows} shadows passes 65535")
     return slot_cfg if len(r.problems) == before else None
@@ -502,5 +590,16 @@ def warnings(cfg: Config) -> list[str]:
         out.append(
             "failover.wake_oom_retry = 0 with paired shadows: a wake that races the "
             "dead engine's memory release fails instead of retrying"
+        )
+    cl = cfg.cluster
+    if cl.enabled and cl.nats_servers and cl.lease_ttl < cl.heartbeat_interval * 3:
+        out.append(
+            f"cluster.lease_ttl ({cl.lease_ttl:g}s) is shorter than 3 heartbeats "
+            f"({cl.heartbeat_interval:g}s each): leases may expire before peers even suspect"
+        )
+    if cl.enabled and not cl.nats_servers:
+        out.append(
+            "cluster.nats_servers is empty: a lost node is noticed only when its etcd "
+            f"lease expires ({cl.lease_ttl:g}s), not from missed heartbeats"
         )
     return out

@@ -22,8 +22,9 @@ from aiohttp import web
 from supervisor import __version__, statefile
 from supervisor import log as logging
 from supervisor.admin import AdminApi
-from supervisor.backends import load_backend
+from supervisor.backends import Backend, load_backend
 from supervisor.config import Config, read_secret, warnings
+from supervisor.coordination.cluster import ClusterCoordinator
 from supervisor.engines import EngineManager
 from supervisor.failover import HISTORY, SlotController
 from supervisor.frontend.app import Frontend
@@ -59,14 +60,26 @@ class DaemonDirectory:
         self._changed = anyio.Event()
 
     def models(self) -> list[str]:
-        return sorted({c.slot.model for c in self.sup.controllers.values()})
+        local = {c.slot.model for c in self.sup.controllers.values()}
+        if self.sup.cluster is not None:
+            local |= self.sup.cluster.models()
+        return sorted(local)
 
     def candidates(self, model: str) -> list[Target]:
         out = []
+        cluster = self.sup.cluster
         for c in self.sup.controllers.values():
             e = c.active_engine()
-            if c.slot.model == model and e is not None and e.state is EngineState.ACTIVE:
-                out.append(Target(e.id, e.url, c.backend))
+            if c.slot.model != model or e is None or e.state is not EngineState.ACTIVE:
+                continue
+            if c.grouped and (c.scfg.group_rank != 0 or cluster is None):
+                continue  # a group serves through its rank-0 member
+            if cluster is not None and c.grouped and cluster.chosen(c.slot.name) != e.unit:
+                continue  # a group serves once the cluster has chosen it
+            out.append(Target(e.id, e.url, c.backend))
+        if cluster is not None:
+            for r in cluster.remote_targets(model):
+                out.append(Target(r["id"], r["url"], self.sup.backend_named(r["backend"])))
         return out
 
     async def changed(self) -> None:
@@ -95,6 +108,8 @@ class Supervisor:
         self.manager = EngineManager(cfg.log_dir, self.judge.process_exited)
         self.controllers: dict[str, SlotController] = {}
         self.backends = {s.name: load_backend(s.backend) for s in cfg.slots}
+        self._backends_by_name: dict[str, Backend] = {}
+        self.cluster: ClusterCoordinator | None = None
         self.ready = anyio.Event()
         self.stopping = anyio.Event()
         self.admin_url = ""
@@ -110,6 +125,17 @@ class Supervisor:
         self.admin_token = read_secret(cfg.admin_token_file, "admin-token")
         self.api_key = read_secret(cfg.frontend.api_key_file, "frontend-api-key")
 
+    def backend_named(self, name: str) -> Backend:
+        """A backend for a peer's engine (loaded once per name)."""
+        if name not in self._backends_by_name:
+            self._backends_by_name[name] = load_backend(name)
+        return self._backends_by_name[name]
+
+    def _peer_engines_dead(self, engine_ids: list[str]) -> None:
+        if self.frontend is not None:
+            for eid in engine_ids:
+                self.frontend.router.engine_failed(eid)  # their streams migrate at once
+
     async def _on_dead(self, engine: Engine, source: str, reason: str, at: float) -> None:
         if self.frontend is not None:
             self.frontend.router.engine_failed(engine.id)  # its streams migrate at once
@@ -121,6 +147,8 @@ class Supervisor:
 
     def _engines_changed(self) -> None:
         self.directory.notify()
+        if self.cluster is not None:
+            self.cluster.local_changed()
         self._state_dirty.set()  # saved by _save_state_loop, off the failover's path
         if self.notify.enabled and self.ready.is_set() and not self.stopping.is_set():
             self.notify.status(self.summary())
@@ -214,6 +242,7 @@ class Supervisor:
             "engines": [e.as_dict() for c in self.controllers.values() for e in c.engines.values()],
             "failovers": [r.as_dict() for r in self.history],
             "gpus": self.gpu.snapshot(),
+            "cluster": self.cluster.status() if self.cluster is not None else None,
         }
 
     def stop(self) -> None:
@@ -245,6 +274,23 @@ class Supervisor:
             self.log.info("admin API listening", url=self.admin_url)
             fe_runner = await self._start_frontend(session, announce)
             tg.start_soon(self.gpu.run)
+            if self.cfg.cluster.enabled:
+                self.cluster = ClusterCoordinator(
+                    self.cfg,
+                    self.controllers,
+                    self.metrics,
+                    session,
+                    admin_url=lambda: self.admin_url,
+                    on_view_change=self.directory.notify,
+                    on_peer_dead=self._peer_engines_dead,
+                )
+                tg.start_soon(self.cluster.run)
+                # Whether a slot is already served elsewhere decides what starts here.
+                with anyio.move_on_after(max(self.cfg.cluster.lease_ttl, 2)):
+                    await self.cluster.loaded.wait()
+                if not self.cluster.loaded.is_set():
+                    self.log.warning("etcd not reachable at start; starting engines anyway")
+                announce(f"cluster: {self.cfg.cluster.name}")
             for scfg in self.cfg.slots:
                 self.controllers[scfg.name] = SlotController(
                     self.cfg,
@@ -258,6 +304,7 @@ class Supervisor:
                     tg,
                     on_change=self._engines_changed,
                     gpu_broken=lambda gpu: gpu in self.gpu.broken,
+                    coordinator=self.cluster,
                 )
             saved = statefile.load(self.state_path)
             if saved is not None and saved.get("node") == self.cfg.node:
@@ -292,6 +339,8 @@ class Supervisor:
                     async with anyio.create_task_group() as stops:
                         for ctl in self.controllers.values():
                             stops.start_soon(ctl.stop_all)
+                if self.cluster is not None:
+                    await self.cluster.leave()
                 await runner.cleanup()
                 if fe_runner is not None:
                     await fe_runner.cleanup()

@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 from supervisor import log as logging
 from supervisor.backends import Backend, BackendError, EngineEndpoint, EngineOutOfMemory
 from supervisor.config import Config, SlotConfig
+from supervisor.coordination.local import Coordinator, LocalCoordinator
 from supervisor.engines import EngineManager, signal_group
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
@@ -76,12 +77,16 @@ class SlotController:
         tg: TaskGroup,
         on_change: Callable[[], None] = lambda: None,
         gpu_broken: Callable[[str], bool] = lambda gpu: False,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self.cfg, self.scfg, self.backend = cfg, slot_cfg, backend
         self.manager, self.judge, self.metrics = manager, judge, metrics
         self.session, self.history, self.tg = session, history, tg
         self.on_change = on_change  # routing follows every state change
         self.gpu_broken = gpu_broken  # GPUs a fatal XID (or NVML) marked broken
+        self.coord: Coordinator = coordinator or LocalCoordinator()
+        # In a cluster, engine ids name their node: they are unique cluster-wide.
+        self._id_prefix = f"{cfg.node}." if cfg.cluster.enabled else ""
         self.slot = Slot(slot_cfg.name, slot_cfg.model_name)
         self.engines: dict[str, Engine] = {}
         self.lock = anyio.Lock()  # one promotion at a time per slot
@@ -142,7 +147,27 @@ class SlotController:
 
     def needs_cold_start(self) -> bool:
         """A slot without shadows that has lost its engine can only restart one cold."""
-        return self.scfg.shadows == 0 and self.slot.active is None and not self.live()
+        return (
+            self.scfg.shadows == 0
+            and self.slot.active is None
+            and not self.live()
+            and self.hosts_active
+            and self.coord.served_elsewhere(self.slot.name) is None
+        )
+
+    @property
+    def hosts_active(self) -> bool:
+        """Whether this node starts the slot's active engine (else it only keeps shadows)."""
+        return self.scfg.hosts == "active"
+
+    @property
+    def grouped(self) -> bool:
+        """A multi-node group: failover is the cluster leader's, for the whole group."""
+        return self.scfg.group_size > 1
+
+    def group_of(self, port: int) -> str:
+        # Members of one group share their lane: the same offset in each node's port range.
+        return f"{self.slot.name}:lane{port - self.scfg.base_port}" if self.grouped else ""
 
     def active_engine(self) -> Engine | None:
         return self.engines.get(self.slot.active) if self.slot.active else None
@@ -189,9 +214,14 @@ class SlotController:
             if not free:
                 raise FailoverError("no free healthy GPU set for a new engine")
             gpus = free[0]
-        eid = f"{self.slot.name}-{next(self._ids)}"
+        eid = f"{self._id_prefix}{self.slot.name}-{next(self._ids)}"
         engine = Engine(
-            eid, self.slot.name, role, self._spec(eid, role, port, gpus), self.scfg.backend
+            eid,
+            self.slot.name,
+            role,
+            self._spec(eid, role, port, gpus),
+            self.scfg.backend,
+            group=self.group_of(port),
         )
         self.engines[eid] = engine
         self.set_state(engine, EngineState.LAUNCHING)
@@ -204,6 +234,7 @@ class SlotController:
             engine_id=eid,
             model=self.scfg.model,
             port=port,
+            host=self.cfg.engine_host,
             served_model_name=self.scfg.served_model_name,
             role=role,
             gpus=gpus,
@@ -297,6 +328,7 @@ class SlotController:
                 self.scfg.backend,
                 pid=int(rec["pid"]),
                 start_ticks=st.start_time,
+                group=self.group_of(int(rec["port"])),
             )
             want = Readiness.READY if state is EngineState.ACTIVE else Readiness.SLEEPING
             try:
@@ -335,7 +367,11 @@ class SlotController:
         async with anyio.create_task_group() as tg:
             for _ in range(self.missing_shadows()):
                 tg.start_soon(self._start_shadow_logged)
-        if self.slot.active is not None:
+        elsewhere = self.coord.served_elsewhere(self.slot.name)
+        if self.slot.active is not None or not self.hosts_active or elsewhere:
+            if elsewhere and self.slot.active is None:
+                self.log.info("slot served by another node; keeping shadows only", by=elsewhere)
+            self._set_degraded("")
             self.ready.set()
             return
         await self.start_active()
@@ -361,10 +397,27 @@ class SlotController:
                 self.log.error("active engine did not come up", engine=engine.id, error=str(e))
                 self._set_degraded(f"active engine did not come up: {e}")
                 return
-            self._promote_state(engine)
+            epoch = await self._claim_cold(engine)
+            if epoch is None:
+                self.log.info(
+                    "another node serves the slot: stopping the engine started cold",
+                    engine=engine.id,
+                )
+                self.set_state(engine, EngineState.DRAINING, "fenced: slot served elsewhere")
+                await self.manager.stop(engine, self.cfg.failover.stop_grace)
+                self.set_state(engine, EngineState.STOPPED, "fenced: slot served elsewhere")
+                self._set_degraded("")
+                return
+            self._promote_state(engine, epoch)
 
-    def _promote_state(self, engine: Engine) -> None:
-        self.slot.epoch += 1
+    async def _claim_cold(self, engine: Engine) -> int | None:
+        if self.grouped:
+            # A group is claimed by the cluster leader once every member is up.
+            return self.slot.epoch
+        return await self.coord.claim(self.slot.name, engine.unit, self.slot.epoch, "started cold")
+
+    def _promote_state(self, engine: Engine, epoch: int) -> None:
+        self.slot.epoch = epoch
         self.slot.active = engine.id
         engine.role = "active"
         engine.spec = replace(engine.spec, role="active")
@@ -446,12 +499,19 @@ class SlotController:
                     )
 
     async def _failover_locked(self, record: FailoverRecord, dead: Engine | None) -> None:
+        if self.grouped:
+            # One member cannot replace a group: the cluster leader promotes a whole group.
+            record.result = "handed to cluster"
+            self._set_degraded("group member failed; the cluster leader fails the group over")
+            self.log.info("group slot: failover is the cluster leader's", reason=record.reason)
+            return
         while True:
             shadows = self.sleeping_shadows()
             if not shadows:
                 record.result = "degraded"
                 self._set_degraded("no shadow available")
                 self.log.error("slot degraded: no sleeping shadow to promote", reason=record.reason)
+                await self.coord.hand_over(self.slot.name, f"no shadow left on {self.cfg.node}")
                 return
             shadow = shadows[0]
             self.log.info(
@@ -477,6 +537,20 @@ class SlotController:
                         f"{self.cfg.failover.memory_release_timeout}s; not waking a paired "
                         "shadow into an OOM"
                     )
+            with Step(record, "fence"):
+                epoch = await self.coord.claim(
+                    self.slot.name, shadow.unit, self.slot.epoch, record.reason
+                )
+            if epoch is None:
+                record.result = "fenced"
+                self._set_degraded("")
+                self.log.warning(
+                    "not promoting: the slot's epoch moved on in the cluster (fenced)",
+                    shadow=shadow.id,
+                    epoch=self.slot.epoch,
+                )
+                return
+            self.slot.epoch = epoch  # claimed: a failed wake below goes on from here
             try:
                 with Step(record, "wake"):
                     await self._wake(shadow)
@@ -489,7 +563,7 @@ class SlotController:
                 self.tg.start_soon(self.relaunch_after, shadow)
                 continue
             with Step(record, "promote"):
-                self._promote_state(shadow)
+                self._promote_state(shadow, epoch)
             self.metrics.wake_seconds.labels(self.slot.name).observe(record.steps["wake"])
             record.promoted_engine, record.epoch, record.result = (
                 shadow.id,
@@ -530,7 +604,7 @@ class SlotController:
         await self._wait_health(shadow, {Readiness.READY}, self.cfg.failover.wake_timeout)
 
     async def recover(self, why: str) -> None:
-        if self.slot.active is not None:
+        if self.slot.active is not None or self.coord.served_elsewhere(self.slot.name):
             return
         record = FailoverRecord(
             self.slot.name, None, f"recover: {why}", kind="recovery", detected_at=time.time()
@@ -568,6 +642,60 @@ class SlotController:
         if self.needs_cold_start():
             self.tg.start_soon(self.start_active)
         return missing
+
+    # -- cluster decisions ---------------------------------------------------------------
+    async def promote_assigned(self, engine_id: str, epoch: int, reason: str) -> None:
+        """The cluster (its leader, in etcd) made this node's shadow the slot's active one
+        at ``epoch``: wake it and serve. A failed wake marks it failed; the leader moves on."""
+        async with self.lock:
+            engine = self.engines.get(engine_id)
+            if engine is None or engine.state is not EngineState.SLEEPING:
+                self.log.warning(
+                    "cluster chose an engine that is not a sleeping shadow here",
+                    engine=engine_id,
+                    state=engine.state.value if engine else None,
+                )
+                return
+            record = FailoverRecord(
+                self.slot.name, None, f"cluster: {reason}", kind="cluster", detected_at=time.time()
+            )
+            self.history.appendleft(record)
+            self.log.info("cluster promotes our shadow", engine=engine_id, epoch=epoch, why=reason)
+            try:
+                with Step(record, "wake"):
+                    await self._wake(engine)
+            except FailoverError as e:
+                record.result = "error"
+                self.log.error("assigned shadow failed to wake", engine=engine_id, error=str(e))
+                self.set_state(engine, EngineState.FAILED, f"wake failed: {e}")
+                self.manager.kill_now(engine)
+                self.tg.start_soon(self.relaunch_after, engine)
+                return
+            finally:
+                record.finished_at = time.time()
+            self._promote_state(engine, epoch)
+            record.promoted_engine, record.epoch, record.result = engine_id, epoch, "promoted"
+            self.metrics.failovers.labels(self.slot.name, "cluster", "promoted").inc()
+
+    async def step_down(self, epoch: int, by: str) -> None:
+        """The cluster moved the slot to ``by`` at ``epoch`` while this node still serves it
+        (we were partitioned, or our group was replaced): stop our active engine."""
+        async with self.lock:
+            engine = self.active_engine()
+            if engine is None:
+                return
+            self.log.warning(
+                "fenced: the cluster serves this slot elsewhere; stopping our active engine",
+                engine=engine.id,
+                epoch=epoch,
+                now_served_by=by,
+            )
+            self.slot.active = None
+            self.set_state(engine, EngineState.DRAINING, f"fenced at epoch {epoch} by {by}")
+            await self.manager.stop(engine, self.cfg.failover.stop_grace)
+            self.set_state(engine, EngineState.STOPPED, f"fenced at epoch {epoch}")
+            self._set_degraded("")
+        self.tg.start_soon(self.relaunch_after, engine)
 
     # -- manual actions ----------------------------------------------------------------
     async def switchover(self, to: str | None, kind: str = "switchover") -> FailoverRecord:

@@ -182,6 +182,41 @@ class Metrics:
             registry=r,
         )
 
+        # Multi-node coordination (absent values stay 0 on a node without [cluster]).
+        self.cluster_leader = Gauge(
+            "failover_supervisor_cluster_leader",
+            "1 while this supervisor is the cluster's leader (it alone promotes across nodes).",
+            registry=r,
+        )
+        self.cluster_peers = Gauge(
+            "failover_supervisor_cluster_peers",
+            "Peer supervisors by how this node sees them (alive, suspect, dead).",
+            ["state"],
+            registry=r,
+        )
+        self.etcd_reachable = Gauge(
+            "failover_supervisor_etcd_reachable",
+            "1 while this node's last etcd call succeeded and its lease is held.",
+            registry=r,
+        )
+        self.nats_connected = Gauge(
+            "failover_supervisor_nats_connected",
+            "1 while this node is connected to NATS (heartbeats flow).",
+            registry=r,
+        )
+        self.cluster_promotions = Counter(
+            "failover_supervisor_cluster_promotions",
+            "Epoch transactions in etcd by slot and result (committed, fenced, deferred).",
+            ["slot", "result"],
+            registry=r,
+        )
+        self.node_loss_seconds = Histogram(
+            "failover_supervisor_node_loss_detection_seconds",
+            "From a peer's last heartbeat to this node confirming it dead.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+
     def set_engine_state(self, slot: str, engine: str, state: EngineState) -> None:
         for s in EngineState:
             self.engine_state.labels(slot, engine, s.value).set(1 if s is state else 0)

@@ -158,10 +158,16 @@ class Engine:
     reason: str = ""  # why it is in its state (failed, draining, ...)
     relaunches: int = 0
     start_ticks: int | None = None  # process start time: with the pid, its identity
+    group: str = ""  # a multi-node group's id: the engines that act (and fail over) as one
 
     @property
     def url(self) -> str:
         return self.spec.url
+
+    @property
+    def unit(self) -> str:
+        """What a slot promotes: the engine itself, or its whole group."""
+        return self.group or self.id
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -175,6 +181,7 @@ class Engine:
             "gpus": list(self.spec.gpus),
             "reason": self.reason,
             "relaunches": self.relaunches,
+            "group": self.group or None,
         }
 
 

@@ -1,0 +1,815 @@
+"""Multi-node coordination: membership, leader election and epoch fencing in etcd, with
+heartbeats over NATS for fast suspicion.
+
+Keys, under ``<etcd_prefix>/<cluster name>/``:
+
+- ``nodes/<node>``      this node's admin URL; on its lease (gone = node gone)
+- ``engines/<id>``      each engine's slot, role, state, URL and group; on the lease
+- ``election/<node>``   on the lease; the lowest create revision is the leader
+- ``slots/<slot>``      ``{"epoch", "active", ...}``: who serves a slot; not on a lease.
+  Every promotion anywhere is a transaction on this key conditioned on its last revision,
+  so two promotions can never both take one epoch.
+
+Who decides:
+
+- A node fails over its own slots to its own shadows (fast, no peer involved), but claims
+  the epoch in etcd first; a claim that finds the slot moved on is refused (fenced).
+- The leader promotes across nodes: when a slot's active engine lives on a node confirmed
+  dead, when the owner has no shadow left, and always for groups (a group spans nodes).
+  It writes the new epoch naming a sleeping shadow (or a whole sleeping group); the node
+  that hosts it sees the key change and wakes it.
+- A node that sees its slot at a newer epoch naming someone else stops its own active
+  engine (it was partitioned, or its group was replaced).
+
+A peer is *suspect* after ``suspect_after`` missed heartbeats and *dead* once that is
+confirmed: its lease expired, or its admin API does not answer a direct probe. A node cut
+off from etcd but still heard on NATS is not dead, so it is not failed over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import anyio
+import orjson
+
+from supervisor import log as logging
+from supervisor.config import Config
+from supervisor.coordination.etcd import (
+    Compare,
+    EtcdClient,
+    EtcdError,
+    EtcdUnavailable,
+    KeyValue,
+    LeaseExpired,
+    WatchCompacted,
+    delete_op,
+    put_op,
+)
+from supervisor.coordination.nats import Heartbeats
+from supervisor.metrics import Metrics
+from supervisor.model import EngineState
+
+if TYPE_CHECKING:
+    from supervisor.failover import SlotController
+
+
+@dataclass
+class SlotRecord:
+    """``slots/<slot>`` in etcd: which unit serves the slot, at which epoch."""
+
+    epoch: int
+    active: str | None
+    nodes: list[str]
+    by: str
+    reason: str
+    mod_revision: int = 0
+
+    def as_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "epoch": self.epoch,
+                "active": self.active,
+                "nodes": self.nodes,
+                "by": self.by,
+                "reason": self.reason,
+                "at": time.time(),
+            }
+        )
+
+    @classmethod
+    def parse(cls, kv: KeyValue) -> SlotRecord:
+        d = orjson.loads(kv.value)
+        return cls(
+            int(d.get("epoch", 0)),
+            d.get("active"),
+            list(d.get("nodes") or []),
+            str(d.get("by", "")),
+            str(d.get("reason", "")),
+            kv.mod_revision,
+        )
+
+
+@dataclass
+class ClusterView:
+    """This node's copy of the cluster's keys, kept current by one etcd watch."""
+
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    slots: dict[str, SlotRecord] = field(default_factory=dict)
+    election: dict[str, int] = field(default_factory=dict)  # node -> create revision
+    revision: int = 0
+
+    def apply(self, rel: str, kv: KeyValue, deleted: bool) -> None:
+        kind, _, name = rel.partition("/")
+        if kind == "slots":
+            if deleted:
+                self.slots.pop(name, None)
+            else:
+                self.slots[name] = SlotRecord.parse(kv)
+            return
+        if kind == "election":
+            if deleted:
+                self.election.pop(name, None)
+            else:
+                self.election[name] = kv.create_revision
+            return
+        table = {"nodes": self.nodes, "engines": self.engines}.get(kind)
+        if table is None:
+            return
+        if deleted:
+            table.pop(name, None)
+        else:
+            table[name] = orjson.loads(kv.value)
+
+    def leader(self, excluding: Collection[str] = ()) -> str | None:
+        """The candidate with the lowest create revision, passing over ``excluding``."""
+        live = {n: r for n, r in self.election.items() if n not in excluding}
+        return min(live, key=lambda n: live[n]) if live else None
+
+    def unit_members(self, slot: str, unit: str) -> list[dict[str, Any]]:
+        return [
+            e for e in self.engines.values() if e.get("slot") == slot and (e.get("unit") == unit)
+        ]
+
+
+class ClusterCoordinator:
+    """One node's part of the cluster (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        controllers: Mapping[str, SlotController],
+        metrics: Metrics,
+        session: aiohttp.ClientSession,
+        *,
+        admin_url: Callable[[], str],
+        on_view_change: Callable[[], None],
+        on_peer_dead: Callable[[list[str]], None],
+    ) -> None:
+        self.cfg = cfg
+        self.cl = cfg.cluster
+        self.node = cfg.node
+        self.controllers = controllers
+        self.metrics = metrics
+        self.session = session
+        self.admin_url = admin_url
+        self.on_view_change = on_view_change
+        self.on_peer_dead = on_peer_dead
+        self.etcd = EtcdClient(self.cl.etcd_endpoints, session, self.cl.etcd_timeout)
+        self.root = f"{self.cl.etcd_prefix.rstrip('/')}/{self.cl.name}/".encode()
+        self.view = ClusterView()
+        self.lease = 0
+        self.etcd_ok = False
+        self.loaded = anyio.Event()  # the first full read of the cluster is in
+        self.dead: dict[str, float] = {}  # peers confirmed dead -> when
+        self._probe_failures: dict[str, int] = {}
+        self._published: dict[bytes, bytes] = {}
+        self._dirty = anyio.Event()
+        self._changed = anyio.Event()
+        self._pending: dict[str, SlotRecord] = {}  # claims made while etcd was unreachable
+        self._first_seen: dict[tuple[str, int], float] = {}  # (slot, epoch) -> monotonic
+        self._said: dict[str, str] = {}  # slot -> the leader's last logged decision
+        self._acting: set[str] = set()  # slots with a promotion / step-down under way
+        self._known: set[str] = set()  # every peer ever seen
+        self.log = logging.get(node=self.node, component="cluster")
+        self.beats: Heartbeats | None = None
+        if self.cl.nats_servers:
+            self.beats = Heartbeats(
+                self.cl.nats_servers,
+                self.cl.name,
+                self.node,
+                interval=self.cl.heartbeat_interval,
+                suspect_after=self.cl.suspect_after,
+                snapshot=self._beat,
+                on_change=lambda node, suspect: self._kick(),
+            )
+
+    # -- keys ------------------------------------------------------------------------------
+    def key(self, *parts: str) -> bytes:
+        return self.root + "/".join(parts).encode()
+
+    def _kick(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    def local_changed(self) -> None:
+        """Called on every local engine state change: publish it (and beat it) soon."""
+        self._dirty.set()
+
+    # -- the Coordinator interface used by slot controllers -----------------------------------
+    async def claim(self, slot: str, unit: str, epoch: int, reason: str) -> int | None:
+        rec = self.view.slots.get(slot)
+        if rec is not None and rec.epoch > epoch and rec.active != unit:
+            self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+            self.log.warning(
+                "claim refused: the slot is at a newer epoch",
+                slot=slot,
+                unit=unit,
+                ours=epoch,
+                cluster=rec.epoch,
+                active=rec.active,
+            )
+            return None
+        current = rec.epoch if rec else 0
+        new = SlotRecord(max(current, epoch) + 1, unit, [self.node], self.node, reason)
+        for _ in range(3):
+            ok = await self._write_slot(slot, rec, new)
+            if ok is None:  # etcd unreachable
+                if self.cl.etcd_unreachable == "keep-serving":
+                    self._pending[slot] = new
+                    self.metrics.cluster_promotions.labels(slot, "deferred").inc()
+                    self.log.warning(
+                        "etcd unreachable: promoting on this node now, recording the epoch "
+                        "when etcd is back (policy keep-serving)",
+                        slot=slot,
+                        unit=unit,
+                        epoch=new.epoch,
+                    )
+                    return new.epoch
+                self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+                self.log.error("etcd unreachable: not promoting (policy stop-promoting)")
+                return None
+            if ok:
+                return new.epoch
+            # Our copy was stale. Re-read: go on only if the slot has not moved past us.
+            rec = await self._read_slot(slot)
+            if rec is not None and rec.epoch > epoch and rec.active != unit:
+                self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+                self.log.warning(
+                    "claim fenced: another promotion took the epoch",
+                    slot=slot,
+                    unit=unit,
+                    cluster=rec.epoch,
+                    active=rec.active,
+                    by=rec.by,
+                )
+                return None
+            new.epoch = (rec.epoch if rec else 0) + 1
+        return None
+
+    def served_elsewhere(self, slot: str) -> str | None:
+        rec = self.view.slots.get(slot)
+        if rec is None or rec.active is None:
+            return None
+        members = self.view.unit_members(slot, rec.active)
+        if not members or all(m.get("node") == self.node for m in members):
+            return None
+        if self._unit_serving(slot, rec.active):
+            return rec.active
+        return None
+
+    async def _write_slot(
+        self, slot: str, seen: SlotRecord | None, new: SlotRecord, leader_check: bool = False
+    ) -> bool | None:
+        """The fencing transaction. True: written; False: the key moved; None: no etcd."""
+        key = self.key("slots", slot)
+        cmp = [
+            Compare(key, "MOD", "EQUAL", seen.mod_revision)
+            if seen is not None
+            else Compare(key, "VERSION", "EQUAL", 0)
+        ]
+        if leader_check:  # a deposed leader (its election key gone) cannot promote
+            cmp.append(Compare(self.key("election", self.node), "LEASE", "EQUAL", self.lease))
+        try:
+            res = await self.etcd.txn(cmp, [put_op(key, new.as_json())])
+        except EtcdUnavailable:
+            return None
+        except EtcdError as e:
+            self.log.error("fencing transaction failed", slot=slot, error=str(e))
+            return False
+        if res.succeeded:
+            new.mod_revision = res.revision
+            self.view.slots[slot] = new
+            self.metrics.cluster_promotions.labels(slot, "committed").inc()
+            self.log.info(
+                "epoch committed in etcd",
+                slot=slot,
+                epoch=new.epoch,
+                active=new.active,
+                revision=res.revision,
+                reason=new.reason,
+            )
+        return res.succeeded
+
+    async def _read_slot(self, slot: str) -> SlotRecord | None:
+        try:
+            kv = await self.etcd.get(self.key("slots", slot))
+        except EtcdError:
+            return self.view.slots.get(slot)
+        if kv is None:
+            self.view.slots.pop(slot, None)
+            return None
+        rec = SlotRecord.parse(kv)
+        self.view.slots[slot] = rec
+        return rec
+
+    # -- liveness ------------------------------------------------------------------------
+    def peer_state(self, node: str) -> str:
+        if node == self.node:
+            return "self"
+        if node in self.dead:
+            return "dead"
+        if self.beats is not None and self.beats.is_suspect(node):
+            return "suspect"
+        if self.beats is None and node not in self.view.nodes:
+            return "dead"
+        return "alive"
+
+    def _unit_serving(self, slot: str, unit: str) -> bool:
+        members = self.view.unit_members(slot, unit)
+        if not members:
+            return False
+        size = int(members[0].get("group_size", 1))
+        return len(members) >= size and all(
+            m.get("state") == EngineState.ACTIVE.value
+            and self.peer_state(str(m.get("node"))) in ("self", "alive", "suspect")
+            for m in members
+        )
+
+    async def _probe_loop(self) -> None:
+        """Confirm suspects: a lease gone, or an admin API that does not answer."""
+        while True:
+            await anyio.sleep(self.cl.heartbeat_interval / 2)
+            self._known |= set(self.view.nodes)
+            if self.beats is not None:
+                self._known |= set(self.beats.peers)
+            for node in sorted(self._known - {self.node}):
+                if node in self.dead:
+                    continue
+                suspect = self.beats is not None and self.beats.is_suspect(node)
+                if not suspect:
+                    if self.beats is None and node not in self.view.nodes and self.loaded.is_set():
+                        self._confirm_dead(node, "lease expired")
+                    self._probe_failures.pop(node, None)
+                    continue
+                if node not in self.view.nodes and self.etcd_ok:
+                    self._confirm_dead(node, "heartbeats missed and its lease expired")
+                    continue
+                url = str((self.view.nodes.get(node) or {}).get("admin", ""))
+                if url and not await self._probe(url):
+                    n = self._probe_failures[node] = self._probe_failures.get(node, 0) + 1
+                    if n >= 2:
+                        self._confirm_dead(node, "heartbeats missed and its admin API is down")
+                else:
+                    self._probe_failures.pop(node, None)
+            self._update_peer_gauges()
+
+    async def _probe(self, url: str) -> bool:
+        try:
+            with anyio.fail_after(self.cl.probe_timeout):
+                async with self.session.get(url + "/status") as r:
+                    return r.status < 500
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    def _confirm_dead(self, node: str, why: str) -> None:
+        self.dead[node] = time.monotonic()
+        last = self.beats.peers[node].last_at if self.beats and node in self.beats.peers else 0
+        if last:
+            self.metrics.node_loss_seconds.observe(time.monotonic() - last)
+        self.log.warning(
+            "peer confirmed dead",
+            peer=node,
+            why=why,
+            silent_s=round(time.monotonic() - last, 3) if last else None,
+        )
+        gone = [eid for eid, e in self.view.engines.items() if e.get("node") == node]
+        self.on_peer_dead(gone)
+        self._kick()
+
+    def _revive(self, node: str) -> None:
+        if self.dead.pop(node, None) is not None:
+            self.log.info("peer back", peer=node)
+            self._kick()
+
+    def _update_peer_gauges(self) -> None:
+        counts = {"alive": 0, "suspect": 0, "dead": 0}
+        for node in set(self.view.nodes) | set(self.dead):
+            if node != self.node:
+                counts[self.peer_state(node) if node in self.view.nodes else "dead"] += 1
+        for state, n in counts.items():
+            self.metrics.cluster_peers.labels(state).set(n)
+
+    # -- membership: lease, registration, watch --------------------------------------------
+    def _records(self) -> dict[bytes, bytes]:
+        adv = self.cl.advertise_host
+        out = {
+            self.key("nodes", self.node): orjson.dumps({"admin": self.admin_url()}),
+        }
+        for ctl in self.controllers.values():
+            for e in ctl.engines.values():
+                if e.state is EngineState.STOPPED:
+                    continue
+                out[self.key("engines", e.id)] = orjson.dumps(
+                    {
+                        "node": self.node,
+                        "slot": e.slot,
+                        "model": ctl.slot.model,
+                        "backend": e.backend,
+                        "role": e.role,
+                        "state": e.state.value,
+                        "url": f"http://{adv}:{e.spec.port}",
+                        "unit": e.unit,
+                        "rank": ctl.scfg.group_rank,
+                        "group_size": ctl.scfg.group_size,
+                    }
+                )
+        return out
+
+    def _beat(self) -> dict[str, Any]:
+        return {
+            "admin": self.admin_url(),
+            "engines": [
+                {"id": e.id, "state": e.state.value}
+                for ctl in self.controllers.values()
+                for e in ctl.engines.values()
+            ],
+        }
+
+    async def _lease_loop(self) -> None:
+        while True:
+            try:
+                self.lease = await self.etcd.grant(self.cl.lease_ttl)
+                await self._register()
+            except EtcdError as e:
+                self._etcd_down(str(e))
+                await anyio.sleep(0.25)
+                continue
+            self._etcd_up()
+            self.log.info("joined the cluster", lease=f"{self.lease:x}", ttl=self.cl.lease_ttl)
+            lost_at: float | None = None
+            while True:
+                await anyio.sleep(self.cl.lease_ttl / 3)
+                try:
+                    await self.etcd.keepalive(self.lease, timeout=self.cl.lease_ttl / 3)
+                except LeaseExpired:
+                    self.log.warning("our lease expired; joining again")
+                    break
+                except EtcdUnavailable as e:
+                    lost_at = lost_at or time.monotonic()
+                    self._etcd_down(str(e))
+                    if time.monotonic() - lost_at > self.cl.lease_ttl:
+                        continue  # keep trying; the grant comes once etcd answers
+                    continue
+                if lost_at is not None:
+                    lost_at = None
+                self._etcd_up()
+
+    def _etcd_down(self, why: str) -> None:
+        if self.etcd_ok:
+            self.log.warning(
+                "etcd unreachable; engines keep serving",
+                error=why,
+                policy=self.cl.etcd_unreachable,
+            )
+        self.etcd_ok = False
+        self.metrics.etcd_reachable.set(0)
+
+    def _etcd_up(self) -> None:
+        if not self.etcd_ok:
+            self.log.info("etcd reachable")
+            self._dirty.set()
+        self.etcd_ok = True
+        self.metrics.etcd_reachable.set(1)
+
+    async def _register(self) -> None:
+        """Node, engines and election keys on a fresh lease (after a grant)."""
+        self._published.clear()
+        await self._publish()
+        ek = self.key("election", self.node)
+        await self.etcd.put(ek, self.node.encode(), lease=self.lease)
+
+    async def _publish(self) -> None:
+        want = self._records()
+        for k, v in want.items():
+            if self._published.get(k) != v:
+                await self.etcd.put(k, v, lease=self.lease)
+                self._published[k] = v
+        for k in [k for k in self._published if k not in want]:
+            await self.etcd.delete(k)
+            del self._published[k]
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = anyio.Event()
+            if not self.lease:
+                continue
+            try:
+                await self._publish()
+                await self._flush_pending()
+            except LeaseExpired:
+                pass  # the lease loop re-registers
+            except EtcdError as e:
+                self._etcd_down(str(e))
+                self._dirty.set()
+                await anyio.sleep(0.2)
+
+    async def _flush_pending(self) -> None:
+        """Record claims made while etcd was unreachable; a claim that lost is stepped down
+        by the reconcile loop (the slot's key names someone else at our epoch or later)."""
+        for slot, new in list(self._pending.items()):
+            rec = await self._read_slot(slot)
+            if rec is None or rec.epoch < new.epoch:
+                new.epoch = (rec.epoch if rec else 0) + 1
+                ok = await self._write_slot(slot, rec, new)
+                if ok is None:
+                    return
+                if ok:
+                    ctl = self.controllers.get(slot)
+                    if ctl is not None:
+                        ctl.slot.epoch = new.epoch
+            else:
+                self.log.warning(
+                    "our promotion during the etcd outage lost: the slot moved on",
+                    slot=slot,
+                    ours=new.active,
+                    cluster=rec.active,
+                    epoch=rec.epoch,
+                )
+            self._pending.pop(slot, None)
+        self._kick()
+
+    async def _watch_loop(self) -> None:
+        start = 0
+        while True:
+            try:
+                if start == 0:
+                    kvs, rev = await self.etcd.get_prefix(self.root)
+                    view = ClusterView(revision=rev)
+                    for kv in kvs:
+                        view.apply(kv.key[len(self.root) :].decode(), kv, False)
+                    self.view = view
+                    start = rev + 1
+                    self._after_view_change()
+                    self.loaded.set()
+                async for rev, events in self.etcd.watch_prefix(self.root, start):
+                    for ev in events:
+                        rel = ev.kv.key[len(self.root) :].decode()
+                        self.view.apply(rel, ev.kv, ev.kind == "delete")
+                        if rel.startswith("nodes/") and ev.kind == "put":
+                            self._revive(rel.split("/", 1)[1])
+                        start = max(start, ev.kv.mod_revision + 1)
+                    self.view.revision = max(self.view.revision, rev)
+                    if events:
+                        self._after_view_change()
+            except WatchCompacted:
+                start = 0
+            except EtcdError as e:
+                self._etcd_down(str(e))
+                await anyio.sleep(0.2)
+
+    def _after_view_change(self) -> None:
+        self.metrics.cluster_leader.set(1 if self.is_leader else 0)
+        self.on_view_change()
+        self._kick()
+
+    # -- decisions -------------------------------------------------------------------------
+    @property
+    def leader(self) -> str | None:
+        # A leader confirmed dead is passed over at once instead of waiting for its lease
+        # to expire; if it was only partitioned, the fencing transaction still stops it.
+        return self.view.leader(excluding=self.dead)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.etcd_ok and self.leader == self.node
+
+    async def _decide_loop(self, tg: Any) -> None:
+        while True:
+            with anyio.move_on_after(self.cl.heartbeat_interval):
+                await self._changed.wait()
+            self.metrics.cluster_leader.set(1 if self.is_leader else 0)
+            self._reconcile(tg)
+            if self.is_leader:
+                for slot in sorted(self._slots()):
+                    if slot not in self._acting:
+                        await self._lead(slot)
+
+    def _slots(self) -> set[str]:
+        return set(self.view.slots) | {str(e.get("slot")) for e in self.view.engines.values()}
+
+    def _say(self, slot: str, decision: str, **kw: Any) -> None:
+        """Log a leader decision once per change (the loop runs several times a second)."""
+        if self._said.get(slot) != decision:
+            self._said[slot] = decision
+            self.log.info("leader: " + decision, slot=slot, **kw)
+
+    async def _lead(self, slot: str) -> None:
+        rec = self.view.slots.get(slot)
+        if rec is not None and rec.active is not None:
+            if self._unit_serving(slot, rec.active):
+                self._say(slot, "serving", active=rec.active, epoch=rec.epoch)
+                return
+            members = self.view.unit_members(slot, rec.active)
+            grouped = bool(members) and int(members[0].get("group_size", 1)) > 1
+            owners = {str(m.get("node")) for m in members} | set(rec.nodes)
+            owner_dead = any(self.peer_state(n) == "dead" for n in owners)
+            failed = any(m.get("state") == EngineState.FAILED.value for m in members)
+            in_progress = any(
+                m.get("state") in (EngineState.SLEEPING.value, EngineState.WAKING.value)
+                for m in members
+            )
+            seen = self._first_seen.setdefault((slot, rec.epoch), time.monotonic())
+            waking = in_progress and not failed and not owner_dead
+            if waking and time.monotonic() - seen < self.cfg.failover.wake_timeout:
+                self._say(slot, "waiting for the chosen unit to wake", unit=rec.active)
+                return
+            if not grouped and not owner_dead:
+                # The owner fails over to its own shadows; it hands over by clearing active.
+                self._say(slot, "owner handles its own failover", owner=sorted(owners))
+                return
+            why = (
+                f"{rec.active} on dead node(s) {sorted(owners)}"
+                if owner_dead
+                else f"group {rec.active} lost a member"
+            )
+        elif rec is not None:
+            why = f"{rec.by} asked for a shadow elsewhere ({rec.reason})"
+        else:
+            # Never claimed. Single engines are claimed by their node; a group by the leader
+            # once all its members are up.
+            unit = self._complete_unit(slot, EngineState.ACTIVE)
+            if unit is None:
+                return
+            await self._promote(slot, None, unit, "group started: every member is up")
+            return
+        unit = self._complete_unit(slot, EngineState.SLEEPING, exclude=rec.active)
+        if unit is None:
+            self._say(slot, "cannot fail over: no sleeping shadow on a live node", why=why)
+            return
+        await self._promote(slot, rec, unit, why)
+
+    def _complete_unit(
+        self, slot: str, state: EngineState, exclude: str | None = None
+    ) -> str | None:
+        """A unit of ``slot`` whose members are all in ``state`` on live nodes; the least
+        busy node first."""
+        units: dict[str, list[dict[str, Any]]] = {}
+        for e in self.view.engines.values():
+            if e.get("slot") == slot and e.get("unit") != exclude:
+                units.setdefault(str(e.get("unit")), []).append(e)
+        busy: dict[str, int] = {}
+        for e in self.view.engines.values():
+            if e.get("state") == EngineState.ACTIVE.value:
+                busy[str(e.get("node"))] = busy.get(str(e.get("node")), 0) + 1
+        ok = [
+            (sum(busy.get(str(m.get("node")), 0) for m in ms), u)
+            for u, ms in units.items()
+            if len(ms) >= int(ms[0].get("group_size", 1))
+            and all(
+                m.get("state") == state.value
+                and self.peer_state(str(m.get("node"))) in ("self", "alive")
+                for m in ms
+            )
+        ]
+        return min(ok)[1] if ok else None
+
+    async def _promote(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> None:
+        members = self.view.unit_members(slot, unit)
+        new = SlotRecord(
+            (rec.epoch if rec else 0) + 1,
+            unit,
+            sorted({str(m.get("node")) for m in members}),
+            self.node,
+            why,
+        )
+        self.log.info(
+            "leader: promoting", slot=slot, unit=unit, nodes=new.nodes, epoch=new.epoch, why=why
+        )
+        ok = await self._write_slot(slot, rec, new, leader_check=True)
+        if ok:
+            self._said.pop(slot, None)
+        elif ok is False:
+            self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+            self.log.warning("leader: promotion fenced (the slot changed first)", slot=slot)
+            await self._read_slot(slot)
+
+    def _reconcile(self, tg: Any) -> None:
+        """Follow the cluster's word on our slots: wake what it chose here, step down where
+        it chose someone else."""
+        for name, ctl in self.controllers.items():
+            rec = self.view.slots.get(name)
+            if rec is None or rec.active is None or name in self._acting:
+                continue
+            ours = [e for e in ctl.engines.values() if e.unit == rec.active]
+            active = ctl.active_engine()
+            if rec.epoch < ctl.slot.epoch:
+                continue
+            if active is not None and active.unit != rec.active:
+                if name in self._pending:
+                    continue  # our own claim, not yet recorded
+                self._acting.add(name)
+                tg.start_soon(self._act, name, ctl.step_down(rec.epoch, rec.active))
+                continue
+            sleeping = [e for e in ours if e.state is EngineState.SLEEPING]
+            if sleeping and active is None:
+                self._acting.add(name)
+                tg.start_soon(
+                    self._act, name, ctl.promote_assigned(sleeping[0].id, rec.epoch, rec.reason)
+                )
+            elif rec.epoch > ctl.slot.epoch and active is not None and active.unit == rec.active:
+                ctl.slot.epoch = rec.epoch  # e.g. the leader claimed our started group
+                ctl._update_gauges()
+
+    async def _act(self, slot: str, action: Any) -> None:
+        try:
+            await action
+        finally:
+            self._acting.discard(slot)
+            self._kick()
+
+    def remote_targets(self, model: str) -> list[dict[str, Any]]:
+        """Engines on other nodes that serve ``model`` now: each slot's chosen unit (its
+        rank-0 member for a group), active, on a node not known dead."""
+        out = []
+        for slot, rec in self.view.slots.items():
+            if rec.active is None:
+                continue
+            for eid, e in self.view.engines.items():
+                if (
+                    e.get("unit") == rec.active
+                    and e.get("slot") == slot
+                    and e.get("model") == model
+                    and e.get("node") != self.node
+                    and int(e.get("rank", 0)) == 0
+                    and e.get("state") == EngineState.ACTIVE.value
+                    and self.peer_state(str(e.get("node"))) != "dead"
+                ):
+                    out.append({"id": eid, **e})
+        return out
+
+    def models(self) -> set[str]:
+        return {str(e.get("model")) for e in self.view.engines.values()}
+
+    def chosen(self, slot: str) -> str | None:
+        rec = self.view.slots.get(slot)
+        return rec.active if rec else None
+
+    async def hand_over(self, slot: str, reason: str) -> None:
+        """The owner has no shadow left: clear the slot's active so the leader promotes a
+        shadow on another node."""
+        rec = self.view.slots.get(slot)
+        ctl = self.controllers.get(slot)
+        if rec is None or ctl is None:
+            return
+        if rec.active is not None and rec.active not in {e.unit for e in ctl.engines.values()}:
+            return  # not ours to hand over
+        new = SlotRecord(rec.epoch, None, [], self.node, reason)
+        self.log.info("no shadow left here: handing the slot to the cluster", slot=slot)
+        await self._write_slot(slot, rec, new)
+
+    # -- service -------------------------------------------------------------------------
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_loop)
+            tg.start_soon(self._lease_loop)
+            tg.start_soon(self._publish_loop)
+            tg.start_soon(self._probe_loop)
+            tg.start_soon(self._decide_loop, tg)
+            if self.beats is not None:
+                tg.start_soon(self.beats.run)
+                tg.start_soon(self._nats_gauge)
+
+    async def _nats_gauge(self) -> None:
+        assert self.beats is not None
+        while True:
+            self.metrics.nats_connected.set(1 if self.beats.connected else 0)
+            for node in list(self.dead):
+                if self.beats.heard_recently(node):
+                    self._revive(node)
+            await anyio.sleep(0.5)
+
+    async def leave(self) -> None:
+        """On shutdown: drop our keys at once (revoking the lease) so peers need not wait."""
+        if self.lease:
+            with anyio.move_on_after(1):
+                await self.etcd.revoke(self.lease)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.cl.name,
+            "leader": self.leader,
+            "is_leader": self.is_leader,
+            "etcd_reachable": self.etcd_ok,
+            "nats_connected": self.beats.connected if self.beats else None,
+            "lease": f"{self.lease:x}" if self.lease else None,
+            "peers": {
+                n: self.peer_state(n)
+                for n in sorted(set(self.view.nodes) | set(self.dead))
+                if n != self.node
+            },
+            "slots": {
+                s: {"epoch": r.epoch, "active": r.active, "by": r.by, "reason": r.reason}
+                for s, r in sorted(self.view.slots.items())
+            },
+            "pending_claims": sorted(self._pending),
+        }
+
+
+__all__ = ["ClusterCoordinator", "ClusterView", "SlotRecord", "delete_op"]

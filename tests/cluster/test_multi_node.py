@@ -1,0 +1,220 @@
+"""Three supervisor nodes against real etcd and nats-server, with simulated engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from supervisor.testing.cluster import NatsServer
+from tests.cluster.conftest import (
+    Node,
+    assert_epochs_unique,
+    engines_of,
+    sim_slot,
+    slot_history,
+    slot_record,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+async def test_node_loss_promotes_shadow_on_another_node(
+    make_node: Callable[[str], Node],
+) -> None:
+    a, b, c = make_node("node-a"), make_node("node-b"), make_node("node-c")
+    await a.start([sim_slot("chat", shadows=0)])
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    await c.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    st = await b.wait(
+        lambda s: (
+            slot_record(s, "chat").get("epoch") == 1
+            and s["cluster"]["peers"] == {"node-a": "alive", "node-c": "alive"}
+        ),
+        what="slot claimed by node-a and peers seen",
+    )
+    assert slot_record(st, "chat")["active"].startswith("node-a.")
+    a_st = await a.status()
+    pids = [e["pid"] for e in engines_of(a_st)]
+    a.kill(pids)
+    st = await b.wait(
+        lambda s: (
+            slot_record(s, "chat").get("epoch") == 2
+            and s["cluster"]["peers"].get("node-a") == "dead"
+        ),
+        what="slot promoted on another node",
+    )
+    new_active = slot_record(st, "chat")["active"]
+    assert new_active.startswith(("node-b.", "node-c.")), new_active
+    owner = b if new_active.startswith("node-b.") else c
+    await owner.wait(
+        lambda s: any(e["id"] == new_active and e["state"] == "active" for e in s["engines"]),
+        what="the chosen shadow awake",
+    )
+
+
+async def _stream_text(session: Any, url: str, prompt: str, max_tokens: int) -> str:
+    body = {
+        "model": "sim-model",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0,
+    }
+    text = []
+    async with session.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for line in r.content:
+            line = line.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            text.append(chunk["choices"][0].get("text", ""))
+    return "".join(text)
+
+
+async def test_stream_migrates_across_nodes_when_its_node_dies(
+    make_node: Callable[[str], Node], session: Any
+) -> None:
+    slow = ["--sim-load-time", "0.05", "--sim-itl", "0.01", "--sim-wake-time", "0.05"]
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("chat", shadows=0, sim_args=slow)])
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows", sim_args=slow)])
+    await b.wait(lambda s: slot_record(s, "chat").get("epoch") == 1, what="claimed")
+    assert b.sup is not None
+    # Through node-b's frontend, served by node-a's engine, which dies mid-stream.
+    pids = [e["pid"] for e in engines_of(await a.status())]
+    async with anyio.create_task_group() as tg:
+        result: list[str] = []
+
+        async def client() -> None:
+            result.append(await _stream_text(session, b.sup.frontend_url, "tell me a story", 300))
+
+        tg.start_soon(client)
+        await anyio.sleep(0.8)
+        a.kill(pids)
+    st = await b.status()
+    assert slot_record(st, "chat")["active"].startswith("node-b.")
+    unbroken = await _stream_text(session, b.sup.frontend_url, "tell me a story", 300)
+    assert result[0] == unbroken  # no token lost or repeated across the node loss
+    metrics = await (await session.get(b.admin + "/metrics")).text()
+    assert "failover_supervisor_migrations_total{" in metrics
+
+
+async def test_whole_group_fails_over_as_one(
+    make_node: Callable[[str], Node], session: Any
+) -> None:
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("big", shadows=1, group_size=2, group_rank=0)])
+    await b.start([sim_slot("big", shadows=1, group_size=2, group_rank=1)])
+    st = await a.wait(
+        lambda s: slot_record(s, "big").get("epoch") == 1, what="group claimed by the leader"
+    )
+    group = slot_record(st, "big")["active"]
+    assert group.startswith("big:lane")
+    b_st = await b.status()
+    member = next(e for e in b_st["engines"] if e["state"] == "active")
+    assert member["group"] == group
+    os.killpg(member["pid"], signal.SIGKILL)  # one member dies: the whole group must move
+    st = await a.wait(
+        lambda s: (
+            slot_record(s, "big").get("epoch") == 2
+            and any(e["state"] == "active" and e["group"] != group for e in s["engines"])
+        ),
+        what="the shadow group promoted on node-a",
+    )
+    new_group = slot_record(st, "big")["active"]
+    assert new_group != group
+    # node-a's member of the old group was stopped: a group is never half-served.
+    assert not [e for e in st["engines"] if e["group"] == group and e["state"] == "active"]
+    await b.wait(
+        lambda s: any(e["state"] == "active" and e["group"] == new_group for e in s["engines"]),
+        what="node-b's member of the new group awake",
+    )
+    assert b.sup is not None
+    text = await _stream_text(session, b.sup.frontend_url, "hello group", 20)
+    assert text
+    assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
+
+
+async def test_nats_restart_causes_no_failover(
+    make_node: Callable[[str], Node], nats: NatsServer
+) -> None:
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("chat", shadows=0)])
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    await b.wait(
+        lambda s: (
+            slot_record(s, "chat").get("epoch") == 1
+            and s["cluster"]["peers"].get("node-a") == "alive"
+        ),
+        what="claimed, peers alive",
+    )
+    nats.stop()
+    await anyio.sleep(1.5)  # far past the suspect window (3 x 0.1 s)
+    nats.start()
+    await b.wait(lambda s: s["cluster"]["nats_connected"] is True, what="NATS back on node-b")
+    await anyio.sleep(1.0)  # heartbeats flow again
+    for n in (a, b):
+        st = await n.status()
+        assert slot_record(st, "chat")["epoch"] == 1
+        assert all(state == "alive" for state in st["cluster"]["peers"].values()), st["cluster"]
+    assert "peer confirmed dead" not in (a.logs() + b.logs())
+
+
+async def test_partition_from_nats_only_makes_suspect_not_dead(
+    make_node: Callable[[str], Node],
+) -> None:
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("chat", shadows=0)])
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="node-a heard")
+    assert a.nats_link is not None
+    a.nats_link.cut()
+    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "suspect", what="node-a suspect")
+    await anyio.sleep(1.5)
+    st = await b.status()
+    assert st["cluster"]["peers"]["node-a"] == "suspect"  # its lease and admin API say alive
+    assert slot_record(st, "chat")["epoch"] == 1
+    a.nats_link.heal()
+    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="heard again")
+
+
+async def test_partition_from_etcd_no_split_brain_and_rejoin(
+    make_node: Callable[[str], Node], session: Any
+) -> None:
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("chat", shadows=0)])
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    await b.wait(
+        lambda s: (
+            slot_record(s, "chat").get("epoch") == 1
+            and s["cluster"]["peers"].get("node-a") == "alive"
+        ),
+        what="claimed",
+    )
+    for link in a.etcd_links:
+        link.cut()
+    await a.wait(lambda s: s["cluster"]["etcd_reachable"] is False, what="node-a cut off")
+    await anyio.sleep(3.5)  # node-a's lease (2 s) expires meanwhile
+    st = await b.status()
+    assert "node-a" not in st["cluster"]["peers"] or st["cluster"]["peers"]["node-a"] != "dead"
+    assert slot_record(st, "chat")["epoch"] == 1  # no promotion: node-a is heard on NATS
+    assert any(e["state"] == "sleeping" for e in st["engines"])
+    assert a.sup is not None
+    assert await _stream_text(session, a.sup.frontend_url, "still serving", 5)
+    for link in a.etcd_links:
+        link.heal()
+    await a.wait(lambda s: s["cluster"]["etcd_reachable"] is True, what="node-a back")
+    await b.wait(
+        lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="node-a registered again"
+    )
+    st = await a.status()
+    assert slot_record(st, "chat")["epoch"] == 1
+    assert any(e["state"] == "active" for e in st["engines"])
+    assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
