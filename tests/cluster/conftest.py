@@ -133,8 +133,9 @@ def engines_of(st: dict[str, Any], state: str | None = None) -> list[dict[str, A
 
 
 @pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
-    c = EtcdCluster(tmp_path / "etcd", size=1).start()
+def etcd(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
+    """A real etcd: one member, or as many as ``parametrize("etcd", [3], indirect=True)``."""
+    c = EtcdCluster(tmp_path / "etcd", size=getattr(request, "param", 1)).start()
     yield c
     c.stop()
 
@@ -175,16 +176,19 @@ async def slot_history(
 
     client = EtcdClient(endpoints, session, timeout=3)
     prefix = f"/failover-supervisor/{cluster}/slots/".encode()
-    _, now = await client.get_prefix(prefix)
+    kvs, _ = await client.get_prefix(prefix)
     out: list[tuple[int, str, int, str | None]] = []
+    if not kvs:
+        return out
+    last = max(kv.mod_revision for kv in kvs)
     with anyio.fail_after(10):
-        async for rev, events in client.watch_prefix(prefix, 1):
+        async for _, events in client.watch_prefix(prefix, 1):
             for ev in events:
                 if ev.kind == "put":
                     d = orjson.loads(ev.kv.value)
                     slot = ev.kv.key[len(prefix) :].decode()
                     out.append((ev.kv.mod_revision, slot, int(d["epoch"]), d.get("active")))
-            if rev >= now:
+            if out and out[-1][0] >= last:
                 break
     return out
 

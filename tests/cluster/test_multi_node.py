@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from supervisor.testing.cluster import NatsServer
+from supervisor.testing.cluster import EtcdCluster, NatsServer
 from tests.cluster.conftest import (
     Node,
     assert_epochs_unique,
@@ -217,4 +217,85 @@ async def test_partition_from_etcd_no_split_brain_and_rejoin(
     st = await a.status()
     assert slot_record(st, "chat")["epoch"] == 1
     assert any(e["state"] == "active" for e in st["engines"])
+    assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
+
+
+@pytest.mark.etcd_ha
+@pytest.mark.parametrize("etcd", [3], indirect=True)
+async def test_etcd_member_loss_causes_no_failover(
+    make_node: Callable[[str], Node], etcd: EtcdCluster, session: Any
+) -> None:
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("chat", shadows=0)])
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    await b.wait(
+        lambda s: (
+            slot_record(s, "chat").get("epoch") == 1
+            and s["cluster"]["peers"].get("node-a") == "alive"
+        ),
+        what="claimed",
+    )
+    assert a.sup is not None
+    leader = etcd.leader()
+    assert leader is not None
+    leader.kill()  # a new etcd leader is elected among the other two
+    await anyio.sleep(1.5)
+    assert await _stream_text(session, a.sup.frontend_url, "during an election", 5)
+    follower = next(m for m in etcd.members if m.running and m is not etcd.leader())
+    follower.kill()  # one member of three left: no quorum, etcd cannot answer at all
+    await a.wait(lambda s: s["cluster"]["etcd_reachable"] is False, what="quorum lost")
+    await anyio.sleep(2.5)  # longer than the lease TTL
+    assert await _stream_text(session, a.sup.frontend_url, "without quorum", 5)
+    etcd.start_member(leader)
+    etcd.start_member(follower)
+    await anyio.to_thread.run_sync(etcd.wait_healthy)
+    for n in (a, b):
+        await n.wait(lambda s: s["cluster"]["etcd_reachable"] is True, what="etcd back")
+    await anyio.sleep(1.0)
+    for n in (a, b):
+        st = await n.status()
+        assert slot_record(st, "chat")["epoch"] == 1, st["cluster"]
+        assert all(v == "alive" for v in st["cluster"]["peers"].values()), st["cluster"]
+    assert "peer confirmed dead" not in a.logs() + b.logs()
+    assert "leader: promoting" not in a.logs() + b.logs()
+    history = await slot_history(etcd.endpoints, session)
+    assert [h[2] for h in history] == [1]
+    assert_epochs_unique(history)
+
+
+async def test_full_partition_fails_over_and_old_owner_steps_down_on_rejoin(
+    make_node: Callable[[str], Node], session: Any
+) -> None:
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("chat", shadows=0)])
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    await b.wait(
+        lambda s: (
+            slot_record(s, "chat").get("epoch") == 1
+            and s["cluster"]["peers"].get("node-a") == "alive"
+        ),
+        what="claimed",
+    )
+    assert a.nats_link is not None
+    for link in [*a.etcd_links, a.nats_link]:
+        link.cut()  # node-a is alone: no etcd, no NATS
+    st = await b.wait(
+        lambda s: slot_record(s, "chat").get("epoch") == 2,
+        timeout=15,
+        what="node-b promoted after node-a's lease expired",
+    )
+    assert slot_record(st, "chat")["active"].startswith("node-b.")
+    # node-a cannot know; it keeps serving (policy keep-serving) and cannot write epochs.
+    a_st = await a.status()
+    assert slot_record(a_st, "chat")["epoch"] == 1
+    for link in [*a.etcd_links, a.nats_link]:
+        link.heal()
+    a_st = await a.wait(
+        lambda s: (
+            not [e for e in s["engines"] if e["state"] == "active"]
+            and slot_record(s, "chat").get("epoch") == 2
+        ),
+        what="node-a stepped down after rejoining",
+    )
+    assert "fenced: the cluster serves this slot elsewhere" in a.logs()
     assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
