@@ -183,6 +183,12 @@ class Metrics:
         )
 
         # Multi-node coordination (absent values stay 0 on a node without [cluster]).
+        self.cluster_info = Gauge(
+            "failover_supervisor_cluster_info",
+            "1 on a node that is part of a cluster; labels: its name and whether NATS is used.",
+            ["cluster", "nats"],
+            registry=r,
+        )
         self.cluster_leader = Gauge(
             "failover_supervisor_cluster_leader",
             "1 while this supervisor is the cluster's leader (it alone promotes across nodes).",

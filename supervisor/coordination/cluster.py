@@ -766,6 +766,7 @@ class ClusterCoordinator:
 
     # -- service -------------------------------------------------------------------------
     async def run(self) -> None:
+        self.metrics.cluster_info.labels(self.cl.name, "yes" if self.beats else "no").set(1)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_loop)
             tg.start_soon(self._lease_loop)

@@ -221,3 +221,58 @@ def test_systemd_example_config_is_valid_where_vllm_is_installed(
     cfg = load(Path(__file__).parents[2] / "systemd" / "config.example.toml", env={})
     assert [s.name for s in cfg.slots] == ["qwen-0", "qwen-1"]
     assert cfg.on_exit == "leave" and cfg.admin_token_file
+
+
+CLUSTER = {"etcd_endpoints": ["http://127.0.0.1:2379"], "nats_servers": ["nats://127.0.0.1:4222"]}
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({**GOOD, "cluster": {}}, "cluster.etcd_endpoints: required in a [cluster]"),
+        (
+            {**GOOD, "cluster": {"etcd_endpoints": ["127.0.0.1:2379"]}},
+            "cluster.etcd_endpoints: '127.0.0.1:2379' must be an http(s):// URL",
+        ),
+        (
+            {**GOOD, "cluster": {**CLUSTER, "nats_servers": ["127.0.0.1:4222"]}},
+            "cluster.nats_servers: '127.0.0.1:4222' must be a nats:// URL",
+        ),
+        ({**GOOD, "cluster": {**CLUSTER, "lease_ttl": 1}}, "cluster.lease_ttl: etcd leases"),
+        (
+            {**GOOD, "cluster": {**CLUSTER, "etcd_unreachable": "panic"}},
+            "cluster.etcd_unreachable: must be one of 'keep-serving', 'stop-promoting'",
+        ),
+        ({**GOOD, "cluster": {**CLUSTER, "colour": 1}}, "cluster.colour: unknown key"),
+        (
+            {"slot": [{**GOOD["slot"][0], "hosts": "shadows"}]},
+            'slot[0]: hosts = "shadows" and group_size need a [cluster]',
+        ),
+        (
+            {"cluster": CLUSTER, "slot": [{**GOOD["slot"][0], "group_size": 2, "group_rank": 2}]},
+            "slot[0].group_rank: 2 is not below group_size (2)",
+        ),
+        (
+            {"cluster": CLUSTER, "slot": [{**GOOD["slot"][0], "hosts": "shadows", "shadows": 0}]},
+            'slot[0].shadows: hosts = "shadows" needs shadows >= 1',
+        ),
+    ],
+)
+def test_cluster_errors_name_the_key(data: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(data)
+    assert expected in str(e.value), str(e.value)
+
+
+def test_cluster_config_and_its_warnings() -> None:
+    from supervisor.config import warnings
+
+    cfg = parse({**GOOD, "cluster": {**CLUSTER, "name": "prod", "lease_ttl": 2}})
+    assert cfg.cluster.enabled and cfg.cluster.name == "prod"
+    assert cfg.cluster.heartbeat_interval == 0.25 and cfg.cluster.etcd_unreachable == "keep-serving"
+    assert not parse(GOOD).cluster.enabled  # no [cluster]: one node, no servers
+    risky = parse({**GOOD, "cluster": {**CLUSTER, "lease_ttl": 2, "heartbeat_interval": 1.0}})
+    assert any("shorter than 3 heartbeats" in w for w in warnings(risky))
+    no_nats = parse({**GOOD, "cluster": {"etcd_endpoints": CLUSTER["etcd_endpoints"]}})
+    assert any("nats_servers is empty" in w for w in warnings(no_nats))
+    assert not [w for w in warnings(cfg) if "cluster" in w]

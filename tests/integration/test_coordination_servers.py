@@ -1,0 +1,139 @@
+"""The etcd client and the heartbeats against real etcd and nats-server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import anyio
+import pytest
+
+from supervisor.coordination.etcd import (
+    Compare,
+    EtcdClient,
+    EtcdUnavailable,
+    LeaseExpired,
+    put_op,
+)
+from supervisor.coordination.nats import Heartbeats
+from supervisor.testing.cluster import EtcdCluster, NatsServer, free_port
+
+pytestmark = [pytest.mark.anyio]
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
+    c = EtcdCluster(tmp_path / "etcd").start()
+    yield c
+    c.stop()
+
+
+async def test_kv_txn_and_fencing(etcd: EtcdCluster, session: aiohttp.ClientSession) -> None:
+    c = EtcdClient(etcd.endpoints, session)
+    rev = await c.put(b"/t/slot", b"1")
+    kv = await c.get(b"/t/slot")
+    assert kv is not None and kv.value == b"1" and kv.mod_revision == rev
+    # Conditioned on the revision we read: the first writer wins, the second is fenced.
+    first = await c.txn([Compare(b"/t/slot", "MOD", "EQUAL", rev)], [put_op(b"/t/slot", b"2")])
+    second = await c.txn([Compare(b"/t/slot", "MOD", "EQUAL", rev)], [put_op(b"/t/slot", b"3")])
+    assert first.succeeded and not second.succeeded
+    kvs, _ = await c.get_prefix(b"/t/")
+    assert [k.value for k in kvs] == [b"2"]
+    created = await c.txn([Compare(b"/t/new", "VERSION", "EQUAL", 0)], [put_op(b"/t/new", b"x")])
+    assert created.succeeded
+
+
+async def test_lease_expiry_removes_keys(etcd: EtcdCluster, session: aiohttp.ClientSession) -> None:
+    c = EtcdClient(etcd.endpoints, session)
+    lease = await c.grant(2)
+    await c.put(b"/t/node", b"up", lease=lease)
+    assert await c.keepalive(lease) >= 1
+    await anyio.sleep(3.2)
+    assert await c.get(b"/t/node") is None
+    with pytest.raises(LeaseExpired):
+        await c.keepalive(lease)
+
+
+async def test_watch_resumes_after_an_etcd_restart(
+    etcd: EtcdCluster, session: aiohttp.ClientSession
+) -> None:
+    c = EtcdClient(etcd.endpoints, session, timeout=1)
+    _, rev = await c.get_prefix(b"/w/")
+    seen: list[bytes] = []
+    broke = 0
+
+    async def watch() -> None:
+        nonlocal broke
+        start = rev + 1
+        while len(seen) < 2:
+            try:
+                async for _, events in c.watch_prefix(b"/w/", start):
+                    for ev in events:
+                        seen.append(ev.kv.value)
+                        start = ev.kv.mod_revision + 1
+            except EtcdUnavailable:
+                broke += 1
+                await anyio.sleep(0.1)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await anyio.sleep(0.3)
+        await c.put(b"/w/a", b"before")
+        await anyio.sleep(0.3)
+        etcd.stop()
+        etcd.start()
+        await c.put(b"/w/a", b"after")  # the client retries until etcd answers
+        with anyio.fail_after(10):
+            while len(seen) < 2:
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert seen == [b"before", b"after"] and broke >= 1
+
+
+async def test_calls_end_at_their_deadline_when_etcd_is_gone(
+    session: aiohttp.ClientSession,
+) -> None:
+    c = EtcdClient([f"http://127.0.0.1:{free_port()}"], session, timeout=0.5)
+    t = time.monotonic()
+    with pytest.raises(EtcdUnavailable, match=r"no answer within 0\.5s"):
+        await c.put(b"k", b"v")
+    assert time.monotonic() - t < 2
+
+
+async def test_a_dead_endpoint_is_skipped(
+    etcd: EtcdCluster, session: aiohttp.ClientSession
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    c = EtcdClient([dead, *etcd.endpoints], session, timeout=2)
+    for _ in range(4):  # whichever endpoint it starts at, calls succeed
+        await c.put(b"k", b"v")
+
+
+async def test_heartbeats_see_peers_and_a_silent_one_becomes_suspect(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path).start()
+    changes: list[tuple[str, bool]] = []
+    try:
+        a = Heartbeats(
+            [server.url], "t", "a", interval=0.05, suspect_after=3,
+            snapshot=lambda: {"engines": [{"id": "a.x-0", "state": "active"}]},
+            on_change=lambda n, s: changes.append((n, s)),
+        )  # fmt: skip
+        b = Heartbeats([server.url], "t", "b", interval=0.05, suspect_after=3, snapshot=dict)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(a.run)
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(b.run)
+                with anyio.fail_after(5):
+                    while not (a.heard_recently("b") and b.heard_recently("a")):
+                        await anyio.sleep(0.02)
+                assert b.peers["a"].engines == [{"id": "a.x-0", "state": "active"}]
+                inner.cancel_scope.cancel()  # b goes silent
+            with anyio.fail_after(5):
+                while not a.is_suspect("b"):
+                    await anyio.sleep(0.02)
+            assert changes == [("b", True)]
+            outer.cancel_scope.cancel()
+    finally:
+        server.stop()

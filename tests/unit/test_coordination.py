@@ -1,0 +1,82 @@
+"""The pure parts of coordination: the cluster view, leader choice, suspicion."""
+
+from __future__ import annotations
+
+import orjson
+
+from supervisor.coordination.cluster import ClusterView, SlotRecord
+from supervisor.coordination.etcd import Compare, KeyValue, prefix_end
+from supervisor.coordination.nats import Heartbeats
+
+
+def kv(key: str, value: object, create: int = 1, mod: int = 1) -> KeyValue:
+    return KeyValue(key.encode(), orjson.dumps(value), create, mod, 1, 0)
+
+
+def test_prefix_end_covers_exactly_the_prefix() -> None:
+    assert prefix_end(b"/a/") == b"/a0"
+    assert prefix_end(b"a\xff") == b"b"
+    assert prefix_end(b"\xff\xff") == b"\0"  # every key
+
+
+def test_compare_serialises_like_the_gateway_wants() -> None:
+    assert Compare(b"k", "MOD", "EQUAL", 7).as_json() == {
+        "key": "aw==",
+        "target": "MOD",
+        "result": "EQUAL",
+        "mod_revision": "7",
+    }
+
+
+def test_view_leader_is_lowest_create_revision_and_skips_the_dead() -> None:
+    v = ClusterView()
+    v.apply("election/b", kv("x", "b", create=5), False)
+    v.apply("election/a", kv("x", "a", create=9), False)
+    v.apply("election/c", kv("x", "c", create=7), False)
+    assert v.leader() == "b"
+    assert v.leader(excluding={"b"}) == "c"
+    v.apply("election/b", kv("x", "b"), True)
+    assert v.leader() == "c"
+
+
+def test_view_tracks_slots_and_units() -> None:
+    v = ClusterView()
+    v.apply("slots/chat", kv("x", {"epoch": 3, "active": "g:lane1"}, mod=42), False)
+    rec = v.slots["chat"]
+    assert (rec.epoch, rec.active, rec.mod_revision) == (3, "g:lane1", 42)
+    v.apply("engines/a.chat-1", kv("x", {"slot": "chat", "unit": "g:lane1", "node": "a"}), False)
+    v.apply("engines/b.chat-1", kv("x", {"slot": "chat", "unit": "g:lane1", "node": "b"}), False)
+    v.apply("engines/b.chat-0", kv("x", {"slot": "chat", "unit": "g:lane0", "node": "b"}), False)
+    assert sorted(e["node"] for e in v.unit_members("chat", "g:lane1")) == ["a", "b"]
+    v.apply("engines/a.chat-1", kv("x", {}), True)
+    assert [e["node"] for e in v.unit_members("chat", "g:lane1")] == ["b"]
+    assert SlotRecord.parse(kv("x", {"epoch": 1, "active": None})).active is None
+
+
+def test_suspicion_needs_missed_beats_and_our_own_connection() -> None:
+    changes: list[tuple[str, bool]] = []
+    hb = Heartbeats(
+        ["nats://x"],
+        "c",
+        "me",
+        interval=0.25,
+        suspect_after=3,
+        snapshot=dict,
+        on_change=lambda n, s: changes.append((n, s)),
+    )
+    hb.connected = True
+    hb._connected_since = 0.0
+    from supervisor.coordination.nats import PeerBeats
+
+    hb.peers["p"] = PeerBeats("p", last_at=100.0, interval=0.25)
+    hb.check(now=100.5)
+    assert not hb.is_suspect("p")  # 2 beats missed: not yet
+    hb.connected = False
+    hb.check(now=101.0)
+    assert not hb.is_suspect("p")  # we are the ones cut off: suspect nobody
+    hb.connected = True
+    hb._connected_since = 101.0
+    hb.check(now=101.5)
+    assert not hb.is_suspect("p")  # just reconnected: a full window first
+    hb.check(now=101.8)
+    assert hb.is_suspect("p") and changes == [("p", True)]
