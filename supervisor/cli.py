@@ -161,6 +161,18 @@ def _status(admin: str, raw: bool) -> int:
             f"{eng['id']:16} {eng['slot']:16} {eng['role']:7} {eng['state']:10} "
             f"{eng['pid'] or '-':>8}  {eng['url']:24} {','.join(eng['gpus'])}"
         )
+    cl = st.get("cluster")
+    if cl:
+        etcd = "reachable" if cl["etcd_reachable"] else "UNREACHABLE"
+        nats = {True: "connected", False: "DISCONNECTED", None: "not used"}[cl["nats_connected"]]
+        print(
+            f"\ncluster {cl['name']}  leader {cl['leader'] or '-'}"
+            f"{' (this node)' if cl['is_leader'] else ''}  etcd {etcd}  nats {nats}"
+        )
+        peers = "  ".join(f"{n}={state}" for n, state in cl["peers"].items()) or "none"
+        print(f"peers: {peers}")
+        for name, rec in cl["slots"].items():
+            print(f"  slot {name}: epoch {rec['epoch']}, {rec['active'] or '-'} ({rec['reason']})")
     if st["failovers"]:
         print(f"\n{'SLOT':16} {'RESULT':9} {'FAILED':16} {'PROMOTED':16} STEPS (ms)   REASON")
         for f in st["failovers"][:10]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +53,16 @@ async def test_node_loss_promotes_shadow_on_another_node(
     )
     new_active = slot_record(st, "chat")["active"]
     assert new_active.startswith(("node-b.", "node-c.")), new_active
+    shown = await anyio.to_thread.run_sync(
+        lambda: (
+            subprocess.run(
+                [sys.executable, "-m", "supervisor", "status", "--admin", b.admin],
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+    )
+    assert "node-a=dead" in shown and f"epoch 2, {new_active}" in shown, shown
     owner = b if new_active.startswith("node-b.") else c
     await owner.wait(
         lambda s: any(e["id"] == new_active and e["state"] == "active" for e in s["engines"]),

@@ -98,6 +98,13 @@ def test_example_config_is_valid() -> None:
     assert [s.name for s in cfg.slots] == ["chat", "code"]
 
 
+def test_example_cluster_configs_are_valid() -> None:
+    root = Path(__file__).parents[2] / "examples" / "cluster"
+    a, b = load(root / "node-a.toml"), load(root / "node-b.toml")
+    assert a.cluster.name == b.cluster.name == "demo"
+    assert (a.slots[0].hosts, b.slots[0].hosts) == ("active", "shadows")
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "supervisor", *args], capture_output=True, text=True
