@@ -131,6 +131,9 @@ class Supervisor:
             self._backends_by_name[name] = load_backend(name)
         return self._backends_by_name[name]
 
+    def _inflight(self, engine_id: str) -> int:
+        return self.frontend.router.inflight.get(engine_id, 0) if self.frontend else 0
+
     def _peer_engines_dead(self, engine_ids: list[str]) -> None:
         if self.frontend is not None:
             for eid in engine_ids:
@@ -283,6 +286,7 @@ class Supervisor:
                     admin_url=lambda: self.admin_url,
                     on_view_change=self.directory.notify,
                     on_peer_dead=self._peer_engines_dead,
+                    load=self._inflight,
                 )
                 tg.start_soon(self.cluster.run)
                 # Whether a slot is already served elsewhere decides what starts here.

@@ -505,6 +505,7 @@ class SlotController:
             self._set_degraded("group member failed; the cluster leader fails the group over")
             self.log.info("group slot: failover is the cluster leader's", reason=record.reason)
             return
+        known = self.slot.epoch  # the epoch our next claim builds on
         while True:
             shadows = self.sleeping_shadows()
             if not shadows:
@@ -538,9 +539,7 @@ class SlotController:
                         "shadow into an OOM"
                     )
             with Step(record, "fence"):
-                epoch = await self.coord.claim(
-                    self.slot.name, shadow.unit, self.slot.epoch, record.reason
-                )
+                epoch = await self.coord.claim(self.slot.name, shadow.unit, known, record.reason)
             if epoch is None:
                 record.result = "fenced"
                 self._set_degraded("")
@@ -550,7 +549,7 @@ class SlotController:
                     epoch=self.slot.epoch,
                 )
                 return
-            self.slot.epoch = epoch  # claimed: a failed wake below goes on from here
+            known = epoch  # claimed: if this wake fails, the next claim goes on from here
             try:
                 with Step(record, "wake"):
                     await self._wake(shadow)

@@ -150,6 +150,7 @@ class ClusterCoordinator:
         admin_url: Callable[[], str],
         on_view_change: Callable[[], None],
         on_peer_dead: Callable[[list[str]], None],
+        load: Callable[[str], int] = lambda engine_id: 0,
     ) -> None:
         self.cfg = cfg
         self.cl = cfg.cluster
@@ -160,6 +161,7 @@ class ClusterCoordinator:
         self.admin_url = admin_url
         self.on_view_change = on_view_change
         self.on_peer_dead = on_peer_dead
+        self.load = load  # requests in flight to an engine through this node's frontend
         self.etcd = EtcdClient(self.cl.etcd_endpoints, session, self.cl.etcd_timeout)
         self.root = f"{self.cl.etcd_prefix.rstrip('/')}/{self.cl.name}/".encode()
         self.view = ClusterView()
@@ -425,7 +427,12 @@ class ClusterCoordinator:
         return {
             "admin": self.admin_url(),
             "engines": [
-                {"id": e.id, "state": e.state.value}
+                {
+                    "id": e.id,
+                    "state": e.state.value,
+                    "epoch": ctl.slot.epoch,
+                    "load": self.load(e.id),
+                }
                 for ctl in self.controllers.values()
                 for e in ctl.engines.values()
             ],

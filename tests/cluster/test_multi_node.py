@@ -311,3 +311,33 @@ async def test_full_partition_fails_over_and_old_owner_steps_down_on_rejoin(
     )
     assert "fenced: the cluster serves this slot elsewhere" in a.logs()
     assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
+
+
+async def test_local_failover_while_etcd_is_unreachable_is_recorded_later(
+    make_node: Callable[[str], Node], session: Any
+) -> None:
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("chat", shadows=1)])  # a paired shadow on node-a itself
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    st = await a.wait(lambda s: slot_record(s, "chat").get("epoch") == 1, what="claimed")
+    active = next(e for e in st["engines"] if e["state"] == "active")
+    for link in a.etcd_links:
+        link.cut()
+    await a.wait(lambda s: s["cluster"]["etcd_reachable"] is False, what="node-a cut off")
+    os.killpg(active["pid"], signal.SIGKILL)
+    st = await a.wait(
+        lambda s: any(e["state"] == "active" and e["id"] != active["id"] for e in s["engines"]),
+        what="local failover without etcd (policy keep-serving)",
+    )
+    assert st["cluster"]["pending_claims"] == ["chat"]
+    promoted = next(e["id"] for e in st["engines"] if e["state"] == "active")
+    for link in a.etcd_links:
+        link.heal()
+    st = await b.wait(
+        lambda s: (
+            slot_record(s, "chat") == {**slot_record(s, "chat"), "epoch": 2, "active": promoted}
+        ),
+        what="the deferred epoch recorded in etcd",
+    )
+    assert "etcd unreachable: promoting on this node now" in a.logs()
+    assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
