@@ -85,6 +85,15 @@ class Dialect:
     request_id_field: str | None = None  # body field that sets the engine-side request id
     openai_token_ids: bool = False  # OpenAI routes return token ids (``return_token_ids``)
     openai_error_shape: str = "flat"  # "wrapped": {"error": {...}}; "flat": {"object": "error"}
+    # A variant of another dialect (e.g. the Dynamo worker around vLLM): its requests, streams
+    # and flags are the family's; only launch and control routes differ.
+    family: str = ""
+    start_asleep_flag: tuple[str, ...] = ()  # launch flags that start an engine asleep
+
+    @property
+    def base(self) -> str:
+        """The dialect whose request/stream shapes this one speaks."""
+        return self.family or self.name
 
 
 class EngineEndpoint:
@@ -113,11 +122,17 @@ class EngineEndpoint:
 
     async def call_ok(self, method: str, path: str, **kw: Any) -> bytes:
         status, body = await self.call(method, path, **kw)
+        return self.check(status, body, f"{method} {path}")
+
+    @staticmethod
+    def check(status: int, body: bytes, what: str) -> bytes:
+        """``body`` of a successful answer, else :class:`BackendError` (or
+        :class:`EngineOutOfMemory`) naming ``what`` and what the engine said."""
         if status >= 400:
             text = body[:300].decode("utf-8", "replace")
             if status >= 500 and "out of memory" in text.lower():
-                raise EngineOutOfMemory(f"{method} {path} -> {status}: {text}")
-            raise BackendError(f"{method} {path} -> {status}: {text}")
+                raise EngineOutOfMemory(f"{what} -> {status}: {text}")
+            raise BackendError(f"{what} -> {status}: {text}")
         return body
 
 

@@ -206,16 +206,7 @@ class ClusterCoordinator:
     # -- the Coordinator interface used by slot controllers -----------------------------------
     async def claim(self, slot: str, unit: str, epoch: int, reason: str) -> int | None:
         rec = self.view.slots.get(slot)
-        if rec is not None and rec.epoch > epoch and rec.active != unit:
-            self.metrics.cluster_promotions.labels(slot, "fenced").inc()
-            self.log.warning(
-                "claim refused: the slot is at a newer epoch",
-                slot=slot,
-                unit=unit,
-                ours=epoch,
-                cluster=rec.epoch,
-                active=rec.active,
-            )
+        if self._moved_past(slot, unit, epoch, rec, "claim refused: the slot is at a newer epoch"):
             return None
         current = rec.epoch if rec else 0
         new = SlotRecord(max(current, epoch) + 1, unit, [self.node], self.node, reason)
@@ -240,19 +231,23 @@ class ClusterCoordinator:
                 return new.epoch
             # Our copy was stale. Re-read: go on only if the slot has not moved past us.
             rec = await self._read_slot(slot)
-            if rec is not None and rec.epoch > epoch and rec.active != unit:
-                self.metrics.cluster_promotions.labels(slot, "fenced").inc()
-                self.log.warning(
-                    "claim fenced: another promotion took the epoch",
-                    slot=slot,
-                    unit=unit,
-                    cluster=rec.epoch,
-                    active=rec.active,
-                    by=rec.by,
-                )
+            if self._moved_past(slot, unit, epoch, rec, "claim fenced: another promotion won"):
                 return None
             new.epoch = (rec.epoch if rec else 0) + 1
         return None
+
+    def _moved_past(
+        self, slot: str, unit: str, epoch: int, rec: SlotRecord | None, why: str
+    ) -> bool:
+        """Whether the slot is already at a later epoch naming someone else (then we are
+        fenced: counted and logged)."""
+        if rec is None or rec.epoch <= epoch or rec.active == unit:
+            return False
+        self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+        self.log.warning(
+            why, slot=slot, unit=unit, ours=epoch, cluster=rec.epoch, active=rec.active, by=rec.by
+        )
+        return True
 
     def served_elsewhere(self, slot: str) -> str | None:
         rec = self.view.slots.get(slot)

@@ -38,7 +38,7 @@ from supervisor.testing.gpuledger import (
 )
 from supervisor.testing.simtokenizer import EOS_ID, SequenceState, SimTokenizer
 
-DIALECTS = ("vllm", "sglang", "trtllm")
+DIALECTS = ("vllm", "sglang", "trtllm", "vllm-gms", "sglang-gms")
 
 
 def dialect_facts(name: str) -> Dialect:
@@ -49,6 +49,10 @@ def dialect_facts(name: str) -> Dialect:
         from plugins.sglang import DIALECT
     elif name == "trtllm":
         from plugins.trtllm import DIALECT
+    elif name == "vllm-gms":
+        from plugins.dynamo_gms import VLLM_GMS as DIALECT
+    elif name == "sglang-gms":
+        from plugins.dynamo_gms import SGLANG_GMS as DIALECT
     else:
         raise ValueError(f"unknown dialect {name!r}; choose one of {', '.join(DIALECTS)}")
     return DIALECT
@@ -430,7 +434,10 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
         p.add_argument(d.sleep_flag, dest="sleep_enabled", action="store_true")
     if d.max_seqs_flag:
         p.add_argument(d.max_seqs_flag, dest="max_num_seqs", type=int, default=256)
-    if dialect == "vllm":
+    if d.start_asleep_flag:
+        # e.g. the Dynamo worker's "--gms-mode shadow": load, then sleep (as --sim-start-asleep)
+        p.add_argument(d.start_asleep_flag[0], dest="start_mode", default=None)
+    if d.base == "vllm":
         p.add_argument("--max-model-len", dest="max_model_len", type=int, default=4096)
         for flag in (
             "--gpu-memory-utilization",
@@ -442,13 +449,13 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
             p.add_argument(flag, help="accepted for compatibility; no effect")
         for flag in ("--enforce-eager", "--disable-log-requests"):
             p.add_argument(flag, action="store_true", help="accepted; no effect")
-    elif dialect == "sglang":
+    elif d.base == "sglang":
         p.add_argument("--context-length", dest="max_model_len", type=int, default=4096)
         p.add_argument("--enable-metrics", dest="metrics_enabled", action="store_true")
         p.add_argument(
             "--incremental-streaming-output", dest="incremental_stream", action="store_true"
         )
-        for flag in ("--mem-fraction-static", "--tp-size", "--dtype"):
+        for flag in ("--mem-fraction-static", "--tp-size", "--dtype", "--load-format"):
             p.add_argument(flag, help="accepted for compatibility; no effect")
     else:
         p.add_argument("--max_seq_len", dest="max_model_len", type=int, default=4096)
@@ -545,7 +552,11 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         release_delay=ns.sim_release_delay,
         eos_every=ns.sim_eos_every,
         drain_timeout=ns.sim_drain_timeout,
-        start_asleep=ns.sim_start_asleep,
+        start_asleep=ns.sim_start_asleep
+        or (
+            bool(dialect_facts(dialect).start_asleep_flag)
+            and getattr(ns, "start_mode", None) == dialect_facts(dialect).start_asleep_flag[-1]
+        ),
         faults=faults,
     )
 

@@ -324,6 +324,32 @@ class Api:
             return self.error(500, str(e))
         return web.Response(status=200)
 
+    # -- Dynamo GMS worker (vLLM-based) -------------------------------------------------
+    async def gms_sleep(self, request: web.Request) -> web.Response:
+        if not self.opts.sleep_enabled:
+            return self.error(400, "Sleep mode is not enabled. Start with --enable-sleep-mode.")
+        body = await self.read_json(request) if request.can_read_body else {}
+        level = body.get("level", 1)
+        if level not in (1, 2):
+            return self.error(400, f"level must be 1 or 2, not {level!r}")
+        if not self.engine.sleeping:
+            await self.engine.release(("kv_cache",) if level == 1 else ("weights", "kv_cache"))
+        return web.json_response({"status": "ok", "message": f"sleeping (level {level})"})
+
+    async def gms_wake(self, request: web.Request) -> web.Response:
+        if not self.opts.sleep_enabled:
+            return self.error(400, "Sleep mode is not enabled. Start with --enable-sleep-mode.")
+        body = await self.read_json(request) if request.can_read_body else {}
+        tags = body.get("tags") or ["weights", "kv_cache"]
+        if not isinstance(tags, list) or any(t not in ("weights", "kv_cache") for t in tags):
+            return self.error(400, "tags must be a list of 'weights' and 'kv_cache'")
+        try:
+            await self.engine.resume([t for t in tags if t in self.engine.released])
+        except SimulatedOOM as e:
+            self.engine.log.error(str(e))
+            return self.error(500, str(e))
+        return web.json_response({"status": "ok", "message": "awake"})
+
     async def vllm_is_sleeping(self, request: web.Request) -> web.Response:
         return web.json_response({"is_sleeping": self.engine.sleeping})
 
@@ -681,8 +707,8 @@ class _OpenAIShape:
 
 
 def build_app(api: Api) -> web.Application:
-    d = api.opts.dialect
     facts = api.facts
+    d = facts.base
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -721,6 +747,10 @@ def build_app(api: Api) -> web.Application:
         r.add_post("/tokenize", api.tokenize)
         r.add_post("/detokenize", api.detokenize)
         r.add_get("/version", api.version)
+        if facts.family:  # a Dynamo worker: control routes under /engine/, JSON bodies
+            r.add_post(facts.sleep_path or "/engine/sleep", api.gms_sleep)
+            r.add_post(facts.wake_path or "/engine/wake_up", api.gms_wake)
+            r.add_post("/engine/wake", api.gms_wake)  # the route's older name
         for env, val in facts.sleep_env.items():
             # vLLM mounts its sleep and cache routes only in development mode.
             if os.environ.get(env) == val:
@@ -758,7 +788,7 @@ async def serve(opts: SimOptions) -> int:
         loop.add_signal_handler(sig, stop.set)
     site = web.TCPSite(runner, opts.host, opts.port, reuse_address=True)
     # SGLang answers /health (503) while it loads; vLLM and trtllm-serve listen once loaded.
-    early = opts.dialect == "sglang"
+    early = dialect_facts(opts.dialect).base == "sglang"
     try:
         if early:
             await site.start()

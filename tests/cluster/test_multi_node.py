@@ -26,6 +26,25 @@ from tests.cluster.conftest import (
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
+async def active_and_pooled_shadow(
+    make_node: Callable[[str], Node], *, a_shadows: int = 0, sim_args: Any = None
+) -> tuple[Node, Node]:
+    """node-a serves slot "chat"; node-b keeps a pooled shadow of it. Returns once the slot
+    is claimed at epoch 1 and node-b hears node-a."""
+    extra = {"sim_args": sim_args} if sim_args else {}
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("chat", shadows=a_shadows, **extra)])
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows", **extra)])
+    await b.wait(
+        lambda s: (
+            slot_record(s, "chat").get("epoch") == 1
+            and s["cluster"]["peers"].get("node-a") == "alive"
+        ),
+        what="slot claimed by node-a, node-a heard",
+    )
+    return a, b
+
+
 async def test_node_loss_promotes_shadow_on_another_node(
     make_node: Callable[[str], Node],
 ) -> None:
@@ -94,10 +113,7 @@ async def test_stream_migrates_across_nodes_when_its_node_dies(
     make_node: Callable[[str], Node], session: Any
 ) -> None:
     slow = ["--sim-load-time", "0.05", "--sim-itl", "0.01", "--sim-wake-time", "0.05"]
-    a, b = make_node("node-a"), make_node("node-b")
-    await a.start([sim_slot("chat", shadows=0, sim_args=slow)])
-    await b.start([sim_slot("chat", shadows=1, hosts="shadows", sim_args=slow)])
-    await b.wait(lambda s: slot_record(s, "chat").get("epoch") == 1, what="claimed")
+    a, b = await active_and_pooled_shadow(make_node, sim_args=slow)
     assert b.sup is not None
     # Through node-b's frontend, served by node-a's engine, which dies mid-stream.
     pids = [e["pid"] for e in engines_of(await a.status())]
@@ -157,16 +173,7 @@ async def test_whole_group_fails_over_as_one(
 async def test_nats_restart_causes_no_failover(
     make_node: Callable[[str], Node], nats: NatsServer
 ) -> None:
-    a, b = make_node("node-a"), make_node("node-b")
-    await a.start([sim_slot("chat", shadows=0)])
-    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
-    await b.wait(
-        lambda s: (
-            slot_record(s, "chat").get("epoch") == 1
-            and s["cluster"]["peers"].get("node-a") == "alive"
-        ),
-        what="claimed, peers alive",
-    )
+    a, b = await active_and_pooled_shadow(make_node)
     nats.stop()
     await anyio.sleep(1.5)  # far past the suspect window (3 x 0.1 s)
     nats.start()
@@ -182,10 +189,7 @@ async def test_nats_restart_causes_no_failover(
 async def test_partition_from_nats_only_makes_suspect_not_dead(
     make_node: Callable[[str], Node],
 ) -> None:
-    a, b = make_node("node-a"), make_node("node-b")
-    await a.start([sim_slot("chat", shadows=0)])
-    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
-    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="node-a heard")
+    a, b = await active_and_pooled_shadow(make_node)
     assert a.nats_link is not None
     a.nats_link.cut()
     await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "suspect", what="node-a suspect")
@@ -200,16 +204,7 @@ async def test_partition_from_nats_only_makes_suspect_not_dead(
 async def test_partition_from_etcd_no_split_brain_and_rejoin(
     make_node: Callable[[str], Node], session: Any
 ) -> None:
-    a, b = make_node("node-a"), make_node("node-b")
-    await a.start([sim_slot("chat", shadows=0)])
-    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
-    await b.wait(
-        lambda s: (
-            slot_record(s, "chat").get("epoch") == 1
-            and s["cluster"]["peers"].get("node-a") == "alive"
-        ),
-        what="claimed",
-    )
+    a, b = await active_and_pooled_shadow(make_node)
     for link in a.etcd_links:
         link.cut()
     await a.wait(lambda s: s["cluster"]["etcd_reachable"] is False, what="node-a cut off")
@@ -237,16 +232,7 @@ async def test_partition_from_etcd_no_split_brain_and_rejoin(
 async def test_etcd_member_loss_causes_no_failover(
     make_node: Callable[[str], Node], etcd: EtcdCluster, session: Any
 ) -> None:
-    a, b = make_node("node-a"), make_node("node-b")
-    await a.start([sim_slot("chat", shadows=0)])
-    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
-    await b.wait(
-        lambda s: (
-            slot_record(s, "chat").get("epoch") == 1
-            and s["cluster"]["peers"].get("node-a") == "alive"
-        ),
-        what="claimed",
-    )
+    a, b = await active_and_pooled_shadow(make_node)
     assert a.sup is not None
     leader = etcd.leader()
     assert leader is not None
@@ -278,16 +264,7 @@ async def test_etcd_member_loss_causes_no_failover(
 async def test_full_partition_fails_over_and_old_owner_steps_down_on_rejoin(
     make_node: Callable[[str], Node], session: Any
 ) -> None:
-    a, b = make_node("node-a"), make_node("node-b")
-    await a.start([sim_slot("chat", shadows=0)])
-    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
-    await b.wait(
-        lambda s: (
-            slot_record(s, "chat").get("epoch") == 1
-            and s["cluster"]["peers"].get("node-a") == "alive"
-        ),
-        what="claimed",
-    )
+    a, b = await active_and_pooled_shadow(make_node)
     assert a.nats_link is not None
     for link in [*a.etcd_links, a.nats_link]:
         link.cut()  # node-a is alone: no etcd, no NATS
@@ -316,10 +293,8 @@ async def test_full_partition_fails_over_and_old_owner_steps_down_on_rejoin(
 async def test_local_failover_while_etcd_is_unreachable_is_recorded_later(
     make_node: Callable[[str], Node], session: Any
 ) -> None:
-    a, b = make_node("node-a"), make_node("node-b")
-    await a.start([sim_slot("chat", shadows=1)])  # a paired shadow on node-a itself
-    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
-    st = await a.wait(lambda s: slot_record(s, "chat").get("epoch") == 1, what="claimed")
+    a, b = await active_and_pooled_shadow(make_node, a_shadows=1)  # + a paired shadow on a
+    st = await a.status()
     active = next(e for e in st["engines"] if e["state"] == "active")
     for link in a.etcd_links:
         link.cut()

@@ -420,7 +420,7 @@ async def engine_holding(
             await anyio.sleep(0.01)
 
 
-@pytest.mark.parametrize("dialect", ["vllm"])
+@pytest.mark.parametrize("dialect", ["vllm", "vllm-gms"])
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 async def test_request_migration_worker_failure(
     two_workers: SupervisorProcess, session: aiohttp.ClientSession, sig: str
@@ -461,7 +461,7 @@ async def test_request_migration_worker_failure(
     assert "recreating stream" in sup.logs()
 
 
-@pytest.mark.parametrize("dialect", ["vllm", "sglang"])
+@pytest.mark.parametrize("dialect", ["vllm", "sglang", "vllm-gms", "sglang-gms"])
 @pytest.mark.parametrize("mode", ["completion", "chat", "chat_stream"])
 async def test_request_cancellation(
     two_workers: SupervisorProcess, session: aiohttp.ClientSession, mode: str, dialect: str
