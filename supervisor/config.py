@@ -124,6 +124,9 @@ class SlotConfig:
     hosts: str = "active"
     group_size: int = 1  # engines on that many nodes act as one (e.g. TP across 2 nodes)
     group_rank: int = 0  # this node's member of the group; rank 0 serves requests
+    # false: the frontend never routes to this slot (e.g. a disaggregated prefill engine,
+    # which its decode engines call themselves)
+    serve_requests: bool = True
 
     @property
     def model_name(self) -> str:
@@ -440,6 +443,7 @@ def _slot(r: _Reader) -> SlotConfig | None:
         hosts=r.text("hosts", "active", choices=("active", "shadows")),
         group_size=r.integer("group_size", 1, minimum=1),
         group_rank=r.integer("group_rank", 0, minimum=0),
+        serve_requests=r.flag("serve_requests", True),
     )
     r.unknown()
     if slot_cfg.group_rank >= slot_cfg.group_size:

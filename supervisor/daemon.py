@@ -72,6 +72,8 @@ class DaemonDirectory:
             e = c.active_engine()
             if c.slot.model != model or e is None or e.state is not EngineState.ACTIVE:
                 continue
+            if not c.scfg.serve_requests:
+                continue  # e.g. a prefill engine: its decode engines call it
             if c.grouped and (c.scfg.group_rank != 0 or cluster is None):
                 continue  # a group serves through its rank-0 member
             if cluster is not None and c.grouped and cluster.chosen(c.slot.name) != e.unit:

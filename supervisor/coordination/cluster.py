@@ -414,6 +414,7 @@ class ClusterCoordinator:
                         "unit": e.unit,
                         "rank": ctl.scfg.group_rank,
                         "group_size": ctl.scfg.group_size,
+                        "serves": ctl.scfg.serve_requests,
                     }
                 )
         return out
@@ -740,6 +741,7 @@ class ClusterCoordinator:
                     and e.get("model") == model
                     and e.get("node") != self.node
                     and int(e.get("rank", 0)) == 0
+                    and e.get("serves", True)
                     and e.get("state") == EngineState.ACTIVE.value
                     and self.peer_state(str(e.get("node"))) != "dead"
                 ):

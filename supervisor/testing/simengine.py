@@ -109,6 +109,11 @@ class SimOptions:
     eos_every: int = 0
     drain_timeout: float = 5.0
     start_asleep: bool = False
+    # Disaggregated serving: "prefill" engines serve /sim/prefill for "decode" engines,
+    # which send every request's prefill to ``prefill_url`` before generating.
+    disagg: str = ""
+    prefill_url: str = ""
+    prefill_per_token: float = 0.0005
     faults: Faults = field(default_factory=Faults)
 
     @property
@@ -271,6 +276,8 @@ class SimEngine:
         finished = "abort"
         text = ""
         try:
+            if self.opts.prefill_url:
+                await self._remote_prefill(req)
             await self._pause(self.opts.ttft, req)
             for i in range(req.max_tokens):
                 if i:
@@ -304,6 +311,62 @@ class SimEngine:
             self.counters[f"finished_{finished}"] += 1
             if finished == "abort":
                 self.log.info(self.abort_line(req.request_id))
+
+    async def _remote_prefill(self, req: SamplingRequest) -> None:
+        """Decode engine: the prompt's prefill runs on the prefill engine (its KV cache comes
+        back, here a reply). A cancel meanwhile aborts the remote part too: the connection is
+        closed, and both engines log the abort."""
+        import aiohttp
+
+        async def call() -> None:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.post(
+                    self.opts.prefill_url.rstrip("/") + "/sim/prefill",
+                    json={"request_id": req.request_id, "prompt_tokens": len(req.prompt_ids)},
+                ) as r,
+            ):
+                if r.status != 200:
+                    raise RuntimeError(f"prefill engine answered {r.status}")
+                await r.read()
+
+        task = asyncio.ensure_future(call())
+        abort = asyncio.ensure_future(req.abort_event.wait())
+        try:
+            await asyncio.wait([task, abort], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            self.log.info(f"Aborted Remote Request ID {req.request_id}.")
+            raise
+        finally:
+            abort.cancel()
+        if not task.done():
+            task.cancel()
+            self.log.info(f"Aborted Remote Request ID {req.request_id}.")
+            raise RequestAborted(req.request_id)
+        try:
+            task.result()
+            self.log.info(f"Remote prefill of request {req.request_id} done.")
+        except Exception as e:  # prefill engine gone: prefill here instead, as a fallback
+            self.log.info(f"remote prefill of {req.request_id} failed ({e}); prefilling here")
+
+    async def prefill(self, request_id: str, prompt_tokens: int) -> None:
+        """Prefill engine: one remote prefill for a decode engine."""
+        if self.sleeping:
+            raise EngineSleeping("the engine is sleeping; wake it up first")
+        self.log.info(f"Added request {request_id}.")
+        self.running += 1
+        self.idle.clear()
+        try:
+            await asyncio.sleep(self.opts.ttft + prompt_tokens * self.opts.prefill_per_token)
+            self.counters["prompt_tokens"] += prompt_tokens
+        except asyncio.CancelledError:
+            self.log.info(self.abort_line(request_id))
+            raise
+        finally:
+            self.running -= 1
+            if not self.running:
+                self.idle.set()
 
     def abort_line(self, rid: str) -> str:
         return dialect_facts(self.opts.dialect).abort_log.format(rid=rid)
@@ -505,6 +568,20 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
         help="load weights only and start asleep, as a GPU Memory Service shadow "
         "does (needs the dialect's sleep flag to wake)",
     )
+    s.add_argument(
+        "--sim-disagg",
+        choices=("prefill", "decode"),
+        default="",
+        help="disaggregated serving: a prefill engine serves /sim/prefill; a decode engine "
+        "sends each request's prefill to --sim-prefill-url first",
+    )
+    s.add_argument("--sim-prefill-url", default="", help="the prefill engine (decode only)")
+    s.add_argument(
+        "--sim-prefill-per-token",
+        type=float,
+        default=0.0005,
+        help="prefill seconds per prompt token (0.0005)",
+    )
     s.add_argument("--sim-exit-after-tokens", type=int, default=None)
     s.add_argument("--sim-kill-after-tokens", type=int, default=None)
     s.add_argument("--sim-hang-after-tokens", type=int, default=None)
@@ -519,6 +596,8 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
     model = getattr(ns, "model_opt", None) or ns.model
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip()
     gpus = tuple(g.strip() for g in visible.split(",") if g.strip()) or ("0",)
+    if ns.sim_disagg == "decode" and not ns.sim_prefill_url:
+        raise SystemExit("--sim-disagg decode needs --sim-prefill-url (the prefill engine)")
     faults = Faults(
         exit_after_tokens=ns.sim_exit_after_tokens,
         kill_after_tokens=ns.sim_kill_after_tokens,
@@ -557,6 +636,9 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
             bool(dialect_facts(dialect).start_asleep_flag)
             and getattr(ns, "start_mode", None) == dialect_facts(dialect).start_asleep_flag[-1]
         ),
+        disagg=ns.sim_disagg,
+        prefill_url=ns.sim_prefill_url if ns.sim_disagg == "decode" else "",
+        prefill_per_token=ns.sim_prefill_per_token,
         faults=faults,
     )
 

@@ -569,6 +569,15 @@ class Api:
         return web.json_response({"model_path": self.opts.model, "is_generation": True})
 
     # -- simulator control (not part of any engine's API) ------------------------------
+    async def sim_prefill(self, request: web.Request) -> web.Response:
+        """A decode engine's remote prefill (the KV transfer is simulated by the reply)."""
+        body = await self.read_json(request)
+        rid, n = body.get("request_id"), body.get("prompt_tokens")
+        if not isinstance(rid, str) or not isinstance(n, int) or n < 0:
+            return self.error(400, "request_id (string) and prompt_tokens (int >= 0) required")
+        await self.engine.prefill(rid, n)
+        return web.json_response({"request_id": rid, "prefilled_tokens": n})
+
     async def sim_state(self, request: web.Request) -> web.Response:
         return web.json_response(self.engine.state())
 
@@ -743,6 +752,8 @@ def build_app(api: Api) -> web.Application:
     r.add_get("/metrics", api.metrics)
     r.add_get("/sim/state", api.sim_state)
     r.add_post("/sim/faults", api.sim_faults)
+    if api.opts.disagg == "prefill":
+        r.add_post("/sim/prefill", api.sim_prefill)
     if d == "vllm":
         r.add_post("/tokenize", api.tokenize)
         r.add_post("/detokenize", api.detokenize)
