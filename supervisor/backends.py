@@ -196,7 +196,8 @@ class Backend(ABC):
         if spec.served_model_name:
             args += [d.served_name_flag, spec.served_model_name]
         env = dict(spec.env)
-        if spec.role == "shadow" or spec.options.get("sleep_mode"):
+        engine_sleeps = spec.options.get("suspend", "engine") == "engine"
+        if (spec.role == "shadow" and engine_sleeps) or spec.options.get("sleep_mode"):
             if d.sleep_flag is None:
                 raise BackendError(
                     f"{d.name} has no sleep mode; give its shadows a suspend strategy instead"

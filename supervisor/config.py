@@ -16,6 +16,7 @@ from typing import Any
 
 PLACEMENTS = ("paired", "pooled")
 ON_EXIT = ("stop", "leave")
+SUSPEND_STRATEGIES = ("engine", "cuda-checkpoint")
 
 
 class ConfigError(ValueError):
@@ -127,6 +128,10 @@ class SlotConfig:
     # false: the frontend never routes to this slot (e.g. a disaggregated prefill engine,
     # which its decode engines call themselves)
     serve_requests: bool = True
+    # How shadows release the GPU: "engine" (the engine's own sleep mode) or
+    # "cuda-checkpoint" (the driver checkpoints the engine's CUDA processes to host memory;
+    # for engines without a sleep mode, e.g. trtllm-serve).
+    suspend: str = "engine"
 
     @property
     def model_name(self) -> str:
@@ -444,6 +449,7 @@ def _slot(r: _Reader) -> SlotConfig | None:
         group_size=r.integer("group_size", 1, minimum=1),
         group_rank=r.integer("group_rank", 0, minimum=0),
         serve_requests=r.flag("serve_requests", True),
+        suspend=r.text("suspend", "engine", choices=SUSPEND_STRATEGIES),
     )
     r.unknown()
     if slot_cfg.group_rank >= slot_cfg.group_size:
@@ -459,7 +465,7 @@ def _slot(r: _Reader) -> SlotConfig | None:
 
 
 def _cross_checks(slots: list[SlotConfig], admin_port: int, problems: list[str]) -> None:
-    from supervisor.backends import BackendNotFound, load_backend
+    from supervisor.backends import BackendError, BackendNotFound, load_backend
 
     names: dict[str, int] = {}
     ports: dict[int, str] = {}
@@ -488,11 +494,17 @@ def _cross_checks(slots: list[SlotConfig], admin_port: int, problems: list[str])
                 "not on PATH; install the engine, or set simulate = true to run "
                 "the simulator in its place"
             )
-        if s.shadows and backend.dialect.sleep_flag is None:
+        if s.suspend == "cuda-checkpoint":
+            from plugins.cuda_checkpoint import find_driver
+
+            try:
+                find_driver()
+            except BackendError as e:
+                problems.append(f"slot[{i}].suspend: cuda-checkpoint cannot work here: {e}")
+        if s.shadows and backend.dialect.sleep_flag is None and s.suspend == "engine":
             problems.append(
                 f"slot[{i}].shadows: backend {s.backend!r} has no sleep mode, so "
-                "its shadows need a suspend strategy (not available yet); "
-                "set shadows = 0"
+                'its shadows need suspend = "cuda-checkpoint" (or set shadows = 0)'
             )
 
 

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import anyio
@@ -41,6 +41,27 @@ from supervisor.model import (
 from supervisor.procfs import read_stat
 
 HISTORY = 50  # failover records kept for /status
+
+
+class SuspendStrategy(Protocol):
+    """Puts an engine's processes to sleep from outside (e.g. cuda-checkpoint)."""
+
+    name: str
+
+    async def suspend(self, root_pid: int) -> list[int]: ...
+
+    async def resume(self, root_pid: int) -> list[int]: ...
+
+
+def _suspend_strategy(name: str) -> SuspendStrategy | None:
+    if name == "engine":
+        return None
+    from plugins.cuda_checkpoint import CudaCheckpointStrategy
+
+    try:
+        return CudaCheckpointStrategy()
+    except BackendError as e:
+        raise FailoverError(f"suspend = {name!r} cannot work here: {e}") from e
 
 
 class FailoverError(RuntimeError):
@@ -85,6 +106,7 @@ class SlotController:
         self.on_change = on_change  # routing follows every state change
         self.gpu_broken = gpu_broken  # GPUs a fatal XID (or NVML) marked broken
         self.coord: Coordinator = coordinator or LocalCoordinator()
+        self.suspender = _suspend_strategy(slot_cfg.suspend)
         # In a cluster, engine ids name their node: they are unique cluster-wide.
         self._id_prefix = f"{cfg.node}." if cfg.cluster.enabled else ""
         self.slot = Slot(slot_cfg.name, slot_cfg.model_name)
@@ -240,6 +262,7 @@ class SlotController:
             gpus=gpus,
             extra_args=extra,
             env=dict(self.scfg.env),
+            options={"suspend": self.scfg.suspend},
         )
 
     async def _launch(self, engine: Engine) -> None:
@@ -439,6 +462,10 @@ class SlotController:
             engine, {Readiness.READY, Readiness.SLEEPING}, self.cfg.health.load_timeout
         )
         ep = self.endpoint(engine, timeout=self.cfg.failover.wake_timeout)
+        if self.suspender is not None:
+            await self._suspend(engine)
+            self._relaunch_failures = 0
+            return engine
         if state is Readiness.READY:
             try:
                 await self.backend.sleep(ep, self.cfg.failover.shadow_sleep_level)
@@ -455,6 +482,20 @@ class SlotController:
         if self.slot.active is None and not self.lock.locked() and self.ready.is_set():
             self.tg.start_soon(self.recover, "a shadow is ready for a degraded slot")
         return engine
+
+    async def _suspend(self, engine: Engine) -> None:
+        """Shadow asleep through the suspend strategy (cuda-checkpoint), not the engine."""
+        assert self.suspender is not None and engine.pid is not None
+        try:
+            pids = await self.suspender.suspend(engine.pid)
+        except BackendError as e:
+            raise FailoverError(f"could not suspend shadow {engine.id}: {e}") from e
+        engine.suspended_by = self.suspender.name
+        self.set_state(
+            engine, EngineState.SLEEPING, f"suspended by {self.suspender.name} (pids {pids})"
+        )
+        if self.slot.active is None and not self.lock.locked() and self.ready.is_set():
+            self.tg.start_soon(self.recover, "a shadow is ready for a degraded slot")
 
     def _plugin_failed(self, engine: Engine, hook: str, e: Exception) -> None:
         if not isinstance(e, BackendError):
@@ -582,6 +623,17 @@ class SlotController:
         """Wake through the plugin; an OOM is retried for ``wake_oom_retry`` seconds."""
         self.set_state(shadow, EngineState.WAKING, "chosen for promotion")
         ep = self.endpoint(shadow, timeout=self.cfg.failover.wake_timeout)
+        if self.suspender is not None and shadow.suspended_by:
+            try:
+                with anyio.fail_after(self.cfg.failover.wake_timeout):
+                    await self.suspender.resume(shadow.pid or 0)
+            except TimeoutError as e:
+                raise FailoverError(f"resume took over {self.cfg.failover.wake_timeout}s") from e
+            except BackendError as e:
+                raise FailoverError(f"{self.suspender.name} resume failed: {e}") from e
+            shadow.suspended_by = ""
+            await self._wait_health(shadow, {Readiness.READY}, self.cfg.failover.wake_timeout)
+            return
         deadline = time.monotonic() + self.cfg.failover.wake_oom_retry
         while True:
             try:

@@ -78,6 +78,10 @@ class HealthJudge:
         ):
             await anyio.sleep(self.cfg.probe_interval)
             expected = _EXPECTED.get(engine.state)
+            if engine.suspended_by:
+                # Checkpointed by the driver: what its HTTP server says (if it answers at all)
+                # tells nothing; its process exit still does.
+                expected = None
             if expected is None:
                 failures = 0
                 continue

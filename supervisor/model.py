@@ -159,6 +159,7 @@ class Engine:
     relaunches: int = 0
     start_ticks: int | None = None  # process start time: with the pid, its identity
     group: str = ""  # a multi-node group's id: the engines that act (and fail over) as one
+    suspended_by: str = ""  # a suspend strategy holds it asleep (not the engine's own sleep)
 
     @property
     def url(self) -> str:

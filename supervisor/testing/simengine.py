@@ -109,6 +109,7 @@ class SimOptions:
     eos_every: int = 0
     drain_timeout: float = 5.0
     start_asleep: bool = False
+    cuda_gib: float = 0.0  # real GPU memory the worker holds (torch), for GPU tests
     # Disaggregated serving: "prefill" engines serve /sim/prefill for "decode" engines,
     # which send every request's prefill to ``prefill_url`` before generating.
     disagg: str = ""
@@ -185,13 +186,24 @@ class SimEngine:
     # -- lifecycle -------------------------------------------------------------------
     async def load(self) -> None:
         """Start the worker, take GPU memory, wait the load time. OOM -> exit like CUDA's."""
+        cuda = self.opts.cuda_gib > 0
         self._worker = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
-            _WORKER_CODE,
+            _CUDA_WORKER_CODE if cuda else _WORKER_CODE,
             str(self.opts.release_delay),
+            str(self.opts.cuda_gib),
             stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE if cuda else None,
         )
+        if cuda:  # real device memory: wait until the worker holds it
+            assert self._worker.stdout is not None
+            line = (await self._worker.stdout.readline()).decode().strip()
+            if line != "cuda ready":
+                raise SimulatedOOM(f"the CUDA worker did not start: {line or 'it exited'}")
+            self.log.info(
+                f"worker {self._worker.pid} holds {self.opts.cuda_gib} GiB of real GPU memory"
+            )
         self._procs = [process_ref(os.getpid()), process_ref(self._worker.pid)]
         self.log.info(
             f"loading {self.opts.model} on GPU(s) {','.join(self.opts.gpus)} "
@@ -460,6 +472,27 @@ time.sleep(float(sys.argv[1]))
 """
 
 
+# With --sim-cuda-gib the worker also holds real device memory (torch), filled with a known
+# pattern, for tests of suspend strategies on a real GPU; SIGUSR1 makes it check the pattern
+# and log "cuda check ok" (or "cuda check FAILED").
+_CUDA_WORKER_CODE = """
+import signal, sys, time
+import torch
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+n = int(float(sys.argv[2]) * 2**30) // 4
+data = torch.arange(n, dtype=torch.int32, device="cuda").remainder_(251)
+torch.cuda.synchronize()
+def check(*_):
+    ok = bool((data == torch.arange(n, dtype=torch.int32, device="cuda").remainder_(251)).all())
+    sys.stderr.write("INFO cuda check " + ("ok" if ok else "FAILED") + "\\n")
+    sys.stderr.flush()
+signal.signal(signal.SIGUSR1, check)
+print("cuda ready", flush=True)
+sys.stdin.buffer.read()
+time.sleep(float(sys.argv[1]))
+"""
+
+
 class SimLog:
     """Engine-style log lines on stderr (the supervisor captures them per engine)."""
 
@@ -575,6 +608,13 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
         help="disaggregated serving: a prefill engine serves /sim/prefill; a decode engine "
         "sends each request's prefill to --sim-prefill-url first",
     )
+    s.add_argument(
+        "--sim-cuda-gib",
+        type=float,
+        default=0.0,
+        help="the worker also holds this much real GPU memory (needs torch with CUDA); "
+        "SIGUSR1 to the worker checks it (0: none)",
+    )
     s.add_argument("--sim-prefill-url", default="", help="the prefill engine (decode only)")
     s.add_argument(
         "--sim-prefill-per-token",
@@ -639,6 +679,7 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         disagg=ns.sim_disagg,
         prefill_url=ns.sim_prefill_url if ns.sim_disagg == "decode" else "",
         prefill_per_token=ns.sim_prefill_per_token,
+        cuda_gib=ns.sim_cuda_gib,
         faults=faults,
     )
 

@@ -283,3 +283,17 @@ def test_cluster_config_and_its_warnings() -> None:
     no_nats = parse({**GOOD, "cluster": {"etcd_endpoints": CLUSTER["etcd_endpoints"]}})
     assert any("nats_servers is empty" in w for w in warnings(no_nats))
     assert not [w for w in warnings(cfg) if "cluster" in w]
+
+
+def test_cuda_checkpoint_suspend_is_checked_against_this_machine() -> None:
+    import ctypes.util
+
+    slot = {**GOOD["slot"][0], "backend": "trtllm", "suspend": "cuda-checkpoint"}
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("this machine has libcuda: the strategy can work here")
+    with pytest.raises(ConfigError) as e:
+        parse({"slot": [slot]})
+    assert "slot[0].suspend: cuda-checkpoint cannot work here: libcuda" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        parse({"slot": [{**slot, "suspend": "freeze"}]})
+    assert "slot[0].suspend: must be one of 'engine', 'cuda-checkpoint'" in str(e.value)
