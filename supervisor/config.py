@@ -229,6 +229,8 @@ class _Reader:
 
     def table(self, key: str) -> _Reader:
         value = self._get(key, {}, (dict,), "a table")
+        if not isinstance(value, dict):  # already reported; read the defaults
+            value = {}
         return _Reader(value, self._key(key), self.problems)
 
     def unknown(self, known_help: str = "") -> None:
@@ -326,6 +328,9 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         problems.append("slot: must be an array of tables ([[slot]] sections)")
         raw_slots = []
     for i, raw in enumerate(raw_slots):
+        if not isinstance(raw, dict):
+            problems.append(f"slot[{i}]: must be a table ([[slot]] section), got {raw!r}")
+            continue
         slot = _slot(_Reader(raw, f"slot[{i}]", problems))
         if slot is not None:
             slots.append(slot)
@@ -540,9 +545,11 @@ def apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> list[st
 
 def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: not UTF-8 text (TOML must be): {e}"]) from e
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
