@@ -73,6 +73,7 @@ class Router:
     def __init__(self, cfg: FrontendConfig, directory: EngineDirectory, metrics: Metrics) -> None:
         self.cfg, self.directory, self.metrics = cfg, directory, metrics
         self.inflight: dict[str, int] = {}
+        self.migrations_waiting = 0  # moving streams waiting for a place: they go first
         self.leases: dict[str, set[Lease]] = {}  # per engine, the requests it serves
         self.waiting = 0
         self.draining = False
@@ -96,19 +97,25 @@ class Router:
         exclude: AbstractSet[str] = frozenset(),
         wait: float | None = None,
     ) -> Lease:
-        """Take a slot on the least-loaded engine of ``model``; wait (bounded) if none."""
+        """Take a slot on the least-loaded engine of ``model``; wait (bounded) if none.
+
+        ``wait`` given means a stream that is already under way moves (a migration): it is
+        never turned away by a full queue, and new requests do not take a freed place from
+        it while it waits.
+        """
         if self.draining:
             raise Rejected("draining", "the supervisor is shutting down")
-        target = self._pick(model, exclude)
+        migrating = wait is not None
+        target = self._pick(model, exclude) if migrating or not self.migrations_waiting else None
         if target is None:
-            if self.waiting >= self.cfg.max_queue:
+            if not migrating and self.waiting >= self.cfg.max_queue:
                 raise Rejected(
                     "queue_full",
                     f"all engines for {model!r} are busy and the "
                     f"queue is full ({self.cfg.max_queue})",
                 )
             target = await self._wait_for(
-                model, exclude, self.cfg.queue_timeout if wait is None else wait
+                model, exclude, self.cfg.queue_timeout if wait is None else wait, migrating
             )
         n = self.inflight.get(target.engine_id, 0) + 1
         self.inflight[target.engine_id] = n
@@ -117,8 +124,11 @@ class Router:
         self.leases.setdefault(target.engine_id, set()).add(lease)
         return lease
 
-    async def _wait_for(self, model: str, exclude: AbstractSet[str], timeout: float) -> Target:
+    async def _wait_for(
+        self, model: str, exclude: AbstractSet[str], timeout: float, migrating: bool = False
+    ) -> Target:
         self.waiting += 1
+        self.migrations_waiting += migrating
         self.metrics.queued.set(self.waiting)
         deadline = time.monotonic() + timeout
         try:
@@ -133,11 +143,13 @@ class Router:
                         tg.start_soon(self._first_of, tg.cancel_scope, self.directory.changed)
                 if self.draining:
                     raise Rejected("draining", "the supervisor is shutting down")
-                target = self._pick(model, exclude)
-                if target is not None:
-                    return target
+                if migrating or not self.migrations_waiting:
+                    target = self._pick(model, exclude)
+                    if target is not None:
+                        return target
         finally:
             self.waiting -= 1
+            self.migrations_waiting -= migrating
             self.metrics.queued.set(self.waiting)
         if self.directory.candidates(model):
             raise Rejected("saturated", f"all engines for {model!r} stayed busy for {timeout:g}s")
