@@ -43,10 +43,19 @@ def summary(name: str, values: list[float]) -> dict[str, Any]:
         "p99_ms": pct(ms, 99),
         "max_ms": max(ms),
         "mean_ms": statistics.fmean(ms),
+        "samples_ms": [round(v, 3) for v in ms],
     }
 
 
-async def run(kills: int, wake_time: float) -> dict[str, Any]:
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, from /proc (MiB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+async def run(kills: int, wake_time: float, sig: int = signal.SIGKILL) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-failover-"))
     os.environ[LEDGER_ENV] = str(work / "gpu-ledger.json")
     sim_args = (*FAST_SIM_ARGS, "--sim-wake-time", str(wake_time))
@@ -71,7 +80,7 @@ async def run(kills: int, wake_time: float) -> dict[str, Any]:
                     await anyio.sleep(0.01)
                 victim = next(e for e in st["engines"] if e["id"] == slot["active"])
                 t_kill = time.time()
-                os.killpg(victim["pid"], signal.SIGKILL)
+                os.killpg(victim["pid"], sig)
                 while True:
                     st = await status()
                     recs = [r for r in st["failovers"] if r["failed_engine"] == victim["id"]]
@@ -87,13 +96,17 @@ async def run(kills: int, wake_time: float) -> dict[str, Any]:
                 beyond_engine_wake.append(total - wake_time)
                 print(f"\rkill {i + 1}/{kills}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
+        rss = rss_mib(sup.proc.pid)
     finally:
         await anyio.to_thread.run_sync(sup.stop)
+    name = signal.Signals(sig).name
     return {
         "kills": kills,
+        "signal": name,
         "engine_wake_time_s": wake_time,
+        "supervisor_rss_mib": rss,
         "results": [
-            summary("detection (SIGKILL -> declared dead)", detection),
+            summary(f"detection ({name} -> declared dead)", detection),
             summary("failover total - wake step", beyond_wake_step),
             summary("failover total - engine wake time", beyond_engine_wake),
         ],

@@ -145,6 +145,9 @@ async def one_request(
                     break
                 except aiohttp.ClientConnectorError:
                     continue  # that frontend is down: the next one
+                except Exception:
+                    connected = True  # it reached the frontend, which then went away
+                    raise
             else:
                 raise ConnectionError("no frontend accepts connections")
             async with r:

@@ -1,0 +1,182 @@
+"""Every benchmark in one run: JSON, a markdown table and PNG plots.
+
+    python -m bench [--quick] [--out bench-report]
+
+Runs, one after another on this machine: failover detection after SIGKILL and SIGSTOP
+(bench.failover), the frontend against direct access (bench.frontend), GPU fault signals
+(bench.gpu), node loss and heartbeat CPU (bench.cluster). Every figure is a ratio or a
+distribution measured within the run. ``--quick`` takes fewer samples (a few minutes);
+the default takes about 15 minutes on 2 cores. Writes ``<out>/report.json``,
+``<out>/report.md``, ``<out>/detection.png`` and ``<out>/heartbeat_cpu.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bench import cluster, failover, frontend, gpu
+
+
+def _bar(i: int, n: int, name: str, started: float) -> None:
+    done = int(30 * i / n)
+    print(
+        f"[{'#' * done}{'.' * (30 - done)}] {i}/{n} {name}  ({time.monotonic() - started:.0f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def run_all(quick: bool) -> dict[str, Any]:
+    kills, trials = (10, 5) if quick else (50, 20)
+    stages: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
+        ("failover, SIGKILL", lambda: failover.run(kills, 0.05, signal.SIGKILL)),
+        ("failover, SIGSTOP", lambda: failover.run(kills // 2, 0.05, signal.SIGSTOP)),
+        ("frontend", lambda: frontend.run(*((16, 100, 5) if quick else (32, 300, 20)))),
+        ("gpu faults", lambda: gpu.run(2 if quick else 5)),
+        ("cluster", lambda: cluster.main(argparse.Namespace(
+            trials=trials, engines="100,1000,5000", seconds=3.0 if quick else 10.0))),
+    ]  # fmt: skip
+    out: dict[str, Any] = {"quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t0 = time.monotonic()
+    for i, (name, stage) in enumerate(stages):
+        _bar(i, len(stages), name, t0)
+        out[name] = await stage()
+    _bar(len(stages), len(stages), "done", t0)
+    return out
+
+
+def _row(name: str, value: str, target: str) -> str:
+    return f"| {name} | {value} | {target} |"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    rows = ["| measure | result | target |", "|---|---|---|"]
+    for sig in ("SIGKILL", "SIGSTOP"):
+        f = r[f"failover, {sig}"]
+        det = f["results"][0]
+        rows.append(
+            _row(
+                f"detection after {sig}, p50 / p99 (n={det['n']})",
+                f"{det['p50_ms']:.1f} / {det['p99_ms']:.1f} ms",
+                "≤ 20 ms p99" if sig == "SIGKILL" else "probe interval x threshold",
+            )
+        )
+    over = r["failover, SIGKILL"]["results"][2]
+    rows.append(
+        _row(
+            "failover total - engine wake time, p50 / p99",
+            f"{over['p50_ms']:.1f} / {over['p99_ms']:.1f} ms",
+            "≤ 100 ms p99",
+        )
+    )
+    rows.append(
+        _row(
+            "supervisor RSS (1 slot, after the kills)",
+            f"{r['failover, SIGKILL']['supervisor_rss_mib']} MiB",
+            "—",
+        )
+    )
+    for x in r["frontend"]["results"]:
+        if "ratio" in x:
+            rows.append(_row(x["name"], f"{x['ratio']:.2f}", "≥ 0.9"))
+        elif "p50_ms" in x:
+            rows.append(_row(x["name"], f"{x['p50_ms']} / {x['p99_ms']} ms (p50 / p99)", "—"))
+    g = r["gpu faults"]
+    rows.append(
+        _row(
+            "GPU fault → promoted: XID line vs probes, p50",
+            f"{g['xid']['p50_ms']} ms vs {g['probe']['p50_ms']} ms ({g['speedup_p50']}x)",
+            "—",
+        )
+    )
+    nl = r["cluster"]["node_loss"]
+    rows.append(
+        _row(
+            f"node loss → confirmed dead, p50 / p99 (n={nl['n']})",
+            f"{nl['p50_ms']:.0f} / {nl['p99_ms']:.0f} ms",
+            "≤ 2000 ms p99",
+        )
+    )
+    for h in r["cluster"]["heartbeat_cpu"]:
+        rows.append(
+            _row(
+                f"heartbeat CPU, {h['engines']} engines",
+                f"{h['cpu_percent_of_core']} % of a core",
+                "< 10 % at 1,000",
+            )
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plots(r: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = [
+        ("SIGKILL → declared dead", r["failover, SIGKILL"]["results"][0]["samples_ms"]),
+        ("SIGSTOP → declared dead", r["failover, SIGSTOP"]["results"][0]["samples_ms"]),
+        ("node loss → confirmed dead", r["cluster"]["node_loss"]["samples_ms"]),
+    ]
+    for label, xs in series:
+        xs = sorted(xs)
+        ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("detection latency (ms, log scale)")
+    ax.set_ylabel("fraction of failures")
+    ax.set_title("How soon failures are detected")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "detection.png"
+    fig.savefig(path, dpi=110)
+    made.append(path)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    hb = r["cluster"]["heartbeat_cpu"]
+    ax.bar([str(h["engines"]) for h in hb], [h["cpu_percent_of_core"] for h in hb])
+    ax.axhline(10, color="red", linestyle="--", label="target at 1,000: 10 %")
+    ax.set_xlabel("engines whose heartbeats one node receives")
+    ax.set_ylabel("% of one core")
+    ax.set_title("Heartbeat CPU cost")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "heartbeat_cpu.png"
+    fig.savefig(path, dpi=110)
+    made.append(path)
+    plt.close(fig)
+    return made
+
+
+def cli() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer samples (a few minutes)")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: a new temp)")
+    a = p.parse_args()
+    out = a.out or Path(tempfile.mkdtemp(prefix="bench-report-"))
+    out.mkdir(parents=True, exist_ok=True)
+    r = anyio.run(run_all, a.quick)
+    (out / "report.json").write_text(json.dumps(r, indent=1))
+    md = markdown(r)
+    (out / "report.md").write_text(md)
+    made = plots(r, out)
+    print(md)
+    print(f"report: {out / 'report.md'}; plots: {', '.join(str(m) for m in made)}")
+
+
+if __name__ == "__main__":
+    cli()
