@@ -333,11 +333,13 @@ class Supervisor:
                     c.slot.name for c in self.controllers.values() if c.slot.degraded_reason
                 ]
                 self.log.info("supervisor ready", degraded_slots=degraded)
-                self.notify.ready(self.summary())
+                await self.notify.ready(self.summary())
                 announce("ready" + (f" (degraded: {', '.join(degraded)})" if degraded else ""))
             await self.stopping.wait()
             self.log.info("stopping", on_exit=self.cfg.on_exit)
-            self.notify.stopping(f"stopping: draining requests, then engines ({self.cfg.on_exit})")
+            await self.notify.stopping(
+                f"stopping: draining requests, then engines ({self.cfg.on_exit})"
+            )
             with anyio.CancelScope(shield=True):
                 if self.frontend is not None:
                     await self.frontend.drain()

@@ -7,7 +7,6 @@ and systemd restarts the daemon (``WatchdogSec=``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from collections.abc import Mapping
@@ -34,21 +33,32 @@ class Notifier:
     def enabled(self) -> bool:
         return self._sock is not None
 
-    def send(self, *lines: str) -> None:
+    def send(self, *lines: str) -> bool:
+        """One datagram; False if it could not be sent (the reader's queue is full)."""
         if self._sock is None:
-            return
+            return True
         # systemd gone or busy: a notification must never break the daemon.
-        with contextlib.suppress(OSError):
+        try:
             self._sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError:
+            return False
+        return True
 
-    def ready(self, status: str) -> None:
-        self.send("READY=1", f"STATUS={status}")
+    async def _send_surely(self, *lines: str, within: float = 2.0) -> None:
+        """READY and STOPPING must not be lost to a full socket queue (a unix datagram
+        socket queues only a few messages, e.g. while watchdog pings pile up): retry."""
+        deadline = anyio.current_time() + within
+        while not self.send(*lines) and anyio.current_time() < deadline:
+            await anyio.sleep(0.01)
+
+    async def ready(self, status: str) -> None:
+        await self._send_surely("READY=1", f"STATUS={status}")
 
     def status(self, status: str) -> None:
         self.send(f"STATUS={status}")
 
-    def stopping(self, status: str = "stopping") -> None:
-        self.send("STOPPING=1", f"STATUS={status}")
+    async def stopping(self, status: str = "stopping") -> None:
+        await self._send_surely("STOPPING=1", f"STATUS={status}")
 
     async def watchdog(self) -> None:
         """Ping ``WATCHDOG=1`` while the event loop runs (returns at once if not asked for)."""

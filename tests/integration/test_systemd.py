@@ -24,42 +24,48 @@ async def test_ready_watchdog_stopping_in_order(tmp_path: Path) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.setblocking(False)
-    messages: list[tuple[str, dict[str, object] | None]] = []
-    sup = await start_supervisor(
-        tmp_path, [sim_slot("s")], env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}
-    )
-    try:
-        async with aiohttp.ClientSession() as http:
-            with anyio.fail_after(10):
-                while not any("READY=1" in m for m, _ in messages):
-                    await anyio.wait_readable(sock)
-                    msg = sock.recv(4096).decode()
-                    st = None
-                    if "READY=1" in msg:  # what the daemon looks like when it says ready
-                        async with http.get(sup.admin_url + "/status") as r:
-                            st = await r.json()
-                    messages.append((msg, st))
-            ready_status = next(st for m, st in messages if "READY=1" in m)
-            assert ready_status is not None and ready_status["ready"]
-            assert {e["state"] for e in ready_status["engines"]} == {"active", "sleeping"}
-            await anyio.sleep(0.5)  # watchdog pings keep coming while the loop runs
-        sup.proc.send_signal(15)
-        assert await anyio.to_thread.run_sync(sup.proc.wait) == 0
+    messages: list[str] = []
+
+    async def read() -> None:  # as systemd does, from the start
         while True:
+            await anyio.wait_readable(sock)
+            messages.append(sock.recv(4096).decode())
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            sup = await start_supervisor(
+                tmp_path,
+                [sim_slot("s")],
+                env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"},
+            )
             try:
-                messages.append((sock.recv(4096).decode(), None))
-            except BlockingIOError:
-                break
+                with anyio.fail_after(10):
+                    while not any("READY=1" in m for m in messages):
+                        await anyio.sleep(0.01)
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(sup.admin_url + "/status") as r,
+                ):
+                    st = await r.json()
+                assert st["ready"]
+                assert {e["state"] for e in st["engines"]} == {"active", "sleeping"}
+                await anyio.sleep(0.5)  # watchdog pings keep coming while the loop runs
+                sup.proc.send_signal(15)
+                assert await anyio.to_thread.run_sync(sup.proc.wait) == 0
+                await anyio.sleep(0.1)
+            finally:
+                if sup.proc.poll() is None:
+                    sup.stop()
+            tg.cancel_scope.cancel()
     finally:
         sock.close()
-        if sup.proc.poll() is None:
-            sup.stop()
-    kinds = [m.split("\n")[0].split("=")[0] for m, _ in messages]
+    kinds = [m.split("\n")[0].split("=")[0] for m in messages]
     first_ready = kinds.index("READY")
     assert kinds[0] in ("STATUS", "WATCHDOG")  # starting, before READY
     assert kinds.count("WATCHDOG") >= 3
     assert "STOPPING" in kinds and kinds.index("STOPPING") > first_ready
-    assert any(m.startswith("READY=1\nSTATUS=serving 1/1 slots") for m, _ in messages)
+    assert any(m.startswith("READY=1\nSTATUS=serving 1/1 slots") for m in messages)
 
 
 def test_no_notify_socket_means_no_notifications() -> None:
@@ -67,7 +73,7 @@ def test_no_notify_socket_means_no_notifications() -> None:
 
     n = Notifier({})
     assert not n.enabled and n.watchdog_interval is None
-    n.ready("x")  # a no-op, not an error
+    anyio.run(n.ready, "x")  # a no-op, not an error
 
 
 @pytest.mark.skipif(
