@@ -147,9 +147,11 @@ class Soak:
         live = [n for n in nodes if n.sup is not None and n.sup.proc.poll() is None]
         node = self.rng.choice(live)
         if kind.startswith("engine-"):
-            eng = await self._active_engine(node)
-            if eng is None:
+            # A node whose slot moved elsewhere has no active engine: pick among those with one.
+            found = [(n, e) for n in live if (e := await self._active_engine(n)) is not None]
+            if not found:
                 return "no active engine"
+            node, eng = self.rng.choice(found)
             sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigstop": signal.SIGSTOP}
             try:
                 os.killpg(eng["pid"], sig[kind.split("-")[1]])
