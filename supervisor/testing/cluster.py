@@ -643,6 +643,8 @@ class ClusterNode:
         self.etcd_links = [FaultProxy(m.client_port) for m in etcd.members]
         self.nats_link = FaultProxy(nats.port) if nats else None
         self.sup: SupervisorProcess | None = None
+        # A node restarted after a loss comes back on its own ports, as a real one does.
+        self.admin_port, self.frontend_port = free_port(), free_port()
 
     @property
     def etcd_endpoints(self) -> list[str]:
@@ -673,6 +675,8 @@ class ClusterNode:
 
     async def start(self, slots: Sequence[dict[str, object]], **kw: Any) -> ClusterNode:
         cluster = self.cluster_cfg(**kw.pop("cluster", {}))
+        kw["admin"] = {"port": self.admin_port, **kw.get("admin", {})}
+        kw["frontend"] = {"port": self.frontend_port, **kw.get("frontend", {})}
         self.sup = await start_supervisor(
             self.workdir,
             slots,
