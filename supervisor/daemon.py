@@ -60,7 +60,8 @@ class DaemonDirectory:
         self._changed = anyio.Event()
 
     def models(self) -> list[str]:
-        local = {c.slot.model for c in self.sup.controllers.values()}
+        # From the config: known before the slots' engines have started.
+        local = {s.model_name for s in self.sup.cfg.slots if s.serve_requests}
         if self.sup.cluster is not None:
             local |= self.sup.cluster.models()
         return sorted(local)

@@ -115,7 +115,8 @@ class Frontend:
         try:
             resp: web.StreamResponse = await handler(request)
         except BadRequest as e:
-            resp = openai_error(e.status, str(e), param=e.param, code=e.code)
+            retry = {"Retry-After": str(self.fcfg.retry_after)} if e.status == 503 else None
+            resp = openai_error(e.status, str(e), param=e.param, code=e.code, headers=retry)
         except web.HTTPNotFound:
             resp = openai_error(404, f"no route {request.method} {request.path}")
         except web.HTTPMethodNotAllowed:
@@ -169,6 +170,10 @@ class Frontend:
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' (a string) is required", param="model")
         if model not in self.directory.models():
+            if not self.ready:  # another node's model may not be known yet
+                raise BadRequest(
+                    "the supervisor is starting; retry shortly", status=503, code="unavailable"
+                )
             raise BadRequest(
                 f"The model `{model}` does not exist.",
                 param="model",
