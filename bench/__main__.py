@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from bench import cluster, failover, frontend, gpu
+from bench import cluster, failover, frontend, gpu, node_load
 
 
 def _bar(i: int, n: int, name: str, started: float) -> None:
@@ -43,6 +43,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
         ("failover, SIGSTOP", lambda: failover.run(kills // 2, 0.05, signal.SIGSTOP)),
         ("frontend", lambda: frontend.run(*((16, 100, 5) if quick else (32, 300, 20)))),
         ("gpu faults", lambda: gpu.run(2 if quick else 5)),
+        ("node load", lambda: node_load.run(300 if quick else 1000, 30, 0.2)),
         ("cluster", lambda: cluster.main(argparse.Namespace(
             trials=trials, engines="100,1000,5000", seconds=3.0 if quick else 10.0))),
     ]  # fmt: skip
@@ -99,6 +100,16 @@ def markdown(r: dict[str, Any]) -> str:
             "—",
         )
     )
+    load = r.get("node load")
+    if load is not None:
+        rows.append(
+            _row(
+                f"{load['streams']} concurrent streams through one node: failed / failovers",
+                f"{load['failed']} / {load['failovers']} "
+                f"(probe p99 {load['probe_p99_ms']} ms, RSS {load['rss_mib_peak']} MiB)",
+                "0 / 0",
+            )
+        )
     nl = r["cluster"]["node_loss"]
     rows.append(
         _row(

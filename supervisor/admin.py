@@ -6,11 +6,14 @@
 - ``POST /switchover`` ``{"slot": NAME, "to": SHADOW_ID?}``: planned move to a shadow
 - ``POST /drain`` ``{"engine": ID}``: stop an engine gracefully (an active one is switched over)
 - ``POST /gpu/clear`` ``{"gpu": ID}``: a GPU marked broken by a fatal XID was reset or replaced
+
+Every ``POST`` needs ``Content-Type: application/json`` and may not come from a foreign
+``Origin``: a web page open in a browser on this host can send neither (without a CORS
+preflight this API never answers), so it cannot fail engines over behind the user's back.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from supervisor.auth import bearer_ok
 from supervisor.failover import FailoverError, SlotController
+from supervisor.jsonbody import BadJson
+from supervisor.jsonbody import parse as parse_json
 from supervisor.model import Engine
 
 if TYPE_CHECKING:
@@ -46,8 +51,17 @@ class AdminApi:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         token = self.sup.admin_token
-        if token is not None and request.method != "GET" and not bearer_ok(request, token):
-            return _error(401, "this call needs 'Authorization: Bearer <admin token>'")
+        if request.method != "GET":
+            if token is not None and not bearer_ok(request, token):
+                return _error(401, "this call needs 'Authorization: Bearer <admin token>'")
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in (
+                f"http://{request.host}",
+                f"https://{request.host}",
+            ):
+                return _error(403, f"cross-origin calls are refused (Origin: {origin[:100]})")
+            if request.content_type != "application/json":
+                return _error(415, "POST bodies must be sent as 'Content-Type: application/json'")
         try:
             return await handler(request)  # type: ignore[no-any-return]
         except web.HTTPException as e:
@@ -57,9 +71,9 @@ class AdminApi:
 
     async def _body(self, request: web.Request, *keys: str) -> dict[str, Any]:
         try:
-            body = json.loads(await request.read() or b"{}")
-        except ValueError as e:
-            raise web.HTTPBadRequest(reason=f"body is not JSON: {e}") from e
+            body = parse_json(await request.read() or b"{}", max_depth=16)
+        except BadJson as e:
+            raise web.HTTPBadRequest(reason=str(e)) from e
         if not isinstance(body, dict):
             raise web.HTTPBadRequest(reason="body must be a JSON object")
         for k in keys:
@@ -97,7 +111,10 @@ class AdminApi:
         if to is not None and not isinstance(to, str):
             raise web.HTTPBadRequest(reason="'to' must be a shadow engine id")
         record = await ctl.switchover(to)
-        return web.json_response(record.as_dict())
+        # Only a promotion is a switchover that happened; anything else says why, non-2xx.
+        return web.json_response(
+            record.as_dict(), status=200 if record.result == "promoted" else 503
+        )
 
     async def gpu_clear(self, request: web.Request) -> web.Response:
         body = await self._body(request, "gpu")

@@ -34,6 +34,13 @@ class HealthConfig:
     failure_threshold: int = 3  # consecutive failed probes that make an engine dead
     load_timeout: float = 900.0  # launch -> ready/sleeping; real engines take minutes
     stall_timeout: float = 10.0  # no token for this long on a stream = stalled (frontend)
+    # A request's first token may come much later (long prefill, the engine's own queue):
+    # silence before it is judged against this instead of stall_timeout.
+    first_token_timeout: float = 120.0
+    # A stalled stream only makes its engine *suspect*; it is declared dead when a probe
+    # fails right after, or when this many different streams stalled on it within
+    # 2 x stall_timeout. One client can never be enough.
+    stall_reports: int = 2
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,15 @@ class FrontendConfig:
     retry_after: int = 1  # seconds, in the Retry-After header of a 503
     max_body_bytes: int = 4 * 1024 * 1024
     api_key_file: str = ""  # when set, clients must send "Authorization: Bearer <key>"
+    # A client that does not read its stream for this long (the relay's buffer to it is
+    # full) is dropped and its request aborted upstream: back-pressure is its own problem.
+    client_write_timeout: float = 30.0
+    header_timeout: float = 10.0  # a connection must send a whole request head this fast
+    keepalive_timeout: float = 30.0  # an idle kept-alive client connection is closed after
+    # Client connections held at once (0: derived from the open-file limit, which the daemon
+    # raises to its hard maximum at start). Beyond it, a new connection gets 503 and close.
+    max_connections: int = 0
+    max_json_depth: int = 64  # request bodies nesting deeper get 400
 
 
 @dataclass(frozen=True)
@@ -266,6 +282,8 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         failure_threshold=h.integer("failure_threshold", dh.failure_threshold, minimum=1),
         load_timeout=h.number("load_timeout", dh.load_timeout, strict=True),
         stall_timeout=h.number("stall_timeout", dh.stall_timeout, strict=True),
+        first_token_timeout=h.number("first_token_timeout", dh.first_token_timeout, strict=True),
+        stall_reports=h.integer("stall_reports", dh.stall_reports, minimum=1),
     )
     h.unknown()
 
@@ -302,6 +320,13 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         retry_after=fe.integer("retry_after", dfe.retry_after, minimum=0),
         max_body_bytes=fe.integer("max_body_bytes", dfe.max_body_bytes, minimum=1024),
         api_key_file=fe.text("api_key_file") or "",
+        client_write_timeout=fe.number(
+            "client_write_timeout", dfe.client_write_timeout, strict=True
+        ),
+        header_timeout=fe.number("header_timeout", dfe.header_timeout, strict=True),
+        keepalive_timeout=fe.number("keepalive_timeout", dfe.keepalive_timeout, strict=True),
+        max_connections=fe.integer("max_connections", dfe.max_connections, minimum=0),
+        max_json_depth=fe.integer("max_json_depth", dfe.max_json_depth, minimum=8),
     )
     fe.unknown()
 
@@ -345,6 +370,11 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
                     f'slot[{i}]: hosts = "shadows" and group_size need a [cluster] '
                     "with etcd_endpoints (another node must host the rest)"
                 )
+    if not _loopback(admin_host) and not admin_token_file:
+        problems.append(
+            f"admin.host: {admin_host} is reachable from the network, so admin.token_file "
+            "is required (anyone who reaches the admin API can fail over engines)"
+        )
     if frontend.enabled and frontend.port and frontend.port == admin_port:
         problems.append(f"frontend.port: {frontend.port} is also the admin port")
     if problems:
@@ -577,20 +607,14 @@ def read_secret(path: str, credential: str, env: Mapping[str, str] | None = None
     return secret
 
 
+def _loopback(host: str) -> bool:
+    return host.startswith(("127.", "::1", "localhost"))
+
+
 def warnings(cfg: Config) -> list[str]:
     """Settings that are valid but risky; check-config prints them, run logs them."""
     out = []
-    loopback = ("127.", "::1", "localhost")
-    if not cfg.admin_host.startswith(loopback) and not cfg.admin_token_file:
-        out.append(
-            f"admin.host: {cfg.admin_host} is reachable from the network and "
-            "admin.token_file is not set: anyone who reaches it can fail over engines"
-        )
-    if (
-        cfg.frontend.enabled
-        and not cfg.frontend.host.startswith(loopback)
-        and not cfg.frontend.api_key_file
-    ):
+    if cfg.frontend.enabled and not _loopback(cfg.frontend.host) and not cfg.frontend.api_key_file:
         out.append(
             f"frontend.host: {cfg.frontend.host} serves anyone who reaches it "
             "(frontend.api_key_file is not set)"

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anyio
 from aiohttp import web
 
@@ -41,7 +40,14 @@ from supervisor.gpu import (
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
 from supervisor.model import Engine, EngineState, FailoverRecord
+from supervisor.netguard import (
+    ConnectionGuard,
+    GuardedSite,
+    connection_cap,
+    raise_open_file_limit,
+)
 from supervisor.sdnotify import Notifier
+from supervisor.sessions import Sessions, open_sessions
 
 
 def _readable(path: str) -> bool:
@@ -92,12 +98,20 @@ class DaemonDirectory:
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 
-    async def report_failure(
-        self, engine_id: str, source: str, reason: str, first_sign_at: float
-    ) -> None:
+    def report_failure(self, engine_id: str, kind: str, reason: str, request_id: str) -> None:
+        # Judged in the slot's own task group: a failover must not run inside (and be
+        # cancelled with) the client request that noticed the fault.
         found = self.sup.engine(engine_id)
-        if found is not None:
-            await self.sup.judge.declare_dead(found[1], source, reason, first_sign_at)
+        if found is None or self.sup.stopping.is_set():
+            return
+        ctl, engine = found
+        if kind == "stall":
+            ep = ctl.endpoint(engine)
+            ctl.tg.start_soon(
+                self.sup.judge.stream_stalled, engine, ctl.backend, ep, request_id, reason
+            )
+        else:
+            ctl.tg.start_soon(self.sup.judge.declare_dead, engine, "stream", reason, time.time())
 
 
 class Supervisor:
@@ -108,7 +122,9 @@ class Supervisor:
         self.metrics = Metrics()
         self.history: deque[FailoverRecord] = deque(maxlen=HISTORY)
         self.judge = HealthJudge(cfg.health, self.metrics, self._on_dead)
-        self.manager = EngineManager(cfg.log_dir, self.judge.process_exited)
+        self.manager = EngineManager(
+            cfg.log_dir, self.judge.process_exited, sim_ledger=cfg.state_dir / "sim-gpus.json"
+        )
         self.controllers: dict[str, SlotController] = {}
         self.backends = {s.name: load_backend(s.backend) for s in cfg.slots}
         self._backends_by_name: dict[str, Backend] = {}
@@ -159,22 +175,24 @@ class Supervisor:
         if self.notify.enabled and self.ready.is_set() and not self.stopping.is_set():
             self.notify.status(self.summary())
 
-    def _save_state(self) -> None:
+    def _state(self) -> dict[str, Any]:
         """What a restarted supervisor needs to adopt the engines instead of launching new
-        ones: a small local file, replaced atomically."""
-        statefile.save(
-            self.state_path,
-            {
-                "node": self.cfg.node,
-                "slots": {name: c.saved() for name, c in self.controllers.items()},
-            },
-        )
+        ones. Built on the event loop: the controllers' dicts change only there."""
+        return {
+            "node": self.cfg.node,
+            "slots": {name: c.saved() for name, c in self.controllers.items()},
+        }
+
+    def _save_state(self) -> None:
+        statefile.save(self.state_path, self._state())
 
     async def _save_state_loop(self) -> None:
         while True:
             await self._state_dirty.wait()
             self._state_dirty = anyio.Event()  # changes from here on wait for the next save
-            await anyio.to_thread.run_sync(self._save_state)
+            # The snapshot here, the file (a small local write, replaced atomically) in a
+            # thread, off the failover's path.
+            await anyio.to_thread.run_sync(statefile.save, self.state_path, self._state())
 
     def summary(self) -> str:
         """One line for ``systemctl status``."""
@@ -244,8 +262,9 @@ class Supervisor:
             "stopping": self.stopping.is_set(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "frontend": self.frontend_url or None,
-            "slots": [c.slot.as_dict() for c in self.controllers.values()],
+            "slots": [c.status() for c in self.controllers.values()],
             "engines": [e.as_dict() for c in self.controllers.values() for e in c.engines.values()],
+            "retired_engines": [e.as_dict() for c in self.controllers.values() for e in c.retired],
             "failovers": [r.as_dict() for r in self.history],
             "gpus": self.gpu.snapshot(),
             "cluster": self.cluster.status() if self.cluster is not None else None,
@@ -265,27 +284,33 @@ class Supervisor:
         for warning in warnings(self.cfg):
             self.log.warning("risky setting", detail=warning)
         self.cfg.log_dir.mkdir(parents=True, exist_ok=True)
-        async with aiohttp.ClientSession() as session, anyio.create_task_group() as tg:
+        fd_limit = raise_open_file_limit()
+        self._quiet_loop_errors()
+        async with (
+            open_sessions(self.cfg.frontend.max_inflight_per_engine) as sessions,
+            anyio.create_task_group() as tg,
+        ):
             tg.start_soon(self._signals)
             tg.start_soon(self.notify.watchdog)
             tg.start_soon(self._save_state_loop)
             self.notify.status("starting: shadows load and sleep, then active engines load")
             runner = web.AppRunner(AdminApi(self).app(), access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, self.cfg.admin_host, self.cfg.admin_port)
+            admin_guard = ConnectionGuard("admin", 256, self.cfg.frontend.header_timeout)
+            site = GuardedSite(runner, self.cfg.admin_host, self.cfg.admin_port, admin_guard)
             await site.start()
             port = runner.addresses[0][1]
             self.admin_url = f"http://{self.cfg.admin_host}:{port}"
             announce(f"admin: {self.admin_url}")
             self.log.info("admin API listening", url=self.admin_url)
-            fe_runner = await self._start_frontend(session, announce)
+            fe_runner = await self._start_frontend(sessions, announce, fd_limit)
             tg.start_soon(self.gpu.run)
             if self.cfg.cluster.enabled:
                 self.cluster = ClusterCoordinator(
                     self.cfg,
                     self.controllers,
                     self.metrics,
-                    session,
+                    sessions.cluster,
                     admin_url=lambda: self.admin_url,
                     on_view_change=self.directory.notify,
                     on_peer_dead=self._peer_engines_dead,
@@ -299,20 +324,21 @@ class Supervisor:
                     self.log.warning("etcd not reachable at start; starting engines anyway")
                 announce(f"cluster: {self.cfg.cluster.name}")
             for scfg in self.cfg.slots:
-                self.controllers[scfg.name] = SlotController(
+                ctl = SlotController(
                     self.cfg,
                     scfg,
                     self.backends[scfg.name],
                     self.manager,
                     self.judge,
                     self.metrics,
-                    session,
+                    sessions,
                     self.history,
-                    tg,
                     on_change=self._engines_changed,
                     gpu_broken=lambda gpu: gpu in self.gpu.broken,
                     coordinator=self.cluster,
                 )
+                self.controllers[scfg.name] = ctl
+                await tg.start(ctl.run)
             saved = statefile.load(self.state_path)
             if saved is not None and saved.get("node") == self.cfg.node:
                 for name, ctl in self.controllers.items():
@@ -342,8 +368,15 @@ class Supervisor:
                 f"stopping: draining requests, then engines ({self.cfg.on_exit})"
             )
             with anyio.CancelScope(shield=True):
+                for ctl in self.controllers.values():
+                    ctl.begin_stop()
                 if self.frontend is not None:
                     await self.frontend.drain()
+                # Nothing scheduled (a relaunch waiting on its backoff, a shadow loading)
+                # may launch an engine from here on; then the engines stop.
+                async with anyio.create_task_group() as closing:
+                    for ctl in self.controllers.values():
+                        closing.start_soon(ctl.close)
                 if self.cfg.on_exit == "stop":
                     async with anyio.create_task_group() as stops:
                         for ctl in self.controllers.values():
@@ -357,19 +390,53 @@ class Supervisor:
             tg.cancel_scope.cancel()
         self.log.info("stopped")
 
+    def _quiet_loop_errors(self) -> None:
+        """asyncio's own errors (e.g. an accept failing with "too many open files") are
+        logged once per kind per 10 s with a count, not once per occurrence."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        last: dict[str, tuple[float, int]] = {}
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            message = str(context.get("message", "asyncio error"))
+            exc = context.get("exception")
+            key = f"{message}:{type(exc).__name__}"
+            now = time.monotonic()
+            t, n = last.get(key, (0.0, 0))
+            if now - t < 10:
+                last[key] = (t, n + 1)
+                return
+            last[key] = (now, 0)
+            self.log.error("event loop error", message=message, error=repr(exc), repeated=n)
+
+        loop.set_exception_handler(handler)
+
     async def _start_frontend(
-        self, session: aiohttp.ClientSession, announce: Callable[[str], None]
+        self, sessions: Sessions, announce: Callable[[str], None], fd_limit: int
     ) -> web.AppRunner | None:
-        if not self.cfg.frontend.enabled:
+        fcfg = self.cfg.frontend
+        if not fcfg.enabled:
             return None
-        self.frontend = Frontend(self.cfg, self.directory, self.metrics, session, self.api_key)
+        self.frontend = Frontend(self.cfg, self.directory, self.metrics, sessions, self.api_key)
         # handler_cancellation: a client that goes away cancels its handler at once, so the
         # upstream request is aborted without waiting for the next token to fail to write.
-        runner = web.AppRunner(self.frontend.app(), access_log=None, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(
-            runner, self.cfg.frontend.host, self.cfg.frontend.port, reuse_address=True
+        runner = web.AppRunner(
+            self.frontend.app(),
+            access_log=None,
+            handler_cancellation=True,
+            keepalive_timeout=fcfg.keepalive_timeout,
         )
+        await runner.setup()
+        refused = self.metrics.client_connections_refused
+        guard = ConnectionGuard(
+            "frontend",
+            connection_cap(fcfg.max_connections, fd_limit),
+            fcfg.header_timeout,
+            on_event=lambda reason: refused.labels(reason).inc(),
+        )
+        self.metrics.client_connections.set_function(lambda: guard.open)
+        site = GuardedSite(runner, fcfg.host, fcfg.port, guard, reuse_address=True)
         await site.start()
         self.frontend_url = f"http://{self.cfg.frontend.host}:{runner.addresses[0][1]}"
         announce(f"frontend: {self.frontend_url}")

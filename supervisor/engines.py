@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -23,6 +24,7 @@ from supervisor.backends import Backend
 from supervisor.model import Engine, LaunchCommand
 from supervisor.procfs import all_processes, read_stat
 from supervisor.testing.cluster import simulated
+from supervisor.testing.gpuledger import LEDGER_ENV
 
 ExitCallback = Callable[[Engine, int, float], Awaitable[None]]
 
@@ -44,8 +46,14 @@ def signal_group(pgid: int, sig: int) -> None:
 class EngineManager:
     """Starts, watches and stops engine processes; one log file per engine."""
 
-    def __init__(self, log_dir: Path, on_exit: ExitCallback) -> None:
+    def __init__(
+        self, log_dir: Path, on_exit: ExitCallback, sim_ledger: Path | None = None
+    ) -> None:
         self.log_dir = log_dir
+        # Simulated engines account GPU memory in this daemon's own ledger (under its
+        # state_dir), unless the environment names one: never a machine-wide file that
+        # another daemon's (or a test's) engines share.
+        self.sim_ledger = sim_ledger
         self.on_exit = on_exit
         self.procs: dict[str, Process] = {}
         self.adopted: set[str] = set()  # engines started by an earlier supervisor
@@ -57,6 +65,8 @@ class EngineManager:
         cmd = backend.command(engine.spec)
         if simulate:
             cmd = simulated(cmd, backend.dialect.name, sim_args)
+            if self.sim_ledger is not None and not os.environ.get(LEDGER_ENV):
+                cmd = replace(cmd, env={**cmd.env, LEDGER_ENV: str(self.sim_ledger)})
         return cmd
 
     async def launch(self, tg: TaskGroup, engine: Engine, cmd: LaunchCommand) -> None:
@@ -69,14 +79,16 @@ class EngineManager:
         try:
             await anyio.to_thread.run_sync(out.write, header.encode())
             await anyio.to_thread.run_sync(out.flush)
-            proc = await anyio.open_process(
-                cmd.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+            # Shielded: a spawn cancelled half-way could leave a child nobody knows of.
+            with anyio.CancelScope(shield=True):
+                proc = await anyio.open_process(
+                    cmd.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
         finally:
             out.close()  # the child keeps its own descriptor
         engine.pid = proc.pid
@@ -99,6 +111,9 @@ class EngineManager:
         if self.procs.get(engine.id) is proc:
             del self.procs[engine.id]
         await self.on_exit(engine, code, at)
+
+    def group_alive(self, pgid: int) -> bool:
+        return group_alive(pgid)
 
     def running(self, engine: Engine) -> bool:
         return engine.id in self.procs or engine.id in self.adopted

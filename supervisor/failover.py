@@ -1,11 +1,15 @@
 """The failover policy, one :class:`SlotController` per slot.
 
-On the death of a slot's active engine: mark it failed; pick a sleeping shadow; for a
-shadow on the same GPUs, wait until the dead engine's whole process group is gone (its GPU
-memory with it); wake the shadow through its plugin, retrying an out-of-memory wake for a
-bounded time; check readiness; promote it (epoch + 1). Then restore the configured number
-of shadows. With no shadow the slot is degraded (metric, log; the frontend answers 503)
-until a shadow is ready again. Every decision is logged with its reason; every step is timed.
+The slot's phases, the events that move it and the action each move takes are one table,
+:mod:`supervisor.slotstates`; this module carries the actions out. On the death of a slot's
+active engine: mark it failed; pick a sleeping shadow; for a shadow on the same GPUs, wait
+until the dead engine's whole process group is gone (its GPU memory with it); wake the
+shadow through its plugin, retrying an out-of-memory wake for a bounded time; check
+readiness; promote it (epoch + 1). One replenishing task per slot then restores the
+configured number of shadows, with backoff on consecutive failures. With no shadow the slot
+is degraded (metric, log; the frontend answers 503) until a shadow is ready again, or, for a
+slot configured without shadows, its active engine is restarted cold. Every decision is
+logged as one sentence with its reason; every step is timed.
 """
 
 from __future__ import annotations
@@ -39,8 +43,12 @@ from supervisor.model import (
     Slot,
 )
 from supervisor.procfs import read_stat
+from supervisor.sessions import Sessions
+from supervisor.slotstates import Event, Phase, decide
 
 HISTORY = 50  # failover records kept for /status
+RETIRED = 16  # gone engines kept for /status (the rest leave it, and the metrics)
+_ENDED = (EngineState.FAILED, EngineState.STOPPED)
 
 
 class SuspendStrategy(Protocol):
@@ -83,7 +91,12 @@ class Step:
 
 
 class SlotController:
-    """Owns one slot's engines: startup, failover, shadow restoration, manual actions."""
+    """Owns one slot's engines: startup, failover, shadow restoration, manual actions.
+
+    Its background work (probes, exit watchers, the replenisher, relaunches) runs in its own
+    task group (:meth:`run`), so that :meth:`close` ends all of it before engines are
+    stopped: nothing scheduled can launch an engine once the daemon is shutting down.
+    """
 
     def __init__(
         self,
@@ -93,16 +106,15 @@ class SlotController:
         manager: EngineManager,
         judge: HealthJudge,
         metrics: Metrics,
-        session: aiohttp.ClientSession,
+        sessions: Sessions,
         history: deque[FailoverRecord],
-        tg: TaskGroup,
         on_change: Callable[[], None] = lambda: None,
         gpu_broken: Callable[[str], bool] = lambda gpu: False,
         coordinator: Coordinator | None = None,
     ) -> None:
         self.cfg, self.scfg, self.backend = cfg, slot_cfg, backend
         self.manager, self.judge, self.metrics = manager, judge, metrics
-        self.session, self.history, self.tg = session, history, tg
+        self.sessions, self.history = sessions, history
         self.on_change = on_change  # routing follows every state change
         self.gpu_broken = gpu_broken  # GPUs a fatal XID (or NVML) marked broken
         self.coord: Coordinator = coordinator or LocalCoordinator()
@@ -110,17 +122,85 @@ class SlotController:
         # In a cluster, engine ids name their node: they are unique cluster-wide.
         self._id_prefix = f"{cfg.node}." if cfg.cluster.enabled else ""
         self.slot = Slot(slot_cfg.name, slot_cfg.model_name)
+        self.phase = Phase.STARTING
         self.engines: dict[str, Engine] = {}
+        self.retired: deque[Engine] = deque(maxlen=RETIRED)
         self.lock = anyio.Lock()  # one promotion at a time per slot
         self._ids: Iterator[int] = itertools.count()
-        self._relaunch_failures = 0
+        self._launch_failures = 0  # consecutive; the replenisher's backoff grows with it
+        self.shadow_shortfall = ""  # why the slot has fewer shadows than configured
+        self._cold_record: FailoverRecord | None = None  # a failover a cold start completes
+        self._kick = anyio.Event()
+        self._closed = anyio.Event()
+        self._tg: TaskGroup | None = None
         self.log = logging.get(node=cfg.node, slot=slot_cfg.name)
         self.ready = anyio.Event()
         self._set_degraded("starting")
+        metrics.set_slot_phase(self.slot.name, self.phase.value)
+
+    @property
+    def tg(self) -> TaskGroup:
+        assert self._tg is not None, "SlotController.run() has not started"
+        return self._tg
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """The slot's background work, until :meth:`close`."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._replenish_loop)
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self._closed.set()
+
+    def begin_stop(self) -> None:
+        """The supervisor is shutting down: from now on nothing is launched, relaunched or
+        woken (a relaunch waiting on its backoff launches nothing); engines are still
+        watched while in-flight requests drain."""
+        if self.phase is not Phase.STOPPED:
+            self._go(Event.STOP, "the supervisor is shutting down")
+
+    async def close(self) -> None:
+        """Stop everything scheduled (relaunches, shadow starts, probes, wakes); the
+        engines themselves are left as they are (see :meth:`stop_all`)."""
+        self.begin_stop()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+            await self._closed.wait()
+
+    # -- the state machine ---------------------------------------------------------------
+    def _go(self, event: Event, why: str, **facts: Any) -> str | None:
+        """Apply ``event`` to the slot's phase (see :mod:`supervisor.slotstates`), log the
+        decision as one sentence, and return the action to carry out (None: refused)."""
+        t = decide(self.phase, event)
+        if t is None:
+            self.log.info(f"{event} ignored while {self.phase}: {why}", on=event.value, **facts)
+            return None
+        before = self.phase
+        if t.to is not None and t.to is not before:
+            self.phase = t.to
+            self.metrics.set_slot_phase(self.slot.name, self.phase.value)
+            self.log.info(
+                f"{before} -> {self.phase} on {event}: {why}",
+                on=event.value,
+                action=t.action or None,
+                **facts,
+            )
+        elif t.action:
+            self.log.info(f"{event} while {before}: {t.action}: {why}", on=event.value, **facts)
+        return t.action
 
     # -- bookkeeping -------------------------------------------------------------------
     def endpoint(self, engine: Engine, timeout: float | None = None) -> EngineEndpoint:
-        return EngineEndpoint(engine.url, self.session, timeout or self.cfg.health.probe_timeout)
+        """For probes and readiness checks (their own connection pool)."""
+        return EngineEndpoint(
+            engine.url, self.sessions.probes, timeout or self.cfg.health.probe_timeout
+        )
+
+    def control(self, engine: Engine) -> EngineEndpoint:
+        """For sleep and wake (their own pool, never queued behind probes or clients)."""
+        return EngineEndpoint(engine.url, self.sessions.control, self.cfg.failover.wake_timeout)
 
     def set_state(self, engine: Engine, state: EngineState, reason: str = "") -> None:
         if engine.state is not state:
@@ -133,12 +213,14 @@ class SlotController:
             )
         engine.state = state
         engine.reason = reason
-        self.metrics.set_engine_state(engine.slot, engine.id, state)
+        if engine.id in self.engines:
+            self.metrics.set_engine_state(engine.slot, engine.id, state)
         self._update_gauges()
         self.on_change()
 
     def _update_gauges(self) -> None:
         self.metrics.shadows_available.labels(self.slot.name).set(len(self.sleeping_shadows()))
+        self.metrics.shadows_missing.labels(self.slot.name).set(self.missing_shadows())
         self.metrics.slot_epoch.labels(self.slot.name).set(self.slot.epoch)
 
     def _set_degraded(self, reason: str) -> None:
@@ -146,11 +228,7 @@ class SlotController:
         self.metrics.slot_degraded.labels(self.slot.name).set(1 if reason else 0)
 
     def live(self) -> list[Engine]:
-        return [
-            e
-            for e in self.engines.values()
-            if e.state not in (EngineState.FAILED, EngineState.STOPPED)
-        ]
+        return [e for e in self.engines.values() if e.state not in _ENDED]
 
     def _on_broken_gpu(self, e: Engine) -> bool:
         return any(self.gpu_broken(g) for g in e.spec.gpus)
@@ -178,6 +256,11 @@ class SlotController:
         )
 
     @property
+    def stopped(self) -> bool:
+        """The supervisor is shutting down: nothing is launched or woken any more."""
+        return self.phase is Phase.STOPPED
+
+    @property
     def hosts_active(self) -> bool:
         """Whether this node starts the slot's active engine (else it only keeps shadows)."""
         return self.scfg.hosts == "active"
@@ -194,6 +277,17 @@ class SlotController:
     def active_engine(self) -> Engine | None:
         return self.engines.get(self.slot.active) if self.slot.active else None
 
+    def status(self) -> dict[str, Any]:
+        """The slot in ``/status``: its record, phase, and why shadows are missing."""
+        return {
+            **self.slot.as_dict(),
+            "phase": self.phase.value,
+            "shadows_configured": self.scfg.shadows,
+            "shadows_asleep": len(self.sleeping_shadows()),
+            "shadows_missing": self.missing_shadows(),
+            "shadow_shortfall": self.shadow_shortfall or None,
+        }
+
     def _gpu_sets(self) -> list[tuple[str, ...]]:
         if self.scfg.placement == "paired":
             return [self.scfg.gpus]
@@ -202,22 +296,20 @@ class SlotController:
     def _occupied(self) -> tuple[set[int], list[tuple[str, ...]]]:
         # An engine's port and GPUs stay taken until its process group is gone.
         held = [
-            e
-            for e in self.engines.values()
-            if e.state not in (EngineState.STOPPED, EngineState.FAILED) or self.manager.running(e)
+            e for e in self.engines.values() if e.state not in _ENDED or self.manager.running(e)
         ]
         return {e.spec.port for e in held}, [e.spec.gpus for e in held]
 
+    def _free_port(self) -> int | None:
+        ports, _ = self._occupied()
+        top = self.scfg.base_port + self.scfg.shadows + 1
+        return next((p for p in range(self.scfg.base_port, top) if p not in ports), None)
+
     def _new_engine(self, role: Role) -> Engine:
-        ports, gpu_sets = self._occupied()
-        port = next(
-            (
-                p
-                for p in range(self.scfg.base_port, self.scfg.base_port + self.scfg.shadows + 1)
-                if p not in ports
-            ),
-            None,
-        )
+        if self.phase is Phase.STOPPED:
+            raise FailoverError("the supervisor is shutting down; not launching")
+        _, gpu_sets = self._occupied()
+        port = self._free_port()
         if port is None:
             raise FailoverError("no free port in the slot's range (an engine still runs)")
         sets = self._gpu_sets()
@@ -273,6 +365,7 @@ class SlotController:
             await self.manager.launch(self.tg, engine, cmd)
         except OSError as e:
             self.set_state(engine, EngineState.FAILED, f"cannot start {cmd.argv[0]}: {e}")
+            self.tg.start_soon(self._retire, engine)
             raise FailoverError(
                 f"cannot start engine {engine.id} ({cmd.argv[0]}): {e.strerror or e}"
             ) from e
@@ -289,7 +382,7 @@ class SlotController:
         deadline = time.monotonic() + timeout
         last = Readiness.DOWN
         while time.monotonic() < deadline:
-            if engine.state is EngineState.FAILED:
+            if engine.state in _ENDED:
                 raise FailoverError(f"engine {engine.id} failed: {engine.reason}")
             try:
                 last = await self.backend.health(ep)
@@ -302,6 +395,22 @@ class SlotController:
         raise FailoverError(
             f"engine {engine.id} not {'/'.join(want)} after {timeout}s (last: {last})"
         )
+
+    async def _retire(self, engine: Engine) -> None:
+        """Once a failed or stopped engine's processes are gone, it leaves the slot's
+        engines (kept in a short history for ``/status``) and the metrics; the replenisher
+        is told, as its port and GPUs are free now."""
+        if engine.pid is not None:
+            await self.manager.wait_group_gone(engine.pid, self.cfg.failover.stop_grace + 10)
+        if self.engines.get(engine.id) is engine and engine.state in _ENDED:
+            if self.manager.running(engine) and engine.pid is not None:
+                return  # it outlived the wait; it keeps its place (and port) for now
+            del self.engines[engine.id]
+            self.retired.appendleft(engine)
+            self.metrics.forget_engine(engine.slot, engine.id, engine.spec.gpus)
+            self.judge.forget(engine.id)
+            self.on_change()
+        self.kick_replenish()
 
     # -- startup -------------------------------------------------------------------------
     def saved(self) -> dict[str, Any]:
@@ -391,47 +500,54 @@ class SlotController:
             for _ in range(self.missing_shadows()):
                 tg.start_soon(self._start_shadow_logged)
         elsewhere = self.coord.served_elsewhere(self.slot.name)
-        if self.slot.active is not None or not self.hosts_active or elsewhere:
-            if elsewhere and self.slot.active is None:
-                self.log.info("slot served by another node; keeping shadows only", by=elsewhere)
+        if self.slot.active is not None:
+            self._go(Event.ACTIVE_READY, f"adopted active engine {self.slot.active}")
+        elif not self.hosts_active or elsewhere:
+            why = f"served by {elsewhere}" if elsewhere else "this node keeps shadows only"
+            self._go(Event.SERVED_ELSEWHERE, why)
+        else:
+            await self.start_active()
+            if self.slot.active is None and self.sleeping_shadows():
+                # The active engine did not come up, but a shadow is ready: serve with it.
+                await self.recover("the active engine did not come up at start")
+        if self.slot.active is not None or self.phase is Phase.STANDBY:
             self._set_degraded("")
-            self.ready.set()
-            return
-        await self.start_active()
-        if self.slot.active is None and self.sleeping_shadows():
-            # The active engine did not come up, but a shadow is ready: serve with it.
-            await self.recover("the active engine did not come up at start")
         self.ready.set()
+        self.kick_replenish()
 
-    async def start_active(self) -> None:
+    async def start_active(self) -> bool:
         """Launch an active engine cold and promote it once ready (startup, or a slot with
-        no shadows that lost its active engine)."""
+        no shadows that lost its active engine); whether it serves now."""
         async with self.lock:
             try:
                 engine = self._new_engine("active")
             except FailoverError as e:
-                self.log.error("cannot launch an active engine", error=str(e))
+                self._go(Event.ACTIVE_FAILED_TO_START, f"cannot launch an active engine: {e}")
                 self._set_degraded(str(e))
-                return
+                return False
             try:
                 await self._launch(engine)
                 await self._wait_health(engine, {Readiness.READY}, self.cfg.health.load_timeout)
             except FailoverError as e:
-                self.log.error("active engine did not come up", engine=engine.id, error=str(e))
+                self._go(Event.ACTIVE_FAILED_TO_START, f"{engine.id} did not come up: {e}")
                 self._set_degraded(f"active engine did not come up: {e}")
-                return
+                if engine.state not in _ENDED:
+                    self.set_state(engine, EngineState.FAILED, f"did not come up: {e}")
+                    self.manager.kill_now(engine)
+                self.tg.start_soon(self._retire, engine)
+                return False
             epoch = await self._claim_cold(engine)
             if epoch is None:
-                self.log.info(
-                    "another node serves the slot: stopping the engine started cold",
-                    engine=engine.id,
-                )
+                self._go(Event.SERVED_ELSEWHERE, f"another node serves the slot; {engine.id} stops")
                 self.set_state(engine, EngineState.DRAINING, "fenced: slot served elsewhere")
                 await self.manager.stop(engine, self.cfg.failover.stop_grace)
                 self.set_state(engine, EngineState.STOPPED, "fenced: slot served elsewhere")
                 self._set_degraded("")
-                return
+                self.tg.start_soon(self._retire, engine)
+                return False
             self._promote_state(engine, epoch)
+            self._go(Event.ACTIVE_READY, f"{engine.id} loaded and ready", epoch=epoch)
+            return True
 
     async def _claim_cold(self, engine: Engine) -> int | None:
         if self.grouped:
@@ -446,7 +562,6 @@ class SlotController:
         engine.spec = replace(engine.spec, role="active")
         self.set_state(engine, EngineState.ACTIVE, f"promoted at epoch {self.slot.epoch}")
         self._set_degraded("")
-        self.log.info("slot serving", engine=engine.id, epoch=self.slot.epoch)
 
     async def _start_shadow_logged(self) -> None:
         try:
@@ -455,33 +570,44 @@ class SlotController:
             self.log.error("shadow did not come up", error=str(e))
 
     async def start_shadow(self) -> Engine:
-        """Launch one shadow, wait until loaded, put it to sleep, verify it sleeps."""
+        """Launch one shadow, wait until loaded, put it to sleep, verify it sleeps. A shadow
+        that does not make it is killed (its retirement frees its place)."""
         engine = self._new_engine("shadow")
-        await self._launch(engine)
+        try:
+            await self._launch(engine)
+            await self._load_and_sleep(engine)
+        except BaseException as e:
+            if engine.state not in _ENDED:
+                self.set_state(engine, EngineState.FAILED, f"did not come up as a shadow: {e}")
+                self.manager.kill_now(engine)
+            self.tg.start_soon(self._retire, engine)
+            raise
+        if self._go(Event.SHADOW_READY, f"{engine.id} loaded and asleep") == "promote_shadow":
+            self.tg.start_soon(self._recover_locked, "a shadow is ready for a degraded slot")
+        return engine
+
+    async def _load_and_sleep(self, engine: Engine) -> None:
         state = await self._wait_health(
             engine, {Readiness.READY, Readiness.SLEEPING}, self.cfg.health.load_timeout
         )
-        ep = self.endpoint(engine, timeout=self.cfg.failover.wake_timeout)
         if self.suspender is not None:
             await self._suspend(engine)
-            self._relaunch_failures = 0
-            return engine
+            return
         if state is Readiness.READY:
             try:
-                await self.backend.sleep(ep, self.cfg.failover.shadow_sleep_level)
+                with anyio.fail_after(self.cfg.failover.wake_timeout):
+                    await self.backend.sleep(
+                        self.control(engine), self.cfg.failover.shadow_sleep_level
+                    )
             except Exception as e:
                 self._plugin_failed(engine, "sleep", e)
-                raise FailoverError(f"could not put shadow {engine.id} to sleep: {e}") from e
+                raise FailoverError(f"could not put shadow {engine.id} to sleep: {e!r}") from e
         await self._wait_health(engine, {Readiness.SLEEPING}, self.cfg.failover.wake_timeout)
         self.set_state(
             engine,
             EngineState.SLEEPING,
             f"loaded and asleep (level {self.cfg.failover.shadow_sleep_level})",
         )
-        self._relaunch_failures = 0
-        if self.slot.active is None and not self.lock.locked() and self.ready.is_set():
-            self.tg.start_soon(self.recover, "a shadow is ready for a degraded slot")
-        return engine
 
     async def _suspend(self, engine: Engine) -> None:
         """Shadow asleep through the suspend strategy (cuda-checkpoint), not the engine."""
@@ -494,13 +620,95 @@ class SlotController:
         self.set_state(
             engine, EngineState.SLEEPING, f"suspended by {self.suspender.name} (pids {pids})"
         )
-        if self.slot.active is None and not self.lock.locked() and self.ready.is_set():
-            self.tg.start_soon(self.recover, "a shadow is ready for a degraded slot")
 
-    def _plugin_failed(self, engine: Engine, hook: str, e: Exception) -> None:
-        if not isinstance(e, BackendError):
+    def _plugin_failed(self, engine: Engine, hook: str, e: BaseException) -> None:
+        if isinstance(e, Exception) and not isinstance(e, (BackendError, FailoverError)):
             self.metrics.plugin_errors.labels(self.backend.name, hook).inc()
-            self.log.error(f"backend {hook} hook raised", engine=engine.id, error=repr(e))
+            self.log.error(
+                f"backend {hook} hook raised", engine=engine.id, error=repr(e), exc_info=e
+            )
+
+    # -- shadows: one replenishing task per slot -----------------------------------------
+    def kick_replenish(self) -> None:
+        """Something changed that may leave the slot short of shadows (or, without shadows,
+        of its active engine): the replenisher looks again."""
+        self._kick.set()
+
+    def _backoff(self) -> float:
+        f = self.cfg.failover
+        return float(min(f.relaunch_backoff * 2**self._launch_failures, f.relaunch_backoff_max))
+
+    async def _replenish_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick = anyio.Event()
+            if not self.ready.is_set():
+                continue  # start() launches what the slot needs first, then kicks
+            await self._replenish()
+
+    async def _replenish(self) -> None:
+        """Launch, one at a time, what the slot lacks. Consecutive failures back off
+        exponentially (``relaunch_backoff`` doubling to ``relaunch_backoff_max``); a success
+        resets it, so an engine that served between two failures starts from the bottom."""
+        while not self.stopped:
+            cold = self.needs_cold_start()
+            missing = self.missing_shadows()
+            if not cold and not missing:
+                self.shadow_shortfall = ""
+                self._update_gauges()
+                return
+            if self._free_port() is None:
+                # A dead engine still holds its place; its retirement kicks us again.
+                self.shadow_shortfall = "waiting for a stopped engine's processes to exit"
+                return
+            delay = self._backoff()
+            action = "the active engine cold" if cold else f"1 of {missing} missing shadow(s)"
+            self.log.info(
+                f"relaunching {action} in {delay:g}s",
+                consecutive_failures=self._launch_failures,
+            )
+            await anyio.sleep(delay)
+            if self.stopped:
+                return
+            if cold:
+                if self._go(Event.COLD_START, "the slot has no shadow to promote") is None:
+                    return
+                self.metrics.engine_relaunches.labels(self.slot.name).inc()
+                ok = await self._cold_start()
+            else:
+                if self._go(Event.SHADOWS_MISSING, f"{missing} shadow(s) missing") is None:
+                    return
+                self.metrics.engine_relaunches.labels(self.slot.name).inc()
+                try:
+                    await self.start_shadow()
+                    ok = True
+                except FailoverError as e:
+                    ok = False
+                    self.shadow_shortfall = f"relaunched shadow did not come up: {e}"
+                    self.log.error("relaunched shadow did not come up", error=str(e))
+            if ok:
+                self._launch_failures = 0
+            else:
+                self._launch_failures += 1
+                self._update_gauges()
+
+    async def _cold_start(self) -> bool:
+        ok = await self.start_active()
+        record, self._cold_record = self._cold_record, None
+        if record is not None:
+            if ok:
+                record.result = "cold-restarted"
+                record.promoted_engine, record.epoch = self.slot.active, self.slot.epoch
+                record.finished_at = time.time()
+            else:
+                self._cold_record = record  # the next cold start may complete it
+        return ok
+
+    def restore_shadows(self) -> int:
+        """Launch the shadows the slot is missing (e.g. after a broken GPU was cleared)."""
+        self._launch_failures = 0
+        self.kick_replenish()
+        return self.missing_shadows() + (1 if self.needs_cold_start() else 0)
 
     # -- failure -------------------------------------------------------------------------
     async def on_engine_dead(
@@ -510,14 +718,19 @@ class SlotController:
         self.set_state(engine, EngineState.FAILED, f"{source}: {reason}")
         if source != "exit" or self.cfg.failover.kill_dead_group:
             self.manager.kill_now(engine)  # a hung or stopped engine must not linger
-        if was_active:
+        if self.phase is not Phase.STOPPED:
+            self.tg.start_soon(self._retire, engine)
+        if not was_active:
+            self.kick_replenish()
+            return
+        self.slot.active = None
+        self._set_degraded(f"active engine {engine.id} failed")
+        why = f"{engine.id} failed ({source}: {reason})"
+        if self._go(Event.ACTIVE_DIED, why) == "promote_shadow":
             record = FailoverRecord(
                 self.slot.name, engine.id, f"{source}: {reason}", detected_at=detected_at
             )
-            self.slot.active = None
-            self._set_degraded(f"active engine {engine.id} failed")
             await self.failover(record, dead=engine)
-        self.tg.start_soon(self.relaunch_after, engine)
 
     async def failover(self, record: FailoverRecord, dead: Engine | None) -> None:
         self.history.appendleft(record)
@@ -528,9 +741,9 @@ class SlotController:
             except FailoverError as e:
                 record.result = "error"
                 self._set_degraded(str(e))
-                self.log.error("failover failed; slot degraded", reason=record.reason, error=str(e))
+                self._go(Event.FAILOVER_FAILED, f"failover failed: {e}", reason=record.reason)
             finally:
-                record.finished_at = time.time()
+                record.finished_at = record.finished_at or time.time()
                 self.metrics.failovers.labels(
                     self.slot.name, record.kind + ":" + record.reason.split(":")[0], record.result
                 ).inc()
@@ -538,29 +751,26 @@ class SlotController:
                     self.metrics.failover_seconds.labels(self.slot.name).observe(
                         time.monotonic() - t0
                     )
+        self.kick_replenish()
 
     async def _failover_locked(self, record: FailoverRecord, dead: Engine | None) -> None:
         if self.grouped:
             # One member cannot replace a group: the cluster leader promotes a whole group.
             record.result = "handed to cluster"
             self._set_degraded("group member failed; the cluster leader fails the group over")
-            self.log.info("group slot: failover is the cluster leader's", reason=record.reason)
+            self._go(Event.HANDED_TO_CLUSTER, f"group slot: {record.reason}")
             return
         known = self.slot.epoch  # the epoch our next claim builds on
         while True:
             shadows = self.sleeping_shadows()
             if not shadows:
-                record.result = "degraded"
-                self._set_degraded("no shadow available")
-                self.log.error("slot degraded: no sleeping shadow to promote", reason=record.reason)
-                await self.coord.hand_over(self.slot.name, f"no shadow left on {self.cfg.node}")
+                await self._no_shadow(record)
                 return
             shadow = shadows[0]
             self.log.info(
-                "failing over",
+                f"failing over to {shadow.id}: {record.reason}",
                 failed=record.failed_engine,
                 to=shadow.id,
-                reason=record.reason,
                 epoch=self.slot.epoch,
             )
             if (
@@ -584,9 +794,9 @@ class SlotController:
             if epoch is None:
                 record.result = "fenced"
                 self._set_degraded("")
-                self.log.warning(
-                    "not promoting: the slot's epoch moved on in the cluster (fenced)",
-                    shadow=shadow.id,
+                self._go(
+                    Event.FENCED,
+                    f"the slot's epoch moved on in the cluster; not promoting {shadow.id}",
                     epoch=self.slot.epoch,
                 )
                 return
@@ -595,34 +805,40 @@ class SlotController:
                 with Step(record, "wake"):
                     await self._wake(shadow)
             except FailoverError as e:
-                self.log.error(
-                    "shadow failed to wake; trying the next", engine=shadow.id, error=str(e)
-                )
+                self.log.error(f"shadow {shadow.id} failed to wake; trying the next", error=str(e))
                 self.set_state(shadow, EngineState.FAILED, f"wake failed: {e}")
                 self.manager.kill_now(shadow)
-                self.tg.start_soon(self.relaunch_after, shadow)
+                self._launch_failures += 1  # a shadow that cannot wake is a failed launch
+                self.tg.start_soon(self._retire, shadow)
                 continue
             with Step(record, "promote"):
                 self._promote_state(shadow, epoch)
             self.metrics.wake_seconds.labels(self.slot.name).observe(record.steps["wake"])
-            record.promoted_engine, record.epoch, record.result = (
-                shadow.id,
-                self.slot.epoch,
-                "promoted",
-            )
-            self.log.info(
-                "failover done",
-                promoted=shadow.id,
-                epoch=self.slot.epoch,
+            record.promoted_engine, record.epoch, record.result = shadow.id, epoch, "promoted"
+            self._go(
+                Event.PROMOTED,
+                f"promoted {shadow.id} at epoch {epoch}: {record.reason}; wake took "
+                f"{record.steps['wake'] * 1000:.0f} ms",
                 steps=record.steps,
                 total_ms=round((time.time() - record.detected_at) * 1000, 1),
             )
             return
 
+    async def _no_shadow(self, record: FailoverRecord) -> None:
+        if self.scfg.shadows == 0 and self.hosts_active:
+            record.result = "cold-restarting"
+            self._cold_record = record
+            self._set_degraded("no shadows configured: restarting the active engine cold")
+        else:
+            record.result = "degraded"
+            self._set_degraded("no shadow available")
+        if self._go(Event.NO_SHADOW, f"no sleeping shadow to promote: {record.reason}"):
+            await self.coord.hand_over(self.slot.name, f"no shadow left on {self.cfg.node}")
+
     async def _wake(self, shadow: Engine) -> None:
         """Wake through the plugin; an OOM is retried for ``wake_oom_retry`` seconds."""
         self.set_state(shadow, EngineState.WAKING, "chosen for promotion")
-        ep = self.endpoint(shadow, timeout=self.cfg.failover.wake_timeout)
+        ep = self.control(shadow)
         if self.suspender is not None and shadow.suspended_by:
             try:
                 with anyio.fail_after(self.cfg.failover.wake_timeout):
@@ -655,44 +871,18 @@ class SlotController:
         await self._wait_health(shadow, {Readiness.READY}, self.cfg.failover.wake_timeout)
 
     async def recover(self, why: str) -> None:
+        """A degraded slot (or one whose active engine did not start) with a shadow ready:
+        promote it."""
         if self.slot.active is not None or self.coord.served_elsewhere(self.slot.name):
             return
+        if self._go(Event.SHADOW_READY, why) == "promote_shadow":
+            await self._recover_locked(why)
+
+    async def _recover_locked(self, why: str) -> None:
         record = FailoverRecord(
             self.slot.name, None, f"recover: {why}", kind="recovery", detected_at=time.time()
         )
         await self.failover(record, dead=None)
-
-    async def relaunch_after(self, engine: Engine) -> None:
-        """Replace a failed engine with a new shadow, with exponential backoff."""
-        if engine.pid is not None:
-            await self.manager.wait_group_gone(engine.pid, self.cfg.failover.stop_grace + 10)
-        cold = self.needs_cold_start()
-        if not self.missing_shadows() and not cold:
-            return
-        self._relaunch_failures += 1
-        f = self.cfg.failover
-        delay = min(f.relaunch_backoff * 2 ** (self._relaunch_failures - 1), f.relaunch_backoff_max)
-        self.log.info("relaunching as a new shadow", replaces=engine.id, delay=delay)
-        await anyio.sleep(delay)
-        self.metrics.engine_relaunches.labels(self.slot.name).inc()
-        if cold:
-            self.log.info("no shadows configured: restarting the active engine cold")
-            await self.start_active()
-            return
-        try:
-            new = await self.start_shadow()
-            new.relaunches = engine.relaunches + 1
-        except FailoverError as e:
-            self.log.error("relaunched shadow did not come up", error=str(e))
-
-    def restore_shadows(self) -> int:
-        """Launch the shadows the slot is missing (e.g. after a broken GPU was cleared)."""
-        missing = self.missing_shadows()
-        for _ in range(missing):
-            self.tg.start_soon(self._start_shadow_logged)
-        if self.needs_cold_start():
-            self.tg.start_soon(self.start_active)
-        return missing
 
     # -- cluster decisions ---------------------------------------------------------------
     async def promote_assigned(self, engine_id: str, epoch: int, reason: str) -> None:
@@ -707,25 +897,27 @@ class SlotController:
                     state=engine.state.value if engine else None,
                 )
                 return
+            if self._go(Event.ASSIGNED, f"the cluster promotes {engine_id}: {reason}") is None:
+                return
             record = FailoverRecord(
                 self.slot.name, None, f"cluster: {reason}", kind="cluster", detected_at=time.time()
             )
             self.history.appendleft(record)
-            self.log.info("cluster promotes our shadow", engine=engine_id, epoch=epoch, why=reason)
             try:
                 with Step(record, "wake"):
                     await self._wake(engine)
             except FailoverError as e:
                 record.result = "error"
-                self.log.error("assigned shadow failed to wake", engine=engine_id, error=str(e))
                 self.set_state(engine, EngineState.FAILED, f"wake failed: {e}")
                 self.manager.kill_now(engine)
-                self.tg.start_soon(self.relaunch_after, engine)
+                self.tg.start_soon(self._retire, engine)
+                self._go(Event.FAILOVER_FAILED, f"assigned shadow {engine_id} failed to wake: {e}")
                 return
             finally:
                 record.finished_at = time.time()
             self._promote_state(engine, epoch)
             record.promoted_engine, record.epoch, record.result = engine_id, epoch, "promoted"
+            self._go(Event.PROMOTED, f"promoted {engine_id} at epoch {epoch} for the cluster")
             self.metrics.failovers.labels(self.slot.name, "cluster", "promoted").inc()
 
     async def step_down(self, epoch: int, by: str) -> None:
@@ -735,27 +927,31 @@ class SlotController:
             engine = self.active_engine()
             if engine is None:
                 return
-            self.log.warning(
-                "fenced: the cluster serves this slot elsewhere; stopping our active engine",
-                engine=engine.id,
-                epoch=epoch,
-                now_served_by=by,
-            )
+            if self._go(Event.STEP_DOWN, f"fenced at epoch {epoch}: {by} serves the slot") is None:
+                return
             self.slot.active = None
             self.set_state(engine, EngineState.DRAINING, f"fenced at epoch {epoch} by {by}")
             await self.manager.stop(engine, self.cfg.failover.stop_grace)
             self.set_state(engine, EngineState.STOPPED, f"fenced at epoch {epoch}")
             self._set_degraded("")
-        self.tg.start_soon(self.relaunch_after, engine)
+        self.tg.start_soon(self._retire, engine)
 
     # -- manual actions ----------------------------------------------------------------
     async def switchover(self, to: str | None, kind: str = "switchover") -> FailoverRecord:
-        """Planned move of the slot to a shadow; the old active is stopped gracefully."""
-        old = self.active_engine()
+        """Planned move of the slot to a shadow; the old active is stopped gracefully.
+        Refused (nothing touched) when no shadow could take the slot."""
         if to is not None:
             target = self.engines.get(to)
             if target is None or target.state is not EngineState.SLEEPING:
                 raise FailoverError(f"{to!r} is not a sleeping shadow of slot {self.slot.name}")
+        elif not self.sleeping_shadows():
+            raise FailoverError(
+                f"slot {self.slot.name} has no sleeping shadow to switch over to "
+                f"({self.shadow_shortfall or 'none ready'}); the active engine keeps serving"
+            )
+        old = self.active_engine()
+        if old is not None and self.phase is not Phase.SERVING:
+            raise FailoverError(f"slot {self.slot.name} is {self.phase}; try again once serving")
         record = FailoverRecord(
             self.slot.name,
             old.id if old else None,
@@ -764,18 +960,21 @@ class SlotController:
             detected_at=time.time(),
         )
         if old is not None:
+            if self._go(Event.SWITCHOVER, f"{kind} of {old.id} requested") is None:
+                raise FailoverError(f"slot {self.slot.name} is {self.phase}")
             self.slot.active = None
             self._set_degraded(f"{kind} in progress")
             self.set_state(old, EngineState.DRAINING, f"{kind} requested")
             with Step(record, "drain"):
                 await self.manager.stop(old, self.cfg.failover.stop_grace)
             self.set_state(old, EngineState.STOPPED, kind)
+            self.tg.start_soon(self._retire, old)
+        elif self._go(Event.SHADOW_READY, f"{kind} requested on a slot with no active") is None:
+            raise FailoverError(f"slot {self.slot.name} is {self.phase}")
         if to is not None:  # put the chosen shadow first
             target = self.engines[to]
             self.engines = {to: target, **{k: v for k, v in self.engines.items() if k != to}}
         await self.failover(record, dead=old)
-        if old is not None:
-            self.tg.start_soon(self.relaunch_after, old)
         return record
 
     async def drain(self, engine_id: str) -> None:
@@ -788,12 +987,15 @@ class SlotController:
         self.set_state(engine, EngineState.DRAINING, "drain requested")
         await self.manager.stop(engine, self.cfg.failover.stop_grace)
         self.set_state(engine, EngineState.STOPPED, "drained")
-        self.tg.start_soon(self.relaunch_after, engine)
+        self.tg.start_soon(self._retire, engine)
 
     async def stop_all(self) -> None:
+        """Stop every engine of the slot still running (after :meth:`close`)."""
         for engine in self.live():
             self.set_state(engine, EngineState.STOPPED, "supervisor shutting down")
         async with anyio.create_task_group() as tg:
             for engine in list(self.engines.values()):
-                if self.manager.running(engine):
+                if self.manager.running(engine) or (
+                    engine.pid is not None and self.manager.group_alive(engine.pid)
+                ):
                     tg.start_soon(self.manager.stop, engine, self.cfg.failover.stop_grace)

@@ -3,9 +3,12 @@ conventions: ``failover_supervisor_`` prefix, ``_total`` counters, ``_seconds`` 
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from supervisor.model import EngineState
+from supervisor.slotstates import Phase
 
 # Failover steps are milliseconds to minutes (a real engine's wake can take a minute).
 _DURATION_BUCKETS = (
@@ -61,6 +64,14 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self.probe_seconds = Histogram(
+            "failover_supervisor_probe_seconds",
+            "How long each health probe of an engine took (a probe that times out counts "
+            "as its timeout). Load on the frontend must not move it.",
+            ["slot"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
         self.engine_state = Gauge(
             "failover_supervisor_engine_state",
             "1 for the state each engine is in, 0 for the others.",
@@ -77,6 +88,19 @@ class Metrics:
             "failover_supervisor_slot_epoch",
             "The slot's epoch (grows by one on every promotion).",
             ["slot"],
+            registry=r,
+        )
+        self.shadows_missing = Gauge(
+            "failover_supervisor_shadows_missing",
+            "Shadows the slot is configured for but does not have (launching ones count as "
+            "had); /status says why under shadow_shortfall.",
+            ["slot"],
+            registry=r,
+        )
+        self.slot_phase = Gauge(
+            "failover_supervisor_slot_phase",
+            "1 for the phase each slot is in (see docs/failover.md), 0 for the others.",
+            ["slot", "phase"],
             registry=r,
         )
         self.slot_degraded = Gauge(
@@ -121,6 +145,25 @@ class Metrics:
             "failover_supervisor_cancellations_total",
             "Requests whose client went away; the upstream request was aborted.",
             ["route"],
+            registry=r,
+        )
+        self.stream_suspicions = Counter(
+            "failover_supervisor_stream_suspicions_total",
+            "Streams that stalled on an engine: each makes it suspect; a failed probe or "
+            "more stalled streams confirm it dead.",
+            ["slot"],
+            registry=r,
+        )
+        self.client_connections = Gauge(
+            "failover_supervisor_client_connections",
+            "Client connections open on the frontend.",
+            registry=r,
+        )
+        self.client_connections_refused = Counter(
+            "failover_supervisor_client_connections_refused_total",
+            "Client connections refused at frontend.max_connections (503) or closed for "
+            "sending no request head within frontend.header_timeout (408).",
+            ["reason"],
             registry=r,
         )
         self.inflight = Gauge(
@@ -226,6 +269,21 @@ class Metrics:
     def set_engine_state(self, slot: str, engine: str, state: EngineState) -> None:
         for s in EngineState:
             self.engine_state.labels(slot, engine, s.value).set(1 if s is state else 0)
+
+    def set_slot_phase(self, slot: str, phase: str) -> None:
+        for p in Phase:
+            self.slot_phase.labels(slot, p.value).set(1 if p.value == phase else 0)
+
+    def forget_engine(self, slot: str, engine: str, gpus: tuple[str, ...]) -> None:
+        """An engine that is gone leaves the metrics: its series would stay forever."""
+        for s in EngineState:
+            with contextlib.suppress(KeyError):
+                self.engine_state.remove(slot, engine, s.value)
+        with contextlib.suppress(KeyError):
+            self.inflight.remove(engine)
+        for gpu in gpus:
+            with contextlib.suppress(KeyError):
+                self.engine_gpu.remove(slot, engine, gpu)
 
 
 def reference_markdown() -> str:

@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import anyio
 from aiohttp import web
 
@@ -26,13 +25,17 @@ from supervisor.auth import bearer_ok
 from supervisor.config import Config
 from supervisor.frontend.routing import EngineDirectory, Rejected, Router
 from supervisor.frontend.streams import (
+    ClientGone,
     ClientShape,
     MigrationFailed,
     RequestRelay,
     UpstreamClientError,
 )
+from supervisor.jsonbody import BadJson
+from supervisor.jsonbody import parse as parse_json
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, RequestKind
+from supervisor.sessions import Sessions
 
 _RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Parameters whose meaning the relay cannot keep across a migration.
@@ -82,12 +85,12 @@ class Frontend:
         cfg: Config,
         directory: EngineDirectory,
         metrics: Metrics,
-        session: aiohttp.ClientSession,
+        sessions: Sessions,
         api_key: str | None = None,
     ) -> None:
         self.api_key = api_key  # when set, /v1/* needs "Authorization: Bearer <key>"
         self.cfg, self.fcfg = cfg, cfg.frontend
-        self.directory, self.metrics, self.session = directory, metrics, session
+        self.directory, self.metrics, self.sessions = directory, metrics, sessions
         self.router = Router(self.fcfg, directory, metrics)
         self.active = 0
         self._idle = anyio.Event()
@@ -105,12 +108,16 @@ class Frontend:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        # Labels come from the route's template, never from the client's path: the set of
+        # series must not grow with what clients send.
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
         if (
             self.api_key is not None
             and request.path.startswith("/v1/")
             and not bearer_ok(request, self.api_key)
         ):
-            self.metrics.requests.labels(request.path, "401").inc()
+            self.metrics.requests.labels(route, "401").inc()
             return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
         try:
             resp: web.StreamResponse = await handler(request)
@@ -118,12 +125,10 @@ class Frontend:
             retry = {"Retry-After": str(self.fcfg.retry_after)} if e.status == 503 else None
             resp = openai_error(e.status, str(e), param=e.param, code=e.code, headers=retry)
         except web.HTTPNotFound:
-            resp = openai_error(404, f"no route {request.method} {request.path}")
+            resp = openai_error(404, f"no route {request.method} {request.path[:200]}")
         except web.HTTPMethodNotAllowed:
-            resp = openai_error(405, f"{request.method} is not allowed on {request.path}")
-        self.metrics.requests.labels(
-            request.path if request.path.startswith("/v1/") else "other", str(resp.status)
-        ).inc()
+            resp = openai_error(405, f"{request.method} is not allowed on {request.path[:200]}")
+        self.metrics.requests.labels(route, str(resp.status)).inc()
         return resp
 
     # -- plain routes ------------------------------------------------------------------
@@ -161,9 +166,9 @@ class Frontend:
                 f"request body over {self.fcfg.max_body_bytes} bytes", status=413
             ) from e
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"request body is not valid JSON: {e}") from e
+            body = parse_json(raw, max_depth=self.fcfg.max_json_depth)
+        except BadJson as e:
+            raise BadRequest(str(e)) from e
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         model = body.get("model")
@@ -235,16 +240,16 @@ class Frontend:
                 await resp.prepare(request)
                 if kind == "chat":
                     await resp.write(shape.role_chunk())
-            await resp.write(data)
+            await resp.write(data)  # a failed write is the relay's ClientGone
 
         relay = RequestRelay(
             req,
             rid,
             shape,
             self.router,
-            self.session,
+            self.sessions,
             self.fcfg,
-            self.cfg.health.stall_timeout,
+            self.cfg.health,
             self.metrics,
             emit if req.stream else None,
         )
@@ -272,12 +277,27 @@ class Frontend:
                 return openai_error(502, f"the request could not be completed: {e}")
             await self._stream_error(resp, 502, str(e))
             return resp
+        except ClientGone as e:
+            outcome = f"client_gone: {e}"
+            self.metrics.cancellations.labels(kind).inc()
+            with anyio.CancelScope(shield=True):
+                await relay.abort_upstream()
+            if resp is None:  # not streaming: nobody to answer, but aiohttp wants a response
+                return openai_error(499, str(e))
+            return resp
         except (anyio.get_cancelled_exc_class(), ConnectionResetError):
             outcome = "cancelled"
             self.metrics.cancellations.labels(kind).inc()
             with anyio.CancelScope(shield=True):
                 await relay.abort_upstream()
             raise
+        except Exception as e:  # a bug: contained, logged with its traceback, 500 to the client
+            outcome = f"error: {type(e).__name__}"
+            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=e)
+            if resp is None:
+                return openai_error(500, "internal error in the supervisor; see its log")
+            await self._stream_error(resp, 500, "internal error in the supervisor")
+            return resp
         finally:
             self._leave()
             self.log.info(
@@ -296,17 +316,15 @@ class Frontend:
                 shape.full(relay.progress, relay.finish, relay.usage()),
                 headers={"X-Request-Id": rid},
             )
-        if resp is None:  # nothing streamed at all (e.g. zero tokens): still a valid stream
-            await emit(b"")
-        assert resp is not None
         so = body.get("stream_options") or {}
-        try:
+        with contextlib.suppress(ConnectionError):  # the client left after the last token
+            if resp is None:  # nothing streamed at all (e.g. zero tokens): still a stream
+                await emit(b"")
+            assert resp is not None
             if so.get("include_usage"):
                 await resp.write(shape.usage_chunk(relay.usage()))
             await resp.write(b"data: [DONE]\n\n")
-        except ConnectionResetError:
-            pass
-        return resp
+        return resp if resp is not None else web.Response(status=499)
 
     def _unavailable(self, message: str) -> web.Response:
         return openai_error(
@@ -315,7 +333,7 @@ class Frontend:
 
     async def _stream_error(self, resp: web.StreamResponse, status: int, message: str) -> None:
         err = {"error": {"message": message, "type": "server_error", "param": None, "code": status}}
-        with contextlib.suppress(ConnectionResetError):
+        with contextlib.suppress(ConnectionError):
             await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
 
     def _enter(self) -> None:

@@ -45,10 +45,9 @@ class EngineDirectory(Protocol):
         """Returns the next time the set of ready engines changes."""
         ...
 
-    async def report_failure(
-        self, engine_id: str, source: str, reason: str, first_sign_at: float
-    ) -> None:
-        """A stream showed the engine broken (stall, garbage): let health decide."""
+    def report_failure(self, engine_id: str, kind: str, reason: str, request_id: str) -> None:
+        """A stream showed the engine broken (``kind``: "stall" makes it suspect, "garbage"
+        broken): let health decide, in the background."""
         ...
 
 
@@ -73,18 +72,29 @@ class Router:
     def __init__(self, cfg: FrontendConfig, directory: EngineDirectory, metrics: Metrics) -> None:
         self.cfg, self.directory, self.metrics = cfg, directory, metrics
         self.inflight: dict[str, int] = {}
-        self.migrations_waiting = 0  # moving streams waiting for a place: they go first
+        # Moving streams waiting for a place, as (model, engines they may not use): they go
+        # first on every engine they could use, and only there.
+        self.moving: list[tuple[str, AbstractSet[str]]] = []
         self.leases: dict[str, set[Lease]] = {}  # per engine, the requests it serves
         self.waiting = 0
         self.draining = False
         self._freed = anyio.Event()
 
-    def _pick(self, model: str, exclude: AbstractSet[str]) -> Target | None:
+    @property
+    def migrations_waiting(self) -> int:
+        return len(self.moving)
+
+    def _kept_for_moving(self, model: str, engine_id: str) -> bool:
+        return any(m == model and engine_id not in ex for m, ex in self.moving)
+
+    def _pick(self, model: str, exclude: AbstractSet[str], migrating: bool) -> Target | None:
         best: Target | None = None
         best_load = self.cfg.max_inflight_per_engine
         for t in self.directory.candidates(model):
             if t.engine_id in exclude:
                 continue
+            if not migrating and self.moving and self._kept_for_moving(model, t.engine_id):
+                continue  # a moving stream may take this place: new requests wait
             load = self.inflight.get(t.engine_id, 0)
             if load < best_load:
                 best, best_load = t, load
@@ -106,7 +116,7 @@ class Router:
         if self.draining:
             raise Rejected("draining", "the supervisor is shutting down")
         migrating = wait is not None
-        target = self._pick(model, exclude) if migrating or not self.migrations_waiting else None
+        target = self._pick(model, exclude, migrating)
         if target is None:
             if not migrating and self.waiting >= self.cfg.max_queue:
                 raise Rejected(
@@ -128,7 +138,9 @@ class Router:
         self, model: str, exclude: AbstractSet[str], timeout: float, migrating: bool = False
     ) -> Target:
         self.waiting += 1
-        self.migrations_waiting += migrating
+        me = (model, exclude)
+        if migrating:
+            self.moving.append(me)
         self.metrics.queued.set(self.waiting)
         deadline = time.monotonic() + timeout
         try:
@@ -143,13 +155,13 @@ class Router:
                         tg.start_soon(self._first_of, tg.cancel_scope, self.directory.changed)
                 if self.draining:
                     raise Rejected("draining", "the supervisor is shutting down")
-                if migrating or not self.migrations_waiting:
-                    target = self._pick(model, exclude)
-                    if target is not None:
-                        return target
+                target = self._pick(model, exclude, migrating)
+                if target is not None:
+                    return target
         finally:
             self.waiting -= 1
-            self.migrations_waiting -= migrating
+            if migrating:
+                self.moving.remove(me)
             self.metrics.queued.set(self.waiting)
         if self.directory.candidates(model):
             raise Rejected("saturated", f"all engines for {model!r} stayed busy for {timeout:g}s")

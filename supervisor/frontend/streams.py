@@ -23,25 +23,27 @@ import orjson
 
 from supervisor import log as logging
 from supervisor.backends import (
+    Backend,
     BackendError,
     EngineEndpoint,
     EngineReportedError,
     MalformedStream,
     StreamDecoder,
 )
-from supervisor.config import FrontendConfig
+from supervisor.config import FrontendConfig, HealthConfig
 from supervisor.frontend.routing import Lease, Rejected, Router
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
+from supervisor.sessions import Sessions
 from supervisor.upstream import iter_sse_data
 
 
 class UpstreamBroken(Exception):
     """The engine's stream ended badly; the request may migrate."""
 
-    def __init__(self, reason: str, *, engine_fault: bool = False) -> None:
+    def __init__(self, reason: str, *, engine_fault: str = "") -> None:
         super().__init__(reason)
-        self.engine_fault = engine_fault  # garbage or stall: report the engine to health
+        self.engine_fault = engine_fault  # "garbage" or "stall": reported to health
 
 
 class UpstreamClientError(Exception):
@@ -54,6 +56,11 @@ class UpstreamClientError(Exception):
 
 class MigrationFailed(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The client hung up or stopped reading: the request ends here and is aborted
+    upstream. Never a reason to migrate, never the engine's fault."""
 
 
 @dataclass
@@ -147,22 +154,27 @@ class RequestRelay:
         rid: str,
         shape: ClientShape,
         router: Router,
-        session: aiohttp.ClientSession,
+        sessions: Sessions,
         cfg: FrontendConfig,
-        stall_timeout: float,
+        health: HealthConfig,
         metrics: Metrics,
         emit: Emit | None,
     ) -> None:
         self.req, self.rid, self.shape = req, rid, shape
-        self.router, self.session, self.cfg = router, session, cfg
-        self.stall_timeout, self.metrics, self.emit = stall_timeout, metrics, emit
+        self.router, self.sessions, self.cfg = router, sessions, cfg
+        self.stall_timeout = health.stall_timeout
+        self.first_token_timeout = health.first_token_timeout
+        self.metrics, self.emit = metrics, emit
         self.progress = Progress()
         self.finish: str | None = None
         self.prompt_tokens: int | None = None
         self.attempt = 0
         self.sent_before_attempt = 0
         self.last_event = 0.0
+        self.writing_since: float | None = None  # blocked on the client, not the engine
         self.stalled = False
+        self.stalled_reason = ""
+        self.client_slow = False
         self.current: tuple[Lease, UpstreamRequest] | None = None
         self.log = logging.get(request_id=rid)
         self.model = str(req.body.get("model"))
@@ -182,47 +194,58 @@ class RequestRelay:
                     self.metrics.migrations.labels("failed", self._mode(None)).inc()
                 raise
             backend = lease.target.backend
-            try:
-                if self.attempt == 0:
-                    up = backend.first_request(self.req, self.rid)
-                else:
-                    up = backend.continuation(
-                        self.req, self.progress, f"{self.rid}-m{self.attempt}"
-                    )
-            except BackendError as e:
-                self.router.release(lease)
-                self.metrics.migrations.labels("failed", "none").inc()
-                raise MigrationFailed(str(e)) from e
-            try:
-                with self.router.held(lease):
+            # The lease is released on every way out of this block, whatever is raised.
+            with self.router.held(lease):
+                try:
+                    up = self._upstream_request(backend)
+                except MigrationFailed:
+                    self.metrics.migrations.labels("failed", "none").inc()
+                    raise
+                try:
                     self.current = (lease, up)
                     self.sent_before_attempt = self.progress.completion_tokens
                     await self._piece(lease, up)
-                if self.attempt:
-                    self.metrics.migrations.labels("resumed", self._mode(backend)).inc()
-                return
-            except UpstreamBroken as e:
-                failed.add(lease.target.engine_id)
-                if e.engine_fault:
-                    await self.router.directory.report_failure(
-                        lease.target.engine_id, "stream", str(e), time.time()
+                    if self.attempt:
+                        self.metrics.migrations.labels("resumed", self._mode(backend)).inc()
+                    return
+                except UpstreamBroken as e:
+                    failed.add(lease.target.engine_id)
+                    if e.engine_fault:
+                        self.router.directory.report_failure(
+                            lease.target.engine_id, e.engine_fault, str(e), self.rid
+                        )
+                    self.attempt += 1
+                    if self.attempt > self.cfg.migration_limit:
+                        self.metrics.migrations.labels("failed", self._mode(backend)).inc()
+                        raise MigrationFailed(
+                            f"stream broke {self.attempt} times (migration_limit "
+                            f"{self.cfg.migration_limit}); last: {e}"
+                        ) from e
+                    self.log.warning(
+                        "stream disconnected; recreating stream on another engine",
+                        engine=lease.target.engine_id,
+                        reason=str(e),
+                        tokens_sent=self.progress.completion_tokens,
+                        attempt=self.attempt,
                     )
-                self.attempt += 1
-                if self.attempt > self.cfg.migration_limit:
-                    self.metrics.migrations.labels("failed", self._mode(backend)).inc()
-                    raise MigrationFailed(
-                        f"stream broke {self.attempt} times (migration_limit "
-                        f"{self.cfg.migration_limit}); last: {e}"
-                    ) from e
-                self.log.warning(
-                    "stream disconnected; recreating stream on another engine",
-                    engine=lease.target.engine_id,
-                    reason=str(e),
-                    tokens_sent=self.progress.completion_tokens,
-                    attempt=self.attempt,
-                )
-            finally:
-                self.current = None
+                finally:
+                    self.current = None
+
+    def _upstream_request(self, backend: Backend) -> UpstreamRequest:
+        """The request for this attempt, from the plugin. Anything a plugin raises here is
+        contained: a BackendError says the request cannot be (re)issued; anything else is
+        a plugin bug, counted and logged with its traceback."""
+        try:
+            if self.attempt == 0:
+                return backend.first_request(self.req, self.rid)
+            return backend.continuation(self.req, self.progress, f"{self.rid}-m{self.attempt}")
+        except BackendError as e:
+            raise MigrationFailed(str(e)) from e
+        except Exception as e:
+            hook = "first_request" if self.attempt == 0 else "continuation"
+            self.metrics.plugin_errors.labels(backend.name, hook).inc()
+            self.log.error(f"backend {hook} hook raised", error=repr(e), exc_info=e)
+            raise MigrationFailed(f"the {backend.name} backend failed to build the request") from e
 
     def _mode(self, backend: object) -> str:
         if self.progress.completion_tokens == 0:
@@ -237,6 +260,7 @@ class RequestRelay:
         decoder = lease.target.backend.decoder(up)
         self.last_event = time.monotonic()
         self.stalled = False
+        self.stalled_reason = ""
         error: Exception | None = None
         with lease.scope:
             async with anyio.create_task_group() as tg:
@@ -252,17 +276,19 @@ class RequestRelay:
             raise error
         if self.finish is not None:
             return
-        if self.stalled:
-            raise UpstreamBroken(
-                f"no token for {self.stall_timeout:g}s (stalled)", engine_fault=True
+        if self.client_slow:
+            raise ClientGone(
+                f"the client read nothing for {self.cfg.client_write_timeout:g}s (too slow)"
             )
+        if self.stalled:
+            raise UpstreamBroken(self.stalled_reason, engine_fault="stall")
         if lease.engine_failed:
             raise UpstreamBroken("engine declared dead")
         raise UpstreamBroken("stream ended without a finish reason")
 
     async def _read(self, lease: Lease, up: UpstreamRequest, decoder: StreamDecoder) -> None:
         try:
-            async with self.session.post(
+            async with self.sessions.relay.post(
                 lease.target.url + up.path, json=up.body, headers=up.headers, timeout=_UPSTREAM
             ) as resp:
                 if resp.status != 200:
@@ -278,16 +304,30 @@ class RequestRelay:
         except EngineReportedError as e:  # this request failed there; the engine may be fine
             raise UpstreamBroken(str(e)) from e
         except MalformedStream as e:  # garbage: the engine is broken
-            raise UpstreamBroken(str(e), engine_fault=True) from e
+            raise UpstreamBroken(str(e), engine_fault="garbage") from e
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise UpstreamBroken(f"connection failed: {type(e).__name__}: {e}") from e
 
     async def _stall_watchdog(self, lease: Lease) -> None:
-        step = max(self.stall_timeout / 4, 0.01)
+        """Only silence *of the engine* counts: time spent blocked writing to a slow client
+        is the client's (bounded by ``client_write_timeout``), and before this attempt's
+        first token the longer ``first_token_timeout`` applies (prefill, queueing)."""
+        step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
         while True:
             await anyio.sleep(step)
-            if time.monotonic() - self.last_event > self.stall_timeout:
+            now = time.monotonic()
+            if self.writing_since is not None:
+                if now - self.writing_since > self.cfg.client_write_timeout:
+                    self.client_slow = True
+                    lease.scope.cancel()
+                    return
+                continue
+            first = self.progress.completion_tokens == self.sent_before_attempt
+            limit = self.first_token_timeout if first else self.stall_timeout
+            if now - self.last_event > limit:
                 self.stalled = True
+                what = "first token" if first else "token"
+                self.stalled_reason = f"no {what} for {limit:g}s (stalled)"
                 lease.scope.cancel()
                 return
 
@@ -317,7 +357,14 @@ class RequestRelay:
         if finish is not None:
             self.finish = finish
         if self.emit is not None and (piece.text or finish or piece.token_ids):
-            await self.emit(self.shape.piece_chunk(piece, finish))
+            self.writing_since = time.monotonic()
+            try:
+                await self.emit(self.shape.piece_chunk(piece, finish))
+            except ConnectionError as e:  # aiohttp's ClientConnectionResetError included
+                raise ClientGone(f"the client hung up: {e}") from e
+            finally:
+                self.writing_since = None
+                self.last_event = time.monotonic()
 
     def usage(self) -> dict[str, int]:
         p = self.prompt_tokens or 0
@@ -330,7 +377,7 @@ class RequestRelay:
         if self.current is None:
             return
         lease, up = self.current
-        ep = EngineEndpoint(lease.target.url, self.session, timeout=1.0)
+        ep = EngineEndpoint(lease.target.url, self.sessions.control, timeout=1.0)
         with anyio.move_on_after(1.0):
             try:
                 await lease.target.backend.abort(ep, up.request_id)

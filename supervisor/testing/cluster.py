@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import subprocess
@@ -284,8 +285,11 @@ def spawn_supervisor(
     admin: dict[str, object] | None = None,
     env: dict[str, str] | None = None,
     cluster: dict[str, object] | None = None,
+    unset_env: Sequence[str] = (),
+    max_open_files: int | None = None,
 ) -> SupervisorProcess:
-    """Write a config for ``slots`` and start the real daemon on it (not waiting)."""
+    """Write a config for ``slots`` and start the real daemon on it (not waiting).
+    ``max_open_files`` caps its open-file limit (soft and hard), as a small host would."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg: dict[str, object] = {
         "node": {"name": "test-node", "state_dir": str(workdir / "state"), **(node or {})},
@@ -313,13 +317,20 @@ def spawn_supervisor(
     path = workdir / "supervisor.toml"
     path.write_text(render_config(cfg))
     out, err = workdir / "supervisor.out", workdir / "supervisor.err"
+    child_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset_env}
+
+    def limit_files() -> None:
+        if max_open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor", "run", "--config", str(path)],
             stdout=o,
             stderr=e,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
+            env=child_env,
+            preexec_fn=limit_files if max_open_files is not None else None,
         )
     return SupervisorProcess(proc, "", "", path, err, out)
 

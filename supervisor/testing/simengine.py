@@ -65,6 +65,9 @@ class Faults:
     exit_after_tokens: int | None = None  # the process exits with status 1
     kill_after_tokens: int | None = None  # the API server SIGKILLs itself
     hang_after_tokens: int | None = None  # generation stops; /health still answers
+    # One request stops after this many of its own tokens (the first to get there); the
+    # engine serves every other request: a stall that is not the engine's.
+    stall_one_request_after: int | None = None
     malformed_after_tokens: int | None = None  # a stream gets a garbage event, then ends
     fail_health: bool = False  # /health answers 503
     error_500: bool = False  # inference routes answer 500
@@ -294,6 +297,10 @@ class SimEngine:
             for i in range(req.max_tokens):
                 if i:
                     await self._pause(self.opts.itl, req)
+                if self._stalls_here(i):
+                    self.log.info(f"fault: request {req.request_id} stalls after {i} tokens")
+                    await req.abort_event.wait()  # until aborted or its client goes away
+                    raise RequestAborted(req.request_id)
                 tid = state.next_token()
                 state.append(tid)
                 self.counters["generation_tokens"] += 1
@@ -413,6 +420,13 @@ class SimEngine:
         if f.hang_after_tokens is not None and n >= f.hang_after_tokens and not self.hung.is_set():
             self.log.info(f"fault: engine hangs after {n} tokens (process stays alive)")
             self.hung.set()
+
+    def _stalls_here(self, produced: int) -> bool:
+        n = self.opts.faults.stall_one_request_after
+        if n is None or produced != n:
+            return False
+        self.opts.faults.stall_one_request_after = None  # one request only
+        return True
 
     def malformed_due(self) -> bool:
         m = self.opts.faults.malformed_after_tokens
@@ -626,6 +640,7 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
     s.add_argument("--sim-kill-after-tokens", type=int, default=None)
     s.add_argument("--sim-hang-after-tokens", type=int, default=None)
     s.add_argument("--sim-malformed-after-tokens", type=int, default=None)
+    s.add_argument("--sim-stall-one-request-after", type=int, default=None)
     s.add_argument("--sim-fail-health", action="store_true")
     s.add_argument("--sim-error-500", action="store_true")
     return p
@@ -643,6 +658,7 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         kill_after_tokens=ns.sim_kill_after_tokens,
         hang_after_tokens=ns.sim_hang_after_tokens,
         malformed_after_tokens=ns.sim_malformed_after_tokens,
+        stall_one_request_after=ns.sim_stall_one_request_after,
         fail_health=ns.sim_fail_health,
         error_500=ns.sim_error_500,
     )

@@ -213,14 +213,16 @@ async def test_migration_is_token_exact(cluster: Cluster, session: aiohttp.Clien
 
 
 async def test_stalled_stream_migrates(cluster: Cluster, session: aiohttp.ClientSession) -> None:
-    """A wedged engine whose /health still says 200: the stall limit catches it."""
+    """A wedged engine whose /health still says 200: the stall makes it suspect, and the
+    judge's own test generation confirms it dead."""
     unbroken = await send(session, cluster.url, "completion", request_body("completion", True))
     victim = await cluster.active()
     await cluster.faults(victim, hang_after_tokens=10)
     got = await send(session, cluster.url, "completion", request_body("completion", True))
     assert got["text"] == unbroken["text"]
     st = await cluster.status()
-    assert st["failovers"][0]["reason"].startswith("stream: no token for")
+    reason = st["failovers"][0]["reason"]
+    assert reason.startswith("stream: a stream stalled on it (no token for"), reason
 
 
 async def test_engine_garbage_is_an_engine_failure(

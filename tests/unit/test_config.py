@@ -198,22 +198,31 @@ def test_risky_settings_are_warned_about_but_valid(tmp_path: Path) -> None:
     risky = parse(
         {
             **GOOD,
-            "admin": {"host": "0.0.0.0"},
-            "frontend": {"migration_wait": 5},
+            "frontend": {"migration_wait": 5, "host": "0.0.0.0"},
             "failover": {"wake_oom_retry": 0},
         }
     )
     text = "\n".join(warnings(risky))
-    assert "reachable from the network" in text
+    assert "serves anyone who reaches it" in text
     assert "may give up before its slot's shadow is awake" in text
     assert "wake_oom_retry = 0 with paired shadows" in text
     cfg = tmp_path / "r.toml"
     cfg.write_text(
-        '[admin]\nhost = "0.0.0.0"\n[[slot]]\nname = "a"\nmodel = "m"\n'
+        '[frontend]\nhost = "0.0.0.0"\n[[slot]]\nname = "a"\nmodel = "m"\n'
         'backend = "vllm"\nbase_port = 9000\nsimulate = true\n'
     )
     out = run_cli("check-config", str(cfg))
-    assert out.returncode == 0 and "warning: admin.host" in out.stderr
+    assert out.returncode == 0 and "warning: frontend.host" in out.stderr
+
+
+def test_an_admin_api_on_the_network_without_a_token_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({**GOOD, "admin": {"host": "0.0.0.0"}})
+    assert "admin.token_file is required" in e.value.problems[0]
+    token = tmp_path / "t"
+    token.write_text("s3cret\n")
+    cfg = parse({**GOOD, "admin": {"host": "0.0.0.0", "token_file": str(token)}})
+    assert cfg.admin_host == "0.0.0.0"
 
 
 def test_systemd_example_config_is_valid_where_vllm_is_installed(
