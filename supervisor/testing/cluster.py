@@ -291,9 +291,23 @@ def spawn_supervisor(
     """Write a config for ``slots`` and start the real daemon on it (not waiting).
     ``max_open_files`` caps its open-file limit (soft and hard), as a small host would."""
     workdir.mkdir(parents=True, exist_ok=True)
+    # The slots' ranges are chosen free but not yet bound: keep our own ports out of them.
+    taken = {
+        int(s["base_port"]) + i  # type: ignore[call-overload]
+        for s in slots
+        for i in range(int(s.get("shadows", 1)) + 1)  # type: ignore[call-overload]
+    }
+
+    def port() -> int:
+        while True:
+            p = free_port()
+            if p not in taken:
+                taken.add(p)
+                return p
+
     cfg: dict[str, object] = {
         "node": {"name": "test-node", "state_dir": str(workdir / "state"), **(node or {})},
-        "admin": {"host": "127.0.0.1", "port": free_port(), **(admin or {})},
+        "admin": {"host": "127.0.0.1", "port": port(), **(admin or {})},
         "health": {
             "probe_interval": 0.05,
             "probe_timeout": 0.25,
@@ -307,7 +321,7 @@ def spawn_supervisor(
             "wake_timeout": 10,
             **(failover or {}),
         },
-        "frontend": {"port": free_port(), **(frontend or {})},
+        "frontend": {"port": port(), **(frontend or {})},
         # No kernel log or NVML in tests unless asked: the machine's own are not ours.
         "gpu": {"xid_source": "none", "nvml": "off", **(gpu or {})},
         "slot": list(slots),
