@@ -16,7 +16,7 @@ from typing import Any
 
 PLACEMENTS = ("paired", "pooled")
 ON_EXIT = ("stop", "leave")
-SUSPEND_STRATEGIES = ("engine", "cuda-checkpoint")
+SUSPEND_STRATEGIES = ("engine", "cuda-checkpoint", "awake")
 
 
 class ConfigError(ValueError):
@@ -539,7 +539,7 @@ def _cross_checks(slots: list[SlotConfig], admin_port: int, problems: list[str])
         if s.shadows and backend.dialect.sleep_flag is None and s.suspend == "engine":
             problems.append(
                 f"slot[{i}].shadows: backend {s.backend!r} has no sleep mode, so "
-                'its shadows need suspend = "cuda-checkpoint" (or set shadows = 0)'
+                'its shadows need suspend = "cuda-checkpoint" or "awake" (or set shadows = 0)'
             )
 
 

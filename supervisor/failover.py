@@ -34,6 +34,7 @@ from supervisor.engines import EngineManager, signal_group
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
 from supervisor.model import (
+    AWAKE,
     Engine,
     EngineSpec,
     EngineState,
@@ -61,9 +62,25 @@ class SuspendStrategy(Protocol):
     async def resume(self, root_pid: int) -> list[int]: ...
 
 
+class AwakeStandby:
+    """Shadows that never sleep: loaded, healthy and ready, just not routed to. For engines
+    without a sleep mode on platforms without cuda-checkpoint (real vLLM on a CPU, say).
+    Costs the memory of a second engine; saves the whole wake (only readiness is checked)."""
+
+    name = AWAKE
+
+    async def suspend(self, root_pid: int) -> list[int]:
+        return []
+
+    async def resume(self, root_pid: int) -> list[int]:
+        return []
+
+
 def _suspend_strategy(name: str) -> SuspendStrategy | None:
     if name == "engine":
         return None
+    if name == AWAKE:
+        return AwakeStandby()
     from plugins.cuda_checkpoint import CudaCheckpointStrategy
 
     try:
@@ -462,7 +479,10 @@ class SlotController:
                 start_ticks=st.start_time,
                 group=self.group_of(int(rec["port"])),
             )
-            want = Readiness.READY if state is EngineState.ACTIVE else Readiness.SLEEPING
+            awake = state is EngineState.SLEEPING and isinstance(self.suspender, AwakeStandby)
+            if awake:
+                engine.suspended_by = AWAKE
+            want = Readiness.READY if state is EngineState.ACTIVE or awake else Readiness.SLEEPING
             try:
                 answer = await self.backend.health(self.endpoint(engine))
             except Exception as e:
@@ -587,8 +607,9 @@ class SlotController:
         return engine
 
     async def _load_and_sleep(self, engine: Engine) -> None:
+        want = {Readiness.READY} if self.suspender is not None else set()
         state = await self._wait_health(
-            engine, {Readiness.READY, Readiness.SLEEPING}, self.cfg.health.load_timeout
+            engine, want or {Readiness.READY, Readiness.SLEEPING}, self.cfg.health.load_timeout
         )
         if self.suspender is not None:
             await self._suspend(engine)
@@ -617,9 +638,12 @@ class SlotController:
         except BackendError as e:
             raise FailoverError(f"could not suspend shadow {engine.id}: {e}") from e
         engine.suspended_by = self.suspender.name
-        self.set_state(
-            engine, EngineState.SLEEPING, f"suspended by {self.suspender.name} (pids {pids})"
+        how = (
+            "loaded and standing by awake (not routed to)"
+            if engine.standing_by_awake
+            else f"suspended by {self.suspender.name} (pids {pids})"
         )
+        self.set_state(engine, EngineState.SLEEPING, how)
 
     def _plugin_failed(self, engine: Engine, hook: str, e: BaseException) -> None:
         if isinstance(e, Exception) and not isinstance(e, (BackendError, FailoverError)):

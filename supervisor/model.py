@@ -18,6 +18,7 @@ class Readiness(StrEnum):
 
 
 Role = Literal["active", "shadow"]
+AWAKE = "awake"  # the suspend strategy that does not suspend: shadows stand by loaded
 RequestKind = Literal["completion", "chat"]
 
 
@@ -160,6 +161,11 @@ class Engine:
     start_ticks: int | None = None  # process start time: with the pid, its identity
     group: str = ""  # a multi-node group's id: the engines that act (and fail over) as one
     suspended_by: str = ""  # a suspend strategy holds it asleep (not the engine's own sleep)
+
+    @property
+    def standing_by_awake(self) -> bool:
+        """A shadow kept loaded and ready instead of asleep (``suspend = "awake"``)."""
+        return self.suspended_by == AWAKE
 
     @property
     def url(self) -> str:
