@@ -24,7 +24,14 @@ from supervisor.backends import (
     StreamDecoder,
     loads_event,
 )
-from supervisor.model import ClientRequest, Piece, Progress, Readiness, UpstreamRequest
+from supervisor.model import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    ClientRequest,
+    Piece,
+    Progress,
+    Readiness,
+    UpstreamRequest,
+)
 from supervisor.openai_shapes import (
     OpenAIStreamDecoder,
     remaining_budget,
@@ -71,7 +78,7 @@ _SAMPLING_MAP = {
     "min_tokens": "min_new_tokens",
     "skip_special_tokens": "skip_special_tokens",
 }
-OPENAI_DEFAULT_MAX_TOKENS = 16  # the completions API's default; SGLang's own is 128
+OPENAI_DEFAULT_MAX_TOKENS = COMPLETIONS_DEFAULT_MAX_TOKENS  # SGLang's own /generate: 128
 
 
 def sampling_params(body: dict[str, Any]) -> dict[str, Any]:
@@ -156,9 +163,7 @@ class SglangBackend(Backend):
         if req.kind == "chat":
             return text_continuation(req, progress, request_id, rid_field=DIALECT.request_id_field)
         prompt = req.body.get("prompt")
-        budget = remaining_budget(req, progress)
-        if budget is None:
-            budget = OPENAI_DEFAULT_MAX_TOKENS - progress.completion_tokens
+        budget = remaining_budget(req, progress)  # a completion always has one
         if isinstance(prompt, list) and progress.token_ids is not None:
             return self._generate(req, request_id, prompt + progress.token_ids, budget)
         if isinstance(prompt, str):

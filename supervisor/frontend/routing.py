@@ -72,6 +72,7 @@ class Router:
     def __init__(self, cfg: FrontendConfig, directory: EngineDirectory, metrics: Metrics) -> None:
         self.cfg, self.directory, self.metrics = cfg, directory, metrics
         self.inflight: dict[str, int] = {}
+        self.context_lengths: dict[str, int | None] = {}  # per engine, asked once
         # Moving streams waiting for a place, as (model, engines they may not use): they go
         # first on every engine they could use, and only there.
         self.moving: list[tuple[str, AbstractSet[str]]] = []

@@ -31,7 +31,7 @@ from supervisor.backends import (
     StreamDecoder,
 )
 from supervisor.config import FrontendConfig, HealthConfig
-from supervisor.frontend.routing import Lease, Rejected, Router
+from supervisor.frontend.routing import Lease, Rejected, Router, Target
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
 from supervisor.sessions import Sessions
@@ -196,6 +196,8 @@ class RequestRelay:
             backend = lease.target.backend
             # The lease is released on every way out of this block, whatever is raised.
             with self.router.held(lease):
+                if self.attempt:
+                    self.progress.context_length = await self._context_length(lease.target)
                 try:
                     up = self._upstream_request(backend)
                 except MigrationFailed:
@@ -231,6 +233,24 @@ class RequestRelay:
                 finally:
                     self.current = None
 
+    async def _context_length(self, target: Target) -> int | None:
+        """The engine's context length (``max_model_len`` in its ``/v1/models``), asked once
+        per engine and remembered; None where it does not say."""
+        known = self.router.context_lengths
+        if target.engine_id not in known:
+            found: int | None = None
+            with anyio.move_on_after(2.0):
+                try:
+                    async with self.sessions.control.get(target.url + "/v1/models") as r:
+                        if r.status == 200:
+                            data = (orjson.loads(await r.read()) or {}).get("data") or [{}]
+                            value = data[0].get("max_model_len")
+                            found = value if isinstance(value, int) else None
+                except (aiohttp.ClientError, ValueError, AttributeError, TypeError):
+                    pass
+            known[target.engine_id] = found
+        return known[target.engine_id]
+
     def _upstream_request(self, backend: Backend) -> UpstreamRequest:
         """The request for this attempt, from the plugin. Anything a plugin raises here is
         contained: a BackendError says the request cannot be (re)issued; anything else is
@@ -253,7 +273,7 @@ class RequestRelay:
         return str(getattr(backend, "continuation_mode", "unknown"))
 
     def _budget_left(self) -> int | None:
-        mt = self.req.max_tokens
+        mt = self.req.token_budget
         return None if mt is None else mt - self.progress.completion_tokens
 
     async def _piece(self, lease: Lease, up: UpstreamRequest) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from supervisor.model import COMPLETIONS_DEFAULT_MAX_TOKENS
 from supervisor.testing.simengine import (
     EngineSleeping,
     RequestAborted,
@@ -113,7 +114,9 @@ class Api:
     def sampling(
         self, body: dict[str, Any], prompt_ids: list[int], *, default_max: int | None
     ) -> SamplingRequest:
-        mt = body.get("max_completion_tokens", body.get("max_tokens", default_max))
+        mt = body.get("max_completion_tokens", body.get("max_tokens"))
+        if mt is None:  # absent or null alike, as the real servers read it
+            mt = default_max
         room = self.opts.max_model_len - len(prompt_ids)
         if room <= 0:
             raise ApiError(
@@ -255,7 +258,7 @@ class Api:
             if "prompt" not in body:
                 raise ApiError(400, "prompt is required")
             ids = self.prompt_ids(body["prompt"])
-            sreq = self.sampling(body, ids, default_max=16)
+            sreq = self.sampling(body, ids, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
         rid = self.request_id(request, body)
         sreq.request_id = ("chatcmpl-" if chat else "cmpl-") + rid
         with_ids = self.facts.openai_token_ids and bool(body.get("return_token_ids"))
