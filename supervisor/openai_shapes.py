@@ -8,7 +8,13 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from supervisor.backends import BackendError, MalformedStream, StreamDecoder, loads_event
+from supervisor.backends import (
+    BackendError,
+    EngineReportedError,
+    MalformedStream,
+    StreamDecoder,
+    loads_event,
+)
 from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
 
 COMPLETIONS_PATH = "/v1/completions"
@@ -151,4 +157,8 @@ class OpenAIStreamDecoder(StreamDecoder):
         if isinstance(ch.get("prompt_token_ids"), list):
             piece.prompt_token_ids = ch["prompt_token_ids"]
         piece.finish_reason = ch.get("finish_reason")
+        if piece.finish_reason == "abort":
+            # The engine gave up on the request (e.g. vLLM's /sleep in mode "abort"): not an
+            # answer the client asked for; the relay resumes it elsewhere.
+            raise EngineReportedError("the engine aborted the request (finish_reason abort)")
         return piece

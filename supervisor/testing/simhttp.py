@@ -286,7 +286,13 @@ class Api:
             if include_usage:
                 await self._send(resp, shape.usage_chunk(n))
             await resp.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, RequestAborted):
+        except RequestAborted:
+            # Aborted by the engine itself (a /sleep in mode "abort"): vLLM ends the stream
+            # properly, with finish_reason "abort" and [DONE].
+            with contextlib.suppress(ConnectionResetError):
+                await self._send(resp, shape.abort_chunk())
+                await resp.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:
             pass  # the client went away; the generator logged the abort
         return resp
 
@@ -307,6 +313,15 @@ class Api:
         level = request.query.get("level", "1")
         if level not in ("1", "2"):
             return self.error(400, f"level must be 1 or 2, not {level!r}")
+        # What becomes of requests in flight: "abort" (vLLM's default) ends them with
+        # finish_reason "abort"; "wait" lets them finish first.
+        mode = request.query.get("mode", "abort")
+        if mode not in ("abort", "wait"):
+            return self.error(400, f"mode must be abort or wait here, not {mode!r}")
+        if mode == "abort":
+            for r in list(self.engine.active.values()):
+                r.abort_event.set()
+        await self.engine.idle.wait()
         if not self.engine.sleeping:
             tags = ("kv_cache",) if level == "1" else ("weights", "kv_cache")
             await self.engine.release(tags)
@@ -673,6 +688,13 @@ class _OpenAIShape:
                 ch["prompt_token_ids"] = self.prompt
                 self.first = False
         d["choices"] = [ch]
+        return d
+
+    def abort_chunk(self) -> dict[str, Any]:
+        """The last chunk of a request the engine aborted: no text, no token."""
+        d = self.chunk(Token(0, "", "abort"))
+        if self.with_ids:
+            d["choices"][0]["token_ids"] = []
         return d
 
     def usage(self, n: int) -> dict[str, int]:

@@ -5,6 +5,7 @@ simulator; a continuation that sent null used to cut a chat answer at 16 more to
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,3 +58,43 @@ async def test_a_request_without_max_tokens_keeps_its_length_across_a_migration(
     assert got["text"] == unbroken["text"]
     assert got["usage"]["completion_tokens"] == unbroken["usage"]["completion_tokens"]
     assert got["finishes"] == unbroken["finishes"]
+
+
+async def test_a_request_the_engine_aborts_is_resumed_not_ended(
+    sup: SupervisorProcess, session: aiohttp.ClientSession
+) -> None:
+    # vLLM's /sleep (mode "abort", its default) ends requests in flight with finish_reason
+    # "abort" and [DONE]: that is no answer to give the client; the stream resumes elsewhere.
+    body: dict[str, Any] = {
+        "model": "sim-model",
+        "prompt": "the lantern over the harbor",
+        "max_tokens": 60,
+        "temperature": 0,
+        "stream": True,
+    }
+    unbroken = await send(session, sup.frontend_url, "completion", body)
+    # Serve from a former shadow: launched with sleep mode, so its /sleep works.
+    os.killpg(await active_pid(session, sup), signal.SIGKILL)
+    await full_strength(session, sup, epoch=2)
+    async with session.get(sup.admin_url + "/status") as r:
+        st = await r.json()
+    active = next(e for e in st["engines"] if e["id"] == st["slots"][0]["active"])
+
+    async def put_to_sleep(n: int) -> None:
+        if n == 10:
+            async with session.post(active["url"] + "/sleep", params={"level": "1"}) as r:
+                assert r.status == 200
+
+    got = await send(session, sup.frontend_url, "completion", body, put_to_sleep)
+    assert got["text"] == unbroken["text"]
+    assert got["finishes"] == ["length"]
+
+
+async def full_strength(session: aiohttp.ClientSession, sup: SupervisorProcess, epoch: int) -> None:
+    for _ in range(400):
+        async with session.get(sup.admin_url + "/status") as r:
+            s = (await r.json())["slots"][0]
+        if s["epoch"] == epoch and s["shadows_asleep"] == 1 and s["phase"] == "serving":
+            return
+        await anyio.sleep(0.05)
+    raise AssertionError("not at full strength again")

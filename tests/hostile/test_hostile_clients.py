@@ -63,6 +63,10 @@ class Node:
         async with self.http.get(self.sup.admin_url + "/metrics") as r:
             return await r.text()
 
+    async def engine(self, role: str) -> dict[str, Any]:
+        """The slot's engine of ``role`` ("active" or "shadow")."""
+        return next(e for e in (await self.status())["engines"] if e["role"] == role)
+
     async def failovers(self) -> int:
         return len((await self.status())["failovers"])
 
@@ -147,7 +151,7 @@ async def test_500_streams_all_reach_the_engine_at_once(node: Any) -> None:
         frontend={"max_inflight_per_engine": 1024, "max_queue": 1024},
         health={"probe_timeout": 1.0},
     )
-    engine = next(e for e in (await n.status())["engines"] if e["role"] == "active")
+    engine = await n.engine("active")
     peak = 0
 
     async def watch(scope: anyio.CancelScope) -> None:
@@ -221,8 +225,7 @@ async def test_one_stalled_stream_only_makes_the_engine_suspect(node: Any) -> No
         health={"stall_timeout": 0.5},
         frontend={"migration_wait": 3.0},
     )
-    st = await n.status()
-    active = next(e for e in st["engines"] if e["role"] == "active")
+    active = await n.engine("active")
     fault = {"stall_one_request_after": 3}
     async with n.http.post(active["url"] + "/sim/faults", json=fault) as r:
         assert r.status == 200
@@ -242,8 +245,7 @@ async def test_a_wedged_engine_with_a_healthy_health_route_is_caught(node: Any) 
     # The engine generates nothing but /health says 200: one stalled stream makes it
     # suspect, and the judge's own one-token test generation confirms it.
     n = await node(sim_slot("s", sim_args=FAST_SIM_ARGS), health={"stall_timeout": 0.5})
-    st = await n.status()
-    active = next(e for e in st["engines"] if e["role"] == "active")
+    active = await n.engine("active")
     async with n.http.post(active["url"] + "/sim/faults", json={"hang_after_tokens": 4}) as r:
         assert r.status == 200
     assert await stream(n.http, n.url, 20, "wedged") >= 20
@@ -326,7 +328,7 @@ async def test_sigterm_during_a_scheduled_relaunch_leaves_no_engine(node: Any) -
         frontend={"drain_timeout": 4.0},
     )
     st = await n.status()
-    shadow = next(e for e in st["engines"] if e["role"] == "shadow")
+    shadow = await n.engine("shadow")
     ports = {e["url"].rsplit(":", 1)[1] for e in st["engines"]}
     async with anyio.create_task_group() as tg:
         tg.start_soon(stream, n.http, n.url, 150, "a long one")  # ~3 s: the drain waits
