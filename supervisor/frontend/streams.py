@@ -172,6 +172,7 @@ class RequestRelay:
         self.sent_before_attempt = 0
         self.last_event = 0.0
         self.writing_since: float | None = None  # blocked on the client, not the engine
+        self.finished_at = 0.0
         self.stalled = False
         self.stalled_reason = ""
         self.client_slow = False
@@ -315,18 +316,38 @@ class RequestRelay:
                     await self._bad_status(resp)
                 async for data in iter_sse_data(resp):
                     self.last_event = time.monotonic()
+                    if self.finish is not None:
+                        # The answer is complete; only the prompt's size may still come, in
+                        # the engine's usage chunk (engines that return no prompt ids say it
+                        # only there). The watchdog gives this a second at most.
+                        if self._usage_from(decoder, data):
+                            return
+                        continue
                     piece = decoder.feed(data)
                     if piece is None:
                         continue
                     await self._on_piece(piece)
                     if self.finish is not None:
-                        return  # usage and [DONE] after the finish are not needed
+                        self.finished_at = time.monotonic()
+                        if self.prompt_tokens is not None:
+                            return  # nothing else after the finish is needed
         except EngineReportedError as e:  # this request failed there; the engine may be fine
             raise UpstreamBroken(str(e)) from e
         except MalformedStream as e:  # garbage: the engine is broken
             raise UpstreamBroken(str(e), engine_fault="garbage") from e
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise UpstreamBroken(f"connection failed: {type(e).__name__}: {e}") from e
+
+    def _usage_from(self, decoder: StreamDecoder, data: bytes) -> bool:
+        """Whether ``data`` (an event after the finish) gave the prompt's size."""
+        try:
+            piece = decoder.feed(data)
+        except BackendError:
+            return True  # best effort: the answer is complete anyway
+        if piece is not None and piece.prompt_tokens is not None:
+            self.prompt_tokens = piece.prompt_tokens - self.sent_before_attempt
+            return True
+        return False
 
     async def _stall_watchdog(self, lease: Lease) -> None:
         """Only silence *of the engine* counts: time spent blocked writing to a slow client
@@ -336,6 +357,11 @@ class RequestRelay:
         while True:
             await anyio.sleep(step)
             now = time.monotonic()
+            if self.finish is not None:
+                if now - self.finished_at > 1.0:  # waited long enough for the usage chunk
+                    lease.scope.cancel()
+                    return
+                continue
             if self.writing_since is not None:
                 if now - self.writing_since > self.cfg.client_write_timeout:
                     self.client_slow = True

@@ -98,3 +98,28 @@ async def full_strength(session: aiohttp.ClientSession, sup: SupervisorProcess, 
             return
         await anyio.sleep(0.05)
     raise AssertionError("not at full strength again")
+
+
+@pytest.mark.parametrize("dialect", ["sglang", "trtllm"])
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+async def test_usage_counts_the_prompt_on_every_engine(
+    tmp_path: Path, session: aiohttp.ClientSession, dialect: str, kind: str
+) -> None:
+    # The prompt's size comes in the engine's usage chunk, after the finish: the relay must
+    # read on to it (it used to stop at the finish and answer prompt_tokens 0).
+    slot = sim_slot("s", dialect=dialect, shadows=0, sim_args=FAST_SIM_ARGS)
+    s = await start_supervisor(tmp_path, [slot])
+    try:
+        body: dict[str, Any] = {"model": "sim-model", "max_tokens": 5, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        if kind == "chat":
+            body["messages"] = [{"role": "user", "content": "Tell me of the river."}]
+        else:
+            body["prompt"] = "the lantern over the harbor"
+        streamed = await send(session, s.frontend_url, kind, body)
+        whole = await send(session, s.frontend_url, kind, {**body, "stream": False})
+        for got in (streamed, whole):
+            assert got["usage"]["prompt_tokens"] > 0, got["usage"]
+            assert got["usage"]["completion_tokens"] == 5
+    finally:
+        assert await anyio.to_thread.run_sync(s.stop) == 0, s.logs()[-3000:]
