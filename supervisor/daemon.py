@@ -140,6 +140,7 @@ class Supervisor:
         self.gpu = self._gpu_watcher()
         self.notify = Notifier()
         self._state_dirty = anyio.Event()
+        self._save_lock = anyio.Lock()
         # Secrets: read once at start (ConfigError if a named file is missing); never logged.
         self.admin_token = read_secret(cfg.admin_token_file, "admin-token")
         self.api_key = read_secret(cfg.frontend.api_key_file, "frontend-api-key")
@@ -183,15 +184,16 @@ class Supervisor:
             "slots": {name: c.saved() for name, c in self.controllers.items()},
         }
 
-    def _save_state(self) -> None:
-        statefile.save(self.state_path, self._state())
-
     async def _save_state_loop(self) -> None:
         while True:
             await self._state_dirty.wait()
             self._state_dirty = anyio.Event()  # changes from here on wait for the next save
-            # The snapshot here, the file (a small local write, replaced atomically) in a
-            # thread, off the failover's path.
+            await self._save_state_async()
+
+    async def _save_state_async(self) -> None:
+        # The snapshot here, the file (a small local write, replaced atomically) in a
+        # thread, off the failover's path; one save at a time, so the newest always wins.
+        async with self._save_lock:
             await anyio.to_thread.run_sync(statefile.save, self.state_path, self._state())
 
     def summary(self) -> str:
@@ -386,7 +388,7 @@ class Supervisor:
                 await runner.cleanup()
                 if fe_runner is not None:
                     await fe_runner.cleanup()
-                self._save_state()  # the final word: what was stopped, what was left running
+                await self._save_state_async()  # the final word: stopped or left running
             tg.cancel_scope.cancel()
         self.log.info("stopped")
 

@@ -7,8 +7,10 @@ mistaken for ours.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,17 @@ STATE_VERSION = 1
 
 
 def save(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": STATE_VERSION, **data}, indent=1))
-    os.replace(tmp, path)
+    """Replace ``path`` atomically (a temporary file of its own, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"version": STATE_VERSION, **data}, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load(path: Path) -> dict[str, Any] | None:

@@ -330,7 +330,9 @@ async def test_an_engine_that_cannot_start_degrades_its_slot(tmp_path: Path) -> 
             st = await r.json()
         assert st["slots"][0]["degraded"]
         assert "cannot start engine s-" in st["slots"][0]["degraded_reason"]
-        assert {e["state"] for e in st["engines"] + st["retired_engines"]} == {"failed"}
+        # It keeps trying, with backoff: a new attempt may be launching right now.
+        states = {e["state"] for e in st["engines"] + st["retired_engines"]}
+        assert "failed" in states and states <= {"failed", "launching"}, states
         assert "Traceback" not in sup.logs()
     finally:
         assert await anyio.to_thread.run_sync(sup.stop) == 0
