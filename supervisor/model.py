@@ -173,7 +173,6 @@ class Engine:
     state: EngineState = EngineState.LAUNCHING
     pid: int | None = None
     reason: str = ""  # why it is in its state (failed, draining, ...)
-    relaunches: int = 0
     start_ticks: int | None = None  # process start time: with the pid, its identity
     group: str = ""  # a multi-node group's id: the engines that act (and fail over) as one
     suspended_by: str = ""  # a suspend strategy holds it asleep (not the engine's own sleep)
@@ -203,7 +202,6 @@ class Engine:
             "backend": self.backend,
             "gpus": list(self.spec.gpus),
             "reason": self.reason,
-            "relaunches": self.relaunches,
             "group": self.group or None,
         }
 
