@@ -4,9 +4,10 @@ Completions go to the native ``/generate`` route, which takes ``input_ids`` and 
 ``output_ids``: a completion whose prompt is token ids resumes token-exactly from prompt ids +
 emitted ids; a text prompt resumes from prompt text + emitted text (SGLang returns no prompt
 ids). Chat goes to the OpenAI route and resumes by text with ``continue_final_message``.
-Streams carry *cumulative* text unless the server runs with ``--incremental-streaming-output``;
-the decoder turns either into deltas. Requests carry our id as ``rid`` so ``/abort_request``
-can cancel them.
+Every engine is launched with ``--incremental-streaming-output``, so ``/generate`` streams
+carry only what is new in each event (SGLang's default, cumulative text, would be re-parsed
+whole at every event and can shrink at a stop string). Requests carry our id as ``rid`` so
+``/abort_request`` can cancel them.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ DIALECT = Dialect(
     abort_log="Aborted request {rid}.",
     max_seqs_flag="--max-running-requests",
     request_id_field="rid",
+    launch_flags=("--incremental-streaming-output",),
 )
 
 GENERATE_PATH = "/generate"
@@ -177,10 +179,10 @@ class SglangBackend(Backend):
 
 
 class GenerateStreamDecoder(StreamDecoder):
-    """``/generate`` events: cumulative (default) or incremental text and ``output_ids``."""
+    """``/generate`` events with incremental output: each holds only its new text and
+    ``output_ids`` (an event may hold several tokens: ``--stream-interval``)."""
 
     def __init__(self) -> None:
-        self._text = ""
         self._n_ids = 0
 
     def feed(self, data: bytes) -> Piece | None:
@@ -190,18 +192,14 @@ class GenerateStreamDecoder(StreamDecoder):
         ids = obj.get("output_ids")
         if not isinstance(meta, dict) or not isinstance(text, str) or not isinstance(ids, list):
             raise MalformedStream(f"not a /generate stream event: {data[:80]!r}")
-        total = int(meta.get("completion_tokens", len(ids)))
-        if total == len(ids) and total >= self._n_ids:  # cumulative: this event holds all
-            new_ids = ids[self._n_ids :]
-            if not text.startswith(self._text):
-                raise MalformedStream("cumulative text does not extend what came before")
-            delta = text[len(self._text) :]
-            self._text = text
-        else:
-            new_ids, delta = ids, text
-            self._text += text
-        self._n_ids += len(new_ids)
-        piece = Piece(text=delta, token_ids=list(new_ids))
+        total = meta.get("completion_tokens")
+        if isinstance(total, int) and total != self._n_ids + len(ids):
+            raise MalformedStream(
+                f"/generate event holds {len(ids)} new ids after {self._n_ids}, but the engine "
+                f"counts {total}: is the engine running without --incremental-streaming-output?"
+            )
+        self._n_ids += len(ids)
+        piece = Piece(text=text, token_ids=list(ids))
         piece.prompt_tokens = meta.get("prompt_tokens")
         piece.completion_tokens = meta.get("completion_tokens")
         fr = meta.get("finish_reason")

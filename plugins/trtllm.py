@@ -2,8 +2,10 @@
 
 ``trtllm-serve`` has no HTTP sleep mode that we could confirm, so its shadows need a suspend
 strategy (cuda-checkpoint). It returns no token ids, so continuation is by text: the prompt
-string plus the emitted text on ``/v1/completions``; for chat, the partial assistant message
-with ``continue_final_message``. Cancellation is by closing the connection.
+string plus the emitted text on ``/v1/completions``. Its request models refuse unknown fields
+(400), and its chat route has no ``continue_final_message``: a chat answer that broke after
+its first token cannot be resumed there (the request fails with a clear error; one that broke
+before any token is re-issued whole). Cancellation is by closing the connection.
 """
 
 from __future__ import annotations
@@ -25,6 +27,29 @@ from supervisor.openai_shapes import (
     text_continuation,
 )
 
+# trtllm-serve's request models forbid unknown fields (pydantic extra="forbid"): these are
+# the fields its OpenAI routes take (tensorrt_llm/serve/openai_protocol.py).
+_SHARED_FIELDS = (
+    "model frequency_penalty logit_bias logprobs n presence_penalty seed stop stream "
+    "stream_options temperature top_p user lora_request prompt_ignore_length best_of "
+    "use_beam_search top_k top_p_min min_p repetition_penalty length_penalty early_stopping "
+    "stop_token_ids include_stop_str_in_output ignore_eos min_tokens skip_special_tokens "
+    "spaces_between_special_tokens truncate_prompt_tokens add_special_tokens response_format "
+    "disaggregated_params priority conversation_params thinking_token_budget"
+).split()
+COMPLETION_FIELDS = frozenset(
+    [*_SHARED_FIELDS, "prompt", "echo", "max_tokens", "suffix", "return_context_logits",
+     "detokenize"]
+)  # fmt: skip
+CHAT_FIELDS = frozenset(
+    [*_SHARED_FIELDS, "messages", "max_tokens", "max_completion_tokens", "top_logprobs",
+     "tools", "tool_choice", "parallel_tool_calls", "reasoning_effort", "thinking", "echo",
+     "add_generation_prompt", "documents", "chat_template", "chat_template_kwargs",
+     "injected_chat_template_kwargs", "media_io_kwargs", "cache_salt", "agent_hierarchy",
+     "mm_processor_kwargs"]
+)  # fmt: skip
+STREAM_OPTION_FIELDS = frozenset(["include_usage", "continuous_usage_stats"])
+
 DIALECT = Dialect(
     name="trtllm",
     program=("trtllm-serve",),
@@ -34,6 +59,11 @@ DIALECT = Dialect(
     metrics_format="json",
     abort_log="Aborted request {rid}.",
     max_seqs_flag="--max_batch_size",
+    request_fields={
+        "/v1/completions": COMPLETION_FIELDS,
+        "/v1/chat/completions": CHAT_FIELDS,
+        "stream_options": STREAM_OPTION_FIELDS,
+    },
 )
 
 
@@ -43,6 +73,7 @@ class TrtllmBackend(Backend):
     dialect = DIALECT
     continuation_mode = "text"
     resumes_token_prompts = False  # it returns no token ids to append to the prompt's
+    resumes_chat = False  # its chat route has no continue_final_message (and forbids it)
 
     def _no_sleep(self) -> BackendError:
         return BackendError(
@@ -68,6 +99,11 @@ class TrtllmBackend(Backend):
     def continuation(
         self, req: ClientRequest, progress: Progress, request_id: str
     ) -> UpstreamRequest:
+        if req.kind == "chat" and progress.completion_tokens:
+            raise BackendError(
+                "trtllm-serve cannot continue a partial chat answer (its chat route has no "
+                "continue_final_message)"
+            )
         return text_continuation(req, progress, request_id, rid_field=None)
 
     def decoder(self, upstream: UpstreamRequest) -> StreamDecoder:

@@ -89,6 +89,10 @@ class Dialect:
     # and flags are the family's; only launch and control routes differ.
     family: str = ""
     start_asleep_flag: tuple[str, ...] = ()  # launch flags that start an engine asleep
+    launch_flags: tuple[str, ...] = ()  # flags every engine of this dialect is launched with
+    # Request body fields per route, where the engine refuses any other (400); empty: the
+    # engine ignores fields it does not know.
+    request_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def base(self) -> str:
@@ -175,6 +179,9 @@ class Backend(ABC):
     continuation_mode: ClassVar[str] = "text"
     #: Whether a stream whose prompt is token ids can be resumed after tokens were sent.
     resumes_token_prompts: ClassVar[bool] = True
+    #: Whether a chat answer can be resumed after tokens were sent (it cannot where the
+    #: engine's chat route has no way to continue a partial assistant message).
+    resumes_chat: ClassVar[bool] = True
 
     @property
     def name(self) -> str:
@@ -206,6 +213,7 @@ class Backend(ABC):
             env.update(d.sleep_env)
         if spec.gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.gpus)
+        args += [f for f in d.launch_flags if f not in spec.extra_args]
         args += list(spec.extra_args)
         return LaunchCommand(program=d.program, args=tuple(args), env=env)
 

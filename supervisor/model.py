@@ -98,6 +98,27 @@ class ClientRequest:
             return COMPLETIONS_DEFAULT_MAX_TOKENS
         return self.max_tokens
 
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        stop = self.body.get("stop")
+        if isinstance(stop, str):
+            return (stop,) if stop else ()
+        if isinstance(stop, list):
+            return tuple(s for s in stop if isinstance(s, str) and s)
+        return ()
+
+    def for_engines(self) -> ClientRequest:
+        """The request as engines get it: the supervisor matches stop strings itself (an
+        engine holds back text while it waits to see whether a stop string completes, and
+        that text would be lost with the engine; a stop string straddling a migration
+        would never match), so they are not sent upstream."""
+        if "stop" not in self.body and "include_stop_str_in_output" not in self.body:
+            return self
+        body = {
+            k: v for k, v in self.body.items() if k not in ("stop", "include_stop_str_in_output")
+        }
+        return ClientRequest(self.kind, body)
+
 
 @dataclass
 class Progress:
@@ -110,9 +131,20 @@ class Progress:
     # The context length of the engine the next piece goes to (its /v1/models
     # max_model_len), where known: a continuation of an unlimited chat request needs it.
     context_length: int | None = None
+    # Chat deltas besides content (tool calls, reasoning), as sent: a continuation cannot
+    # carry them (the survivor's parsers start from scratch), so their presence matters.
+    reasoning: str = ""
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def structured(self) -> bool:
+        """Whether the answer so far holds tool calls or reasoning, not only content."""
+        return bool(self.reasoning or self.tool_calls)
 
     def add(self, piece: Piece) -> None:
         self.text += piece.text
+        if piece.delta:
+            self._add_delta(piece.delta)
         n = len(piece.token_ids) if piece.token_ids is not None else piece.n_tokens
         self.completion_tokens += n
         if piece.token_ids is None:
@@ -123,6 +155,37 @@ class Progress:
         if piece.prompt_token_ids is not None and self.prompt_token_ids is None:
             self.prompt_token_ids = piece.prompt_token_ids
 
+    def _add_delta(self, delta: dict[str, Any]) -> None:
+        for key in ("reasoning_content", "reasoning"):
+            value = delta.get(key)
+            if isinstance(value, str):
+                self.reasoning += value
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            if not isinstance(call, dict):
+                continue
+            index = call.get("index", 0)
+            index = index if isinstance(index, int) else 0
+            known = self.tool_calls.setdefault(
+                index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            if call.get("id"):
+                known["id"] = call["id"]
+            fn = call.get("function")
+            if isinstance(fn, dict):
+                for part in ("name", "arguments"):
+                    if isinstance(fn.get(part), str):
+                        known["function"][part] += fn[part]
+
+    def message_extras(self) -> dict[str, Any]:
+        """The non-content parts of a whole (non-streamed) chat message."""
+        out: dict[str, Any] = {}
+        if self.reasoning:
+            out["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            out["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return out
+
 
 @dataclass(frozen=True)
 class UpstreamRequest:
@@ -132,6 +195,9 @@ class UpstreamRequest:
     body: dict[str, Any]
     request_id: str
     headers: dict[str, str] = field(default_factory=dict)
+    # What this request cannot honour of the client's (a continuation's limits, e.g. a
+    # seeded sample or presence penalties): reported to the client, never hidden.
+    inexact: tuple[str, ...] = ()
 
 
 @dataclass
@@ -145,6 +211,66 @@ class Piece:
     prompt_token_ids: list[int] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None  # engine's own usage count, where reported
+    # Chat delta fields other than role and content (tool_calls, reasoning_content, ...),
+    # passed to the client as the engine sent them.
+    delta: dict[str, Any] | None = None
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.token_ids) or self.n_tokens > 0
+
+    @property
+    def shows_something(self) -> bool:
+        """Whether the client would see anything of this piece besides token ids."""
+        return bool(self.text or self.delta or self.finish_reason)
+
+    @staticmethod
+    def joined(pieces: list[Piece]) -> Piece:
+        """Consecutive pieces as one (tokens held back until their text came)."""
+        out = Piece()
+        ids: list[int] | None = []
+        for p in pieces:
+            out.text += p.text
+            if p.token_ids is None or ids is None:
+                ids = None
+            else:
+                ids.extend(p.token_ids)
+            out.n_tokens += len(p.token_ids) if p.token_ids is not None else p.n_tokens
+            for name in ("finish_reason", "prompt_tokens", "completion_tokens", "delta"):
+                value = getattr(p, name)
+                if value is not None:
+                    setattr(out, name, value)
+            if p.prompt_token_ids is not None and out.prompt_token_ids is None:
+                out.prompt_token_ids = p.prompt_token_ids
+        if ids is not None:
+            out.token_ids, out.n_tokens = ids, 0
+        return out
+
+
+@dataclass
+class TextlessTokens:
+    """Tokens whose text has not come yet: a byte-level tokenizer splits a character over
+    several tokens, and engines send no text until it is whole. Such tokens count as sent
+    only together with their text, so a migration's seam never falls inside a character
+    (resumed from there, vLLM's detokenizer starts with the whole prompt's text; from the
+    text, the partial character is lost)."""
+
+    held: list[Piece] = field(default_factory=list)
+
+    def admit(self, piece: Piece) -> Piece | None:
+        """The piece to pass on (joined with the tokens held before it), or None: held."""
+        if piece.has_tokens and not piece.shows_something:
+            self.held.append(piece)
+            return None
+        if not self.held:
+            return piece
+        joined = Piece.joined([*self.held, piece])
+        self.held.clear()
+        return joined
+
+    def clear(self) -> None:
+        """Forget what is held: the next engine generates those tokens again."""
+        self.held.clear()
 
 
 class EngineState(StrEnum):

@@ -20,14 +20,14 @@ from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
 
-# Sampling fields that mean the same on /v1/completions as on /v1/chat/completions.
+# Sampling fields that mean the same on /v1/completions as on /v1/chat/completions. Stop
+# strings are not among them: the relay matches those itself (supervisor.frontend.stops).
 SAMPLING_KEYS = (
     "temperature",
     "top_p",
     "top_k",
     "min_p",
     "seed",
-    "stop",
     "stop_token_ids",
     "ignore_eos",
     "presence_penalty",
@@ -36,11 +36,58 @@ SAMPLING_KEYS = (
     "logit_bias",
     "min_tokens",
     "skip_special_tokens",
+    "bad_words",
 )
+# Constrained decoding: the survivor's grammar would start again at the seam, mid-answer.
+_GRAMMAR_KEYS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                 "structured_outputs")  # fmt: skip
+# Chat delta fields passed through to the client besides role and content.
+DELTA_EXTRAS = ("tool_calls", "reasoning_content", "reasoning", "function_call")
+
+
+def inexact_fields(req: ClientRequest) -> list[str]:
+    """The client's parameters a continuation cannot honour exactly, by name.
+
+    A seeded sample continues with a fresh random state; presence and frequency penalties
+    count only the continuation's own tokens (what came before is now prompt); a grammar
+    (``response_format``, ``guided_*``) would restart at the seam, so it is left out.
+    """
+    body = req.body
+    out: list[str] = []
+    temperature = body.get("temperature", 1.0)
+    if body.get("seed") is not None and temperature not in (0, 0.0):
+        out.append("seed")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            out.append(key)
+    rf = body.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") not in (None, "text"):
+        out.append("response_format")
+    out += [k for k in _GRAMMAR_KEYS if body.get(k) is not None]
+    return out
+
+
+def _continuation_limits(body: dict[str, Any], req: ClientRequest, progress: Progress) -> None:
+    """What carries over into a continuation's body changed by what was already sent."""
+    for key in ("response_format", *_GRAMMAR_KEYS):
+        body.pop(key, None)
+    min_tokens = req.body.get("min_tokens")
+    if isinstance(min_tokens, int) and min_tokens > 0:
+        # vLLM answers 400 when min_tokens exceeds max_tokens: count what was sent.
+        left = max(min_tokens - progress.completion_tokens, 0)
+        if left:
+            body["min_tokens"] = left
+        else:
+            body.pop("min_tokens", None)
 
 
 def path_for(req: ClientRequest) -> str:
     return CHAT_PATH if req.kind == "chat" else COMPLETIONS_PATH
+
+
+# Usage in every chunk (vLLM, SGLang and trtllm-serve all take it): the engine's own count
+# of tokens so far, which says how many tokens a chunk held when it carries no ids.
+STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
 
 
 def streamed_body(req: ClientRequest, *, include_usage: bool = True) -> dict[str, Any]:
@@ -48,7 +95,7 @@ def streamed_body(req: ClientRequest, *, include_usage: bool = True) -> dict[str
     body = copy.deepcopy(req.body)
     body["stream"] = True
     if include_usage:
-        body["stream_options"] = {"include_usage": True}
+        body["stream_options"] = dict(STREAM_OPTIONS)
     return body
 
 
@@ -66,12 +113,14 @@ def text_continuation(
     """Resume from text: prompt string + emitted text, or the partial assistant message with
     ``continue_final_message``. Exact only where re-tokenizing the seam gives the same ids."""
     body = streamed_body(req)
+    _continuation_limits(body, req, progress)
     budget = remaining_budget(req, progress)
     if budget is not None:
         body.pop("max_completion_tokens", None)
         body["max_tokens"] = budget
     if rid_field:
         body[rid_field] = request_id
+    inexact = (*inexact_fields(req), "retokenized") if progress.text else ()
     if req.kind == "chat":
         if progress.text:
             body["messages"] = [
@@ -80,7 +129,7 @@ def text_continuation(
             ]
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
-        return UpstreamRequest(CHAT_PATH, body, request_id)
+        return UpstreamRequest(CHAT_PATH, body, request_id, inexact=inexact)
     prompt = req.body.get("prompt")
     if isinstance(prompt, str):
         body["prompt"] = prompt + progress.text
@@ -88,7 +137,7 @@ def text_continuation(
         raise BackendError(
             "cannot resume a token-id prompt from text: this engine returned no token ids"
         )
-    return UpstreamRequest(COMPLETIONS_PATH, body, request_id)
+    return UpstreamRequest(COMPLETIONS_PATH, body, request_id, inexact=inexact)
 
 
 def token_continuation(
@@ -98,6 +147,7 @@ def token_continuation(
     if progress.prompt_token_ids is None or progress.token_ids is None:
         return None
     body: dict[str, Any] = {k: req.body[k] for k in SAMPLING_KEYS if k in req.body}
+    _continuation_limits(body, req, progress)
     body["model"] = req.body.get("model")
     body["prompt"] = progress.prompt_token_ids + progress.token_ids
     budget = remaining_budget(req, progress)
@@ -113,15 +163,21 @@ def token_continuation(
             "context length is unknown (its /v1/models gave no max_model_len)"
         )
     body["stream"] = True
-    body["stream_options"] = {"include_usage": True}
+    body["stream_options"] = dict(STREAM_OPTIONS)
     if rid_field:
         body[rid_field] = request_id
-    return UpstreamRequest(COMPLETIONS_PATH, body, request_id)
+    inexact = tuple(inexact_fields(req)) if progress.token_ids else ()
+    return UpstreamRequest(COMPLETIONS_PATH, body, request_id, inexact=inexact)
 
 
 class OpenAIStreamDecoder(StreamDecoder):
     """Decodes ``text_completion`` and ``chat.completion.chunk`` events (vLLM extensions
-    ``token_ids`` / ``prompt_token_ids`` read where present)."""
+    ``token_ids`` / ``prompt_token_ids`` read where present). Without ids, a chunk's tokens
+    are the growth of the engine's running ``completion_tokens`` (continuous usage stats),
+    or one per chunk with text where the engine reports no running count."""
+
+    def __init__(self) -> None:
+        self._counted = 0  # the engine's running completion_tokens at the last chunk
 
     def feed(self, data: bytes) -> Piece | None:
         obj = loads_event(data)
@@ -143,17 +199,26 @@ class OpenAIStreamDecoder(StreamDecoder):
             raise MalformedStream(f"stream choice is not an object: {data[:80]!r}")
         if "delta" in ch:
             delta = ch["delta"]
-            text = delta.get("content") if isinstance(delta, dict) else None
+            if not isinstance(delta, dict):
+                raise MalformedStream(f"stream delta is not an object: {data[:80]!r}")
+            text = delta.get("content")
+            extras = {k: delta[k] for k in DELTA_EXTRAS if delta.get(k) is not None}
+            piece.delta = extras or None
         else:
             text = ch.get("text")
         if text is not None and not isinstance(text, str):
             raise MalformedStream(f"stream text is not a string: {data[:80]!r}")
         piece.text = text or ""
         ids = ch.get("token_ids")
+        running = piece.completion_tokens
         if isinstance(ids, list):
             piece.token_ids = ids
-        elif piece.text:
+        elif isinstance(running, int) and running >= self._counted:
+            piece.n_tokens = running - self._counted
+        elif piece.text or piece.delta:
             piece.n_tokens = 1  # one event per token when the engine does not say otherwise
+        if isinstance(running, int):
+            self._counted = max(self._counted, running)
         if isinstance(ch.get("prompt_token_ids"), list):
             piece.prompt_token_ids = ch["prompt_token_ids"]
         piece.finish_reason = ch.get("finish_reason")

@@ -197,6 +197,12 @@ class Frontend:
                 raise BadRequest(f"'{key}' must be a positive integer", param=key)
         if not isinstance(body.get("stream", False), bool):
             raise BadRequest("'stream' must be true or false", param="stream")
+        stop = body.get("stop")
+        if stop is not None and not (
+            isinstance(stop, str)
+            or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))
+        ):
+            raise BadRequest("'stop' must be a string or a list of strings", param="stop")
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise BadRequest("'stream_options' must be an object", param="stream_options")
@@ -312,9 +318,15 @@ class Frontend:
                 ms=round((time.monotonic() - t0) * 1000, 1),
             )
         if not req.stream:
+            failover = relay.failover_report()
+            headers = {"X-Request-Id": rid}
+            if failover:
+                headers["X-Failover-Migrations"] = str(failover["migrations"])
+                if failover["inexact"]:
+                    headers["X-Failover-Inexact"] = ",".join(failover["inexact"])
             return web.json_response(
-                shape.full(relay.progress, relay.finish, relay.usage()),
-                headers={"X-Request-Id": rid},
+                shape.full(relay.progress, relay.finish, relay.usage(), failover),
+                headers=headers,
             )
         so = body.get("stream_options") or {}
         with contextlib.suppress(ConnectionError):  # the client left after the last token
@@ -334,7 +346,8 @@ class Frontend:
     async def _stream_error(self, resp: web.StreamResponse, status: int, message: str) -> None:
         err = {"error": {"message": message, "type": "server_error", "param": None, "code": status}}
         with contextlib.suppress(ConnectionError):
-            await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+            # As vLLM ends a stream that failed: the error event, then [DONE].
+            await resp.write(b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
 
     def _enter(self) -> None:
         self.active += 1

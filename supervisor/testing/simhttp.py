@@ -22,6 +22,7 @@ from aiohttp import web
 
 from supervisor.model import COMPLETIONS_DEFAULT_MAX_TOKENS
 from supervisor.testing.simengine import (
+    EngineCoreDead,
     EngineSleeping,
     RequestAborted,
     SamplingRequest,
@@ -247,8 +248,22 @@ class Api:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._openai(request, chat=True)
 
+    def check_fields(self, path: str, body: dict[str, Any]) -> None:
+        """Engines whose request models forbid unknown fields (trtllm-serve) answer 400."""
+        known = self.facts.request_fields.get(path)
+        if known is None:
+            return
+        extra = sorted(set(body) - known)
+        so = body.get("stream_options")
+        if isinstance(so, dict):
+            allowed = self.facts.request_fields.get("stream_options", frozenset())
+            extra += [f"stream_options.{k}" for k in sorted(set(so) - allowed)]
+        if extra:
+            raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted")
+
     async def _openai(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         body = await self.read_json(request)
+        self.check_fields(request.path, body)
         self.check_model(body)
         self.check_serving()
         if chat:
@@ -259,6 +274,7 @@ class Api:
                 raise ApiError(400, "prompt is required")
             ids = self.prompt_ids(body["prompt"])
             sreq = self.sampling(body, ids, default_max=COMPLETIONS_DEFAULT_MAX_TOKENS)
+            sreq.prompt_is_ids = isinstance(body["prompt"], list)
         rid = self.request_id(request, body)
         sreq.request_id = ("chatcmpl-" if chat else "cmpl-") + rid
         with_ids = self.facts.openai_token_ids and bool(body.get("return_token_ids"))
@@ -271,8 +287,11 @@ class Api:
             return web.json_response(shape.full(toks))
         opts = body.get("stream_options") or {}
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        # Usage in every chunk: the running count of tokens (vLLM's extension).
+        shape.continuous = isinstance(opts, dict) and bool(opts.get("continuous_usage_stats"))
         resp = await self._sse_start(request)
         n = 0
+        batch: list[Token] = []  # tokens of one event (SGLang's --stream-interval)
         try:
             async with contextlib.aclosing(self.engine.generate(sreq)) as gen:
                 if chat:
@@ -282,10 +301,19 @@ class Api:
                         await resp.write(b'data: {"id": "garbage", "choices": [{"tex\n\n')
                         return resp
                     n += 1
-                    await self._send(resp, shape.chunk(tok))
+                    batch.append(tok)
+                    if len(batch) >= self.opts.stream_interval or tok.finish_reason:
+                        await self._send(resp, shape.chunk(batch, n))
+                        batch = []
             if include_usage:
                 await self._send(resp, shape.usage_chunk(n))
             await resp.write(b"data: [DONE]\n\n")
+        except EngineCoreDead as e:
+            # vLLM's API server outlives its engine core: the stream gets the error in-band.
+            with contextlib.suppress(ConnectionResetError):
+                err = {"error": {"message": str(e), "type": "InternalServerError", "code": 500}}
+                await self._send(resp, err)
+                await resp.write(b"data: [DONE]\n\n")
         except RequestAborted:
             # Aborted by the engine itself (a /sleep in mode "abort"): vLLM ends the stream
             # properly, with finish_reason "abort" and [DONE].
@@ -405,6 +433,8 @@ class Api:
     async def health(self, request: web.Request) -> web.Response:
         if self.opts.faults.gpu_lost:
             await asyncio.Event().wait()  # the health check's CUDA call never returns
+        if self.engine.core_dead.is_set():
+            return web.Response(status=503)
         if self.opts.faults.fail_health or not self.engine.loaded.is_set():
             return web.Response(status=503)
         return web.Response(status=200)
@@ -500,6 +530,7 @@ class Api:
         if "sampling_seed" in sp:
             params["seed"] = sp["sampling_seed"]
         sreq = self.sampling(params, ids, default_max=128)
+        sreq.prompt_is_ids = input_ids is not None
         rid = body.get("rid") or self.engine.new_request_id()
         if not isinstance(rid, str):
             raise ApiError(422, "rid: Input should be a valid string", detail=True)
@@ -517,7 +548,8 @@ class Api:
                         await resp.write(b'data: {"text": "garb\n\n')
                         return resp
                     shape.add(tok)
-                    await self._send(resp, shape.event())
+                    if len(shape.new_ids) >= self.opts.stream_interval or tok.finish_reason:
+                        await self._send(resp, shape.event())
         except RequestAborted:
             shape.fin = {"type": "abort", "message": f"Abort request {rid}"}
             with contextlib.suppress(ConnectionResetError):
@@ -622,17 +654,21 @@ class _GenerateShape:
     def add(self, tok: Token) -> None:
         self.ids.append(tok.id)
         self.text += tok.text
-        self.new_ids, self.new_text = [tok.id], tok.text
+        self.new_ids.append(tok.id)
+        self.new_text += tok.text
         if tok.finish_reason == "length":
             self.fin = {"type": "length", "length": len(self.ids)}
         elif tok.finish_reason == "stop":
             self.fin = {"type": "stop", "matched": tok.stop_reason or tok.id}
 
     def event(self, *, final: bool = False) -> dict[str, Any]:
+        """The event for what was added since the last one (all of it when cumulative)."""
         incr = self.incremental and not final
+        new_ids, new_text = self.new_ids, self.new_text
+        self.new_ids, self.new_text = [], ""
         return {
-            "text": self.new_text if incr else self.text,
-            "output_ids": self.new_ids if incr else list(self.ids),
+            "text": new_text if incr else self.text,
+            "output_ids": new_ids if incr else list(self.ids),
             "meta_info": {
                 "id": self.rid,
                 "finish_reason": self.fin,
@@ -653,6 +689,7 @@ class _OpenAIShape:
         self.created = int(time.time())
         self.obj = "chat.completion.chunk" if chat else "text_completion"
         self.first = True
+        self.continuous = False  # usage in every chunk
 
     def _head(self) -> dict[str, Any]:
         return {"id": self.rid, "object": self.obj, "created": self.created, "model": self.model}
@@ -672,27 +709,33 @@ class _OpenAIShape:
             self.first = False
         return d
 
-    def chunk(self, tok: Token) -> dict[str, Any]:
+    def chunk(self, toks: list[Token], n: int) -> dict[str, Any]:
+        """One event for ``toks`` (one token, or several with a stream interval); ``n``:
+        the tokens generated so far."""
         d = self._head()
         ch: dict[str, Any] = {"index": 0}
+        text = "".join(t.text for t in toks)
         if self.chat:
-            ch["delta"] = {"content": tok.text}
+            ch["delta"] = {"content": text}
         else:
-            ch["text"] = tok.text
+            ch["text"] = text
         ch["logprobs"] = None
-        ch["finish_reason"] = tok.finish_reason
-        ch["stop_reason"] = tok.stop_reason
+        ch["finish_reason"] = toks[-1].finish_reason
+        ch["stop_reason"] = toks[-1].stop_reason
         if self.with_ids:
-            ch["token_ids"] = [tok.id]
+            ch["token_ids"] = [t.id for t in toks]
             if self.first:
                 ch["prompt_token_ids"] = self.prompt
                 self.first = False
         d["choices"] = [ch]
+        if self.continuous:
+            d["usage"] = self.usage(n)
         return d
 
     def abort_chunk(self) -> dict[str, Any]:
         """The last chunk of a request the engine aborted: no text, no token."""
-        d = self.chunk(Token(0, "", "abort"))
+        d = self.chunk([Token(0, "", "abort")], 0)
+        d.pop("usage", None)
         if self.with_ids:
             d["choices"][0]["token_ids"] = []
         return d
@@ -761,6 +804,8 @@ def build_app(api: Api) -> web.Application:
             return api.error(e.status, e.message)
         except EngineSleeping as e:
             return api.error(503, str(e))
+        except EngineCoreDead as e:
+            return api.error(500, str(e))
         except web.HTTPNotFound:
             return web.json_response({"detail": "Not Found"}, status=404)
         except web.HTTPMethodNotAllowed:

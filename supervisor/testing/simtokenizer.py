@@ -2,16 +2,21 @@
 
 Three properties matter to everything built on the simulator:
 
-* ``decode(encode(text)) == text`` for any text (unknown pieces fall back to byte tokens);
-* generated tokens are always word pieces with a leading space, so re-tokenizing
-  ``prompt + generated text`` gives back ``prompt ids + generated ids`` (text continuation is
-  exact here; on real engines it may not be, which is why plugins prefer token ids);
+* ``decode(encode(text)) == text`` for any text (unknown pieces fall back to the longest known
+  piece they start with, then byte tokens);
+* generated words are word pieces with a leading space, and a few are words with non-ASCII
+  characters, generated as a stem piece then one token per UTF-8 byte (as byte-level BPE
+  tokenizers split them): a stream can stop *inside* a character, where no text is due yet;
+* re-tokenizing ``prompt + generated text`` gives back ``prompt ids + generated ids`` when
+  the generated text ends on a whole character (text continuation is exact there, and drifts
+  at a seam inside a character, as on real engines);
 * :func:`next_token` is a pure function of the whole sequence so far, so a stream resumed on
   another engine from the same sequence continues exactly as the unbroken stream would have.
 """
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +41,9 @@ _WORDS = (
     "orbit cipher ember willow falcon glacier prism tundra velvet zephyr anchor beacon cobalt"
 ).split()
 WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORDS))  # de-duplicated, order kept
+# Generated as " stem" + UTF-8 byte tokens: two-, three- and four-byte characters.
+MULTIBYTE_WORDS = ("café", "naïve", "señor", "façade", "Zürich", "smörgåsbord", "ok🙂", "tokyo東京")
+_STEMS = (" caf", " na", " se", " fa", " Z", " sm", " ok", " tokyo")
 
 _PIECE_RE = re.compile(r"\s?\w+|\s?[^\w\s]|\s")
 _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
@@ -62,9 +70,15 @@ class SimTokenizer:
             self._pieces.append(" " + word)
         for word in WORDS:
             self._pieces.append(word)
+        self._pieces += _STEMS
         self._ids = {p: i for i, p in enumerate(self._pieces) if i >= _WORD_BASE}
         self._special_ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
         self.generated_vocab = range(_WORD_BASE, _WORD_BASE + len(WORDS))
+        # Each multi-byte word's whole token sequence, keyed by its first (stem) token.
+        self.spelled: dict[int, tuple[int, ...]] = {}
+        for word in MULTIBYTE_WORDS:
+            ids = tuple(self.encode(" " + word))
+            self.spelled[ids[0]] = ids
 
     @property
     def vocab_size(self) -> int:
@@ -85,8 +99,15 @@ class SimTokenizer:
             tid = self._ids.get(piece)
             if tid is not None:
                 out.append(tid)
-            else:
-                out.extend(_BYTE_BASE + b for b in piece.encode("utf-8"))
+                continue
+            rest = piece
+            for cut in range(len(piece) - 1, 0, -1):  # the longest known piece it starts with
+                tid = self._ids.get(piece[:cut])
+                if tid is not None:
+                    out.append(tid)
+                    rest = piece[cut:]
+                    break
+            out.extend(_BYTE_BASE + b for b in rest.encode("utf-8"))
 
     def decode(self, ids: Iterable[int]) -> str:
         buf = bytearray()
@@ -105,9 +126,36 @@ class SimTokenizer:
             parts.append(buf.decode("utf-8", errors="replace"))
         return "".join(parts)
 
+    def byte_of(self, tid: int) -> int | None:
+        """The byte a byte token stands for (None for any other token)."""
+        return tid - _BYTE_BASE if _BYTE_BASE <= tid < _WORD_BASE else None
+
     def piece(self, tid: int) -> str:
-        """Text of one generated token (generated tokens are always whole word pieces)."""
-        return self._pieces[tid] if tid != EOS_ID else ""
+        """Text of one whole-piece token ("" for EOS; byte tokens: see :class:`TextStream`)."""
+        return self._pieces[tid] if tid != EOS_ID and self.byte_of(tid) is None else ""
+
+
+class TextStream:
+    """Detokenizes a stream token by token, as engines do: a token that leaves a UTF-8
+    character incomplete yields no text; the token that completes it yields the whole
+    character; an invalid byte sequence yields U+FFFD."""
+
+    def __init__(self, tok: SimTokenizer, prompt_ids: Sequence[int] = ()) -> None:
+        self._tok = tok
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for tid in prompt_ids:  # the prompt may end inside a character
+            self.step(tid)
+
+    @property
+    def inside_character(self) -> bool:
+        """Whether the bytes so far end part-way through a character."""
+        return bool(self._utf8.getstate()[0])
+
+    def step(self, tid: int) -> str:
+        b = self._tok.byte_of(tid)
+        if b is not None:
+            return self._utf8.decode(bytes([b]))
+        return self._utf8.decode(b"", final=True) + self._tok.piece(tid)
 
 
 @dataclass(frozen=True)
@@ -138,22 +186,45 @@ def apply_chat_template(
     return "".join(parts)
 
 
-class SequenceState:
-    """Running hash of a token sequence; :meth:`next_token` depends on the whole sequence."""
+_SPELLING = SimTokenizer().spelled  # stem token -> the multi-byte word's whole token sequence
+_STEM_IDS = tuple(_SPELLING)
 
-    __slots__ = ("_eos_every", "_h", "_n_words")
+
+class SequenceState:
+    """Running hash of a token sequence; :meth:`next_token` depends on the whole sequence.
+
+    A multi-byte word, once its stem is generated, is spelled out to its end (its remaining
+    byte tokens are forced), also when the sequence was cut inside it and resumed."""
+
+    __slots__ = ("_eos_every", "_forced", "_h", "_n_words", "_tail")
 
     def __init__(self, ids: Iterable[int], *, seed: int | None = None, eos_every: int = 0) -> None:
         self._h = _FNV_OFFSET if seed is None else _mix(_FNV_OFFSET, seed & _MASK64)
-        self._n_words = len(WORDS)
+        self._n_words = len(WORDS) + len(_STEM_IDS)
         self._eos_every = eos_every
+        self._forced: tuple[int, ...] = ()
+        self._tail: list[int] = []
         for tid in ids:
-            self._h = _mix(self._h, tid)
+            self.append(tid)
+
+    @property
+    def spelling(self) -> bool:
+        """Whether a multi-byte word is part-way spelled out (its next token is forced)."""
+        return bool(self._forced)
 
     def next_token(self) -> int:
+        if self._forced:
+            return self._forced[0]
         if self._eos_every and self._h % self._eos_every == 0:
             return EOS_ID
-        return _WORD_BASE + (self._h >> 7) % self._n_words
+        k = (self._h >> 7) % self._n_words
+        return _WORD_BASE + k if k < len(WORDS) else _STEM_IDS[k - len(WORDS)]
 
     def append(self, tid: int) -> None:
         self._h = _mix(self._h, tid)
+        if self._forced and tid == self._forced[0]:
+            self._forced = self._forced[1:]
+        elif tid in _SPELLING:
+            self._forced = _SPELLING[tid][1:]
+        else:
+            self._forced = ()

@@ -241,7 +241,7 @@ async def test_engine_garbage_is_an_engine_failure(
 async def test_openai_client_works_unchanged(cluster: Cluster) -> None:
     openai = pytest.importorskip("openai")
 
-    def use_client() -> tuple[str, str, str]:
+    def use_client() -> tuple[Any, Any, str]:
         client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0)
         comp = client.completions.create(
             model="sim-model", prompt="the river", max_tokens=5, temperature=0
@@ -262,10 +262,11 @@ async def test_openai_client_works_unchanged(cluster: Cluster) -> None:
         ):
             if chunk.choices and chunk.choices[0].delta.content:
                 parts.append(chunk.choices[0].delta.content)
-        return comp.choices[0].text, chat.choices[0].message.content or "", "".join(parts)
+        return comp, chat, "".join(parts)
 
     comp, chat, streamed = await anyio.to_thread.run_sync(use_client)
-    assert len(comp.split()) == 5 and chat == streamed and len(chat.split()) == 5
+    assert comp.choices[0].text and comp.usage.completion_tokens == 5
+    assert chat.choices[0].message.content == streamed and chat.usage.completion_tokens == 5
 
 
 async def test_bad_input_gets_openai_shaped_4xx(

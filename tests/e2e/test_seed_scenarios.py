@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -145,6 +146,15 @@ async def engine_holding(
             await anyio.sleep(0.01)
 
 
+def engine_request_id(sup: SupervisorProcess, engine_id: str, rid: str) -> str:
+    """The engine-side id of the client's request ``rid``: the supervisor makes it unique
+    (``rid`` plus a suffix), since clients may reuse an X-Request-Id."""
+    log = (sup.config_path.parent / "state" / "logs" / f"{engine_id}.log").read_text()
+    found = re.search(rf"Added request (\S*{re.escape(rid)}\S*)\.\n", log)
+    assert found, f"no request {rid} in {engine_id}'s log"
+    return found.group(1)
+
+
 @pytest.mark.parametrize("dialect", ["vllm", "vllm-gms"])
 @pytest.mark.parametrize(
     "sig",
@@ -171,17 +181,17 @@ async def test_request_migration(
                 "max_tokens": 3000,
                 "temperature": 0,
                 "stream": True,
+                "stream_options": {"include_usage": True},
             },
             headers={"X-Request-Id": rid},
         ) as r:
-            n = 0
             async for data in iter_sse_data(r):
                 obj = json.loads(data)
-                n += sum(1 for ch in obj["choices"] if ch["text"])
+                if obj.get("usage"):
+                    result["tokens"] = obj["usage"]["completion_tokens"]
                 result["finish"] = (
                     obj["choices"][0]["finish_reason"] if obj["choices"] else result.get("finish")
                 )
-            result["tokens"] = n
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(client)
@@ -245,7 +255,7 @@ async def test_an_engine_side_abort_migrates_and_keeps_the_engine(
     other engine, and the engine that aborted it is not declared dead."""
     sup = two_workers
     rid = "aborted-engine-side"
-    body = request_body("completion", True, 2000)
+    body = {**request_body("completion", True, 2000), "stream_options": {"include_usage": True}}
     got: dict[str, Any] = {"tokens": 0, "finish": None}
 
     async def client() -> None:
@@ -256,15 +266,17 @@ async def test_an_engine_side_abort_migrates_and_keeps_the_engine(
             async for data in iter_sse_data(r):
                 obj = json.loads(data)
                 assert "error" not in obj, obj
+                if obj.get("usage"):
+                    got["tokens"] = obj["usage"]["completion_tokens"]
                 for ch in obj["choices"]:
-                    got["tokens"] += 1 if ch["text"] else 0
                     got["finish"] = ch["finish_reason"] or got["finish"]
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(client)
         engine = await engine_holding(sup, session, rid)
         await anyio.sleep(0.1)
-        async with session.post(engine["url"] + "/abort_request", json={"rid": rid}) as r:
+        engine_rid = engine_request_id(sup, engine["id"], rid)
+        async with session.post(engine["url"] + "/abort_request", json={"rid": engine_rid}) as r:
             assert r.status == 200
     assert got == {"tokens": 2000, "finish": "length"}
     assert "recreating stream" in sup.logs()
@@ -357,7 +369,8 @@ async def test_request_cancellation_vllm_decode_cancel(
             if n == 5:
                 break  # the client goes away during decode
     t = time.monotonic()
-    engine_rid = f"chatcmpl-{rid}"  # vLLM's id for a chat request
+    engine_rid = engine_request_id(sup, e["decode"]["id"], rid)
+    assert engine_rid.startswith(f"chatcmpl-{rid}-")  # vLLM's id for a chat request
     await wait_log(sup, e["decode"]["id"], f"Aborted request {engine_rid}.")
     assert time.monotonic() - t < 1
     assert f"Added request {engine_rid}." in log_of(sup, e["prefill"]["id"])
@@ -371,7 +384,6 @@ async def test_request_cancellation_vllm_remote_prefill_cancel(
     sup = disagg
     e = await engines(sup, session)
     rid = "disagg-prefill-cancel"
-    engine_rid = f"cmpl-{rid}"  # vLLM's id for a completion request
     long_prompt = " ".join(["river"] * 2000)  # about 4 s of prefill at 2 ms a token
     body = {"model": "sim-model", "prompt": long_prompt, "max_tokens": 50, "stream": True}
 
@@ -383,7 +395,8 @@ async def test_request_cancellation_vllm_remote_prefill_cancel(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(client)
-        await wait_log(sup, e["prefill"]["id"], f"Added request {engine_rid}.")
+        await wait_log(sup, e["prefill"]["id"], f"Added request cmpl-{rid}-")
+        engine_rid = engine_request_id(sup, e["prefill"]["id"], rid)
         tg.cancel_scope.cancel()  # the client goes away during the remote prefill
     t = time.monotonic()
     await wait_log(sup, e["prefill"]["id"], f"Aborted request {engine_rid}.")

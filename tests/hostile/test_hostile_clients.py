@@ -108,15 +108,21 @@ async def node(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
 
 async def stream(http: aiohttp.ClientSession, url: str, n: int, prompt: str = "go") -> int:
-    """One streamed completion, read to its end; the number of text chunks seen."""
-    body = {"model": "sim-model", "prompt": prompt, "max_tokens": n, "stream": True}
-    chunks = 0
+    """One streamed completion, read to its end; the number of tokens it brought."""
+    body = {
+        "model": "sim-model",
+        "prompt": prompt,
+        "max_tokens": n,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    tokens = 0
     async with http.post(url + "/v1/completions", json=body) as r:
         assert r.status == 200, await r.text()
         async for line in r.content:
-            if line.startswith(b"data: {"):
-                chunks += 1
-    return chunks
+            if line.startswith(b'data: {"id"') and b'"usage"' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return tokens
 
 
 # -- isolation of the daemon's own traffic ------------------------------------------------

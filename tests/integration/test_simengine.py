@@ -194,7 +194,7 @@ async def test_sigkill_of_api_server_frees_memory_only_when_worker_is_gone(
 
 
 # -- SGLang -----------------------------------------------------------------------------
-async def test_sglang_generate_cumulative_and_incremental(
+async def test_sglang_generate_incremental_and_stream_interval(
     sim: Sim, session: aiohttp.ClientSession
 ) -> None:
     body = {
@@ -203,15 +203,18 @@ async def test_sglang_generate_cumulative_and_incremental(
         "stream": True,
         "rid": "r1",
     }
+    # The plugin launches SGLang with --incremental-streaming-output: each event is new.
     async with sim("sglang") as (_, url):
-        cum = await sse(session, url + "/generate", body)
-    async with sim("sglang", "--incremental-streaming-output") as (_, url):
         inc = await sse(session, url + "/generate", body)
-    assert [len(e["output_ids"]) for e in cum] == [1, 2, 3, 4]
+        whole = await post(session, url + "/generate", {**body, "stream": False})
+    async with sim("sglang", "--stream-interval", "3") as (_, url):
+        batched = await sse(session, url + "/generate", body)
     assert [len(e["output_ids"]) for e in inc] == [1, 1, 1, 1]
-    assert cum[-1]["text"] == "".join(e["text"] for e in inc)
-    assert cum[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
-    assert cum[-1]["meta_info"]["id"] == "r1"
+    assert [len(e["output_ids"]) for e in batched] == [3, 1]  # the last event at the finish
+    assert [e["meta_info"]["completion_tokens"] for e in batched] == [3, 4]
+    assert whole[1]["text"] == "".join(e["text"] for e in inc)
+    assert inc[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+    assert inc[-1]["meta_info"]["id"] == "r1"
 
 
 async def test_sglang_release_resume_rules(sim: Sim, session: aiohttp.ClientSession) -> None:
@@ -298,9 +301,19 @@ async def test_trtllm_routes(sim: Sim, session: aiohttp.ClientSession) -> None:
         chunks = await sse(
             session,
             url + "/v1/completions",
-            {"prompt": "x", "max_tokens": 2, "stream": True, "return_token_ids": True},
+            {"prompt": "x", "max_tokens": 2, "stream": True},
         )
         assert "token_ids" not in chunks[0]["choices"][0]  # trtllm-serve returns no ids
+        # Its request models forbid unknown fields: vLLM's extensions get a 400.
+        for path, extra in (
+            ("/v1/completions", {"prompt": "x", "return_token_ids": True}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                      "continue_final_message": True}),
+            ("/v1/completions", {"prompt": "x", "stream": True,
+                                 "stream_options": {"include_usage": True, "bogus": 1}}),
+        ):  # fmt: skip
+            status, err = await post(session, url + path, extra)
+            assert status == 400 and "Extra inputs are not permitted" in err["message"], err
         status, _ = await post(session, url + "/sleep?level=1")
         assert status == 404
 

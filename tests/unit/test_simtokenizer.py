@@ -7,6 +7,7 @@ from supervisor.testing.simtokenizer import (
     ChatMessage,
     SequenceState,
     SimTokenizer,
+    TextStream,
     apply_chat_template,
 )
 
@@ -27,7 +28,37 @@ def test_text_of_generated_tokens_retokenizes_to_the_same_ids(prompt: str, n: in
         t = state.next_token()
         state.append(t)
         gen.append(t)
+    while state.spelling:  # end on a whole character
+        t = state.next_token()
+        state.append(t)
+        gen.append(t)
     assert tok.encode(prompt + tok.decode(gen)) == ids + gen
+
+
+def generate(ids: list[int], n: int) -> list[int]:
+    state = SequenceState(ids)
+    out = []
+    for _ in range(n):
+        t = state.next_token()
+        state.append(t)
+        out.append(t)
+    return out
+
+
+def test_a_stream_can_stop_inside_a_character_where_no_text_is_due() -> None:
+    prompt = tok.encode("The failover of the node")
+    gen = generate(prompt, 400)
+    texts = TextStream(tok, prompt)
+    steps = [texts.step(t) for t in gen]
+    assert "".join(steps) == tok.decode(gen)
+    inside = [i for i, s in enumerate(steps) if s == ""]
+    assert inside, "the model spells multi-byte words out byte by byte"
+    cut = inside[0] + 1  # a seam right after the first bytes of a character
+    # Resumed from the ids, generation goes on exactly (the word is spelled out to its end)...
+    assert generate(prompt + gen[:cut], 20) == gen[cut : cut + 20]
+    # ...but from the text, the partial character is lost and the continuation drifts.
+    text_ids = tok.encode(tok.decode(prompt) + "".join(steps[:cut]))
+    assert generate(text_ids, 20) != gen[cut : cut + 20]
 
 
 def test_next_token_is_a_function_of_the_whole_sequence() -> None:
