@@ -100,6 +100,11 @@ class SimOptions:
     metrics_enabled: bool = True
     incremental_stream: bool = False
     stream_interval: int = 1  # tokens per streamed event (SGLang's --stream-interval)
+    # With a reasoning parser, a chat answer opens with REASONING_TOKENS of reasoning; with a
+    # tool parser (vLLM: and --enable-auto-tool-choice), a chat request with tools is
+    # answered by a call of its first tool.
+    reasoning_parser: str | None = None
+    tool_parser: str | None = None
     max_num_seqs: int = 256
     max_model_len: int = 4096
     load_time: float = 0.3
@@ -597,8 +602,6 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
             "--quantization",
             "--seed",
             "--max-num-batched-tokens",
-            "--reasoning-parser",
-            "--tool-call-parser",
         ):
             p.add_argument(flag, help="accepted for compatibility; no effect")
         for flag in (
@@ -606,9 +609,11 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
             "--disable-log-requests",
             "--enable-log-requests",
             "--no-enable-log-requests",
-            "--enable-auto-tool-choice",
         ):
             p.add_argument(flag, action="store_true", help="accepted; no effect")
+        p.add_argument("--reasoning-parser", dest="reasoning_parser", default=None)
+        p.add_argument("--tool-call-parser", dest="tool_parser", default=None)
+        p.add_argument("--enable-auto-tool-choice", dest="auto_tools", action="store_true")
     elif d.base == "sglang":
         p.add_argument("--context-length", dest="max_model_len", type=int, default=4096)
         p.add_argument("--enable-metrics", dest="metrics_enabled", action="store_true")
@@ -616,18 +621,19 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
             "--incremental-streaming-output", dest="incremental_stream", action="store_true"
         )
         p.add_argument("--stream-interval", dest="stream_interval", type=int, default=1)
-        for flag in ("--reasoning-parser", "--tool-call-parser", "--random-seed"):
-            p.add_argument(flag, help="accepted for compatibility; no effect")
+        p.add_argument("--reasoning-parser", dest="reasoning_parser", default=None)
+        p.add_argument("--tool-call-parser", dest="tool_parser", default=None)
+        p.add_argument("--random-seed", help="accepted for compatibility; no effect")
         for flag in ("--mem-fraction-static", "--tp-size", "--dtype", "--load-format"):
             p.add_argument(flag, help="accepted for compatibility; no effect")
     else:
         p.add_argument("--max_seq_len", dest="max_model_len", type=int, default=4096)
+        p.add_argument("--reasoning_parser", dest="reasoning_parser", default=None)
+        p.add_argument("--tool_parser", dest="tool_parser", default=None)
         for flag in (
             "--backend",
             "--tp_size",
             "--kv_cache_free_gpu_memory_fraction",
-            "--reasoning_parser",
-            "--tool_parser",
         ):
             p.add_argument(flag, help="accepted for compatibility; no effect")
     s = p.add_argument_group("simulator")
@@ -734,6 +740,10 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         metrics_enabled=getattr(ns, "metrics_enabled", True),
         incremental_stream=getattr(ns, "incremental_stream", False),
         stream_interval=max(getattr(ns, "stream_interval", 1), 1),
+        reasoning_parser=ns.reasoning_parser,
+        tool_parser=ns.tool_parser
+        if getattr(ns, "auto_tools", True) or dialect_facts(dialect).base != "vllm"
+        else None,
         max_num_seqs=getattr(ns, "max_num_seqs", 256),
         max_model_len=ns.max_model_len,
         load_time=ns.sim_load_time,

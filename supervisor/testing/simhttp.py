@@ -36,6 +36,7 @@ from supervisor.testing.simengine import (
 from supervisor.testing.simtokenizer import ChatMessage, apply_chat_template
 
 MAX_BODY = 32 * 1024 * 1024
+REASONING_TOKENS = 4  # a chat answer's reasoning, where a reasoning parser is on
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -152,6 +153,14 @@ class Api:
             raise ApiError(400, "stop must be a string or a list of strings")
         if body.get("n", 1) != 1:
             raise ApiError(400, "the simulator serves n=1 only")
+        min_tokens = body.get("min_tokens") or 0
+        if not isinstance(min_tokens, int) or min_tokens < 0:
+            raise ApiError(400, "min_tokens must be an integer >= 0")
+        if min_tokens > mt:
+            # As vLLM's SamplingParams refuse it.
+            raise ApiError(
+                400, f"min_tokens must be less than or equal to max_tokens={mt}, got {min_tokens}."
+            )
         return SamplingRequest(
             request_id="",
             prompt_ids=prompt_ids,
@@ -282,6 +291,8 @@ class Api:
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false")
         shape = _OpenAIShape(sreq.request_id, self.opts.name, chat, with_ids, ids)
+        if chat:
+            shape.answer_mode(body, self.opts)
         if not stream:
             toks = [t async for t in self.engine.generate(sreq)]
             return web.json_response(shape.full(toks))
@@ -534,6 +545,8 @@ class Api:
         rid = body.get("rid") or self.engine.new_request_id()
         if not isinstance(rid, str):
             raise ApiError(422, "rid: Input should be a valid string", detail=True)
+        if any(r.request_id == rid for r in self.engine.active.values()):
+            raise ApiError(400, f"Duplicate request ID detected: {rid}", native=True)
         sreq.request_id = rid
         shape = _GenerateShape(rid, len(ids), incremental=self.opts.incremental_stream)
         if not stream:
@@ -690,6 +703,43 @@ class _OpenAIShape:
         self.obj = "chat.completion.chunk" if chat else "text_completion"
         self.first = True
         self.continuous = False  # usage in every chunk
+        self.reasoning_left = 0  # tokens still to go to reasoning_content
+        self.tool: str | None = None  # the tool this answer calls
+        self.tool_started = False
+
+    def answer_mode(self, body: dict[str, Any], opts: SimOptions) -> None:
+        """Reasoning first (a reasoning parser is on), or a tool call (tools were given,
+        a tool parser is on, and tool_choice is not "none")."""
+        if opts.reasoning_parser:
+            self.reasoning_left = REASONING_TOKENS
+        tools = body.get("tools")
+        if (
+            opts.tool_parser
+            and isinstance(tools, list)
+            and tools
+            and body.get("tool_choice") != "none"
+        ):
+            fn = tools[0].get("function") if isinstance(tools[0], dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                self.tool = fn["name"]
+
+    def _delta(self, text: str, n_toks: int, last: bool) -> dict[str, Any]:
+        if self.reasoning_left > 0:
+            self.reasoning_left -= n_toks
+            return {"reasoning_content": text}
+        if self.tool is None:
+            return {"content": text}
+        call: dict[str, Any] = {"index": 0}
+        args = json.dumps(text)[1:-1]
+        if not self.tool_started:
+            self.tool_started = True
+            call.update(id=f"chatcmpl-tool-{self.rid[-8:]}", type="function")
+            call["function"] = {"name": self.tool, "arguments": '{"text": "' + args}
+        else:
+            call["function"] = {"arguments": args}
+        if last:
+            call["function"]["arguments"] += '"}'
+        return {"tool_calls": [call]}
 
     def _head(self) -> dict[str, Any]:
         return {"id": self.rid, "object": self.obj, "created": self.created, "model": self.model}
@@ -715,12 +765,15 @@ class _OpenAIShape:
         d = self._head()
         ch: dict[str, Any] = {"index": 0}
         text = "".join(t.text for t in toks)
+        finish = toks[-1].finish_reason
         if self.chat:
-            ch["delta"] = {"content": text}
+            ch["delta"] = self._delta(text, len(toks), finish is not None)
+            if finish and self.tool is not None and finish != "abort":
+                finish = "tool_calls"
         else:
             ch["text"] = text
         ch["logprobs"] = None
-        ch["finish_reason"] = toks[-1].finish_reason
+        ch["finish_reason"] = finish
         ch["stop_reason"] = toks[-1].stop_reason
         if self.with_ids:
             ch["token_ids"] = [t.id for t in toks]
@@ -754,8 +807,9 @@ class _OpenAIShape:
         return d
 
     def full(self, toks: list[Token]) -> dict[str, Any]:
-        text = "".join(t.text for t in toks)
         last = toks[-1] if toks else None
+        reasoning = "".join(t.text for t in toks[: self.reasoning_left])
+        text = "".join(t.text for t in toks[self.reasoning_left :])
         ch: dict[str, Any] = {
             "index": 0,
             "logprobs": None,
@@ -764,6 +818,18 @@ class _OpenAIShape:
         }
         if self.chat:
             ch["message"] = {"role": "assistant", "content": text}
+            if self.reasoning_left:
+                ch["message"]["reasoning_content"] = reasoning
+            if self.tool is not None:
+                ch["message"]["content"] = None
+                ch["message"]["tool_calls"] = [
+                    {
+                        "id": f"chatcmpl-tool-{self.rid[-8:]}",
+                        "type": "function",
+                        "function": {"name": self.tool, "arguments": json.dumps({"text": text})},
+                    }
+                ]
+                ch["finish_reason"] = "tool_calls"
         else:
             ch["text"] = text
         if self.with_ids:

@@ -166,21 +166,15 @@ async def run(
             return text, gap
 
 
-# A known defect, found by these tests on real vLLM: when the seam falls inside a multi-byte
-# UTF-8 character (the byte-level tokenizer splits them), vLLM's detokenizer for the
-# continuation starts from the prompt ids and can emit text that is not new (seen once: the
-# prompt's text, then the whole answer again). The streamed cases kill at a fixed chunk and
-# pass; the non-streamed ones kill after 1.5 s, so their seam varies and sometimes lands
-# there. Until the relay handles a seam inside a character, they may fail.
-_UTF8_SEAM = pytest.mark.xfail(
-    strict=False, reason="seam inside a multi-byte character: continuation text can repeat"
-)
 CASES = [
     ("completion", True, 150),
     ("completion", True, None),  # the completions default: 16 tokens in all
     ("chat", True, None),  # until the context ends: the continuation must not stop at 16
-    pytest.param("chat", False, 150, marks=_UTF8_SEAM),
-    pytest.param("completion", False, 150, marks=_UTF8_SEAM),
+    # Not streamed: killed after 1.5 s, so the seam varies; with the byte-level tokenizer it
+    # can fall inside a multi-byte character, where vLLM sends no text (the relay then
+    # resumes from the last whole character: found by these tests, see docs/real-engines.md).
+    ("chat", False, 150),
+    ("completion", False, 150),
 ]
 
 
