@@ -6,7 +6,9 @@ of its own. Its control routes are under ``/engine/``:
 
 - vLLM-based worker: ``POST /engine/sleep`` with ``{"level": n}``; ``POST /engine/wake_up``
   with ``{"tags": [...]}`` (the seed and ENGINES.md name it ``/engine/wake``; Dynamo's own GMS
-  test harness uses ``/engine/wake_up``: we call ``wake_up`` and fall back to ``wake`` on 404).
+  test harness uses ``/engine/wake_up``). The standalone GMS recipe serves them as
+  ``/engine/control/sleep`` and ``/engine/control/wake_up``. Each call tries the known routes
+  in turn on 404 and remembers, per engine, the one that answered.
   Started with ``--gms-mode shadow`` it skips the KV cache and goes to sleep after loading.
 - SGLang-based worker: ``POST /engine/release_memory_occupation`` and
   ``/engine/resume_memory_occupation``, each with ``{"tags": [...]}``.
@@ -42,6 +44,9 @@ VLLM_GMS = replace(
     start_asleep_flag=("--gms-mode", "shadow"),
 )
 LEGACY_WAKE_PATH = "/engine/wake"  # the route's name in the seed and ENGINES.md
+# The worker's routes, then the standalone recipe's, then the older name.
+SLEEP_ROUTES = ("/engine/sleep", "/engine/control/sleep")
+WAKE_ROUTES = ("/engine/wake_up", "/engine/control/wake_up", LEGACY_WAKE_PATH)
 
 SGLANG_GMS = replace(
     SGLANG,
@@ -80,6 +85,20 @@ class VllmGmsBackend(VllmBackend):
 
     def __init__(self) -> None:
         self._memo = _Released()
+        self._routes: dict[tuple[str, str], str] = {}  # (url, what) -> the route that answered
+
+    async def _control(
+        self, ep: EngineEndpoint, what: str, routes: tuple[str, ...], body: dict[str, object]
+    ) -> None:
+        """POST ``body`` to the first of ``routes`` the worker serves (404: try the next)."""
+        known = self._routes.get((ep.url, what))
+        for route in (known,) if known else routes:
+            status, answer = await ep.call("POST", route, json_body=body, timeout_s=120)
+            if status != 404:
+                ep.check(status, answer, f"POST {route}")
+                self._routes[(ep.url, what)] = route
+                return
+        raise BackendError(f"the worker serves none of the {what} routes {', '.join(routes)}")
 
     def command(self, spec: EngineSpec) -> LaunchCommand:
         return _gms_command(super().command(spec), spec)
@@ -93,19 +112,14 @@ class VllmGmsBackend(VllmBackend):
     async def sleep(self, ep: EngineEndpoint, level: int = 1) -> None:
         if level not in (1, 2):
             raise BackendError(f"sleep level must be 1 or 2, not {level}")
-        await ep.call_ok("POST", "/engine/sleep", json_body={"level": level}, timeout_s=120)
+        await self._control(ep, "sleep", SLEEP_ROUTES, {"level": level})
         self._memo.released[ep.url] = WAKE_TAGS if level == 2 else ("kv_cache",)
 
     async def wake(self, ep: EngineEndpoint, tags: tuple[str, ...] = ()) -> None:
         for tag in tags:
             if tag not in WAKE_TAGS:
                 raise BackendError(f"wake tag must be one of {WAKE_TAGS}, not {tag!r}")
-        body = {"tags": list(tags or WAKE_TAGS)}
-        status, answer = await ep.call("POST", "/engine/wake_up", json_body=body, timeout_s=120)
-        if status == 404:  # an older worker names the route /engine/wake
-            await ep.call_ok("POST", LEGACY_WAKE_PATH, json_body=body, timeout_s=120)
-        else:
-            ep.check(status, answer, "POST /engine/wake_up")
+        await self._control(ep, "wake", WAKE_ROUTES, {"tags": list(tags or WAKE_TAGS)})
         if not tags or set(tags) >= set(self._memo.released.get(ep.url, ())):
             self._memo.released.pop(ep.url, None)
 

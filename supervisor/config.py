@@ -16,7 +16,7 @@ from typing import Any
 
 PLACEMENTS = ("paired", "pooled")
 ON_EXIT = ("stop", "leave")
-SUSPEND_STRATEGIES = ("engine", "cuda-checkpoint", "awake")
+SUSPEND_STRATEGIES = ("engine", "cuda-checkpoint", "awake", "flock")
 
 
 class ConfigError(ValueError):

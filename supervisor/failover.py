@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -31,6 +32,7 @@ from supervisor.backends import Backend, BackendError, EngineEndpoint, EngineOut
 from supervisor.config import Config, SlotConfig
 from supervisor.coordination.local import Coordinator, LocalCoordinator
 from supervisor.engines import EngineManager, signal_group
+from supervisor.flocklease import FLOCK, LOCK_ENV, FlockStandby
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
 from supervisor.model import (
@@ -76,11 +78,14 @@ class AwakeStandby:
         return []
 
 
-def _suspend_strategy(name: str) -> SuspendStrategy | None:
+def _suspend_strategy(name: str, lock_path: Path) -> SuspendStrategy | None:
     if name == "engine":
         return None
     if name == AWAKE:
         return AwakeStandby()
+    if name == FLOCK:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        return FlockStandby(lock_path)
     from plugins.cuda_checkpoint import CudaCheckpointStrategy
 
     try:
@@ -135,7 +140,9 @@ class SlotController:
         self.on_change = on_change  # routing follows every state change
         self.gpu_broken = gpu_broken  # GPUs a fatal XID (or NVML) marked broken
         self.coord: Coordinator = coordinator or LocalCoordinator()
-        self.suspender = _suspend_strategy(slot_cfg.suspend)
+        # With suspend = "flock", the slot's engines share this lock: its holder serves.
+        self.lock_path = cfg.state_dir / "locks" / f"{slot_cfg.name}.lock"
+        self.suspender = _suspend_strategy(slot_cfg.suspend, self.lock_path)
         # In a cluster, engine ids name their node: they are unique cluster-wide.
         self._id_prefix = f"{cfg.node}." if cfg.cluster.enabled else ""
         self.slot = Slot(slot_cfg.name, slot_cfg.model_name)
@@ -370,7 +377,8 @@ class SlotController:
             role=role,
             gpus=gpus,
             extra_args=extra,
-            env=dict(self.scfg.env),
+            env=dict(self.scfg.env)
+            | ({LOCK_ENV: str(self.lock_path)} if self.scfg.suspend == FLOCK else {}),
             options={"suspend": self.scfg.suspend},
         )
 
@@ -479,9 +487,12 @@ class SlotController:
                 start_ticks=st.start_time,
                 group=self.group_of(int(rec["port"])),
             )
-            awake = state is EngineState.SLEEPING and isinstance(self.suspender, AwakeStandby)
+            awake = state is EngineState.SLEEPING and isinstance(
+                self.suspender, (AwakeStandby, FlockStandby)
+            )
             if awake:
-                engine.suspended_by = AWAKE
+                assert self.suspender is not None
+                engine.suspended_by = self.suspender.name
             want = Readiness.READY if state is EngineState.ACTIVE or awake else Readiness.SLEEPING
             try:
                 answer = await self.backend.health(self.endpoint(engine))
@@ -515,10 +526,12 @@ class SlotController:
 
     async def start(self) -> None:
         """Shadows load and sleep first (so an active on the same GPUs fits), then the
-        active engine becomes ready. Adopted engines count: only what is missing starts."""
-        async with anyio.create_task_group() as tg:
-            for _ in range(self.missing_shadows()):
-                tg.start_soon(self._start_shadow_logged)
+        active engine becomes ready. Adopted engines count: only what is missing starts.
+        Self-promoting shadows (``suspend = "flock"``) start after the active engine: the
+        first engine up takes the lock and serves."""
+        flock = isinstance(self.suspender, FlockStandby)
+        if not flock:
+            await self._start_shadows()
         elsewhere = self.coord.served_elsewhere(self.slot.name)
         if self.slot.active is not None:
             self._go(Event.ACTIVE_READY, f"adopted active engine {self.slot.active}")
@@ -530,10 +543,17 @@ class SlotController:
             if self.slot.active is None and self.sleeping_shadows():
                 # The active engine did not come up, but a shadow is ready: serve with it.
                 await self.recover("the active engine did not come up at start")
+        if flock:
+            await self._start_shadows()
         if self.slot.active is not None or self.phase is Phase.STANDBY:
             self._set_degraded("")
         self.ready.set()
         self.kick_replenish()
+
+    async def _start_shadows(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.missing_shadows()):
+                tg.start_soon(self._start_shadow_logged)
 
     async def start_active(self) -> bool:
         """Launch an active engine cold and promote it once ready (startup, or a slot with
@@ -638,11 +658,12 @@ class SlotController:
         except BackendError as e:
             raise FailoverError(f"could not suspend shadow {engine.id}: {e}") from e
         engine.suspended_by = self.suspender.name
-        how = (
-            "loaded and standing by awake (not routed to)"
-            if engine.standing_by_awake
-            else f"suspended by {self.suspender.name} (pids {pids})"
-        )
+        if engine.standing_by_awake:
+            how = "loaded and standing by awake (not routed to)"
+        elif isinstance(self.suspender, FlockStandby):
+            how = f"loaded and parked on the failover lock {self.lock_path}"
+        else:
+            how = f"suspended by {self.suspender.name} (pids {pids})"
         self.set_state(engine, EngineState.SLEEPING, how)
 
     def _plugin_failed(self, engine: Engine, hook: str, e: BaseException) -> None:
@@ -864,13 +885,25 @@ class SlotController:
         self.set_state(shadow, EngineState.WAKING, "chosen for promotion")
         ep = self.control(shadow)
         if self.suspender is not None and shadow.suspended_by:
+            flock = isinstance(self.suspender, FlockStandby)
             try:
                 with anyio.fail_after(self.cfg.failover.wake_timeout):
-                    await self.suspender.resume(shadow.pid or 0)
+                    pids = await self.suspender.resume(shadow.pid or 0)
             except TimeoutError as e:
+                if flock:
+                    raise FailoverError(
+                        f"{shadow.id} did not take the failover lock within "
+                        f"{self.cfg.failover.wake_timeout}s (is its holder still alive?)"
+                    ) from e
                 raise FailoverError(f"resume took over {self.cfg.failover.wake_timeout}s") from e
             except BackendError as e:
                 raise FailoverError(f"{self.suspender.name} resume failed: {e}") from e
+            if flock:  # it wakes itself: waking it too would wake it twice
+                self.log.info(
+                    f"{shadow.id} took the failover lock and is promoting itself",
+                    engine=shadow.id,
+                    pids=pids,
+                )
             shadow.suspended_by = ""
             await self._wait_health(shadow, {Readiness.READY}, self.cfg.failover.wake_timeout)
             return

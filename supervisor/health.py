@@ -189,7 +189,7 @@ class HealthJudge:
             with anyio.move_on_after(self.cfg.probe_interval):
                 await wake.wait()  # a suspect is probed at once
             expected = _EXPECTED.get(engine.state)
-            if engine.standing_by_awake and engine.state is EngineState.SLEEPING:
+            if engine.answers_as_ready and engine.state is EngineState.SLEEPING:
                 expected = {Readiness.READY}  # a standby is loaded and ready, just not routed to
             elif engine.suspended_by:
                 # Checkpointed by the driver: what its HTTP server says (if it answers at all)

@@ -23,6 +23,7 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 Role = Literal["active", "shadow"]
 AWAKE = "awake"  # the suspend strategy that does not suspend: shadows stand by loaded
+FLOCK = "flock"  # shadows park on a lock file and promote themselves when they get it
 RequestKind = Literal["completion", "chat"]
 
 
@@ -307,6 +308,12 @@ class Engine:
     def standing_by_awake(self) -> bool:
         """A shadow kept loaded and ready instead of asleep (``suspend = "awake"``)."""
         return self.suspended_by == AWAKE
+
+    @property
+    def answers_as_ready(self) -> bool:
+        """A shadow whose health route says ready although it serves nothing: standing by
+        awake, or parked on the failover lock (``suspend = "flock"``)."""
+        return self.suspended_by in (AWAKE, FLOCK)
 
     @property
     def url(self) -> str:

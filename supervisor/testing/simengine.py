@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import os
 import random
 import signal
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.backends import Dialect
+from supervisor.flocklease import LOCK_ENV
 from supervisor.testing.gpuledger import (
     DEFAULT_CAPACITY_GIB,
     GIB,
@@ -105,6 +107,9 @@ class SimOptions:
     # answered by a call of its first tool.
     reasoning_parser: str | None = None
     tool_parser: str | None = None
+    # A Dynamo worker run by the standalone GMS recipe: control routes under
+    # /engine/control/ ({sleep,wake_up}) instead of the worker's /engine/{sleep,wake_up}.
+    gms_control_routes: bool = False
     max_num_seqs: int = 256
     max_model_len: int = 4096
     load_time: float = 0.3
@@ -190,6 +195,10 @@ class SimEngine:
         self.released: set[str] = set()  # memory tags released by sleep
         self.hung = asyncio.Event()
         self.core_dead = asyncio.Event()
+        self._lock_fd: int | None = None
+        self._lock_task: asyncio.Future[None] | None = None
+        self.self_promotions = 0  # woken by taking the failover lock
+        self.wakes_by_route = 0  # woken by a wake route
         self.running = 0
         self.waiting = 0
         self.tokens_since_fault = 0
@@ -235,7 +244,17 @@ class SimEngine:
             f"worker pid {self._worker.pid}"
         )
         await asyncio.sleep(self.opts.load_time)
-        if self.opts.start_asleep:
+        lock = os.environ.get(LOCK_ENV)
+        if lock and not self._take_lock(lock):
+            # The failover lock is held: another engine serves. Park on it, asleep, and
+            # promote ourselves when the kernel hands it over (Dynamo's GMS recipe).
+            await self._allocate(("weights",))
+            self.released.add("kv_cache")
+            self.loaded.set()
+            self.log.info(f"model loaded; waiting for lock {lock}")
+            self._lock_task = asyncio.ensure_future(self._wait_for_lock(lock))
+            return
+        if self.opts.start_asleep and not lock:
             # GPU Memory Service style shadow: weights mapped, no KV cache until woken.
             await self._allocate(("weights",))
             self.released.add("kv_cache")
@@ -244,7 +263,27 @@ class SimEngine:
             return
         await self._allocate(("weights", "kv_cache"))
         self.loaded.set()
-        self.log.info("model loaded, engine ready")
+        self.log.info("model loaded, engine ready" + (f" (holding lock {lock})" if lock else ""))
+
+    def _take_lock(self, path: str) -> bool:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd  # held until the process is gone: the kernel then releases it
+        return True
+
+    async def _wait_for_lock(self, path: str) -> None:
+        while not self._take_lock(path):
+            await asyncio.sleep(0.1)
+        self.log.info(f"acquired lock {path}; promoting (waking up)")
+        self.self_promotions += 1
+        try:
+            await self.resume(sorted(self.released))
+        except SimulatedOOM as e:
+            self.log.error(f"could not wake after taking the lock: {e}")
 
     async def _allocate(self, tags: Sequence[str]) -> None:
         sizes = {"weights": self.opts.weights_gib, "kv_cache": self.opts.kv_gib}
@@ -277,6 +316,8 @@ class SimEngine:
         return bool(self.released)
 
     async def shutdown(self) -> None:
+        if self._lock_task is not None:
+            self._lock_task.cancel()
         await asyncio.to_thread(self.ledger.free, self.owner)
         if self._worker and self._worker.stdin:
             self._worker.stdin.close()  # the worker exits after its release delay
@@ -501,6 +542,8 @@ class SimEngine:
             "waiting": self.waiting,
             "gpus": list(self.opts.gpus),
             "counters": dict(self.counters),
+            "self_promotions": self.self_promotions,
+            "wakes_by_route": self.wakes_by_route,
             "faults": {f.name: getattr(self.opts.faults, f.name) for f in fields(Faults)},
         }
 
@@ -696,6 +739,12 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
     )
     s.add_argument("--sim-prefill-url", default="", help="the prefill engine (decode only)")
     s.add_argument(
+        "--sim-gms-control-routes",
+        action="store_true",
+        help="Dynamo worker dialects: serve the standalone GMS recipe's control routes "
+        "(/engine/control/sleep, /engine/control/wake_up) instead of /engine/sleep, ...",
+    )
+    s.add_argument(
         "--sim-prefill-per-token",
         type=float,
         default=0.0005,
@@ -768,6 +817,7 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         prefill_url=ns.sim_prefill_url if ns.sim_disagg == "decode" else "",
         prefill_per_token=ns.sim_prefill_per_token,
         cuda_gib=ns.sim_cuda_gib,
+        gms_control_routes=ns.sim_gms_control_routes,
         faults=faults,
     )
 

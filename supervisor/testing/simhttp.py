@@ -379,6 +379,7 @@ class Api:
         except SimulatedOOM as e:
             self.engine.log.error(str(e))
             return self.error(500, str(e))
+        self.engine.wakes_by_route += 1
         return web.Response(status=200)
 
     # -- Dynamo GMS worker (vLLM-based) -------------------------------------------------
@@ -405,6 +406,7 @@ class Api:
         except SimulatedOOM as e:
             self.engine.log.error(str(e))
             return self.error(500, str(e))
+        self.engine.wakes_by_route += 1
         return web.json_response({"status": "ok", "message": "awake"})
 
     async def vllm_is_sleeping(self, request: web.Request) -> web.Response:
@@ -894,7 +896,10 @@ def build_app(api: Api) -> web.Application:
         r.add_post("/tokenize", api.tokenize)
         r.add_post("/detokenize", api.detokenize)
         r.add_get("/version", api.version)
-        if facts.family:  # a Dynamo worker: control routes under /engine/, JSON bodies
+        if facts.family and api.opts.gms_control_routes:  # the standalone GMS recipe
+            r.add_post("/engine/control/sleep", api.gms_sleep)
+            r.add_post("/engine/control/wake_up", api.gms_wake)
+        elif facts.family:  # a Dynamo worker: control routes under /engine/, JSON bodies
             r.add_post(facts.sleep_path or "/engine/sleep", api.gms_sleep)
             r.add_post(facts.wake_path or "/engine/wake_up", api.gms_wake)
             r.add_post("/engine/wake", api.gms_wake)  # the route's older name

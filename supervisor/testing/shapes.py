@@ -1,0 +1,112 @@
+"""Shapes of engine answers: structure and value types, never values.
+
+``scripts/record_vllm_shapes.py`` records a real vLLM's answers to :data:`REQUESTS` as
+shapes; the simulator's fidelity test asks the simulator the same and compares.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_CHAT = [{"role": "user", "content": "Tell me of the harbor."}]
+# name -> (method, path, body); "model" is replaced by the served model's name.
+REQUESTS: dict[str, tuple[str, str, Any]] = {
+    "models": ("GET", "/v1/models", None),
+    "completion": ("POST", "/v1/completions",
+                   {"model": "m", "prompt": "the river", "max_tokens": 5, "temperature": 0}),
+    "completion_ids": ("POST", "/v1/completions",
+                       {"model": "m", "prompt": "the river", "max_tokens": 5, "temperature": 0,
+                        "return_token_ids": True}),
+    "completion_stream": ("POST", "/v1/completions",
+                          {"model": "m", "prompt": "the river", "max_tokens": 5,
+                           "temperature": 0, "stream": True, "return_token_ids": True,
+                           "stream_options": {"include_usage": True,
+                                              "continuous_usage_stats": True}}),
+    "chat": ("POST", "/v1/chat/completions",
+             {"model": "m", "messages": _CHAT, "max_tokens": 5, "temperature": 0}),
+    "chat_stream": ("POST", "/v1/chat/completions",
+                    {"model": "m", "messages": _CHAT, "max_tokens": 5, "temperature": 0,
+                     "stream": True, "return_token_ids": True,
+                     "stream_options": {"include_usage": True, "continuous_usage_stats": True}}),
+    "chat_continue": ("POST", "/v1/chat/completions",
+                      {"model": "m", "messages": [*_CHAT, {"role": "assistant", "content": "The"}],
+                       "continue_final_message": True, "add_generation_prompt": False,
+                       "max_tokens": 5, "temperature": 0}),
+    "token_prompt": ("POST", "/v1/completions",
+                     {"model": "m", "prompt": [5, 6, 7, 8], "max_tokens": 3, "temperature": 0}),
+    "unknown_model": ("POST", "/v1/completions",
+                      {"model": "no-such-model", "prompt": "x", "max_tokens": 2}),
+    "too_long": ("POST", "/v1/completions",
+                 {"model": "m", "prompt": "the river", "max_tokens": 100000}),
+    "min_over_max": ("POST", "/v1/completions",
+                     {"model": "m", "prompt": "the river", "max_tokens": 2, "min_tokens": 5}),
+    "tokenize": ("POST", "/tokenize", {"model": "m", "prompt": "the river"}),
+    "unknown_route": ("GET", "/no/such/route", None),
+}  # fmt: skip
+
+
+def shape_of(value: Any) -> Any:
+    """The shape of a JSON value: objects keep their keys, lists the shape of their first
+    item, scalars become their type's name."""
+    if isinstance(value, dict):
+        return {k: shape_of(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape_of(value[0])] if value else []
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "str"
+
+
+def shape_of_stream(raw: bytes) -> dict[str, Any]:
+    """A server-sent event stream's shape: its first, middle and finishing events, its usage
+    event (no choices), and whether it ends with ``[DONE]``."""
+    events = [
+        line[len(b"data: ") :]
+        for line in raw.splitlines()
+        if line.startswith(b"data: ")
+    ]
+    done = bool(events) and events[-1].strip() == b"[DONE]"
+    objs = [json.loads(e) for e in events if e.strip() != b"[DONE]"]
+    with_choices = [o for o in objs if o.get("choices")]
+    finishing = [o for o in with_choices if o["choices"][0].get("finish_reason")]
+    usage_only = [o for o in objs if not o.get("choices") and o.get("usage")]
+    pick = {
+        "first": with_choices[0] if with_choices else None,
+        "middle": with_choices[len(with_choices) // 2] if with_choices else None,
+        "finish": finishing[-1] if finishing else None,
+        "usage": usage_only[-1] if usage_only else None,
+    }
+    return {"events": {k: shape_of(v) for k, v in pick.items()}, "done": done}
+
+
+def differences(real: Any, sim: Any, where: str = "") -> list[str]:
+    """Where ``sim`` lacks what ``real`` has, or has it with another type. A real ``null``
+    matches anything (a field not in use there); extra keys in ``sim`` are allowed."""
+    if real == "null":
+        return []
+    if isinstance(real, dict):
+        if not isinstance(sim, dict):
+            return [f"{where or '.'}: object in the real engine, {sim!r} in the simulator"]
+        out = []
+        for key, value in real.items():
+            if key not in sim:
+                out.append(f"{where}.{key}: missing in the simulator")
+            else:
+                out += differences(value, sim[key], f"{where}.{key}")
+        return out
+    if isinstance(real, list):
+        if not isinstance(sim, list):
+            return [f"{where}: list in the real engine, {sim!r} in the simulator"]
+        if real and sim:
+            return differences(real[0], sim[0], f"{where}[0]")
+        return []
+    if real != sim and sim != "null":
+        return [f"{where}: {real} in the real engine, {sim} in the simulator"]
+    if real != sim:
+        return [f"{where}: {real} in the real engine, null in the simulator"]
+    return []
