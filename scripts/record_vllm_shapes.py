@@ -36,7 +36,7 @@ def call(base: str, method: str, path: str, body: Any) -> tuple[int, bytes]:
 def record(base: str, model: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, (method, path, body) in REQUESTS.items():
-        if isinstance(body, dict) and "model" in body:
+        if isinstance(body, dict) and body.get("model") == "m":
             body = {**body, "model": model}
         status, raw = call(base, method, path, body)
         entry: dict[str, Any] = {"status": status}

@@ -86,7 +86,8 @@ def shape_of_stream(raw: bytes) -> dict[str, Any]:
 
 def differences(real: Any, sim: Any, where: str = "") -> list[str]:
     """Where ``sim`` lacks what ``real`` has, or has it with another type. A real ``null``
-    matches anything (a field not in use there); extra keys in ``sim`` are allowed."""
+    matches anything, absence included (a field not in use there); extra keys in ``sim``
+    are allowed."""
     if real == "null":
         return []
     if isinstance(real, dict):
@@ -94,9 +95,9 @@ def differences(real: Any, sim: Any, where: str = "") -> list[str]:
             return [f"{where or '.'}: object in the real engine, {sim!r} in the simulator"]
         out = []
         for key, value in real.items():
-            if key not in sim:
+            if key not in sim and value != "null":
                 out.append(f"{where}.{key}: missing in the simulator")
-            else:
+            elif key in sim:
                 out += differences(value, sim[key], f"{where}.{key}")
         return out
     if isinstance(real, list):

@@ -37,6 +37,7 @@ from supervisor.testing.simtokenizer import ChatMessage, apply_chat_template
 
 MAX_BODY = 32 * 1024 * 1024
 REASONING_TOKENS = 4  # a chat answer's reasoning, where a reasoning parser is on
+SYSTEM_FINGERPRINT = "simulated"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -44,11 +45,18 @@ class ApiError(Exception):
     """A request error rendered in the dialect's shape: OpenAI-style or FastAPI ``detail``."""
 
     def __init__(
-        self, status: int, message: str, *, detail: bool = False, native: bool = False
+        self,
+        status: int,
+        message: str,
+        *,
+        detail: bool = False,
+        native: bool = False,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param  # the request field at fault, where the engine names one
         self.detail = detail  # FastAPI validation shape: {"detail": [...]}, 422
         self.native = native  # SGLang native routes: {"error": {"message": ...}}
 
@@ -73,18 +81,18 @@ class Api:
         self.draining = False
 
     # -- helpers ---------------------------------------------------------------------
-    def error(self, status: int, message: str) -> web.Response:
+    def error(self, status: int, message: str, param: str | None = None) -> web.Response:
         etype = _ERROR_TYPES.get(status, "Error")
         if self.facts.openai_error_shape == "wrapped":
             body: dict[str, Any] = {
-                "error": {"message": message, "type": etype, "param": None, "code": status}
+                "error": {"message": message, "type": etype, "param": param, "code": status}
             }
         else:
             body = {
                 "object": "error",
                 "message": message,
                 "type": etype,
-                "param": None,
+                "param": param,
                 "code": status,
             }
         return web.json_response(body, status=status)
@@ -105,7 +113,11 @@ class Api:
     def check_model(self, body: dict[str, Any]) -> None:
         model = body.get("model")
         if model is not None and model != self.opts.name:
-            raise ApiError(404, f"The model `{model}` does not exist.")
+            raise ApiError(
+                404,
+                f"The model `{model}` does not exist. Valid aliases: {self.opts.name}.",
+                param="model",
+            )
 
     def check_serving(self) -> None:
         if self.opts.faults.error_500:
@@ -130,11 +142,20 @@ class Api:
             mt = room
         if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
             raise ApiError(400, "max_tokens must be a positive integer")
+        if mt > self.opts.max_model_len:  # vLLM's own words for it
+            raise ApiError(
+                400,
+                f"max_tokens={mt} cannot be greater than max_model_len="
+                f"{self.opts.max_model_len}. Please request fewer output tokens. "
+                f"(parameter=max_tokens, value={mt})",
+                param="max_tokens",
+            )
         if mt > room:
             raise ApiError(
                 400,
                 f"max_tokens {mt} is too large: prompt has {len(prompt_ids)} "
                 f"tokens, context length is {self.opts.max_model_len}",
+                param="max_tokens",
             )
         temperature = body.get("temperature", 1.0)
         if (
@@ -246,6 +267,22 @@ class Api:
                         "root": self.opts.model,
                         "parent": None,
                         "max_model_len": self.opts.max_model_len,
+                        "permission": [
+                            {
+                                "id": f"modelperm-{self.engine.new_request_id()[:16]}",
+                                "object": "model_permission",
+                                "created": int(time.time()),
+                                "allow_create_engine": False,
+                                "allow_sampling": True,
+                                "allow_logprobs": True,
+                                "allow_search_indices": False,
+                                "allow_view": True,
+                                "allow_fine_tuning": False,
+                                "organization": "*",
+                                "group": None,
+                                "is_blocking": False,
+                            }
+                        ],
                     }
                 ],
             }
@@ -759,6 +796,8 @@ class _OpenAIShape:
         if self.with_ids:
             d["prompt_token_ids"] = self.prompt
             self.first = False
+        if self.continuous:
+            d["usage"] = self.usage(0)
         return d
 
     def chunk(self, toks: list[Token], n: int) -> dict[str, Any]:
@@ -806,6 +845,7 @@ class _OpenAIShape:
         d = self._head()
         d["choices"] = []
         d["usage"] = self.usage(n)
+        d["system_fingerprint"] = SYSTEM_FINGERPRINT
         return d
 
     def full(self, toks: list[Token]) -> dict[str, Any]:
@@ -845,6 +885,7 @@ class _OpenAIShape:
             "model": self.model,
             "choices": [ch],
             "usage": self.usage(len(toks)),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if self.with_ids and self.chat:
             d["prompt_token_ids"] = self.prompt
@@ -869,7 +910,7 @@ def build_app(api: Api) -> web.Application:
                 )
             if e.native:
                 return web.json_response({"error": {"message": e.message}}, status=e.status)
-            return api.error(e.status, e.message)
+            return api.error(e.status, e.message, e.param)
         except EngineSleeping as e:
             return api.error(503, str(e))
         except EngineCoreDead as e:

@@ -314,7 +314,7 @@ async def test_bad_input_gets_openai_shaped_4xx(
         cluster.url + "/v1/completions",
         json={"model": "sim-model", "prompt": "x", "max_tokens": 100000},
     ) as r:
-        assert r.status == 400 and "context" in (await r.json())["error"]["message"]
+        assert r.status == 400 and "max_model_len" in (await r.json())["error"]["message"]
     async with session.get(cluster.url + "/health") as r:
         assert r.status == 200
 
