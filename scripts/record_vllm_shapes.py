@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from supervisor.testing.shapes import REQUESTS, shape_of_stream, shape_of
+from supervisor.testing.shapes import REQUESTS, shape_of, shape_of_stream
 
 
 def call(base: str, method: str, path: str, body: Any) -> tuple[int, bytes]:

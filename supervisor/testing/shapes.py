@@ -65,11 +65,7 @@ def shape_of(value: Any) -> Any:
 def shape_of_stream(raw: bytes) -> dict[str, Any]:
     """A server-sent event stream's shape: its first, middle and finishing events, its usage
     event (no choices), and whether it ends with ``[DONE]``."""
-    events = [
-        line[len(b"data: ") :]
-        for line in raw.splitlines()
-        if line.startswith(b"data: ")
-    ]
+    events = [line[len(b"data: ") :] for line in raw.splitlines() if line.startswith(b"data: ")]
     done = bool(events) and events[-1].strip() == b"[DONE]"
     objs = [json.loads(e) for e in events if e.strip() != b"[DONE]"]
     with_choices = [o for o in objs if o.get("choices")]

@@ -13,7 +13,10 @@ import aiohttp
 import pytest
 
 from supervisor.testing.shapes import REQUESTS, differences, shape_of, shape_of_stream
-from tests.integration.test_simengine import Sim, sim  # noqa: F401  (the fixture)
+from tests.integration import test_simengine
+from tests.integration.test_simengine import Sim
+
+sim = test_simengine.sim  # the fixture that starts a simulated engine
 
 pytestmark = [pytest.mark.anyio]
 RECORDED = Path(__file__).resolve().parents[1] / "data" / "vllm-shapes.json"
