@@ -179,6 +179,9 @@ class Token:
     text: str
     finish_reason: str | None = None
     stop_reason: str | None = None
+    # At a stop string: the whole answer's length, cut before it (text already streamed
+    # may have shown the stop string's beginning; cumulative output shrinks to this).
+    answer_length: int | None = None
 
 
 class SimEngine:
@@ -195,6 +198,8 @@ class SimEngine:
         self.released: set[str] = set()  # memory tags released by sleep
         self.hung = asyncio.Event()
         self.core_dead = asyncio.Event()
+        self.unpaused = asyncio.Event()  # cleared by vLLM's /sleep?mode=keep until the wake
+        self.unpaused.set()
         self._lock_fd: int | None = None
         self._lock_task: asyncio.Future[None] | None = None
         self.self_promotions = 0  # woken by taking the failover lock
@@ -309,6 +314,8 @@ class SimEngine:
         await asyncio.sleep(self.opts.wake_time)
         await self._allocate(tags)
         self.released.difference_update(tags)
+        if not self.released:
+            self.unpaused.set()  # requests kept through the sleep go on
         self.log.info(f"resumed GPU memory: {', '.join(tags)}")
 
     @property
@@ -391,7 +398,8 @@ class SimEngine:
                 if hit is not None:
                     cut, stop = hit
                     finished = "stop"
-                    yield Token(tid, (text + piece[:cut])[shown:], "stop", stop)
+                    final = (text + piece)[:cut]
+                    yield Token(tid, final[shown:], "stop", stop, answer_length=len(final))
                     return
                 text += piece
                 last = i == req.max_tokens - 1
@@ -472,6 +480,15 @@ class SimEngine:
     async def _pause(self, seconds: float, req: SamplingRequest) -> None:
         if self.core_dead.is_set():
             raise EngineCoreDead()
+        if not self.unpaused.is_set():  # kept through a sleep: generation waits for the wake
+            abort = asyncio.ensure_future(req.abort_event.wait())
+            try:
+                await asyncio.wait(
+                    [abort, asyncio.ensure_future(self.unpaused.wait())],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                abort.cancel()
         if self.hung.is_set():
             await asyncio.Event().wait()  # wedged: never returns, until cancelled
         if req.abort_event.is_set():
@@ -549,17 +566,16 @@ class SimEngine:
 
 
 def _find_stop(before: str, piece: str, stops: Sequence[str]) -> tuple[int, str] | None:
-    """Where in ``piece`` a stop string completes (cut index into piece), if any."""
+    """Where a stop string completing in ``piece`` starts, as an index into
+    ``before + piece`` (the answer is cut there), if one does."""
     full = before + piece
     best: tuple[int, str] | None = None
     for s in stops:
         if not s:
             continue
         idx = full.find(s, max(0, len(before) - len(s) + 1))
-        if idx >= 0:
-            cut = max(0, idx - len(before))
-            if best is None or cut < best[0]:
-                best = (cut, s)
+        if idx >= 0 and (best is None or idx < best[0]):
+            best = (idx, s)
     return best
 
 

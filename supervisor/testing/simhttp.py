@@ -390,14 +390,18 @@ class Api:
         if level not in ("1", "2"):
             return self.error(400, f"level must be 1 or 2, not {level!r}")
         # What becomes of requests in flight: "abort" (vLLM's default) ends them with
-        # finish_reason "abort"; "wait" lets them finish first.
+        # finish_reason "abort"; "wait" lets them finish first; "keep" pauses them until the
+        # wake, when they go on.
         mode = request.query.get("mode", "abort")
-        if mode not in ("abort", "wait"):
-            return self.error(400, f"mode must be abort or wait here, not {mode!r}")
+        if mode not in ("abort", "wait", "keep"):
+            return self.error(400, f"mode must be abort, wait or keep, not {mode!r}")
         if mode == "abort":
             for r in list(self.engine.active.values()):
                 r.abort_event.set()
-        await self.engine.idle.wait()
+        if mode == "keep":
+            self.engine.unpaused.clear()
+        else:
+            await self.engine.idle.wait()
         if not self.engine.sleeping:
             tags = ("kv_cache",) if level == "1" else ("weights", "kv_cache")
             await self.engine.release(tags)
@@ -706,6 +710,8 @@ class _GenerateShape:
     def add(self, tok: Token) -> None:
         self.ids.append(tok.id)
         self.text += tok.text
+        if tok.answer_length is not None:
+            self.text = self.text[: tok.answer_length]  # trimmed at the stop string
         self.new_ids.append(tok.id)
         self.new_text += tok.text
         if tok.finish_reason == "length":

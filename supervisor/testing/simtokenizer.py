@@ -194,18 +194,24 @@ class SequenceState:
     """Running hash of a token sequence; :meth:`next_token` depends on the whole sequence.
 
     A multi-byte word, once its stem is generated, is spelled out to its end (its remaining
-    byte tokens are forced), also when the sequence was cut inside it and resumed."""
+    byte tokens are forced), also when the sequence was cut inside it and resumed.
 
-    __slots__ = ("_eos_every", "_forced", "_h", "_n_words", "_tail")
+    Sampling with a seed draws from a random stream of that seed, one draw per generated
+    token, as engines do: it restarts with every request, so a continuation (a new request
+    whose prompt holds what was generated) draws differently from the unbroken run."""
+
+    __slots__ = ("_draws", "_eos_every", "_forced", "_h", "_n_words", "_seed")
 
     def __init__(self, ids: Iterable[int], *, seed: int | None = None, eos_every: int = 0) -> None:
-        self._h = _FNV_OFFSET if seed is None else _mix(_FNV_OFFSET, seed & _MASK64)
+        self._h = _FNV_OFFSET
+        self._seed = None if seed is None else _mix(_FNV_OFFSET, seed & _MASK64)
         self._n_words = len(WORDS) + len(_STEM_IDS)
         self._eos_every = eos_every
         self._forced: tuple[int, ...] = ()
-        self._tail: list[int] = []
+        self._draws = 0
         for tid in ids:
             self.append(tid)
+        self._draws = 0  # draws count generated tokens only: the prompt is not sampled
 
     @property
     def spelling(self) -> bool:
@@ -215,13 +221,15 @@ class SequenceState:
     def next_token(self) -> int:
         if self._forced:
             return self._forced[0]
-        if self._eos_every and self._h % self._eos_every == 0:
+        h = self._h if self._seed is None else _mix(self._h, _mix(self._seed, self._draws))
+        if self._eos_every and h % self._eos_every == 0:
             return EOS_ID
-        k = (self._h >> 7) % self._n_words
+        k = (h >> 7) % self._n_words
         return _WORD_BASE + k if k < len(WORDS) else _STEM_IDS[k - len(WORDS)]
 
     def append(self, tid: int) -> None:
         self._h = _mix(self._h, tid)
+        self._draws += 1
         if self._forced and tid == self._forced[0]:
             self._forced = self._forced[1:]
         elif tid in _SPELLING:

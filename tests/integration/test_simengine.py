@@ -476,3 +476,99 @@ def test_cli_sim_engine_help_and_bad_flags() -> None:
     assert "Traceback" not in out.stderr
     out = subprocess.run(run, capture_output=True, text=True)
     assert out.returncode == 2 and "--dialect is required" in out.stderr
+
+
+# -- as harsh as the real engines ---------------------------------------------------------
+async def test_vllm_holds_text_back_while_a_stop_string_may_complete(
+    sim: Sim, session: aiohttp.ClientSession
+) -> None:
+    body = {"model": "sim-model", "prompt": "the river", "max_tokens": 12, "temperature": 0,
+            "stream": True, "return_token_ids": True}  # fmt: skip
+    async with sim("vllm") as (_, url):
+        plain = await sse(session, url + "/v1/completions", body)
+        text = "".join(c["choices"][0]["text"] for c in plain)
+        stop = "zz never matched"  # held back: up to len(stop) - 1 characters
+        held = await sse(session, url + "/v1/completions", {**body, "stop": [stop]})
+    # Every chunk still carries its token id, but the text lags until the finish.
+    assert [c["choices"][0]["token_ids"] for c in held] == [
+        c["choices"][0]["token_ids"] for c in plain
+    ]
+    seen = ""
+    for c in held[:-1]:
+        seen += c["choices"][0]["text"]
+        assert len(seen) <= max(len(text) - (len(stop) - 1), 0)
+    assert seen + held[-1]["choices"][0]["text"] == text
+
+
+async def test_vllm_sleep_keep_pauses_requests_until_the_wake(
+    sim: Sim, session: aiohttp.ClientSession
+) -> None:
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"
+    try:
+        async with sim("vllm", "--sim-itl", "0.01", role="shadow") as (_, url):
+            body = {"model": "sim-model", "prompt": "x", "max_tokens": 40, "stream": True}
+            got: list[Any] = []
+
+            async def client() -> None:
+                got.extend(await sse(session, url + "/v1/completions", body))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client)
+                await anyio.sleep(0.1)
+                assert (await post(session, url + "/sleep?level=1&mode=keep"))[0] == 200
+                n = len(got)
+                await anyio.sleep(0.3)
+                assert len(got) == n  # paused: nothing while asleep
+                assert (await post(session, url + "/wake_up"))[0] == 200
+    finally:
+        del os.environ["VLLM_SERVER_DEV_MODE"]
+    assert got[-1]["choices"][0]["finish_reason"] == "length"  # then it went on to its end
+
+
+async def test_sglang_cumulative_text_shrinks_at_a_stop_string(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    # Without --incremental-streaming-output (SGLang's default; the plugin always sets it),
+    # the stop string's beginning shows in the growing text, and the finish cuts it off.
+    port = free_port()
+    cmd = [sys.executable, "-m", "supervisor", "sim-engine", "--dialect", "sglang",
+           "--port", str(port), "--sim-load-time", "0.05"]  # fmt: skip
+    async with await anyio.open_process(cmd, stdout=subprocess.DEVNULL) as proc:
+        try:
+            url = f"http://127.0.0.1:{port}"
+            with anyio.fail_after(20):
+                while True:
+                    try:
+                        if (await post(session, url + "/generate", {"text": "x"}))[0] == 200:
+                            break
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    await anyio.sleep(0.05)
+            body = {"text": "the river", "sampling_params": {"max_new_tokens": 30,
+                    "temperature": 0}, "stream": True}  # fmt: skip
+            plain = (await sse(session, url + "/generate", body))[-1]["text"]
+            words = plain.split(" ")
+            k = next(i for i in range(3, len(words) - 1) if (words[i] + words[i + 1]).isascii())
+            stop = " " + words[k] + " " + words[k + 1]  # two generated words
+            body["sampling_params"]["stop"] = [stop]  # type: ignore[index]
+            events = await sse(session, url + "/generate", body)
+            texts = [e["text"] for e in events]
+            assert texts[-1] == plain[: plain.index(stop)]
+            assert any(stop.split(" ")[1] in t for t in texts[:-1])  # shown, then cut
+            assert len(texts[-1]) < len(texts[-2])
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+async def test_engine_core_death_is_reported_in_band(
+    sim: Sim, session: aiohttp.ClientSession
+) -> None:
+    body = {"model": "sim-model", "prompt": "x", "max_tokens": 30, "stream": True}
+    async with sim("vllm", "--sim-core-dead-after-tokens", "5") as (_, url):
+        events = await sse(session, url + "/v1/completions", body)  # ends with [DONE]
+        assert "EngineCore" in events[-1]["error"]["message"]
+        async with session.get(url + "/health") as r:
+            assert r.status == 503
+        status, err = await post(session, url + "/v1/completions", {**body, "stream": False})
+        assert status == 500 and "EngineCore" in err["error"]["message"]

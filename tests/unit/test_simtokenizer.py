@@ -108,3 +108,24 @@ def test_chat_template_continue_final_message_leaves_the_reply_open() -> None:
     opened = apply_chat_template(msgs[:1]) + " the river"
     assert text == opened
     assert IM_END not in text.split("assistant")[-1]
+
+
+def test_a_seeded_continuation_draws_differently_from_the_unbroken_run() -> None:
+    # Engines restart a seed's random stream with every request: resuming a seeded sample
+    # on another engine gives another sample (the supervisor reports it as inexact).
+    prompt = tok.encode("the harbor")
+
+    def sample(ids: list[int], n: int, seed: int | None) -> list[int]:
+        state = SequenceState(ids, seed=seed)
+        out = []
+        for _ in range(n):
+            t = state.next_token()
+            state.append(t)
+            out.append(t)
+        return out
+
+    whole = sample(prompt, 30, 7)
+    assert sample(prompt, 30, 7) == whole  # reproducible as one request
+    assert sample(prompt + whole[:15], 15, 7) != whole[15:]
+    greedy = sample(prompt, 30, None)
+    assert sample(prompt + greedy[:15], 15, None) == greedy[15:]  # greedy resumes exactly
