@@ -31,6 +31,7 @@ from supervisor.testing.simtokenizer import (
     ChatMessage,
     SequenceState,
     SimTokenizer,
+    TextStream,
     apply_chat_template,
 )
 from supervisor.upstream import iter_sse_data
@@ -48,8 +49,10 @@ def expected_text(prompt_ids: Sequence[int], max_tokens: int, eos_every: int = 0
         state.append(tid)
         if tid == EOS_ID:
             break
-        out.append(_TOKENIZER.piece(tid))
-    return "".join(out)
+        out.append(tid)
+    # As engines stream it: a character cut off by max_tokens is not shown.
+    texts = TextStream(_TOKENIZER, prompt_ids)
+    return "".join(texts.step(t) for t in out)
 
 
 @dataclass

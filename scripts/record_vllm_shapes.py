@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from supervisor.testing.shapes import REQUESTS, shape_of, shape_of_stream
+from supervisor.testing.shapes import REQUESTS, answer_shape, request_for
 
 
 def call(base: str, method: str, path: str, body: Any) -> tuple[int, bytes]:
@@ -35,19 +35,10 @@ def call(base: str, method: str, path: str, body: Any) -> tuple[int, bytes]:
 
 def record(base: str, model: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, (method, path, body) in REQUESTS.items():
-        if isinstance(body, dict) and body.get("model") == "m":
-            body = {**body, "model": model}
+    for name in REQUESTS:
+        method, path, body = request_for(name, model)
         status, raw = call(base, method, path, body)
-        entry: dict[str, Any] = {"status": status}
-        if isinstance(body, dict) and body.get("stream") and status == 200:
-            entry["stream"] = shape_of_stream(raw)
-        elif raw.strip():
-            try:
-                entry["body"] = shape_of(json.loads(raw))
-            except ValueError:
-                entry["body"] = "text"
-        out[name] = entry
+        out[name] = answer_shape(body, status, raw)
         print(f"{name}: {status}", file=sys.stderr)
     return out
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar
 
 import aiohttp
@@ -309,11 +309,31 @@ class BackendNotFound(LookupError):
     pass
 
 
-def available_backends() -> dict[str, type[Backend]]:
-    """Every backend class registered under the entry-point group, by name."""
-    found: dict[str, type[Backend]] = {}
+def _backend_class(ep: EntryPoint) -> type[Backend]:
+    """The class an entry point names; BackendNotFound, saying why, if it names none (a
+    typo, an import error in the plugin, something that is not a Backend)."""
+    try:
+        cls = ep.load()
+    except Exception as e:  # whatever the plugin's import raises: reported, not raised
+        raise BackendNotFound(
+            f"backend {ep.name!r} ({ep.value}) could not be loaded: {type(e).__name__}: {e}"
+        ) from e
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise BackendNotFound(
+            f"backend {ep.name!r} ({ep.value}) is not a subclass of supervisor.backends.Backend"
+        )
+    return cls
+
+
+def available_backends() -> dict[str, type[Backend] | BackendNotFound]:
+    """Every backend registered under the entry-point group, by name: its class, or why it
+    could not be loaded (one broken plugin does not hide the others)."""
+    found: dict[str, type[Backend] | BackendNotFound] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep.load()
+        try:
+            found[ep.name] = _backend_class(ep)
+        except BackendNotFound as e:
+            found[ep.name] = e
     return found
 
 
@@ -325,7 +345,10 @@ def load_backend(name: str) -> Backend:
             f"no backend named {name!r} (registered: {known}); a third-party backend must be "
             f"installed and declare an entry point in group {ENTRY_POINT_GROUP!r}"
         )
-    cls = eps[name].load()
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise BackendNotFound(f"entry point {name!r} does not name a Backend subclass")
-    return cls()
+    cls = _backend_class(eps[name])
+    try:
+        return cls()
+    except Exception as e:
+        raise BackendNotFound(
+            f"backend {name!r} could not be created: {type(e).__name__}: {e}"
+        ) from e

@@ -69,12 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "backends":
         from supervisor.backends import available_backends
 
+        broken = 0
         for name, cls in sorted(available_backends().items()):
+            if isinstance(cls, Exception):
+                broken += 1
+                print(f"{name:10} BROKEN: {cls}")
+                continue
             print(
                 f"{name:10} {cls.__module__}.{cls.__qualname__}  "
                 f"(continuation: {cls.continuation_mode})"
             )
-        return 0
+        return 1 if broken else 0
     parser.print_help()
     return 2
 

@@ -29,7 +29,7 @@ from supervisor.model import ClientRequest, Progress
 from supervisor.testing.cluster import free_port, free_port_range
 from supervisor.testing.conformance import stream_piece
 from supervisor.testing.gpuledger import LEDGER_ENV, GpuLedger
-from supervisor.testing.simtokenizer import SequenceState, SimTokenizer
+from supervisor.testing.simtokenizer import SimTokenizer, generate
 
 SIM_ARGS = ["--sim-load-time", "0.8", "--sim-wake-time", "0.3", "--sim-itl", "0.01"]
 PROMPT = "the failover supervisor keeps the stream"
@@ -65,13 +65,7 @@ def demo_config(work: Path) -> dict[str, object]:
 
 def expected_tokens(n: int) -> list[int]:
     """What the deterministic simulated model generates for the prompt, unbroken."""
-    state = SequenceState(SimTokenizer().encode(PROMPT))
-    out = []
-    for _ in range(n):
-        t = state.next_token()
-        state.append(t)
-        out.append(t)
-    return out
+    return generate(SimTokenizer().encode(PROMPT), n)
 
 
 async def _demo(tokens: int, keep: bool, work: Path) -> int:

@@ -731,9 +731,12 @@ class SlotController:
                     ok = False
                     self.shadow_shortfall = f"relaunched shadow did not come up: {e}"
                     self.log.error("relaunched shadow did not come up", error=str(e))
-            if ok:
+            # A success starts the backoff from the bottom again only once an engine serves:
+            # a shadow that loads fine but is promoted at once into a failing wake (a plugin
+            # bug, a broken GPU) must not make every relaunch immediate.
+            if ok and (cold or self.slot.active is not None):
                 self._launch_failures = 0
-            else:
+            elif not ok:
                 self._launch_failures += 1
                 self._update_gauges()
 

@@ -46,6 +46,28 @@ REQUESTS: dict[str, tuple[str, str, Any]] = {
 }  # fmt: skip
 
 
+def request_for(name: str, model: str) -> tuple[str, str, Any]:
+    """:data:`REQUESTS`' ``name`` for a server whose model is ``model``."""
+    method, path, body = REQUESTS[name]
+    if isinstance(body, dict) and body.get("model") == "m":
+        body = {**body, "model": model}
+    return method, path, body
+
+
+def answer_shape(body: Any, status: int, raw: bytes) -> dict[str, Any]:
+    """The recorded form of one answer to ``body``: its status and its body's (or event
+    stream's) shape."""
+    entry: dict[str, Any] = {"status": status}
+    if isinstance(body, dict) and body.get("stream") and status == 200:
+        entry["stream"] = shape_of_stream(raw)
+    elif raw.strip():
+        try:
+            entry["body"] = shape_of(json.loads(raw))
+        except ValueError:
+            entry["body"] = "text"
+    return entry
+
+
 def shape_of(value: Any) -> Any:
     """The shape of a JSON value: objects keep their keys, lists the shape of their first
     item, scalars become their type's name."""

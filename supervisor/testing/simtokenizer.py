@@ -236,3 +236,17 @@ class SequenceState:
             self._forced = _SPELLING[tid][1:]
         else:
             self._forced = ()
+
+
+def generate(
+    prompt_ids: Iterable[int], n: int, *, seed: int | None = None, whole: bool = False
+) -> list[int]:
+    """The simulated model's next ``n`` tokens after ``prompt_ids`` (greedy, or sampled with
+    ``seed``); with ``whole``, on to the end of a multi-byte word cut by ``n``."""
+    state = SequenceState(prompt_ids, seed=seed)
+    out: list[int] = []
+    while len(out) < n or (whole and state.spelling):
+        t = state.next_token()
+        state.append(t)
+        out.append(t)
+    return out

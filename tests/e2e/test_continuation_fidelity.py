@@ -19,10 +19,10 @@ import pytest
 from supervisor.testing.cluster import FAST_SIM_ARGS, SupervisorProcess, sim_slot, start_supervisor
 from supervisor.testing.simtokenizer import (
     ChatMessage,
-    SequenceState,
     SimTokenizer,
     TextStream,
     apply_chat_template,
+    generate,
 )
 from supervisor.upstream import iter_sse_data
 
@@ -112,14 +112,8 @@ async def ask(
 
 def generated(prompt_ids: list[int], n: int) -> tuple[list[int], list[str]]:
     """The simulated model's greedy tokens for ``prompt_ids``, and each one's streamed text."""
-    state, texts = SequenceState(prompt_ids), TextStream(TOK, prompt_ids)
-    ids, steps = [], []
-    for _ in range(n):
-        t = state.next_token()
-        state.append(t)
-        ids.append(t)
-        steps.append(texts.step(t))
-    return ids, steps
+    ids, texts = generate(prompt_ids, n), TextStream(TOK, prompt_ids)
+    return ids, [texts.step(t) for t in ids]
 
 
 def chat_ids(content: str) -> list[int]:

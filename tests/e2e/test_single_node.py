@@ -277,7 +277,7 @@ async def test_a_plugin_that_raises_is_contained(
     install_fake_distribution(site)
     path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
     slot = sim_slot("s", dialect="vllm", backend="raising")
-    admin = await daemon(slot, env={"PYTHONPATH": path})
+    admin = await daemon(slot, env={"PYTHONPATH": path}, failover={"relaunch_backoff": 1.0})
     os.killpg(active_of(await admin.status())["pid"], signal.SIGKILL)
     st = await admin.wait(
         lambda s: bool(s["failovers"]) and s["failovers"][0]["result"] != "in_progress",
@@ -291,6 +291,15 @@ async def test_a_plugin_that_raises_is_contained(
     )
     assert "plugin bug in wake" in admin.sup.logs()
     assert admin.sup.proc.poll() is None  # the daemon is still up
+    # Every new shadow loads, is woken for the degraded slot and fails again: the relaunches
+    # back off (1 s, doubling), so 8 s bring two or three launches, never a storm (a shadow
+    # that loaded used to reset the backoff: 17 launches in 8 s; once 276 in 124 s).
+    await anyio.sleep(8)
+    text = await admin.metrics()
+    line = next(x for x in text.splitlines() if x.startswith("failover_supervisor_engine_rel"))
+    relaunches = float(line.rsplit(" ", 1)[1])
+    assert 1 <= relaunches <= 3, line
+    assert slot_of(await admin.status())["degraded"]
 
 
 async def test_status_command_prints_the_table(daemon: Any) -> None:

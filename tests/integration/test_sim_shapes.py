@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from supervisor.testing.shapes import REQUESTS, differences, shape_of, shape_of_stream
+from supervisor.testing.shapes import REQUESTS, answer_shape, differences, request_for
 from tests.integration import test_simengine
 from tests.integration.test_simengine import Sim
 
@@ -23,20 +23,9 @@ RECORDED = Path(__file__).resolve().parents[1] / "data" / "vllm-shapes.json"
 
 
 async def ask(session: aiohttp.ClientSession, url: str, name: str) -> dict[str, Any]:
-    method, path, body = REQUESTS[name]
-    if isinstance(body, dict) and body.get("model") == "m":
-        body = {**body, "model": "sim-model"}
+    method, path, body = request_for(name, "sim-model")
     async with session.request(method, url + path, json=body) as r:
-        raw = await r.read()
-        entry: dict[str, Any] = {"status": r.status}
-    if isinstance(body, dict) and body.get("stream") and r.status == 200:
-        entry["stream"] = shape_of_stream(raw)
-    elif raw.strip():
-        try:
-            entry["body"] = shape_of(json.loads(raw))
-        except ValueError:
-            entry["body"] = "text"
-    return entry
+        return answer_shape(body, r.status, await r.read())
 
 
 @pytest.mark.parametrize("name", sorted(REQUESTS))

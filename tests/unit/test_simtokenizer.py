@@ -9,6 +9,7 @@ from supervisor.testing.simtokenizer import (
     SimTokenizer,
     TextStream,
     apply_chat_template,
+    generate,
 )
 
 tok = SimTokenizer()
@@ -22,27 +23,8 @@ def test_decode_inverts_encode_for_any_text(text: str) -> None:
 @given(st.text(), st.integers(min_value=1, max_value=40))
 def test_text_of_generated_tokens_retokenizes_to_the_same_ids(prompt: str, n: int) -> None:
     ids = tok.encode(prompt)
-    state = SequenceState(ids)
-    gen = []
-    for _ in range(n):
-        t = state.next_token()
-        state.append(t)
-        gen.append(t)
-    while state.spelling:  # end on a whole character
-        t = state.next_token()
-        state.append(t)
-        gen.append(t)
+    gen = generate(ids, n, whole=True)  # ending on a whole character
     assert tok.encode(prompt + tok.decode(gen)) == ids + gen
-
-
-def generate(ids: list[int], n: int) -> list[int]:
-    state = SequenceState(ids)
-    out = []
-    for _ in range(n):
-        t = state.next_token()
-        state.append(t)
-        out.append(t)
-    return out
 
 
 def test_a_stream_can_stop_inside_a_character_where_no_text_is_due() -> None:
@@ -115,17 +97,8 @@ def test_a_seeded_continuation_draws_differently_from_the_unbroken_run() -> None
     # on another engine gives another sample (the supervisor reports it as inexact).
     prompt = tok.encode("the harbor")
 
-    def sample(ids: list[int], n: int, seed: int | None) -> list[int]:
-        state = SequenceState(ids, seed=seed)
-        out = []
-        for _ in range(n):
-            t = state.next_token()
-            state.append(t)
-            out.append(t)
-        return out
-
-    whole = sample(prompt, 30, 7)
-    assert sample(prompt, 30, 7) == whole  # reproducible as one request
-    assert sample(prompt + whole[:15], 15, 7) != whole[15:]
-    greedy = sample(prompt, 30, None)
-    assert sample(prompt + greedy[:15], 15, None) == greedy[15:]  # greedy resumes exactly
+    whole = generate(prompt, 30, seed=7)
+    assert generate(prompt, 30, seed=7) == whole  # reproducible as one request
+    assert generate(prompt + whole[:15], 15, seed=7) != whole[15:]
+    greedy = generate(prompt, 30)
+    assert generate(prompt + greedy[:15], 15) == greedy[15:]  # greedy resumes exactly
