@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, ClassVar
 
@@ -59,45 +59,121 @@ class MetricNames:
     extra: tuple[str, ...] = ()
 
 
+def _doc(text: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation (``Dialect.reference_markdown`` shows it)."""
+    return field(metadata={"doc": text}, **kw)
+
+
 @dataclass(frozen=True)
 class Dialect:
-    """Facts about one engine's HTTP API, shared by its plugin and the simulator."""
+    """Facts about one engine's HTTP API, shared by its plugin and the simulator.
 
-    name: str
-    program: tuple[str, ...]
-    default_port: int
-    model_flag: str | None  # None: the model is positional
-    health_path: str = "/health"
-    deep_health_path: str | None = None
-    sleep_flag: str | None = None  # launch flag that enables the sleep/release routes
-    sleep_env: Mapping[str, str] = field(default_factory=dict)
-    sleep_path: str | None = None
-    wake_path: str | None = None
-    is_sleeping_path: str | None = None
-    abort_path: str | None = None
-    metrics: MetricNames | None = None
-    metrics_format: str = "prometheus"  # or "json"
-    abort_log: str = "Aborted request {rid}."
-    served_name_flag: str = "--served-model-name"
-    host_flag: str = "--host"
-    port_flag: str = "--port"
-    max_seqs_flag: str | None = None
-    request_id_field: str | None = None  # body field that sets the engine-side request id
-    openai_token_ids: bool = False  # OpenAI routes return token ids (``return_token_ids``)
-    openai_error_shape: str = "flat"  # "wrapped": {"error": {...}}; "flat": {"object": "error"}
-    # A variant of another dialect (e.g. the Dynamo worker around vLLM): its requests, streams
-    # and flags are the family's; only launch and control routes differ.
-    family: str = ""
-    start_asleep_flag: tuple[str, ...] = ()  # launch flags that start an engine asleep
-    launch_flags: tuple[str, ...] = ()  # flags every engine of this dialect is launched with
-    # Request body fields per route, where the engine refuses any other (400); empty: the
-    # engine ignores fields it does not know.
-    request_fields: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    Every field is documented in place; ``failover-supervisor dialect-doc`` prints them
+    (docs/dialect.md, kept in step by a test)."""
+
+    name: str = _doc("the backend's name (its entry-point name, by convention)")
+    program: tuple[str, ...] = _doc(
+        'the engine\'s program, found on the supervisor\'s PATH, e.g. `("vllm", "serve")`'
+    )
+    default_port: int = _doc("the engine's own default port (informational)")
+    model_flag: str | None = _doc("the flag before the model; None: the model is positional")
+    health_path: str = _doc(
+        "the readiness route: 200 ready, 5xx unhealthy, 404 or no answer still loading",
+        default="/health",
+    )
+    deep_health_path: str | None = _doc(
+        "a route that runs a one-token generation (SGLang's `/health_generate`)", default=None
+    )
+    sleep_flag: str | None = _doc(
+        "the launch flag that enables the sleep routes; None: no sleep mode (shadows then "
+        "need a suspend strategy)",
+        default=None,
+    )
+    sleep_env: Mapping[str, str] = _doc(
+        "environment a sleeping-capable engine needs (vLLM: `VLLM_SERVER_DEV_MODE=1`)",
+        default_factory=dict,
+    )
+    sleep_path: str | None = _doc("the route that puts the engine to sleep", default=None)
+    wake_path: str | None = _doc("the route that wakes it", default=None)
+    is_sleeping_path: str | None = _doc("a route that says whether it sleeps", default=None)
+    abort_path: str | None = _doc(
+        "a route that aborts one request by id; None: closing the connection aborts",
+        default=None,
+    )
+    metrics: MetricNames | None = field(
+        default=None,
+        metadata={"doc": "the engine's Prometheus gauge names for running, waiting, KV usage"},
+    )
+    metrics_format: str = _doc(
+        "`prometheus` (text format) or `json` (trtllm-serve's iteration stats)",
+        default="prometheus",
+    )
+    abort_log: str = _doc(
+        "the line the engine logs for an aborted request (`{rid}`: its id); tests look for it",
+        default="Aborted request {rid}.",
+    )
+    served_name_flag: str = _doc(
+        "the flag for the served model name", default="--served-model-name"
+    )
+    host_flag: str = _doc("the flag for the listen address", default="--host")
+    port_flag: str = _doc("the flag for the port", default="--port")
+    max_seqs_flag: str | None = _doc(
+        "the flag that bounds concurrent sequences (`--max-num-seqs`)", default=None
+    )
+    request_id_field: str | None = _doc(
+        "the body field that sets the engine-side request id (`request_id`, `rid`); None: "
+        "the engine makes its own",
+        default=None,
+    )
+    openai_token_ids: bool = _doc(
+        "the OpenAI routes return token ids when asked (`return_token_ids`)", default=False
+    )
+    openai_error_shape: str = _doc(
+        '`wrapped` (`{"error": {...}}`) or `flat` (`{"object": "error", ...}`)', default="flat"
+    )
+    family: str = _doc(
+        "the dialect this one varies (a Dynamo worker around vLLM): requests, streams and "
+        "flags are the family's; only launch and control routes differ",
+        default="",
+    )
+    start_asleep_flag: tuple[str, ...] = _doc(
+        "launch flags that start an engine asleep (`--gms-mode shadow`)", default=()
+    )
+    launch_flags: tuple[str, ...] = _doc(
+        "flags every engine of the dialect is launched with (SGLang: incremental output)",
+        default=(),
+    )
+    request_fields: Mapping[str, frozenset[str]] = _doc(
+        "per route, the only body fields the engine takes (it answers 400 to others, as "
+        "trtllm-serve does); empty: unknown fields are ignored",
+        default_factory=dict,
+    )
 
     @property
     def base(self) -> str:
         """The dialect whose request/stream shapes this one speaks."""
         return self.family or self.name
+
+    @staticmethod
+    def reference_markdown() -> str:
+        """docs/dialect.md: every field with its type, default and meaning, from the code."""
+        rows = []
+        for f in fields(Dialect):
+            if f.default is not MISSING:
+                default = f"`{f.default!r}`"
+            elif f.default_factory is not MISSING:
+                default = f"`{f.default_factory()!r}`"
+            else:
+                default = "required"
+            kind = str(f.type).replace("|", "\\|")
+            rows.append(f"| `{f.name}` | `{kind}` | {default} | {f.metadata.get('doc', '')} |")
+        return (
+            "# Dialect reference\n\n"
+            "A backend's `dialect` (`supervisor.backends.Dialect`): the facts about its engine\n"
+            "that the plugin and the simulator share. Generated from the code by\n"
+            "`failover-supervisor dialect-doc`; a test keeps this page in step.\n\n"
+            "| field | type | default | meaning |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        )
 
 
 class EngineEndpoint:
@@ -182,6 +258,12 @@ class Backend(ABC):
     #: Whether a chat answer can be resumed after tokens were sent (it cannot where the
     #: engine's chat route has no way to continue a partial assistant message).
     resumes_chat: ClassVar[bool] = True
+    #: Whether the engine serves chat (``/v1/chat/completions``) at all.
+    serves_chat: ClassVar[bool] = True
+    #: Whether it takes prompts given as token ids.
+    serves_token_prompts: ClassVar[bool] = True
+    #: The sleep levels :meth:`sleep` takes (where the engine has a sleep mode).
+    sleep_levels: ClassVar[tuple[int, ...]] = (1, 2)
 
     @property
     def name(self) -> str:

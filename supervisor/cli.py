@@ -49,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--tokens", type=int, default=400, help="length of the demo stream")
     sub.add_parser("backends", help="list the backend plugins found through entry points")
+    sub.add_parser("dialect-doc", help="print the Dialect field reference (docs/dialect.md)")
     sub.add_parser("metrics-doc", help="print the metrics reference (docs/metrics.md)")
     ns = parser.parse_args(args)
     if ns.command == "run":
@@ -65,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from supervisor.metrics import reference_markdown
 
         print(reference_markdown(), end="")
+        return 0
+    if ns.command == "dialect-doc":
+        from supervisor.backends import Dialect
+
+        print(Dialect.reference_markdown(), end="")
         return 0
     if ns.command == "backends":
         from supervisor.backends import available_backends

@@ -119,7 +119,7 @@ class Supervisor:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.metrics = Metrics()
+        self.metrics = Metrics(cluster=cfg.cluster.enabled)
         self.history: deque[FailoverRecord] = deque(maxlen=HISTORY)
         self.judge = HealthJudge(cfg.health, self.metrics, self._on_dead)
         self.manager = EngineManager(
@@ -240,6 +240,9 @@ class Supervisor:
             lines=lines,
             readings=readings,
             poll_interval=g.poll_interval,
+            gpus=sorted(
+                {gpu for s in self.cfg.slots for gpu in (*s.gpus, *sum(s.shadow_gpus, ()))}
+            ),
         )
 
     async def _gpu_fatal(self, gpu: str, reason: str, at: float) -> None:

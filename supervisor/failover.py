@@ -161,6 +161,7 @@ class SlotController:
         self.ready = anyio.Event()
         self._set_degraded("starting")
         metrics.set_slot_phase(self.slot.name, self.phase.value)
+        metrics.init_slot(self.slot.name, backend.name)
 
     @property
     def tg(self) -> TaskGroup:
@@ -907,6 +908,16 @@ class SlotController:
                     engine=shadow.id,
                     pids=pids,
                 )
+                # Its health route said ready all along; it serves once it generates.
+                ep = self.endpoint(shadow)
+                with anyio.move_on_after(self.cfg.failover.wake_timeout) as waited:
+                    while not await self.judge.generates(shadow, self.backend, ep):
+                        await anyio.sleep(0.05)
+                if waited.cancelled_caught:
+                    raise FailoverError(
+                        f"{shadow.id} took the lock but generated nothing within "
+                        f"{self.cfg.failover.wake_timeout}s"
+                    )
             shadow.suspended_by = ""
             await self._wait_health(shadow, {Readiness.READY}, self.cfg.failover.wake_timeout)
             return

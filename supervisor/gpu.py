@@ -19,7 +19,7 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -288,8 +288,10 @@ class GpuWatcher:
         lines: Callable[[], AsyncIterator[str]] | None = None,
         readings: NvmlReader | JsonReadings | None = None,
         poll_interval: float = 5.0,
+        gpus: Sequence[str] = (),
     ) -> None:
         self.metrics = metrics
+        self.gpus = tuple(gpus)  # the GPUs engines run on (as configured)
         self.on_fatal = on_fatal
         self.pci_to_gpu = {normalize_pci(p): g for g, p in (pci_map or {}).items()}
         self.lines = lines
@@ -302,6 +304,12 @@ class GpuWatcher:
         return self.pci_to_gpu.get(pci)
 
     async def run(self) -> None:
+        if self.lines is not None:
+            # The kernel log is a source of its own: the GPUs it watches are healthy until it
+            # says otherwise (NVML, where it reads, says so too).
+            for gpu in dict.fromkeys([*self.gpus, *self.pci_to_gpu.values()]):
+                if gpu not in self.broken:
+                    self.metrics.gpu_healthy.labels(gpu).set(1)
         async with anyio.create_task_group() as tg:
             if self.readings is not None:
                 tg.start_soon(self._poll)

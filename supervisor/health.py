@@ -94,7 +94,7 @@ class HealthJudge:
         wake = self._probe_now.get(engine.id)
         if wake is not None:
             wake.set()
-        if engine.id in self.dead or await self._generates(engine, backend, ep):
+        if engine.id in self.dead or await self.generates(engine, backend, ep):
             return
         await self.declare_dead(
             engine,
@@ -104,7 +104,7 @@ class HealthJudge:
             first_sign,
         )
 
-    async def _generates(self, engine: Engine, backend: Backend, ep: EngineEndpoint) -> bool:
+    async def generates(self, engine: Engine, backend: Backend, ep: EngineEndpoint) -> bool:
         """Whether the engine still generates: one token for a tiny prompt of our own within
         ``stall_timeout``. Only silence, a dropped connection or a 5xx say no; a refusal
         (4xx, e.g. "too busy") or a plugin bug say nothing against the engine."""

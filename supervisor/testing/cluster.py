@@ -169,12 +169,17 @@ async def running_engine(
     sim_args: Sequence[str] = FAST_SIM_ARGS,
     ready: set[Readiness] | None = None,
     sim_dialect: str | None = None,
+    simulate: bool = True,
+    load_timeout: float = 20,
 ) -> AsyncIterator[tuple[EngineProcess, EngineEndpoint]]:
-    """Launch a simulated engine, wait until ready, yield it, stop it (whole group)."""
-    proc = launch(backend, spec, log_dir, sim_args=sim_args, sim_dialect=sim_dialect)
+    """Launch an engine (simulated, or the real program with ``simulate=False``), wait
+    until ready, yield it, stop it (whole group)."""
+    proc = launch(
+        backend, spec, log_dir, simulate=simulate, sim_args=sim_args, sim_dialect=sim_dialect
+    )
     ep = EngineEndpoint(spec.url, session)
     try:
-        await wait_for(backend, ep, ready or {Readiness.READY}, proc=proc)
+        await wait_for(backend, ep, ready or {Readiness.READY}, proc=proc, timeout=load_timeout)
         yield proc, ep
     finally:
         await anyio.to_thread.run_sync(stop, proc)

@@ -6,12 +6,17 @@ A plugin author subclasses :class:`BackendConformance` in their own tests::
 
     class TestMyBackend(BackendConformance):
         backend_name = "mybackend"   # the entry-point name
-        sim_dialect = "vllm"         # the simulated dialect that stands in for the engine
+        real_engine = True           # run the engine's own program (on the PATH) ...
+        # sim_dialect = "vllm"       # ... or a simulated dialect that speaks like it
+        model = "my-tiny-model"      # what the engine loads
 
-and runs pytest (with the ``anyio`` plugin, which ``anyio`` ships). The checks: launch flags,
-health states, sleep -> is_sleeping -> wake, abort reaching the engine, and token-exact
-continuation (a stream broken at token *k* and resumed on a second engine with the plugin's
-continuation equals an unbroken run).
+and runs pytest (``pip install 'failover-supervisor[kit]'``; the ``anyio`` plugin comes with
+anyio). The checks: launch flags, health states, sleep -> is_sleeping -> wake at each level
+the backend declares, abort reaching the engine, and continuation (a stream broken at token
+*k* and resumed on a second engine with the plugin's continuation equals an unbroken run).
+The backend's declared capabilities decide what is tested: ``serves_chat``,
+``serves_token_prompts``, ``sleep_levels``, a ``sleep_flag`` at all,
+``resumes_token_prompts``, ``resumes_chat``.
 """
 
 from __future__ import annotations
@@ -98,18 +103,20 @@ async def stream_piece(
     return result
 
 
-def completion(prompt: str | list[int], max_tokens: int = MAX_TOKENS) -> ClientRequest:
+def completion(
+    prompt: str | list[int], max_tokens: int = MAX_TOKENS, model: str = "sim-model"
+) -> ClientRequest:
     return ClientRequest(
         "completion",
-        {"model": "sim-model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+        {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
     )
 
 
-def chat(max_tokens: int = MAX_TOKENS) -> ClientRequest:
+def chat(max_tokens: int = MAX_TOKENS, model: str = "sim-model") -> ClientRequest:
     return ClientRequest(
         "chat",
         {
-            "model": "sim-model",
+            "model": model,
             "messages": CHAT_MESSAGES,
             "max_tokens": max_tokens,
             "temperature": 0,
@@ -121,7 +128,10 @@ class BackendConformance:
     """Conformance tests for one backend; subclass and set :attr:`backend_name`."""
 
     backend_name: ClassVar[str]
-    sim_dialect: ClassVar[str | None] = None
+    sim_dialect: ClassVar[str | None] = None  # a simulated dialect stands in for the engine
+    real_engine: ClassVar[bool] = False  # run the engine's own program, found on the PATH
+    model: ClassVar[str] = "sim-model"  # what the engine loads (and requests name)
+    load_timeout: ClassVar[float] = 60.0  # seconds an engine may take to become ready
     pytestmark = [pytest.mark.anyio]
 
     @pytest.fixture
@@ -146,19 +156,30 @@ class BackendConformance:
 
     def spec(self, engine_id: str, *, role: Role = "active", gpu: str = "0") -> EngineSpec:
         return EngineSpec(
-            engine_id=engine_id, model="sim-model", port=free_port(), role=role, gpus=(gpu,)
+            engine_id=engine_id, model=self.model, port=free_port(), role=role, gpus=(gpu,)
         )
 
     def engine(
         self, backend: Backend, spec: EngineSpec, log_dir: Path, session: aiohttp.ClientSession
     ) -> AbstractAsyncContextManager[tuple[EngineProcess, EngineEndpoint]]:
-        """The simulator of this kit's dialect, launched as ``backend`` launches its engine."""
+        """The engine as ``backend`` launches it: its real program, or the simulator of this
+        kit's dialect in its place."""
         return running_engine(
-            backend, spec, log_dir, session, sim_dialect=self.dialect_name(backend)
+            backend,
+            spec,
+            log_dir,
+            session,
+            sim_dialect=self.dialect_name(backend),
+            simulate=not self.real_engine,
+            load_timeout=self.load_timeout,
         )
 
     def can_sleep(self, backend: Backend) -> bool:
         return backend.dialect.sleep_flag is not None
+
+    def needs_chat(self, backend: Backend) -> None:
+        if not backend.serves_chat:
+            pytest.skip(f"{backend.name} declares serves_chat = False")
 
     # -- launching -------------------------------------------------------------------
     def test_registered_through_entry_point(self, backend: Backend) -> None:
@@ -169,10 +190,11 @@ class BackendConformance:
         spec = self.spec("e1", gpu="3")
         cmd = backend.command(spec)
         assert str(spec.port) in cmd.args
-        assert "sim-model" in cmd.args
+        assert self.model in cmd.args
         assert cmd.env.get("CUDA_VISIBLE_DEVICES") == "3"
-        sim = simulated(cmd, self.dialect_name(backend))
-        assert sim.args[: len(cmd.args)] == cmd.args  # the simulator takes the same flags
+        if not self.real_engine:
+            sim = simulated(cmd, self.dialect_name(backend))
+            assert sim.args[: len(cmd.args)] == cmd.args  # the simulator takes the same flags
 
     def test_shadow_command_enables_sleep_or_refuses(self, backend: Backend) -> None:
         spec = self.spec("s1", role="shadow")
@@ -184,26 +206,29 @@ class BackendConformance:
         assert backend.dialect.sleep_flag in cmd.args
 
     # -- health, sleep, wake ---------------------------------------------------------
+    @pytest.mark.parametrize("level", [1, 2])
     async def test_health_sleep_wake(
-        self, backend: Backend, tmp_path: Path, session: aiohttp.ClientSession
+        self, backend: Backend, tmp_path: Path, session: aiohttp.ClientSession, level: int
     ) -> None:
+        if self.can_sleep(backend) and level not in backend.sleep_levels:
+            pytest.skip(f"{backend.name} declares sleep_levels = {backend.sleep_levels}")
         role: Role = "shadow" if self.can_sleep(backend) else "active"
         spec = self.spec("hs", role=role)
         async with self.engine(backend, spec, tmp_path, session) as (_, ep):
             assert await backend.health(ep) is Readiness.READY
             if not self.can_sleep(backend):
                 with pytest.raises(BackendError):
-                    await backend.sleep(ep, 1)
+                    await backend.sleep(ep, level)
                 return
             assert await backend.is_sleeping(ep) is False
-            await backend.sleep(ep, 1)
+            await backend.sleep(ep, level)
             assert await backend.is_sleeping(ep) is True
             assert await backend.health(ep) is Readiness.SLEEPING
             with pytest.raises(BackendError):  # a sleeping engine refuses inference
                 await stream_piece(
                     backend,
                     ep,
-                    backend.first_request(completion(PROMPT_TEXT), "while-asleep"),
+                    backend.first_request(completion(PROMPT_TEXT, model=self.model), "asleep"),
                     Progress(),
                 )
             await backend.wake(ep)
@@ -212,7 +237,7 @@ class BackendConformance:
             res = await stream_piece(
                 backend,
                 ep,
-                backend.first_request(completion(PROMPT_TEXT, 4), "after-wake"),
+                backend.first_request(completion(PROMPT_TEXT, 4, self.model), "after-wake"),
                 Progress(),
             )
             assert res.progress.completion_tokens == 4
@@ -232,8 +257,14 @@ class BackendConformance:
     async def test_abort_reaches_engine(
         self, backend: Backend, tmp_path: Path, session: aiohttp.ClientSession, kind: str
     ) -> None:
+        if kind == "chat":
+            self.needs_chat(backend)
         rid = f"conf-abort-{kind}-{time.monotonic_ns()}"
-        req = completion(PROMPT_TEXT, 3000) if kind == "completion" else chat(3000)
+        req = (
+            completion(PROMPT_TEXT, 3000, self.model)
+            if kind == "completion"
+            else chat(3000, self.model)
+        )
         async with self.engine(backend, self.spec("ab"), tmp_path, session) as (proc, ep):
             up = backend.first_request(req, rid)
             # Explicit abort where the engine has one, while the stream is still open.
@@ -261,11 +292,17 @@ class BackendConformance:
                 await opened.wait()
                 if not await backend.abort(ep, rid):
                     tg.cancel_scope.cancel()  # closing the connection is the abort
-            # Where the engine takes our request id its log names it; otherwise (trtllm-serve)
-            # it logs its own id, and one abort line is all we can ask for.
-            expect = rid if backend.dialect.request_id_field else "Abort"
+            # Where the engine takes our request id its log names it (the dialect's
+            # abort_log); otherwise (trtllm-serve) it logs its own id, and one abort line is
+            # all we can ask for.
+            prefix = backend.dialect.abort_log.split("{")[0]
+            by_id = rid if backend.dialect.request_id_field else ""
+
+            def aborted() -> bool:
+                return any(prefix in ln and by_id in ln for ln in proc.log_text().splitlines())
+
             with anyio.fail_after(1.0):
-                while expect not in _abort_lines(proc.log_text()):
+                while not aborted():
                     await anyio.sleep(0.02)
 
     # -- continuation ------------------------------------------------------------------
@@ -280,12 +317,15 @@ class BackendConformance:
         break_at: int,
     ) -> None:
         if kind == "chat":
-            req = chat()
+            self.needs_chat(backend)
+            req = chat(model=self.model)
         elif kind == "completion-ids":
+            if not backend.serves_token_prompts:
+                pytest.skip(f"{backend.name} declares serves_token_prompts = False")
             ids = list(range(300, 330))
-            req = completion(ids)
+            req = completion(ids, model=self.model)
         else:
-            req = completion(PROMPT_TEXT)
+            req = completion(PROMPT_TEXT, model=self.model)
         a_spec, b_spec = self.spec("ca", gpu="0"), self.spec("cb", gpu="1")
         async with (
             self.engine(backend, a_spec, tmp_path, session) as (_, a),
@@ -319,7 +359,3 @@ class BackendConformance:
             if progress.token_ids is not None and whole.progress.token_ids is not None:
                 assert progress.token_ids == whole.progress.token_ids
             assert done.finish_reason == "length"
-
-
-def _abort_lines(log: str) -> str:
-    return "\n".join(line for line in log.splitlines() if "Abort" in line)

@@ -51,6 +51,13 @@ async def stream_through_kill(
     is None); its text and token count as the client saw them."""
     body = {"model": "sim-model", "prompt": "the harbor", "max_tokens": 120, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with anyio.fail_after(30):
+        return await _read(http, sup, body, pid)
+
+
+async def _read(
+    http: aiohttp.ClientSession, sup: SupervisorProcess, body: dict[str, Any], pid: int | None
+) -> tuple[str, int]:
     text, tokens, chunks = "", 0, 0
     async with http.post(sup.frontend_url + "/v1/completions", json=body) as r:
         assert r.status == 200
