@@ -20,6 +20,9 @@ def configure(level: str = "info", *, json: bool | None = None, file: Any = None
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # exc_info=... becomes the traceback's text (a plugin author needs it); the
+            # console renderer formats it itself.
+            *([structlog.processors.format_exc_info] if json else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -26,7 +26,7 @@ DEATH_SOURCES = ("exit", "probe", "stream", "gpu", "admin")  # who declared an e
 FAILOVER_RESULTS = ("promoted", "degraded", "error")
 MIGRATION_RESULTS = ("resumed", "failed")
 CONTINUATION_MODES = ("token_ids", "text", "token_ids_or_text")
-PLUGIN_HOOKS = ("health", "sleep", "wake", "first_request", "continuation", "abort", "load")
+PLUGIN_HOOKS = ("health", "sleep", "wake", "first_request", "continuation", "abort", "decoder")
 
 Role = Literal["active", "shadow"]
 AWAKE = "awake"  # the suspend strategy that does not suspend: shadows stand by loaded

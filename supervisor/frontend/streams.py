@@ -327,8 +327,27 @@ class RequestRelay:
         mt = self.req.token_budget
         return None if mt is None else mt - self.progress.completion_tokens
 
+    def _plugin_bug(self, backend: Backend, hook: str, e: Exception) -> MigrationFailed:
+        """A plugin hook raised something other than a BackendError: counted, logged with
+        its traceback, and the request ends with the error (resuming it would run the same
+        plugin again; the engine is not blamed)."""
+        self.metrics.plugin_errors.labels(backend.name, hook).inc()
+        self.log.error(f"backend {hook} hook raised", error=repr(e), exc_info=e)
+        return MigrationFailed(f"the {backend.name} backend's {hook} failed: {e!r}")
+
+    def _feed(self, backend: Backend, decoder: StreamDecoder, data: bytes) -> Piece | None:
+        try:
+            return decoder.feed(data)
+        except BackendError:
+            raise
+        except Exception as e:
+            raise self._plugin_bug(backend, "decoder", e) from e
+
     async def _piece(self, lease: Lease, up: UpstreamRequest) -> None:
-        decoder = lease.target.backend.decoder(up)
+        try:
+            decoder = lease.target.backend.decoder(up)
+        except Exception as e:
+            raise self._plugin_bug(lease.target.backend, "decoder", e) from e
         self.last_event = time.monotonic()
         self.stalled = False
         self.stalled_reason = ""
@@ -373,7 +392,7 @@ class RequestRelay:
                         if self._usage_from(decoder, data):
                             return
                         continue
-                    piece = decoder.feed(data)
+                    piece = self._feed(lease.target.backend, decoder, data)
                     if piece is None:
                         continue
                     await self._on_piece(piece)
@@ -394,8 +413,8 @@ class RequestRelay:
         """Whether ``data`` (an event after the finish) gave the prompt's size."""
         try:
             piece = decoder.feed(data)
-        except BackendError:
-            return True  # best effort: the answer is complete anyway
+        except Exception:  # best effort (a plugin bug included): the answer is complete anyway
+            return True
         if piece is not None and piece.prompt_tokens is not None:
             self.prompt_tokens = piece.prompt_tokens - self.sent_before_attempt
             return True
@@ -502,7 +521,11 @@ class RequestRelay:
         lease, up = self.current
         ep = EngineEndpoint(lease.target.url, self.sessions.control, timeout=1.0)
         with anyio.move_on_after(1.0):
+            backend = lease.target.backend
             try:
-                await lease.target.backend.abort(ep, up.request_id)
+                await backend.abort(ep, up.request_id)
             except (BackendError, aiohttp.ClientError, TimeoutError) as e:
                 self.log.warning("explicit abort failed", error=str(e))
+            except Exception as e:  # a plugin bug: counted and logged, the unwinding goes on
+                self.metrics.plugin_errors.labels(backend.name, "abort").inc()
+                self.log.error("backend abort hook raised", error=repr(e), exc_info=e)

@@ -22,6 +22,7 @@ from supervisor.testing.cluster import (
     start_supervisor,
 )
 from supervisor.testing.gpuledger import GIB, GpuLedger, process_start_time
+from supervisor.upstream import iter_sse_data
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -248,6 +249,7 @@ async def test_two_slots_fail_over_independently(
 # -- a third-party plugin that raises ----------------------------------------------------
 RAISING_PLUGIN = '''
 from plugins.vllm import VllmBackend
+from supervisor.openai_shapes import OpenAIStreamDecoder
 
 
 class RaisingBackend(VllmBackend):
@@ -255,6 +257,30 @@ class RaisingBackend(VllmBackend):
 
     async def wake(self, ep, tags=()):
         raise RuntimeError("plugin bug in wake")
+
+
+class BuggyDecoder(OpenAIStreamDecoder):
+    def __init__(self):
+        super().__init__()
+        self.events = 0
+
+    def feed(self, data):
+        self.events += 1
+        if self.events > 3:
+            raise KeyError("plugin bug in the decoder")
+        return super().feed(data)
+
+
+class BuggyStreamsBackend(VllmBackend):
+    """vLLM, but its decoder breaks on prompts that ask for it and its abort hook raises."""
+
+    def decoder(self, upstream):
+        if "break the decoder" in str(upstream.body.get("prompt")):
+            return BuggyDecoder()
+        return super().decoder(upstream)
+
+    async def abort(self, ep, request_id):
+        raise RuntimeError("plugin bug in abort")
 '''
 
 
@@ -267,6 +293,7 @@ def install_fake_distribution(site: Path) -> None:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: raising-backend\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[failover_supervisor.backends]\nraising = raising_backend:RaisingBackend\n"
+        "buggy-streams = raising_backend:BuggyStreamsBackend\n"
     )
 
 
@@ -300,6 +327,39 @@ async def test_a_plugin_that_raises_is_contained(
     relaunches = float(line.rsplit(" ", 1)[1])
     assert 1 <= relaunches <= 3, line
     assert slot_of(await admin.status())["degraded"]
+
+
+async def test_decoder_and_abort_hooks_that_raise_are_contained(
+    daemon: Any, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    install_fake_distribution(site)
+    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    slot = sim_slot("s", dialect="vllm", backend="buggy-streams")
+    admin = await daemon(slot, env={"PYTHONPATH": path})
+    url = admin.sup.frontend_url + "/v1/completions"
+    body = {"model": "sim-model", "prompt": "break the decoder", "max_tokens": 20, "stream": True}
+    # The decoder raises mid-stream: the client gets an error event and [DONE], not a hang
+    # or a bare 500; the engine is not blamed.
+    async with session.post(url, json=body) as r:
+        events = [json.loads(d) async for d in iter_sse_data(r)]
+    assert "decoder failed" in events[-1]["error"]["message"]
+    # A client that hangs up: the abort hook raises, the request still ends.
+    body = {"model": "sim-model", "prompt": "the river", "max_tokens": 2000, "stream": True}
+    async with session.post(url, json=body) as r:
+        async for _ in iter_sse_data(r):
+            break
+    text = ""
+    with anyio.fail_after(10):
+        while 'hook="abort"' not in text:
+            text = await admin.metrics()
+            await anyio.sleep(0.1)
+    assert 'failover_supervisor_plugin_errors_total{backend="vllm",hook="decoder"}' in text
+    assert "plugin bug in the decoder" in admin.sup.logs()
+    assert "Traceback" in admin.sup.logs()  # the plugin author gets the traceback
+    st = await admin.status()
+    assert st["failovers"] == [] and slot_of(st)["phase"] == "serving"
+    assert admin.sup.proc.poll() is None
 
 
 async def test_status_command_prints_the_table(daemon: Any) -> None:
