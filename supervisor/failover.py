@@ -31,7 +31,7 @@ from supervisor import log as logging
 from supervisor.backends import Backend, BackendError, EngineEndpoint, EngineOutOfMemory
 from supervisor.config import Config, SlotConfig
 from supervisor.coordination.local import Coordinator, LocalCoordinator
-from supervisor.engines import EngineManager, signal_group
+from supervisor.engines import EngineManager, group_members, signal_group
 from supervisor.flocklease import FLOCK, LOCK_ENV, FlockStandby
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
@@ -427,10 +427,35 @@ class SlotController:
         engines (kept in a short history for ``/status``) and the metrics; the replenisher
         is told, as its port and GPUs are free now."""
         if engine.pid is not None:
-            await self.manager.wait_group_gone(engine.pid, self.cfg.failover.stop_grace + 10)
+            wait = self.cfg.failover.stop_grace + 10
+            while not await self.manager.wait_group_gone(engine.pid, wait):
+                # Something of it outlives SIGKILL (a process in uninterruptible sleep, say):
+                # say what, kill again, keep waiting; giving up would hold its place forever.
+                members = group_members(engine.pid)
+                states = {pid: st.state for pid in members if (st := read_stat(pid))}
+                self.shadow_shortfall = f"waiting for {engine.id}'s processes to exit: {states}"
+                self.log.warning(
+                    f"{engine.id}'s processes outlive SIGKILL; killing them again",
+                    engine=engine.id,
+                    processes=states,
+                )
+                signal_group(engine.pid, signal.SIGCONT)
+                self.manager.kill_now(engine)
+                if self.stopped:
+                    return
         if self.engines.get(engine.id) is engine and engine.state in _ENDED:
             if self.manager.running(engine) and engine.pid is not None:
-                return  # it outlived the wait; it keeps its place (and port) for now
+                # Its processes are gone but its exit is not read yet (the leader is a
+                # zombie until reaped): returning here held its place, and its port, forever.
+                with anyio.move_on_after(10):
+                    while self.manager.running(engine):
+                        await anyio.sleep(0.05)
+                if self.manager.running(engine):
+                    self.log.warning(f"{engine.id}'s exit was not seen", engine=engine.id)
+                    return
+            if self.engines.get(engine.id) is not engine:  # retired meanwhile
+                self.kick_replenish()
+                return
             del self.engines[engine.id]
             self.retired.appendleft(engine)
             self.metrics.forget_engine(engine.slot, engine.id, engine.spec.gpus)

@@ -297,14 +297,19 @@ def install_fake_distribution(site: Path) -> None:
     )
 
 
-async def test_a_plugin_that_raises_is_contained(
-    daemon: Any, session: aiohttp.ClientSession, tmp_path: Path
-) -> None:
+async def with_buggy_plugin(daemon: Any, tmp_path: Path, backend: str, **kw: Any) -> Admin:
+    """A daemon whose slot uses one of the buggy backends installed above."""
     site = tmp_path / "site"
     install_fake_distribution(site)
     path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
-    slot = sim_slot("s", dialect="vllm", backend="raising")
-    admin = await daemon(slot, env={"PYTHONPATH": path}, failover={"relaunch_backoff": 1.0})
+    slot = sim_slot("s", dialect="vllm", backend=backend)
+    return await daemon(slot, env={"PYTHONPATH": path}, **kw)  # type: ignore[no-any-return]
+
+
+async def test_a_plugin_that_raises_is_contained(
+    daemon: Any, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    admin = await with_buggy_plugin(daemon, tmp_path, "raising", failover={"relaunch_backoff": 1.0})
     os.killpg(active_of(await admin.status())["pid"], signal.SIGKILL)
     st = await admin.wait(
         lambda s: bool(s["failovers"]) and s["failovers"][0]["result"] != "in_progress",
@@ -332,11 +337,7 @@ async def test_a_plugin_that_raises_is_contained(
 async def test_decoder_and_abort_hooks_that_raise_are_contained(
     daemon: Any, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    site = tmp_path / "site"
-    install_fake_distribution(site)
-    path = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
-    slot = sim_slot("s", dialect="vllm", backend="buggy-streams")
-    admin = await daemon(slot, env={"PYTHONPATH": path})
+    admin = await with_buggy_plugin(daemon, tmp_path, "buggy-streams")
     url = admin.sup.frontend_url + "/v1/completions"
     body = {"model": "sim-model", "prompt": "break the decoder", "max_tokens": 20, "stream": True}
     # The decoder raises mid-stream: the client gets an error event and [DONE], not a hang
