@@ -3,8 +3,16 @@
 - ``GET /status``: node, slots, engines, recent failovers with reasons and step timings
 - ``GET /metrics``: Prometheus text
 - ``POST /failover`` ``{"engine": ID}``: declare an engine dead now (as if it had failed)
-- ``POST /switchover`` ``{"slot": NAME, "to": SHADOW_ID?}``: planned move to a shadow
-- ``POST /drain`` ``{"engine": ID}``: stop an engine gracefully (an active one is switched over)
+- ``POST /switchover`` ``{"slot": NAME, "to": SHADOW_ID?, "at": TIME?, "after": SECONDS?}``:
+  planned move to a shadow, its streams with it; with ``at`` (Unix time or ISO 8601) or
+  ``after``, scheduled (202), shown in ``/status``; ``POST /switchover/cancel`` ``{"slot"}``
+- ``POST /pause`` ``{"slot"?, "reason"?, "for"?: SECONDS, "until"?: TIME}``: maintenance mode
+  for a slot or (no slot) the node: no automatic failover or relaunch; ``POST /resume``
+- ``POST /reload``: read the config file again (as SIGHUP does) and say what changed
+- ``POST /rollout`` ``{"slots"?: [NAME...], "wait"?: bool}``: roll slots to the spec a
+  reload marked, one at a time (202; with ``wait``, answers when done)
+- ``POST /drain`` ``{"engine": ID, "limit"?: SECONDS}``: stop an engine gracefully (an active
+  one is switched over; its streams finish within the limit, the rest move)
 - ``POST /gpu/clear`` ``{"gpu": ID}``: a GPU marked broken by a fatal XID was reset or replaced
 
 Every ``POST`` needs ``Content-Type: application/json`` and may not come from a foreign
@@ -15,8 +23,10 @@ preflight this API never answers), so it cannot fail engines over behind the use
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -28,6 +38,34 @@ from supervisor.model import Engine
 
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
+
+
+def _when(body: dict[str, Any], relative: str = "after", absolute: str = "at") -> float | None:
+    """A wall time from ``body[absolute]`` (Unix seconds or ISO 8601) or ``body[relative]``
+    (seconds from now); None when neither is given."""
+    if body.get(relative) is not None and body.get(absolute) is not None:
+        raise web.HTTPBadRequest(reason=f"give '{relative}' or '{absolute}', not both")
+    rel, at = body.get(relative), body.get(absolute)
+    if rel is not None:
+        if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not 0 <= rel < 1e8:
+            raise web.HTTPBadRequest(reason=f"'{relative}' must be seconds (a number >= 0)")
+        return time.time() + float(rel)
+    if at is None:
+        return None
+    if isinstance(at, (int, float)) and not isinstance(at, bool):
+        return float(at)
+    if isinstance(at, str):
+        try:
+            parsed = datetime.fromisoformat(at)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is None:
+                parsed = parsed.astimezone()  # local time, as an operator writes it
+            return parsed.timestamp()
+    raise web.HTTPBadRequest(
+        reason=f"'{absolute}' must be Unix seconds or an ISO 8601 time like 2026-12-05T03:00:00Z"
+    )
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -44,6 +82,11 @@ class AdminApi:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/failover", self.failover)
         app.router.add_post("/switchover", self.switchover)
+        app.router.add_post("/switchover/cancel", self.switchover_cancel)
+        app.router.add_post("/pause", self.pause)
+        app.router.add_post("/resume", self.resume)
+        app.router.add_post("/reload", self.reload)
+        app.router.add_post("/rollout", self.rollout)
         app.router.add_post("/drain", self.drain)
         app.router.add_post("/gpu/clear", self.gpu_clear)
         return app
@@ -102,19 +145,98 @@ class AdminApi:
         await self.sup.judge.declare_dead(engine, "admin", reason, time.time())
         return web.json_response({"ok": True, "engine": engine.id})
 
-    async def switchover(self, request: web.Request) -> web.Response:
-        body = await self._body(request, "slot")
-        ctl = self.sup.controllers.get(body["slot"])
+    def _slot(self, body: dict[str, Any], required: bool = True) -> SlotController | None:
+        name = body.get("slot")
+        if name is None and not required:
+            return None
+        if not isinstance(name, str):
+            raise web.HTTPBadRequest(reason="'slot' (a slot name) is required")
+        ctl = self.sup.controllers.get(name)
         if ctl is None:
-            raise web.HTTPNotFound(reason=f"no slot {body['slot']!r}")
+            raise web.HTTPNotFound(reason=f"no slot {name!r}")
+        return ctl
+
+    async def switchover(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        ctl = self._slot(body)
+        assert ctl is not None
         to = body.get("to")
         if to is not None and not isinstance(to, str):
             raise web.HTTPBadRequest(reason="'to' must be a shadow engine id")
+        at = _when(body)
+        if at is not None:
+            plan = ctl.schedule_switchover(at, to)
+            return web.json_response({"scheduled": plan.as_dict()}, status=202)
         record = await ctl.switchover(to)
         # Only a promotion is a switchover that happened; anything else says why, non-2xx.
         return web.json_response(
             record.as_dict(), status=200 if record.result == "promoted" else 503
         )
+
+    async def switchover_cancel(self, request: web.Request) -> web.Response:
+        ctl = self._slot(await self._body(request))
+        assert ctl is not None
+        plan = ctl.cancel_scheduled()
+        if plan is None:
+            raise web.HTTPNotFound(reason=f"slot {ctl.slot.name} has no scheduled switchover")
+        return web.json_response({"cancelled": plan.as_dict()})
+
+    async def pause(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        ctl = self._slot(body, required=False)
+        reason = body.get("reason", "maintenance")
+        if not isinstance(reason, str) or len(reason) > 500:
+            raise web.HTTPBadRequest(reason="'reason' must be a string (500 characters at most)")
+        until = _when(body, relative="for", absolute="until")
+        p = self.sup.pause(ctl.slot.name if ctl else None, reason, until)
+        return web.json_response(
+            {
+                "paused": p.as_dict(),
+                "slot": ctl.slot.name if ctl else None,
+                "node": self.sup.cfg.node,
+            }
+        )
+
+    async def resume(self, request: web.Request) -> web.Response:
+        ctl = self._slot(await self._body(request), required=False)
+        if not self.sup.resume(ctl.slot.name if ctl else None):
+            what = f"slot {ctl.slot.name}" if ctl else f"node {self.sup.cfg.node}"
+            raise web.HTTPConflict(reason=f"{what} is not paused")
+        return web.json_response({"resumed": ctl.slot.name if ctl else self.sup.cfg.node})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        result = await self.sup.reload()
+        if not result["ok"]:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "the config file is invalid; nothing changed",
+                        "problems": result["problems"],
+                        "code": 400,
+                    }
+                },
+                status=400,
+            )
+        return web.json_response(result)
+
+    async def rollout(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        slots = body.get("slots", [])
+        if isinstance(body.get("slot"), str):
+            slots = [body["slot"]]
+        if not isinstance(slots, list) or not all(isinstance(x, str) for x in slots):
+            raise web.HTTPBadRequest(reason="'slots' must be a list of slot names")
+        started = self.sup.start_rollout(slots)
+        if not body.get("wait"):
+            return web.json_response({"rollouts": [p.as_dict() for p in started]}, status=202)
+        names = slots or [started[0].slot]
+        while any(c.rolling_out for n, c in self.sup.controllers.items() if n in names):
+            await anyio.sleep(0.1)
+        done = [
+            c.rollout.as_dict() for n, c in self.sup.controllers.items() if n in names and c.rollout
+        ]
+        ok = all(d["result"] == "done" for d in done)
+        return web.json_response({"rollouts": done}, status=200 if ok else 409)
 
     async def gpu_clear(self, request: web.Request) -> web.Response:
         body = await self._body(request, "gpu")
@@ -124,6 +246,11 @@ class AdminApi:
         return web.json_response({"ok": True, "gpu": body["gpu"], "launching": launched})
 
     async def drain(self, request: web.Request) -> web.Response:
-        ctl, engine, _ = await self._engine(request)
-        await ctl.drain(engine.id)
+        ctl, engine, body = await self._engine(request)
+        limit = body.get("limit")
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0
+        ):
+            raise web.HTTPBadRequest(reason="'limit' must be seconds (a number >= 0)")
+        await ctl.drain(engine.id, limit)
         return web.json_response({"ok": True, "engine": engine.id})

@@ -36,10 +36,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--config", "-c", type=Path, required=True, help="TOML config file")
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     check = sub.add_parser("check-config", help="validate a config file (exit 2 if invalid)")
-    check.add_argument("config", type=Path)
+    check.add_argument("config", type=Path, nargs="?")
+    check.add_argument(
+        "--diff",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="show what reloading NEW over a daemon running OLD would do",
+    )
     st = sub.add_parser("status", help="show a running supervisor's slots and engines")
     st.add_argument("--admin", default="http://127.0.0.1:8470", help="admin API URL")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
+    admin_parent = argparse.ArgumentParser(add_help=False)
+    admin_parent.add_argument("--admin", default="http://127.0.0.1:8470", help="admin API URL")
+    admin_parent.add_argument(
+        "--token-file", default="", help="file holding the admin token, if one is configured"
+    )
+    sub.add_parser(
+        "reload", parents=[admin_parent], help="make a running supervisor read its config again"
+    )
+    pa = sub.add_parser(
+        "pause",
+        parents=[admin_parent],
+        help="maintenance mode: no automatic failover or relaunch (a slot, or the node)",
+    )
+    pa.add_argument("slot", nargs="?", help="the slot (default: the whole node)")
+    pa.add_argument("--for", dest="duration", type=float, help="seconds until it ends by itself")
+    pa.add_argument("--reason", default="maintenance")
+    re_ = sub.add_parser("resume", parents=[admin_parent], help="end a pause")
+    re_.add_argument("slot", nargs="?", help="the slot (default: the whole node)")
+    so = sub.add_parser(
+        "switchover", parents=[admin_parent], help="move a slot to a shadow, now or later"
+    )
+    so.add_argument("slot")
+    so.add_argument("--to", help="the shadow's engine id (default: the first asleep)")
+    when = so.add_mutually_exclusive_group()
+    when.add_argument("--at", help="when: Unix seconds or ISO 8601 (e.g. 2026-12-05T03:00)")
+    when.add_argument("--after", type=float, help="when: seconds from now")
+    when.add_argument("--cancel", action="store_true", help="cancel the scheduled switchover")
+    ro = sub.add_parser(
+        "rollout",
+        parents=[admin_parent],
+        help="roll slots to the spec of the reloaded config, one at a time, no stream lost",
+    )
+    ro.add_argument("slots", nargs="*", help="slots (default: every slot whose spec changed)")
+    ro.add_argument("--no-reload", action="store_true", help="do not reload the config file first")
     sub.add_parser("sim-engine", help="run a simulated engine (vllm, sglang, trtllm dialects)")
     demo = sub.add_parser("demo", help="watch a failover on simulated engines (no servers)")
     demo.add_argument(
@@ -55,7 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "run":
         return _run(ns.config, ns.log_level)
     if ns.command == "check-config":
+        if ns.diff:
+            return _diff(*ns.diff)
+        if ns.config is None:
+            _err("check-config needs a CONFIG (or --diff OLD NEW)")
+            return 2
         return _check(ns.config)
+    if ns.command in ("reload", "pause", "resume", "switchover", "rollout"):
+        from supervisor import operate
+
+        return int(getattr(operate, ns.command.replace("-", "_"))(ns))
     if ns.command == "status":
         return _status(ns.admin, ns.json)
     if ns.command == "demo":
@@ -115,6 +165,27 @@ def _check(path: Path) -> int:
     return 0
 
 
+def _diff(old_path: Path, new_path: Path) -> int:
+    from supervisor import confdiff
+
+    old, new = _load(old_path), _load(new_path)
+    if old is None or new is None:
+        return 2
+    changes = confdiff.diff(old, new)
+    if not changes:
+        print("no changes")
+        return 0
+    for c in changes:
+        print(c.line())
+    rollout = sorted({c.key.split("]")[0][5:] for c in changes if c.effect == confdiff.ROLLOUT})
+    restart = [c.key for c in changes if c.effect == confdiff.RESTART]
+    if rollout:
+        print(f"\nslots to roll out after the reload: {', '.join(rollout)}")
+    if restart:
+        print(f"needs a restart to take effect: {', '.join(restart)}")
+    return 0
+
+
 def _run(path: Path, level: str) -> int:
     import anyio
 
@@ -128,7 +199,7 @@ def _run(path: Path, level: str) -> int:
 
     log.configure(level)
     try:
-        sup = Supervisor(cfg)
+        sup = Supervisor(cfg, path)
     except ConfigError as e:
         for p in e.problems:
             _err(p)

@@ -52,6 +52,10 @@ class FailoverConfig:
     relaunch_backoff: float = 1.0  # first delay before relaunching a failed engine
     relaunch_backoff_max: float = 60.0  # the delay doubles up to this
     stop_grace: float = 10.0  # SIGTERM -> this long -> SIGKILL of the engine's group
+    # A planned move (a drain or a switchover to a shadow that can wake while the old
+    # engine serves): the old engine may finish its streams for this long; the rest then
+    # move, token-exact, to the new one instead of being cut. 0: move at once.
+    drain_limit: float = 5.0
     # When an engine's main process exits, SIGKILL what is left of its group at once (fast).
     # false: let the leftovers exit on their own (some engines' workers tear down NCCL or
     # flush state first), killing them only at memory_release_timeout.
@@ -299,6 +303,7 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         relaunch_backoff=f.number("relaunch_backoff", df.relaunch_backoff),
         relaunch_backoff_max=f.number("relaunch_backoff_max", df.relaunch_backoff_max),
         stop_grace=f.number("stop_grace", df.stop_grace),
+        drain_limit=f.number("drain_limit", df.drain_limit),
         kill_dead_group=f.flag("kill_dead_group", df.kill_dead_group),
     )
     f.unknown()

@@ -12,20 +12,22 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 from aiohttp import web
 
-from supervisor import __version__, statefile
+from supervisor import __version__, confdiff, rollout, statefile
 from supervisor import log as logging
 from supervisor.admin import AdminApi
 from supervisor.backends import Backend, load_backend
-from supervisor.config import Config, read_secret, warnings
+from supervisor.config import Config, ConfigError, read_secret, warnings
+from supervisor.config import load as load_config
 from supervisor.coordination.cluster import ClusterCoordinator
 from supervisor.engines import EngineManager
-from supervisor.failover import HISTORY, SlotController
+from supervisor.failover import HISTORY, FailoverError, SlotController
 from supervisor.frontend.app import Frontend
 from supervisor.frontend.routing import Target
 from supervisor.gpu import (
@@ -39,7 +41,7 @@ from supervisor.gpu import (
 )
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
-from supervisor.model import Engine, EngineState, FailoverRecord
+from supervisor.model import Engine, EngineState, FailoverRecord, Pause, RolloutProgress
 from supervisor.netguard import (
     ConnectionGuard,
     GuardedSite,
@@ -117,8 +119,12 @@ class DaemonDirectory:
 class Supervisor:
     """One node's supervisor."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # read again on reload (SIGHUP, POST /reload)
+        self.node_pause: Pause | None = None  # the whole node's maintenance mode
+        self._rollouts: set[anyio.CancelScope] = set()  # rollouts end with the daemon
+        self._tg: Any = None
         self.metrics = Metrics(cluster=cfg.cluster.enabled)
         self.history: deque[FailoverRecord] = deque(maxlen=HISTORY)
         self.judge = HealthJudge(cfg.health, self.metrics, self._on_dead)
@@ -151,6 +157,201 @@ class Supervisor:
             self._backends_by_name[name] = load_backend(name)
         return self._backends_by_name[name]
 
+    def _move_streams(self, engine_id: str) -> int:
+        return self.frontend.router.move_off(engine_id) if self.frontend is not None else 0
+
+    # -- maintenance mode --------------------------------------------------------------
+    def pause(self, slot: str | None, reason: str, until: float | None) -> Pause:
+        """Pause a slot, or (``slot`` None) the whole node: no automatic failover or
+        relaunch until resumed or ``until``."""
+        p = Pause(reason, time.time(), until)
+        if slot is None:
+            self.node_pause = p
+            self.log.info("node paused", reason=reason, until=until)
+            for c in self.controllers.values():
+                c.pause_changed()
+        else:
+            self.controllers[slot].set_pause(p)
+        self._pauses_changed()
+        return p
+
+    def resume(self, slot: str | None) -> bool:
+        """End a pause; whether there was one."""
+        if slot is None:
+            was, self.node_pause = self.node_pause, None
+            if was is not None:
+                self.log.info("node resumed", reason=was.reason)
+                for c in self.controllers.values():
+                    c.pause_changed()
+        else:
+            ctl = self.controllers[slot]
+            was = ctl.pause
+            if was is not None:
+                ctl.set_pause(None)
+        self._pauses_changed()
+        return was is not None
+
+    def _pause_record(self) -> dict[str, Any] | None:
+        """This node's pauses as the cluster sees them (None: nothing paused)."""
+        slots = {n: c.pause.as_dict() for n, c in self.controllers.items() if c.pause}
+        if self.node_pause is None and not slots:
+            return None
+        return {"node": self.node_pause.as_dict() if self.node_pause else None, "slots": slots}
+
+    def _pauses_changed(self) -> None:
+        if self.cluster is not None:
+            self.cluster.pauses_changed()
+        self._engines_changed()
+
+    async def _pause_expiry_loop(self) -> None:
+        """A pause with an end runs out by itself (a forgotten one must not hold failover
+        off for good)."""
+        while True:
+            await anyio.sleep(0.25)
+            now = time.time()
+            if self.node_pause is not None and self.node_pause.expired(now):
+                self.log.info("node pause expired; resuming", reason=self.node_pause.reason)
+                self.resume(None)
+            for name, c in self.controllers.items():
+                if c.pause is not None and c.pause.expired(now):
+                    c.log.info("pause expired; resuming", reason=c.pause.reason)
+                    self.resume(name)
+
+    def _restore_pauses(self, saved: dict[str, Any]) -> None:
+        """Pauses survive a restart of the daemon (maintenance often includes one)."""
+        now = time.time()
+        raw = saved.get("pause")
+        if isinstance(raw, dict) and not (p := Pause(**raw)).expired(now):
+            self.node_pause = p
+            self.log.info("node still paused (from before the restart)", reason=p.reason)
+        for name, ctl in self.controllers.items():
+            raw = (saved.get("slots", {}).get(name) or {}).get("pause")
+            if isinstance(raw, dict) and not (p := Pause(**raw)).expired(now):
+                ctl.pause = p
+        for ctl in self.controllers.values():
+            self.metrics.slot_paused.labels(ctl.slot.name).set(1 if ctl.paused() else 0)
+
+    # -- reload and rollout ------------------------------------------------------------
+    async def reload(self) -> dict[str, Any]:
+        """Read the config file again. A file that does not validate changes nothing;
+        otherwise what can change at once does, changed slots are marked for rollout, and
+        what needs a restart is named."""
+        if self.config_path is None:
+            return {"ok": False, "problems": ["the supervisor was started without a file"]}
+        path = self.config_path
+
+        def read() -> tuple[Config, str | None, str | None]:
+            new = load_config(path)
+            return (
+                new,
+                read_secret(new.admin_token_file, "admin-token"),
+                read_secret(new.frontend.api_key_file, "frontend-api-key"),
+            )
+
+        try:  # off the loop: validation loads backends and looks programs up
+            new, admin_token, api_key = await anyio.to_thread.run_sync(read)
+        except ConfigError as e:
+            self.log.error(
+                "reload refused: the config file is invalid; nothing changed",
+                path=str(path),
+                problems=e.problems,
+            )
+            return {"ok": False, "problems": e.problems}
+        running = replace(self.cfg, slots=tuple(c.scfg for c in self.controllers.values()))
+        changes = confdiff.diff(running, new)
+        self._apply(confdiff.applied(running, new))
+        self.admin_token, self.api_key = admin_token, api_key
+        if self.frontend is not None:
+            self.frontend.api_key = api_key
+        specs = confdiff.slot_specs(running, new)
+        for name, ctl in self.controllers.items():
+            if ctl.rolling_out:
+                continue  # its target is fixed; a later reload marks what differs then
+            ctl.pending, keys = specs.get(name, (None, []))
+            ctl.pending_changes = keys
+            self.metrics.rollout_pending.labels(name).set(1 if ctl.pending else 0)
+        for c in changes:
+            self.log.info(
+                f"reload: {c.key} {c.effect}", old=c.as_dict()["old"], new=c.as_dict()["new"]
+            )
+        self.log.info(
+            "config reloaded",
+            applied=sum(c.effect == confdiff.APPLIED for c in changes),
+            rollout_pending=sorted(specs),
+            restart_needed=[c.key for c in changes if c.effect == confdiff.RESTART],
+        )
+        self._engines_changed()
+        return {
+            "ok": True,
+            "changes": [c.as_dict() for c in changes],
+            "rollout_pending": sorted(n for n, c in self.controllers.items() if c.pending),
+            "restart_needed": [c.key for c in changes if c.effect == confdiff.RESTART],
+        }
+
+    def _apply(self, cfg: Config) -> None:
+        """Hand the settings a reload applies to everything that reads them."""
+        self.cfg = cfg
+        self.judge.cfg = cfg.health
+        for ctl in self.controllers.values():
+            ctl.cfg = cfg
+        if self.frontend is not None:
+            self.frontend.cfg, self.frontend.fcfg = cfg, cfg.frontend
+            self.frontend.router.cfg = cfg.frontend
+
+    def start_rollout(self, slots: list[str]) -> list[RolloutProgress]:
+        """Roll ``slots`` (none: every slot a reload marked) to their new spec, one at a
+        time, in the background. The first is checked now (FailoverError says why not)."""
+        names = slots or [n for n, c in self.controllers.items() if c.pending]
+        if not names:
+            raise FailoverError(
+                "nothing to roll out: every slot runs its config's spec (edit the file, "
+                "then reload)"
+            )
+        for n in names:
+            if n not in self.controllers:
+                raise FailoverError(f"no slot {n!r}")
+            if self.controllers[n].pending is None:
+                raise FailoverError(
+                    f"slot {n} already runs its config's spec; change it and reload first"
+                )
+        first = self.controllers[names[0]]
+        assert first.pending is not None
+        progress = rollout.begin(first, first.pending, first.pending_changes)
+        self._tg.start_soon(self._roll_slots, names, progress)
+        return [progress]
+
+    async def _roll_slots(self, names: list[str], first: RolloutProgress) -> None:
+        with anyio.CancelScope() as scope:
+            self._rollouts.add(scope)
+            try:
+                await self._roll_each(names, first)
+            finally:
+                self._rollouts.discard(scope)
+
+    async def _roll_each(self, names: list[str], first: RolloutProgress) -> None:
+        for i, name in enumerate(names):
+            ctl = self.controllers[name]
+            progress = first
+            if i:
+                if ctl.pending is None:
+                    continue
+                try:
+                    progress = rollout.begin(ctl, ctl.pending, ctl.pending_changes)
+                except FailoverError as e:
+                    self.log.error("rollout stops: a slot cannot roll", slot=name, error=str(e))
+                    return
+            await rollout.run(ctl, progress)
+            if progress.result != "done":
+                rest = names[i + 1 :]
+                if rest:
+                    self.log.warning(
+                        "rollout stops: the slot did not roll out; later slots untouched",
+                        slot=name,
+                        result=progress.result,
+                        untouched=rest,
+                    )
+                return
+
     def _inflight(self, engine_id: str) -> int:
         return self.frontend.router.inflight.get(engine_id, 0) if self.frontend else 0
 
@@ -181,6 +382,7 @@ class Supervisor:
         ones. Built on the event loop: the controllers' dicts change only there."""
         return {
             "node": self.cfg.node,
+            "pause": self.node_pause.as_dict() if self.node_pause else None,
             "slots": {name: c.saved() for name, c in self.controllers.items()},
         }
 
@@ -202,6 +404,14 @@ class Supervisor:
         serving = [c for c in slots if c.slot.active is not None]
         shadows = sum(len(c.sleeping_shadows()) for c in slots)
         line = f"serving {len(serving)}/{len(slots)} slots, {shadows} shadows asleep"
+        if self.node_pause is not None and not self.node_pause.expired(time.time()):
+            line = f"PAUSED ({self.node_pause.reason}): {line}"
+        paused = [c.slot.name for c in slots if c.pause and not c.pause.expired(time.time())]
+        if paused:
+            line += f"; paused: {', '.join(paused)}"
+        rolling = [c.slot.name for c in slots if c.rolling_out]
+        if rolling:
+            line += f"; rolling out: {', '.join(rolling)}"
         degraded = [c.slot.name for c in slots if c.slot.degraded_reason]
         if degraded:
             line += f"; degraded: {', '.join(degraded)}"
@@ -265,6 +475,11 @@ class Supervisor:
             "version": __version__,
             "ready": self.ready.is_set(),
             "stopping": self.stopping.is_set(),
+            "paused": (
+                self.node_pause.as_dict()
+                if self.node_pause and not self.node_pause.expired(time.time())
+                else None
+            ),
             "uptime_s": round(time.time() - self.started_at, 3),
             "frontend": self.frontend_url or None,
             "slots": [c.status() for c in self.controllers.values()],
@@ -295,7 +510,9 @@ class Supervisor:
             open_sessions(self.cfg.frontend.max_inflight_per_engine) as sessions,
             anyio.create_task_group() as tg,
         ):
+            self._tg = tg
             tg.start_soon(self._signals)
+            tg.start_soon(self._pause_expiry_loop)
             tg.start_soon(self.notify.watchdog)
             tg.start_soon(self._save_state_loop)
             self.notify.status("starting: shadows load and sleep, then active engines load")
@@ -320,6 +537,7 @@ class Supervisor:
                     on_view_change=self.directory.notify,
                     on_peer_dead=self._peer_engines_dead,
                     load=self._inflight,
+                    pauses=self._pause_record,
                 )
                 tg.start_soon(self.cluster.run)
                 # Whether a slot is already served elsewhere decides what starts here.
@@ -341,11 +559,15 @@ class Supervisor:
                     on_change=self._engines_changed,
                     gpu_broken=lambda gpu: gpu in self.gpu.broken,
                     coordinator=self.cluster,
+                    node_pause=lambda: self.node_pause,
+                    move_streams=self._move_streams,
+                    streams_on=self._inflight,
                 )
                 self.controllers[scfg.name] = ctl
                 await tg.start(ctl.run)
             saved = statefile.load(self.state_path)
             if saved is not None and saved.get("node") == self.cfg.node:
+                self._restore_pauses(saved)
                 for name, ctl in self.controllers.items():
                     if name in saved.get("slots", {}):
                         n = await ctl.adopt(saved["slots"][name])
@@ -373,6 +595,8 @@ class Supervisor:
                 f"stopping: draining requests, then engines ({self.cfg.on_exit})"
             )
             with anyio.CancelScope(shield=True):
+                for scope in self._rollouts:
+                    scope.cancel()
                 for ctl in self.controllers.values():
                     ctl.begin_stop()
                 if self.frontend is not None:
@@ -457,8 +681,15 @@ class Supervisor:
         scope.cancel()
 
     async def _signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for sig in signals:
+                if sig == signal.SIGHUP:
+                    self.log.info("SIGHUP: reloading the config", path=str(self.config_path))
+                    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                    self.notify.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+                    await self.reload()
+                    self.notify.send("READY=1", f"STATUS={self.summary()}")
+                    continue
                 self.log.info("signal received; shutting down", signal=signal.Signals(sig).name)
                 self.stop()
                 return

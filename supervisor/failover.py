@@ -41,8 +41,11 @@ from supervisor.model import (
     EngineSpec,
     EngineState,
     FailoverRecord,
+    Pause,
     Readiness,
     Role,
+    RolloutProgress,
+    ScheduledSwitchover,
     Slot,
 )
 from supervisor.procfs import read_stat
@@ -133,6 +136,9 @@ class SlotController:
         on_change: Callable[[], None] = lambda: None,
         gpu_broken: Callable[[str], bool] = lambda gpu: False,
         coordinator: Coordinator | None = None,
+        node_pause: Callable[[], Pause | None] = lambda: None,
+        move_streams: Callable[[str], int] = lambda engine_id: 0,
+        streams_on: Callable[[str], int] = lambda engine_id: 0,
     ) -> None:
         self.cfg, self.scfg, self.backend = cfg, slot_cfg, backend
         self.manager, self.judge, self.metrics = manager, judge, metrics
@@ -140,6 +146,18 @@ class SlotController:
         self.on_change = on_change  # routing follows every state change
         self.gpu_broken = gpu_broken  # GPUs a fatal XID (or NVML) marked broken
         self.coord: Coordinator = coordinator or LocalCoordinator()
+        self.node_pause = node_pause  # the whole node's maintenance mode, if any
+        # Takes every stream off an engine now; they resume where the slot is served.
+        self.move_streams = move_streams
+        self.streams_on = streams_on  # streams the frontend relays through an engine now
+        self.pause: Pause | None = None  # this slot's own maintenance mode
+        self.scheduled: ScheduledSwitchover | None = None
+        self._scheduled_scope: anyio.CancelScope | None = None
+        self.generation = 0  # the spec engines launch from now (a rollout moves it on)
+        self.pending: SlotConfig | None = None  # a reloaded spec waiting for its rollout
+        self.pending_changes: list[str] = []
+        self.rollout: RolloutProgress | None = None
+        self.rollout_from: SlotConfig | None = None  # the spec a rollout in progress leaves
         # With suspend = "flock", the slot's engines share this lock: its holder serves.
         self.lock_path = cfg.state_dir / "locks" / f"{slot_cfg.name}.lock"
         self.suspender = _suspend_strategy(slot_cfg.suspend, self.lock_path)
@@ -311,6 +329,11 @@ class SlotController:
             "shadows_asleep": len(self.sleeping_shadows()),
             "shadows_missing": self.missing_shadows(),
             "shadow_shortfall": self.shadow_shortfall or None,
+            "paused": p.as_dict() if (p := self.paused()) is not None else None,
+            "scheduled_switchover": self.scheduled.as_dict() if self.scheduled else None,
+            "generation": self.generation,
+            "rollout_pending": self.pending_changes or None,
+            "rollout": self.rollout.as_dict() if self.rollout else None,
         }
 
     def _gpu_sets(self) -> list[tuple[str, ...]]:
@@ -326,9 +349,11 @@ class SlotController:
         return {e.spec.port for e in held}, [e.spec.gpus for e in held]
 
     def _free_port(self) -> int | None:
-        ports, _ = self._occupied()
-        top = self.scfg.base_port + self.scfg.shadows + 1
-        return next((p for p in range(self.scfg.base_port, top) if p not in ports), None)
+        taken, _ = self._occupied()
+        # During a rollout the old spec's ports count too: its engines still hold some.
+        specs = [self.scfg, *([self.rollout_from] if self.rollout_from else [])]
+        ports = sorted({p for c in specs for p in range(c.base_port, c.base_port + c.shadows + 1)})
+        return next((p for p in ports if p not in taken), None)
 
     def _new_engine(self, role: Role) -> Engine:
         if self.phase is Phase.STOPPED:
@@ -361,6 +386,7 @@ class SlotController:
             self._spec(eid, role, port, gpus),
             self.scfg.backend,
             group=self.group_of(port),
+            generation=self.generation,
         )
         self.engines[eid] = engine
         self.set_state(engine, EngineState.LAUNCHING)
@@ -469,6 +495,7 @@ class SlotController:
         return {
             "epoch": self.slot.epoch,
             "active": self.slot.active,
+            "pause": self.pause.as_dict() if self.pause else None,
             "engines": [
                 {
                     "id": e.id,
@@ -648,7 +675,11 @@ class SlotController:
                 self.manager.kill_now(engine)
             self.tg.start_soon(self._retire, engine)
             raise
-        if self._go(Event.SHADOW_READY, f"{engine.id} loaded and asleep") == "promote_shadow":
+        if (p := self.paused()) is not None:
+            self.log.info(
+                f"{engine.id} loaded and asleep; paused, so nothing is promoted: {p.reason}"
+            )
+        elif self._go(Event.SHADOW_READY, f"{engine.id} loaded and asleep") == "promote_shadow":
             self.tg.start_soon(self._recover_locked, "a shadow is ready for a degraded slot")
         return engine
 
@@ -728,6 +759,12 @@ class SlotController:
                 self.shadow_shortfall = ""
                 self._update_gauges()
                 return
+            if self.rolling_out:
+                return  # the rollout launches what the slot needs itself, then kicks
+            if (p := self.paused()) is not None:
+                self.shadow_shortfall = f"paused ({p.reason}): nothing is relaunched until resumed"
+                self._update_gauges()
+                return
             if self._free_port() is None:
                 # A dead engine still holds its place; its retirement kicks us again.
                 self.shadow_shortfall = "waiting for a stopped engine's processes to exit"
@@ -739,8 +776,8 @@ class SlotController:
                 consecutive_failures=self._launch_failures,
             )
             await anyio.sleep(delay)
-            if self.stopped:
-                return
+            if self.stopped or self.paused() is not None or self.rolling_out:
+                continue  # looked at again from the top
             if cold:
                 if self._go(Event.COLD_START, "the slot has no shadow to promote") is None:
                     return
@@ -800,6 +837,13 @@ class SlotController:
         self.slot.active = None
         self._set_degraded(f"active engine {engine.id} failed")
         why = f"{engine.id} failed ({source}: {reason})"
+        if (p := self.paused()) is not None:
+            self._set_degraded(
+                f"active engine {engine.id} failed while paused ({p.reason}); "
+                "nothing is promoted until resumed"
+            )
+            self._go(Event.ACTIVE_DIED_PAUSED, f"{why}; paused: {p.reason}")
+            return
         if self._go(Event.ACTIVE_DIED, why) == "promote_shadow":
             record = FailoverRecord(
                 self.slot.name, engine.id, f"{source}: {reason}", detected_at=detected_at
@@ -971,6 +1015,8 @@ class SlotController:
         promote it."""
         if self.slot.active is not None or self.coord.served_elsewhere(self.slot.name):
             return
+        if self.paused() is not None:
+            return
         if self._go(Event.SHADOW_READY, why) == "promote_shadow":
             await self._recover_locked(why)
 
@@ -1032,19 +1078,82 @@ class SlotController:
             self._set_degraded("")
         self.tg.start_soon(self._retire, engine)
 
+    # -- maintenance mode ----------------------------------------------------------------
+    def paused(self) -> Pause | None:
+        """The pause in force for this slot (its own, else its node's), unless expired."""
+        now = time.time()
+        for p in (self.pause, self.node_pause()):
+            if p is not None and not p.expired(now):
+                return p
+        return None
+
+    def set_pause(self, pause: Pause | None) -> None:
+        """Pause (or, with None, resume) this slot; see :meth:`pause_changed`."""
+        self.pause = pause
+        self.pause_changed()
+
+    def pause_changed(self) -> None:
+        """The slot's or its node's pause began, ended or expired. Paused: no automatic
+        failover, no relaunch (health is still watched, and a lost active engine leaves the
+        slot down). Resumed: what was held back happens now."""
+        p = self.paused()
+        self.metrics.slot_paused.labels(self.slot.name).set(1 if p else 0)
+        if p is not None:
+            until = (
+                f" until {time.strftime('%H:%M:%S', time.localtime(p.until))}" if p.until else ""
+            )
+            self.log.info(f"paused{until}: no automatic failover or relaunch", reason=p.reason)
+        else:
+            self.log.info("resumed: automatic failover and relaunch are on again")
+            if self.slot.active is None and self.phase is Phase.DEGRADED and self.ready.is_set():
+                self.tg.start_soon(self.recover, "resumed with the active engine lost")
+            self.kick_replenish()
+        self.on_change()
+
+    @property
+    def rolling_out(self) -> bool:
+        return self.rollout is not None and self.rollout.result == "in_progress"
+
     # -- manual actions ----------------------------------------------------------------
-    async def switchover(self, to: str | None, kind: str = "switchover") -> FailoverRecord:
-        """Planned move of the slot to a shadow; the old active is stopped gracefully.
-        Refused (nothing touched) when no shadow could take the slot."""
+    def _check_target(self, to: str | None) -> Engine:
+        """The shadow a switchover moves the slot to; FailoverError (nothing touched) when
+        there is none."""
         if to is not None:
             target = self.engines.get(to)
             if target is None or target.state is not EngineState.SLEEPING:
                 raise FailoverError(f"{to!r} is not a sleeping shadow of slot {self.slot.name}")
-        elif not self.sleeping_shadows():
+            return target
+        shadows = self.sleeping_shadows()
+        if not shadows:
             raise FailoverError(
                 f"slot {self.slot.name} has no sleeping shadow to switch over to "
                 f"({self.shadow_shortfall or 'none ready'}); the active engine keeps serving"
             )
+        # A rollout's new engines go first: a plain switchover must not undo one.
+        return max(shadows, key=lambda e: e.generation)
+
+    def _make_before_break(self, old: Engine, new: Engine) -> bool:
+        """Whether ``new`` can wake while ``old`` still serves: on other GPUs, or standing
+        by awake already. On shared GPUs the old engine must let go of its memory first;
+        a self-promoting shadow (flock) wakes only when the old one's lock is free."""
+        if isinstance(self.suspender, FlockStandby) or self.grouped:
+            return False
+        return new.standing_by_awake or not set(old.spec.gpus) & set(new.spec.gpus)
+
+    async def switchover(
+        self, to: str | None, kind: str = "switchover", drain_for: float | None = None
+    ) -> FailoverRecord:
+        """Planned move of the slot to a shadow, its streams with it (token-exact, as on a
+        failure, but with no detection and no error). Where the shadow can wake while the
+        old engine serves, it does, and the streams move once it serves: their stall is the
+        continuation's prefill. Otherwise the streams move at once and wait while the old
+        engine stops and the shadow wakes. Refused (nothing touched) when no shadow could
+        take the slot. ``drain_for``: how long the old engine may finish its streams before
+        the rest move (default ``failover.drain_limit``; only where the new engine already
+        serves, i.e. make before break)."""
+        if drain_for is None:
+            drain_for = self.cfg.failover.drain_limit
+        target = self._check_target(to)
         old = self.active_engine()
         if old is not None and self.phase is not Phase.SERVING:
             raise FailoverError(f"slot {self.slot.name} is {self.phase}; try again once serving")
@@ -1055,30 +1164,180 @@ class SlotController:
             kind=kind,
             detected_at=time.time(),
         )
-        if old is not None:
+        if old is None:
+            if self._go(Event.SHADOW_READY, f"{kind} requested on a slot with no active") is None:
+                raise FailoverError(f"slot {self.slot.name} is {self.phase}")
+        elif self._make_before_break(old, target):
+            if (
+                self._go(Event.SWITCHOVER, f"{kind}: {target.id} wakes while {old.id} serves")
+                is None
+            ):
+                raise FailoverError(f"slot {self.slot.name} is {self.phase}")
+            await self._switch_live(record, old, target, drain_for)
+            return record
+        else:
             if self._go(Event.SWITCHOVER, f"{kind} of {old.id} requested") is None:
                 raise FailoverError(f"slot {self.slot.name} is {self.phase}")
             self.slot.active = None
             self._set_degraded(f"{kind} in progress")
             self.set_state(old, EngineState.DRAINING, f"{kind} requested")
+            # The streams leave now and wait for the shadow (it shares the old engine's
+            # GPUs): cutting them at the end of the old engine's drain would stall them more.
+            record.moved_streams = self.move_streams(old.id)
             with Step(record, "drain"):
                 await self.manager.stop(old, self.cfg.failover.stop_grace)
             self.set_state(old, EngineState.STOPPED, kind)
             self.tg.start_soon(self._retire, old)
-        elif self._go(Event.SHADOW_READY, f"{kind} requested on a slot with no active") is None:
-            raise FailoverError(f"slot {self.slot.name} is {self.phase}")
-        if to is not None:  # put the chosen shadow first
-            target = self.engines[to]
-            self.engines = {to: target, **{k: v for k, v in self.engines.items() if k != to}}
+        # put the chosen shadow first
+        self.engines = {
+            target.id: target,
+            **{k: v for k, v in self.engines.items() if k != target.id},
+        }
         await self.failover(record, dead=old)
         return record
 
-    async def drain(self, engine_id: str) -> None:
+    async def _switch_live(
+        self, record: FailoverRecord, old: Engine, new: Engine, drain_for: float
+    ) -> None:
+        """Make before break: wake ``new`` while ``old`` serves, switch the slot to it at
+        epoch + 1 (new requests go there), let ``old`` finish its streams for ``drain_for``
+        seconds, move the rest, then stop ``old``. A failed wake leaves ``old`` serving."""
+        self.history.appendleft(record)
+        t0 = time.monotonic()
+        label = record.kind + ":" + record.kind
+        try:
+            async with self.lock:
+                try:
+                    with Step(record, "wake"):
+                        await self._wake(new)
+                except FailoverError as e:
+                    record.result, record.detail = "error", f"{new.id} failed to wake: {e}"
+                    self.set_state(new, EngineState.FAILED, f"wake failed: {e}")
+                    self.manager.kill_now(new)
+                    self.tg.start_soon(self._retire, new)
+                    self._go(Event.SWITCHOVER_ABORTED, f"{record.detail}; {old.id} serves on")
+                    return
+                with Step(record, "fence"):
+                    epoch = await self.coord.claim(
+                        self.slot.name, new.unit, self.slot.epoch, record.reason
+                    )
+                if epoch is None:
+                    record.result = "fenced"
+                    record.detail = "the slot's epoch moved on in the cluster"
+                    await self._put_back(new)
+                    self._go(Event.FENCED, f"{record.detail}; not switching to {new.id}")
+                    return
+                with Step(record, "promote"):
+                    # One step for routing: the old engine stops being a candidate as the
+                    # new one becomes the active engine.
+                    self.set_state(old, EngineState.DRAINING, f"{record.kind}: {new.id} serves")
+                    self._promote_state(new, epoch)
+                self.metrics.wake_seconds.labels(self.slot.name).observe(record.steps["wake"])
+                record.promoted_engine, record.epoch, record.result = new.id, epoch, "promoted"
+                self._go(
+                    Event.PROMOTED,
+                    f"{record.kind}: {new.id} serves at epoch {epoch}; {old.id} drains",
+                    steps=record.steps,
+                )
+                self.metrics.failover_seconds.labels(self.slot.name).observe(time.monotonic() - t0)
+            with Step(record, "drain"):
+                # The old engine's streams may finish where they are (no re-prefill) ...
+                with anyio.move_on_after(drain_for):
+                    while self.streams_on(old.id):
+                        await anyio.sleep(0.05)
+            # ... and past the limit they move instead of being cut by its stop.
+            record.moved_streams = self.move_streams(old.id)
+            if record.moved_streams:
+                self.log.info(
+                    f"{record.moved_streams} stream(s) moved off {old.id} to {new.id}",
+                    drained_for=record.steps["drain"],
+                )
+            with Step(record, "stop_old"):
+                await self.manager.stop(old, self.cfg.failover.stop_grace)
+            self.set_state(old, EngineState.STOPPED, record.kind)
+            self.tg.start_soon(self._retire, old)
+        finally:
+            record.finished_at = time.time()
+            result = record.result if record.result in ("promoted", "error") else "degraded"
+            self.metrics.failovers.labels(self.slot.name, label, result).inc()
+            self.kick_replenish()
+
+    async def _put_back(self, engine: Engine) -> None:
+        """A woken shadow that is not to serve after all: it is stopped (the replenisher
+        starts a fresh one asleep)."""
+        self.set_state(engine, EngineState.DRAINING, "woken for a switch that did not happen")
+        await self.manager.stop(engine, self.cfg.failover.stop_grace)
+        self.set_state(engine, EngineState.STOPPED, "woken for a switch that did not happen")
+        self.tg.start_soon(self._retire, engine)
+
+    def schedule_switchover(self, at: float, to: str | None) -> ScheduledSwitchover:
+        """A switchover at wall time ``at`` (replacing one already scheduled); the target
+        is checked now and again when it fires."""
+        self._check_target(to)
+        self.cancel_scheduled("replaced by a new schedule")
+        plan = ScheduledSwitchover(at, to, time.time())
+        self.scheduled = plan
+        self.tg.start_soon(self._scheduled_switchover, plan)
+        self.log.info(
+            f"switchover scheduled for {time.strftime('%H:%M:%S', time.localtime(at))}",
+            to=to,
+            in_s=round(at - time.time(), 3),
+        )
+        self.on_change()
+        return plan
+
+    def cancel_scheduled(self, why: str = "cancelled") -> ScheduledSwitchover | None:
+        plan, self.scheduled = self.scheduled, None
+        if self._scheduled_scope is not None:
+            self._scheduled_scope.cancel()
+            self._scheduled_scope = None
+        if plan is not None:
+            self.log.info(f"scheduled switchover {why}", at=plan.at)
+            self.on_change()
+        return plan
+
+    async def _scheduled_switchover(self, plan: ScheduledSwitchover) -> None:
+        with anyio.CancelScope() as scope:
+            self._scheduled_scope = scope
+            await anyio.sleep(max(0.0, plan.at - time.time()))
+            self.scheduled, self._scheduled_scope = None, None
+            self.on_change()
+            self.log.info("scheduled switchover fires", to=plan.to)
+            try:
+                record = await self.switchover(plan.to)
+            except FailoverError as e:
+                self.log.error("scheduled switchover refused", error=str(e))
+                self.history.appendleft(
+                    FailoverRecord(
+                        self.slot.name,
+                        self.slot.active,
+                        "switchover: scheduled",
+                        kind="switchover",
+                        detected_at=time.time(),
+                        result="error",
+                        detail=str(e),
+                        finished_at=time.time(),
+                    )
+                )
+                return
+            self.log.info("scheduled switchover done", result=record.result)
+
+    async def retire_now(self, engine: Engine, why: str) -> None:
+        """Stop an engine that serves nothing (a shadow) and wait until its place (port,
+        GPUs) is free."""
+        self.set_state(engine, EngineState.DRAINING, why)
+        await self.manager.stop(engine, self.cfg.failover.stop_grace)
+        self.set_state(engine, EngineState.STOPPED, why)
+        await self._retire(engine)
+
+    async def drain(self, engine_id: str, limit: float | None = None) -> None:
+        """Stop an engine gracefully; an active one hands the slot to a shadow first and
+        its streams finish there or, past ``limit``, move (see :meth:`switchover`)."""
         engine = self.engines.get(engine_id)
         if engine is None:
             raise FailoverError(f"no engine {engine_id!r} in slot {self.slot.name}")
         if engine.id == self.slot.active:
-            await self.switchover(None, kind="drain")
+            await self.switchover(None, kind="drain", drain_for=limit)
             return
         self.set_state(engine, EngineState.DRAINING, "drain requested")
         await self.manager.stop(engine, self.cfg.failover.stop_grace)

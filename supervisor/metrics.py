@@ -126,6 +126,25 @@ class Metrics:
             ["slot"],
             registry=r,
         )
+        self.slot_paused = Gauge(
+            "failover_supervisor_slot_paused",
+            "1 while the slot is in maintenance mode (its own pause or its node's): no "
+            "automatic failover or relaunch.",
+            ["slot"],
+            registry=r,
+        )
+        self.rollout_pending = Gauge(
+            "failover_supervisor_slot_rollout_pending",
+            "1 while a reloaded config holds a new spec for the slot that is not rolled out.",
+            ["slot"],
+            registry=r,
+        )
+        self.rollouts = Counter(
+            "failover_supervisor_rollouts_total",
+            "Rolling engine upgrades by slot and result (done, rolled_back, error).",
+            ["slot", "result"],
+            registry=r,
+        )
         self.engine_relaunches = Counter(
             "failover_supervisor_engine_relaunches_total",
             "Engines relaunched (as new shadows) after they failed.",
@@ -300,10 +319,19 @@ class Metrics:
         for source in DEATH_SOURCES:
             for result in FAILOVER_RESULTS:
                 self.failovers.labels(slot, f"failover:{source}", result)
-        for reason in ("switchover:switchover", "drain:drain", "recovery:recover"):
+        for reason in (
+            "switchover:switchover",
+            "drain:drain",
+            "rollout:rollout",
+            "recovery:recover",
+        ):
             for result in FAILOVER_RESULTS:
                 self.failovers.labels(slot, reason, result)
         self.engine_relaunches.labels(slot)
+        self.slot_paused.labels(slot)
+        self.rollout_pending.labels(slot)
+        for result in ("done", "rolled_back", "error"):
+            self.rollouts.labels(slot, result)
         self.stream_suspicions.labels(slot)
         self.wake_seconds.labels(slot)
         self.failover_seconds.labels(slot)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -310,6 +311,7 @@ class Engine:
     start_ticks: int | None = None  # process start time: with the pid, its identity
     group: str = ""  # a multi-node group's id: the engines that act (and fail over) as one
     suspended_by: str = ""  # a suspend strategy holds it asleep (not the engine's own sleep)
+    generation: int = 0  # the slot spec it was launched from (a rollout moves to the next)
 
     @property
     def standing_by_awake(self) -> bool:
@@ -343,6 +345,7 @@ class Engine:
             "gpus": list(self.spec.gpus),
             "reason": self.reason,
             "group": self.group or None,
+            "generation": self.generation,
         }
 
 
@@ -353,18 +356,22 @@ class FailoverRecord:
     slot: str
     failed_engine: str | None
     reason: str
-    kind: str = "failover"  # failover | switchover | drain
+    kind: str = "failover"  # failover | switchover | drain | rollout | recovery | cluster
     detected_at: float = 0.0  # wall time the failure was declared
     promoted_engine: str | None = None
     epoch: int | None = None
     result: str = "in_progress"  # promoted | degraded | error
     steps: dict[str, float] = field(default_factory=dict)
     finished_at: float | None = None
+    detail: str = ""  # why it did not promote, when it did not
+    moved_streams: int = 0  # streams a planned move took off the old engine
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "slot": self.slot,
             "kind": self.kind,
+            "detail": self.detail,
+            "moved_streams": self.moved_streams,
             "failed_engine": self.failed_engine,
             "reason": self.reason,
             "detected_at": self.detected_at,
@@ -394,4 +401,67 @@ class Slot:
             "active": self.active,
             "degraded": bool(self.degraded_reason),
             "degraded_reason": self.degraded_reason,
+        }
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Maintenance mode for a slot or a whole node: no automatic failover and no relaunch;
+    health is still watched and reported. Ends when resumed, or by itself at ``until``."""
+
+    reason: str
+    since: float  # wall time
+    until: float | None = None  # wall time; None: until resumed
+
+    def expired(self, now: float) -> bool:
+        return self.until is not None and now >= self.until
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "since": self.since, "until": self.until}
+
+
+@dataclass(frozen=True)
+class ScheduledSwitchover:
+    """A switchover an operator asked for at a later time (cancellable until it fires)."""
+
+    at: float  # wall time it fires
+    to: str | None  # a shadow's id, or None: the first sleeping shadow
+    requested_at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "to": self.to,
+            "requested_at": self.requested_at,
+            "in_s": round(max(0.0, self.at - time.time()), 3),
+        }
+
+
+@dataclass
+class RolloutProgress:
+    """A rolling engine upgrade of one slot, as ``/status`` shows it."""
+
+    slot: str
+    changes: list[str]  # the spec keys that differ
+    from_generation: int
+    to_generation: int
+    started_at: float
+    step: str = "starting"
+    result: str = "in_progress"  # in_progress | done | rolled_back | error
+    reason: str = ""
+    finished_at: float | None = None
+    migrated_streams: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "changes": list(self.changes),
+            "from_generation": self.from_generation,
+            "to_generation": self.to_generation,
+            "started_at": self.started_at,
+            "step": self.step,
+            "result": self.result,
+            "reason": self.reason,
+            "finished_at": self.finished_at,
+            "migrated_streams": self.migrated_streams,
         }

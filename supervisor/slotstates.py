@@ -43,6 +43,10 @@ class Event(StrEnum):
     ASSIGNED = "assigned"  # the cluster leader chose our shadow for the slot
     STEP_DOWN = "step_down"  # the cluster serves the slot elsewhere now: stop ours
     SHADOWS_MISSING = "shadows_missing"  # fewer shadows than configured (one died, ...)
+    # The active engine died while the slot (or node) is paused: nothing is promoted.
+    ACTIVE_DIED_PAUSED = "active_died_paused"
+    # A planned switchover whose new engine failed to wake: the old one never stopped.
+    SWITCHOVER_ABORTED = "switchover_aborted"
     STOP = "stop"
 
 
@@ -63,6 +67,9 @@ TABLE: dict[tuple[Phase, Event], Transition] = {
     (P.SERVING, E.ACTIVE_DIED): T(P.FAILING_OVER, "promote_shadow"),
     (P.SERVING, E.SWITCHOVER): T(P.FAILING_OVER, "promote_shadow"),
     (P.SERVING, E.STEP_DOWN): T(P.STANDBY, "stop_active"),
+    (P.SERVING, E.ACTIVE_DIED_PAUSED): T(P.DEGRADED, ""),
+    (P.STARTING, E.ACTIVE_DIED_PAUSED): T(P.DEGRADED, ""),
+    (P.FAILING_OVER, E.SWITCHOVER_ABORTED): T(P.SERVING, ""),
     (P.FAILING_OVER, E.PROMOTED): T(P.SERVING, ""),
     (P.FAILING_OVER, E.NO_SHADOW): T(P.DEGRADED, "hand_over"),
     (P.FAILING_OVER, E.FENCED): T(P.STANDBY, ""),

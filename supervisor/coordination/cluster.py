@@ -102,6 +102,7 @@ class ClusterView:
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     slots: dict[str, SlotRecord] = field(default_factory=dict)
     election: dict[str, int] = field(default_factory=dict)  # node -> create revision
+    paused: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> its pauses
     revision: int = 0
 
     def apply(self, rel: str, kv: KeyValue, deleted: bool) -> None:
@@ -118,13 +119,22 @@ class ClusterView:
             else:
                 self.election[name] = kv.create_revision
             return
-        table = {"nodes": self.nodes, "engines": self.engines}.get(kind)
+        table = {"nodes": self.nodes, "engines": self.engines, "paused": self.paused}.get(kind)
         if table is None:
             return
         if deleted:
             table.pop(name, None)
         else:
             table[name] = orjson.loads(kv.value)
+
+    def is_paused(self, node: str, slot: str, now: float) -> bool:
+        """Whether ``node`` is in maintenance mode for ``slot`` (the whole node, or the
+        slot alone), by the pause it published."""
+        rec = self.paused.get(node) or {}
+        for p in (rec.get("node"), (rec.get("slots") or {}).get(slot)):
+            if isinstance(p, dict) and (p.get("until") is None or now < float(p["until"])):
+                return True
+        return False
 
     def leader(self, excluding: Collection[str] = ()) -> str | None:
         """The candidate with the lowest create revision, passing over ``excluding``."""
@@ -151,8 +161,13 @@ class ClusterCoordinator:
         on_view_change: Callable[[], None],
         on_peer_dead: Callable[[list[str]], None],
         load: Callable[[str], int] = lambda engine_id: 0,
+        pauses: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self.cfg = cfg
+        # This node's pauses, kept in etcd without a lease: a paused node that goes down
+        # stays paused for the leader (its slots are not moved) until resumed or expired.
+        self.pauses = pauses
+        self._published_pause: bytes | None = b"(never published)"
         self.cl = cfg.cluster
         self.node = cfg.node
         self.controllers = controllers
@@ -198,6 +213,21 @@ class ClusterCoordinator:
     def _kick(self) -> None:
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+
+    def pauses_changed(self) -> None:
+        self._dirty.set()
+
+    async def _publish_pause(self) -> None:
+        rec = self.pauses()
+        value = orjson.dumps(rec) if rec else None
+        if value == self._published_pause:
+            return
+        key = self.key("paused", self.node)
+        if value is None:
+            await self.etcd.delete(key)
+        else:
+            await self.etcd.put(key, value)
+        self._published_pause = value
 
     def local_changed(self) -> None:
         """Called on every local engine state change: publish it (and beat it) soon."""
@@ -505,6 +535,7 @@ class ClusterCoordinator:
                 continue
             try:
                 await self._publish()
+                await self._publish_pause()
                 await self._flush_pending()
             except LeaseExpired:
                 pass  # the lease loop re-registers
@@ -622,6 +653,10 @@ class ClusterCoordinator:
             waking = in_progress and not failed and not owner_dead
             if waking and time.monotonic() - seen < self.cfg.failover.wake_timeout:
                 self._say(slot, "waiting for the chosen unit to wake", unit=rec.active)
+                return
+            paused = sorted(n for n in owners if self.view.is_paused(n, slot, time.time()))
+            if paused:
+                self._say(slot, "not moving the slot: its node is paused", nodes=paused)
                 return
             if not grouped and not owner_dead:
                 # The owner fails over to its own shadows; it hands over by clearing active.
@@ -814,6 +849,7 @@ class ClusterCoordinator:
                 for s, r in sorted(self.view.slots.items())
             },
             "pending_claims": sorted(self._pending),
+            "paused": dict(self.view.paused),
         }
 
 

@@ -66,6 +66,7 @@ class Lease:
     target: Target
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     engine_failed: bool = False
+    moved: bool = False  # a planned move took the request off a healthy engine
 
 
 class Router:
@@ -189,6 +190,21 @@ class Router:
         for lease in list(self.leases.get(engine_id, ())):
             lease.engine_failed = True
             lease.scope.cancel()
+
+    def move_off(self, engine_id: str) -> int:
+        """A planned move (switchover, rollout, a drain past its limit): every stream on
+        the engine leaves it now and resumes, token-exact, wherever the slot is served.
+        The engine is not blamed and the move does not count against
+        ``migration_limit``. Returns how many streams were moved."""
+        leases = list(self.leases.get(engine_id, ()))
+        for lease in leases:
+            lease.moved = True
+            lease.scope.cancel()
+        return len(leases)
+
+    def streams_on(self, engine_id: str) -> int:
+        """Requests the engine serves for this frontend now."""
+        return len(self.leases.get(engine_id, ()))
 
     @contextmanager
     def held(self, lease: Lease) -> Iterator[Lease]:

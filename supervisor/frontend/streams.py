@@ -43,9 +43,10 @@ from supervisor.upstream import iter_sse_data
 class UpstreamBroken(Exception):
     """The engine's stream ended badly; the request may migrate."""
 
-    def __init__(self, reason: str, *, engine_fault: str = "") -> None:
+    def __init__(self, reason: str, *, engine_fault: str = "", planned: bool = False) -> None:
         super().__init__(reason)
         self.engine_fault = engine_fault  # "garbage" or "stall": reported to health
+        self.planned = planned  # moved off a healthy engine on purpose: not a failure
 
 
 class UpstreamClientError(Exception):
@@ -208,6 +209,7 @@ class RequestRelay:
         self.finish: str | None = None
         self.prompt_tokens: int | None = None
         self.attempt = 0
+        self.moves = 0  # planned moves among the attempts (not held against the limit)
         self.sent_before_attempt = 0
         self.last_event = 0.0
         self.writing_since: float | None = None  # blocked on the client, not the engine
@@ -261,14 +263,18 @@ class RequestRelay:
                             lease.target.engine_id, e.engine_fault, str(e), self.rid
                         )
                     self.attempt += 1
-                    if self.attempt > self.cfg.migration_limit:
+                    self.moves += e.planned
+                    if self.attempt - self.moves > self.cfg.migration_limit:
                         self.metrics.migrations.labels("failed", self._mode(backend)).inc()
                         raise MigrationFailed(
                             f"stream broke {self.attempt} times (migration_limit "
                             f"{self.cfg.migration_limit}); last: {e}"
                         ) from e
-                    self.log.warning(
-                        "stream disconnected; recreating stream on another engine",
+                    say = self.log.info if e.planned else self.log.warning
+                    say(
+                        "stream moved by plan; recreating it on another engine"
+                        if e.planned
+                        else "stream disconnected; recreating stream on another engine",
                         engine=lease.target.engine_id,
                         reason=str(e),
                         tokens_sent=self.progress.completion_tokens,
@@ -370,6 +376,8 @@ class RequestRelay:
             raise ClientGone(
                 f"the client read nothing for {self.cfg.client_write_timeout:g}s (too slow)"
             )
+        if lease.moved:
+            raise UpstreamBroken("moved off the engine by plan", planned=True)
         if self.stalled:
             raise UpstreamBroken(self.stalled_reason, engine_fault="stall")
         if lease.engine_failed:

@@ -316,3 +316,26 @@ async def test_local_failover_while_etcd_is_unreachable_is_recorded_later(
     )
     assert "etcd unreachable: promoting on this node now" in a.logs()
     assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
+
+
+async def test_leader_does_not_move_a_paused_nodes_slot(
+    make_node: Callable[[str], Node], session: Any
+) -> None:
+    """Maintenance on node-a (paused for 6 s, then it goes down, as for a reboot): the
+    leader leaves its slot alone while the pause lasts, and moves it once the pause ends."""
+    a, b = await active_and_pooled_shadow(make_node)
+    async with session.post(a.admin + "/pause", json={"reason": "reboot", "for": 6}) as r:
+        assert r.status == 200, await r.text()
+    st = await b.wait(
+        lambda s: "node-a" in (s["cluster"].get("paused") or {}), what="node-a's pause seen"
+    )
+    a.kill([e["pid"] for e in engines_of(await a.status())])
+    st = await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "dead", what="node-a dead")
+    await anyio.sleep(1.0)  # the leader would have promoted by now
+    st = await b.status()
+    assert slot_record(st, "chat")["epoch"] == 1, slot_record(st, "chat")
+    assert "its node is paused" in b.logs()
+    st = await b.wait(
+        lambda s: slot_record(s, "chat").get("epoch") == 2, what="promotion after the pause"
+    )
+    assert slot_record(st, "chat")["active"].startswith("node-b.")

@@ -1,0 +1,432 @@
+"""Zero-downtime operations through the real daemon and simulated engines: config reload,
+maintenance mode, scheduled switchover, rolling engine upgrades under live streams, and a
+drain that moves the streams it cannot finish."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from bench.load import expected_text
+from supervisor.testing.cluster import render_config, sim_slot
+from supervisor.testing.gpuledger import process_start_time
+from supervisor.testing.simtokenizer import WORDS, SimTokenizer
+from supervisor.upstream import iter_sse_data
+from tests.e2e import test_single_node
+from tests.e2e.test_single_node import Admin, slot_of
+
+daemon = test_single_node.daemon  # the fixture: a real daemon per test, stopped after it
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+# 10 ms between tokens: a 400-token stream runs for 4 s, long enough to move it mid-way.
+SIM = (
+    "--sim-load-time", "0.05", "--sim-ttft", "0.005", "--sim-itl", "0.01",
+    "--sim-sleep-time", "0.01", "--sim-wake-time", "0.05", "--sim-release-delay", "0.05",
+)  # fmt: skip
+_TOKENIZER = SimTokenizer()
+SHORT = {"model": "sim-model", "prompt": "a", "max_tokens": 2}
+
+
+def pooled(**kw: Any) -> dict[str, Any]:
+    """A slot whose shadow has a GPU of its own: it can wake while the active serves."""
+    return sim_slot("s", placement="pooled", gpus=["0"], shadow_gpus=[["1"]], sim_args=SIM, **kw)
+
+
+def prompt_of(i: int) -> str:
+    return f"the lantern over the harbor {WORDS[i % len(WORDS)]} {WORDS[(7 * i) % len(WORDS)]}"
+
+
+async def stream(
+    session: aiohttp.ClientSession,
+    url: str,
+    prompt: str,
+    max_tokens: int,
+    on_chunk: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """One streamed completion as the client sees it: text, finishes, usage, failover
+    reports, and the arrival time of every chunk."""
+    body = {
+        "model": "sim-model",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    out: dict[str, Any] = {"text": "", "finishes": [], "usage": None, "failover": [], "at": []}
+    out["done"] = False
+    async with session.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for data in iter_sse_data(r):
+            obj = json.loads(data)
+            assert "error" not in obj, obj
+            if obj.get("usage"):
+                out["usage"] = obj["usage"]
+            if obj.get("failover"):
+                out["failover"].append(obj["failover"])
+            for ch in obj["choices"]:
+                out["text"] += ch["text"]
+                if ch["finish_reason"]:
+                    out["finishes"].append(ch["finish_reason"])
+                out["at"].append(time.monotonic())
+            on_chunk()
+        out["done"] = True  # iter_sse_data returns only after [DONE]
+    return out
+
+
+def want(prompt: str, max_tokens: int) -> str:
+    return expected_text(_TOKENIZER.encode(prompt), max_tokens)
+
+
+def largest_gap_ms(arrivals: list[float]) -> float:
+    return max((b - a for a, b in itertools.pairwise(arrivals)), default=0) * 1000
+
+
+def rewrite(admin: Admin, change: Callable[[dict[str, Any]], None]) -> None:
+    """Edit the running daemon's config file, as an operator would."""
+    path = admin.sup.config_path
+    cfg = tomllib.loads(path.read_text())
+    change(cfg)
+    path.write_text(render_config(cfg))
+
+
+async def until(pred: Callable[[], Any], timeout: float = 15, what: str = "condition") -> None:
+    """Wait for the awaitable check ``pred()`` to hold."""
+    with anyio.fail_after(timeout):
+        while not await pred():
+            await anyio.sleep(0.02)
+
+
+def environ_of(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+
+
+def gone(pid: int) -> bool:
+    return process_start_time(pid) is None
+
+
+class Streams:
+    """Long streams started in the background; their results once all have ended."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, sizes: list[int]) -> None:
+        self.session, self.url, self.sizes = session, url, sizes
+        self.results: dict[int, dict[str, Any] | BaseException] = {}
+        self.chunks = [0] * len(sizes)
+
+    def under_way(self, n: int) -> Callable[[], Any]:
+        """A check: has every stream had ``n`` chunks?"""
+
+        async def check() -> bool:
+            return min(self.chunks) >= n
+
+        return check
+
+    async def _one(self, i: int) -> None:
+        def seen() -> None:
+            self.chunks[i] += 1
+
+        try:
+            self.results[i] = await stream(
+                self.session, self.url, prompt_of(i), self.sizes[i], seen
+            )
+        except Exception as e:  # the check below names it
+            self.results[i] = e
+
+    def start(self, tg: Any) -> None:
+        for i in range(len(self.sizes)):
+            tg.start_soon(self._one, i)
+
+    def check(self) -> list[dict[str, Any]]:
+        """Every stream complete, token-exact, one finish, [DONE], usage right."""
+        out = []
+        for i, n in enumerate(self.sizes):
+            got = self.results[i]
+            assert not isinstance(got, BaseException), f"stream {i}: {got!r}"
+            assert got["text"] == want(prompt_of(i), n), f"stream {i} differs from an unbroken run"
+            assert got["finishes"] == ["length"], (i, got["finishes"])
+            assert got["done"] and got["usage"]["completion_tokens"] == n, (i, got["usage"])
+            out.append(got)
+        return out
+
+
+async def test_reload_applies_what_it_can_and_a_bad_file_changes_nothing(
+    daemon: Any, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    admin: Admin = await daemon(sim_slot("s"))
+    url = admin.sup.frontend_url
+    before = await admin.status()
+    original = admin.sup.config_path.read_text()
+
+    # A file that does not validate: refused with every problem named, nothing changed.
+    rewrite(admin, lambda c: c["health"].update(stall_timeout="soon", probe_interval=-1))
+    code, answer = await admin.post("/reload", {})
+    assert code == 400, answer
+    problems = "\n".join(answer["error"]["problems"])
+    assert "health.stall_timeout" in problems and "health.probe_interval" in problems
+    after = await admin.status()
+    assert [e["pid"] for e in after["engines"]] == [e["pid"] for e in before["engines"]]
+    async with session.post(url + "/v1/completions", json=SHORT) as r:
+        assert r.status == 200  # no key needed: nothing was applied
+
+    # SIGHUP with the same bad file: refused as well, and the daemon serves on.
+    admin.sup.proc.send_signal(signal.SIGHUP)
+    await until(lambda: _logged(admin, "reload refused", 2), what="the refusal in the log")
+    assert admin.sup.proc.poll() is None
+
+    # A good file: applied at once where possible, a slot marked, a restart named.
+    key = tmp_path / "api-key"
+    key.write_text("sekrit\n")
+    admin.sup.config_path.write_text(original)
+
+    def good(c: dict[str, Any]) -> None:
+        c["frontend"]["api_key_file"] = str(key)
+        c["health"]["stall_timeout"] = 7.5
+        c["frontend"]["port"] = c["frontend"]["port"] + 1
+        c["slot"][0]["env"] = {"ROLLOUT_MARK": "2"}
+
+    rewrite(admin, good)
+    code, answer = await admin.post("/reload", {})
+    assert code == 200, answer
+    effects = {c["key"]: c["effect"] for c in answer["changes"]}
+    assert effects == {
+        "frontend.api_key_file": "applied",
+        "health.stall_timeout": "applied",
+        "frontend.port": "restart",
+        "slot[s].env": "rollout",
+    }
+    assert answer["rollout_pending"] == ["s"] and answer["restart_needed"] == ["frontend.port"]
+    st = await admin.status()
+    assert slot_of(st)["rollout_pending"] == ["env"]
+    assert [e["pid"] for e in st["engines"]] == [e["pid"] for e in before["engines"]]
+    assert 'failover_supervisor_slot_rollout_pending{slot="s"} 1.0' in await admin.metrics()
+    body = SHORT
+    async with session.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 401  # the new key is in force
+    auth = {"Authorization": "Bearer sekrit"}
+    async with session.post(url + "/v1/completions", json=body, headers=auth) as r:
+        assert r.status == 200
+
+    # SIGHUP, as `systemctl reload` sends: the key is dropped again.
+    admin.sup.config_path.write_text(original)
+    admin.sup.proc.send_signal(signal.SIGHUP)
+    await until(lambda: _logged(admin, '"config reloaded"', 2), what="the second reload")
+    async with session.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200
+    assert slot_of(await admin.status())["rollout_pending"] is None
+
+
+async def _logged(admin: Admin, text: str, times: int = 1) -> bool:
+    return admin.sup.logs().count(text) >= times
+
+
+def test_check_config_diff_says_what_a_reload_would_do(tmp_path: Path) -> None:
+    slot = sim_slot("s")
+    old = {"node": {"state_dir": str(tmp_path)}, "health": {"stall_timeout": 5}, "slot": [slot]}
+    new = {
+        "node": {"state_dir": str(tmp_path)},
+        "health": {"stall_timeout": 9},
+        "admin": {"port": 9471},
+        "slot": [{**slot, "extra_args": ["--max-model-len", "512"]}],
+    }
+    (tmp_path / "old.toml").write_text(render_config(old))
+    (tmp_path / "new.toml").write_text(render_config(new))
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "supervisor", "check-config", "--diff"),
+            *(str(tmp_path / "old.toml"), str(tmp_path / "new.toml")),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "applied  health.stall_timeout: 5.0 -> 9.0" in out
+    assert "restart  admin_port: 8470 -> 9471" in out
+    assert "rollout  slot[s].extra_args: [] -> ['--max-model-len', '512']" in out
+    assert "slots to roll out after the reload: s" in out
+
+
+async def test_pause_stops_failover_and_resume_restores_it(
+    daemon: Any, session: aiohttp.ClientSession
+) -> None:
+    admin: Admin = await daemon(sim_slot("s"))
+    url = admin.sup.frontend_url
+    st = await admin.status()
+    active = next(e for e in st["engines"] if e["id"] == slot_of(st)["active"])
+    shadow = next(e for e in st["engines"] if e["state"] == "sleeping")
+    code, answer = await admin.post("/pause", {"reason": "kernel upgrade"})
+    assert code == 200 and answer["slot"] is None, answer
+    assert 'failover_supervisor_slot_paused{slot="s"} 1.0' in await admin.metrics()
+    assert (await admin.status())["paused"]["reason"] == "kernel upgrade"
+
+    os.killpg(active["pid"], signal.SIGKILL)
+    st = await admin.wait(lambda s: slot_of(s)["active"] is None, what="the active's loss")
+    assert "paused" in slot_of(st)["degraded_reason"]
+    await anyio.sleep(1.0)  # long enough for a failover and a relaunch, were they allowed
+    st = await admin.status()
+    assert slot_of(st)["active"] is None and slot_of(st)["phase"] == "degraded"
+    assert [e["id"] for e in st["engines"]] == [shadow["id"]]  # nothing relaunched
+    assert st["engines"][0]["state"] == "sleeping"
+    async with session.post(url + "/v1/completions", json=SHORT) as r:
+        assert r.status == 503
+
+    code, answer = await admin.post("/resume", {})
+    assert code == 200, answer
+    st = await admin.wait(lambda s: slot_of(s)["active"] == shadow["id"], what="promotion")
+    async with session.post(url + "/v1/completions", json=SHORT) as r:
+        assert r.status == 200
+    code, _ = await admin.post("/resume", {})
+    assert code == 409  # not paused
+
+    # A slot's pause with an end runs out by itself.
+    code, answer = await admin.post("/pause", {"slot": "s", "for": 0.5})
+    assert code == 200 and answer["paused"]["until"] is not None
+    assert slot_of(await admin.status())["paused"] is not None
+    await admin.wait(lambda s: slot_of(s)["paused"] is None, what="the pause's expiry")
+
+    async def unpaused_metric() -> bool:
+        return 'failover_supervisor_slot_paused{slot="s"} 0.0' in await admin.metrics()
+
+    await until(unpaused_metric, what="the metric to follow the expiry")
+    code, answer = await admin.post("/pause", {"for": "a while"})
+    assert code == 400
+
+
+async def test_scheduled_switchover_fires_and_can_be_cancelled(daemon: Any) -> None:
+    admin: Admin = await daemon(sim_slot("s"))
+    st = await admin.status()
+    epoch = slot_of(st)["epoch"]
+    code, answer = await admin.post("/switchover", {"slot": "s", "after": 0.5})
+    assert code == 202, answer
+    assert slot_of(await admin.status())["scheduled_switchover"]["in_s"] <= 0.5
+    st = await admin.wait(lambda s: slot_of(s)["epoch"] == epoch + 1, what="the switchover")
+    assert slot_of(st)["scheduled_switchover"] is None
+    assert st["failovers"][0]["kind"] == "switchover"
+    assert st["failovers"][0]["result"] == "promoted"
+
+    await admin.wait(lambda s: any(e["state"] == "sleeping" for e in s["engines"]))
+    at = time.time() + 60
+    code, answer = await admin.post("/switchover", {"slot": "s", "at": at})
+    assert code == 202 and abs(answer["scheduled"]["at"] - at) < 0.01
+    code, answer = await admin.post("/switchover/cancel", {"slot": "s"})
+    assert code == 200, answer
+    assert slot_of(await admin.status())["scheduled_switchover"] is None
+    code, _ = await admin.post("/switchover/cancel", {"slot": "s"})
+    assert code == 404
+    code, answer = await admin.post("/switchover", {"slot": "s", "at": "tomorrow-ish"})
+    assert code == 400 and "ISO 8601" in answer["error"]["message"]
+    await anyio.sleep(0.5)
+    assert slot_of(await admin.status())["epoch"] == epoch + 1
+
+
+async def test_rollout_moves_20_live_streams_token_exact_to_the_new_spec(
+    daemon: Any, session: aiohttp.ClientSession
+) -> None:
+    admin: Admin = await daemon(pooled())
+    url = admin.sup.frontend_url
+    old = await admin.status()
+    old_pids = [e["pid"] for e in old["engines"]]
+    streams = Streams(session, url, [400] * 20)
+    async with anyio.create_task_group() as tg:
+        streams.start(tg)
+        await until(streams.under_way(50), what="20 streams under way")
+        rewrite(admin, lambda c: c["slot"][0].update(env={"ROLLOUT_MARK": "2"}))
+        code, answer = await admin.post("/reload", {})
+        assert code == 200 and answer["rollout_pending"] == ["s"], answer
+        code, answer = await admin.post("/rollout", {"slots": ["s"], "wait": True})
+        assert code == 200, json.dumps(answer, indent=1) + admin.sup.logs()[-3000:]
+    got = streams.check()
+    rollout = answer["rollouts"][0]
+    assert rollout["result"] == "done" and rollout["migrated_streams"] == 20, rollout
+    for g in got:
+        assert g["failover"] == [{"migrations": 1, "inexact": []}]
+    gaps = sorted(largest_gap_ms(g["at"]) for g in got)
+    print(f"rollout stall: p50 {statistics.median(gaps):.1f} ms, max {gaps[-1]:.1f} ms")
+
+    st = await admin.wait(
+        lambda s: len([e for e in s["engines"] if e["state"] in ("active", "sleeping")]) == 2,
+        what="the new spec's shadow",
+    )
+    assert slot_of(st)["generation"] == 1 and slot_of(st)["rollout_pending"] is None
+    for e in st["engines"]:
+        assert e["generation"] == 1, e
+        assert b"ROLLOUT_MARK=2" in environ_of(e["pid"]), e["id"]
+    await until(lambda: _true(all(gone(p) for p in old_pids)), what="the old engines' exit")
+    assert st["failovers"][0]["kind"] == "rollout" and st["failovers"][0]["moved_streams"] == 20
+    assert 'failover_supervisor_rollouts_total{result="done",slot="s"} 1.0' in (
+        await admin.metrics()
+    )
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_rollout_whose_new_engine_fails_rolls_back_and_loses_nothing(
+    daemon: Any, session: aiohttp.ClientSession
+) -> None:
+    admin: Admin = await daemon(pooled())
+    url = admin.sup.frontend_url
+    old = await admin.status()
+    streams = Streams(session, url, [300] * 5)
+    async with anyio.create_task_group() as tg:
+        streams.start(tg)
+        await until(streams.under_way(20), what="5 streams under way")
+        rewrite(admin, lambda c: c["slot"][0].update(sim_args=[*SIM, "--sim-no-such-flag"]))
+        code, answer = await admin.post("/reload", {})
+        assert code == 200, answer
+        code, answer = await admin.post("/rollout", {"wait": True})
+        assert code == 409, answer
+    streams.check()
+    rollout = answer["rollouts"][0]
+    assert rollout["result"] == "rolled_back", rollout
+    assert "did not come up" in rollout["reason"]
+    st = await admin.wait(
+        lambda s: len([e for e in s["engines"] if e["state"] in ("active", "sleeping")]) == 2,
+        what="the old spec's shadow back",
+    )
+    assert slot_of(st)["active"] == slot_of(old)["active"]  # it never stopped serving
+    assert all(e["generation"] == 0 for e in st["engines"])
+    assert slot_of(st)["rollout_pending"] == ["sim_args"]  # still what the file says
+    assert 'failover_supervisor_rollouts_total{result="rolled_back",slot="s"} 1.0' in (
+        await admin.metrics()
+    )
+    assert "rolling back" in admin.sup.logs()
+
+
+async def test_drain_past_its_limit_moves_streams_instead_of_cutting_them(
+    daemon: Any, session: aiohttp.ClientSession
+) -> None:
+    admin: Admin = await daemon(pooled())
+    url = admin.sup.frontend_url
+    st = await admin.status()
+    old = slot_of(st)["active"]
+    # 6 streams of 4 s, 2 of 0.3 s: the short ones end within the limit where they are.
+    streams = Streams(session, url, [400] * 6 + [30] * 2)
+    async with anyio.create_task_group() as tg:
+        streams.start(tg)
+        await until(streams.under_way(5), what="8 streams under way")
+        code, answer = await admin.post("/drain", {"engine": old, "limit": 1.0})
+        assert code == 200, answer
+    got = streams.check()
+    assert all(g["failover"] == [{"migrations": 1, "inexact": []}] for g in got[:6])
+    assert all(g["failover"] == [] for g in got[6:])
+    st = await admin.status()
+    record = st["failovers"][0]
+    assert record["kind"] == "drain" and record["moved_streams"] == 6, record
+    assert record["steps"]["drain"] >= 0.9, record  # the long ones had their limit first
+    assert slot_of(st)["active"] != old
