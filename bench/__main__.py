@@ -4,7 +4,8 @@
 
 Runs, one after another on this machine: failover detection after SIGKILL and SIGSTOP
 (bench.failover), the frontend against direct access (bench.frontend), GPU fault signals
-(bench.gpu), node loss and heartbeat CPU (bench.cluster). Every figure is a ratio or a
+(bench.gpu), node loss and heartbeat CPU (bench.cluster), the stall of a rolling upgrade
+next to a failover's (bench.operations). Every figure is a ratio or a
 distribution measured within the run. ``--quick`` takes fewer samples (a few minutes);
 the default takes about 15 minutes on 2 cores. Writes ``<out>/report.json``,
 ``<out>/report.md``, ``<out>/detection.png`` and ``<out>/heartbeat_cpu.png``.
@@ -24,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from bench import cluster, failover, frontend, gpu, node_load
+from bench import cluster, failover, frontend, gpu, node_load, operations
 
 
 def _bar(i: int, n: int, name: str, started: float) -> None:
@@ -44,6 +45,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
         ("frontend", lambda: frontend.run(*((16, 100, 5) if quick else (32, 300, 20)))),
         ("gpu faults", lambda: gpu.run(2 if quick else 5)),
         ("node load", lambda: node_load.run(300 if quick else 1000, 30, 0.2)),
+        ("operations", lambda: operations.run(1 if quick else 3, 20)),
         ("cluster", lambda: cluster.main(argparse.Namespace(
             trials=trials, engines="100,1000,5000", seconds=3.0 if quick else 10.0))),
     ]  # fmt: skip
@@ -108,6 +110,18 @@ def markdown(r: dict[str, Any]) -> str:
                 f"{load['failed']} / {load['failovers']} "
                 f"(probe p99 {load['probe_p99_ms']} ms, RSS {load['rss_mib_peak']} MiB)",
                 "0 / 0",
+            )
+        )
+    ops = r.get("operations")
+    if ops is not None:
+        itl, planned, unplanned = ops["results"]
+        rows.append(
+            _row(
+                f"client stall, rollout vs SIGKILL failover, p50 / p99 (n={planned['n']})",
+                f"{planned['p50_ms']:.0f} / {planned['p99_ms']:.0f} ms vs "
+                f"{unplanned['p50_ms']:.0f} / {unplanned['p99_ms']:.0f} ms "
+                f"(ITL {itl['p50_ms']:.0f} ms)",
+                "rollout: the continuation's prefill",
             )
         )
     nl = r["cluster"]["node_loss"]

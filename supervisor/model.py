@@ -451,10 +451,16 @@ class RolloutProgress:
     reason: str = ""
     finished_at: float | None = None
     migrated_streams: int = 0
+    history: list[tuple[float, str]] = field(default_factory=list)  # every step, timed
+
+    def to(self, step: str) -> None:
+        self.step = step
+        self.history.append((time.time(), step))
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "slot": self.slot,
+            "history": [{"at": at, "step": step} for at, step in self.history],
             "changes": list(self.changes),
             "from_generation": self.from_generation,
             "to_generation": self.to_generation,

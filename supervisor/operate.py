@@ -158,7 +158,7 @@ def rollout(ns: argparse.Namespace) -> int:
     if status != 202:
         _say_error(answer)
         return 1
-    said: dict[str, str] = {}
+    said: dict[str, int] = {}  # steps printed, per slot
     ours: dict[str, dict[str, Any]] = {}
     while True:
         _, st = _call(ns, "/status")
@@ -167,9 +167,10 @@ def rollout(ns: argparse.Namespace) -> int:
             if s["name"] not in names or r is None or r["started_at"] < t0 - 1:
                 continue
             ours[s["name"]] = r
-            if said.get(s["name"]) != r["step"]:
-                said[s["name"]] = r["step"]
-                print(f"[{time.strftime('%H:%M:%S')}] slot {s['name']}: {r['step']}", flush=True)
+            for h in r["history"][said.get(s["name"], 0) :]:
+                at = time.strftime("%H:%M:%S", time.localtime(h["at"]))
+                print(f"[{at}] slot {s['name']}: {h['step']}", flush=True)
+            said[s["name"]] = len(r["history"])
         # Slots roll one after another with no gap: none in progress means it has ended.
         if not any(r["result"] == "in_progress" for r in ours.values()):
             break

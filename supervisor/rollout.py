@@ -72,7 +72,7 @@ async def run(ctl: SlotController, progress: RolloutProgress) -> None:
     log = ctl.log.bind(rollout=new_gen)
 
     def step(what: str) -> None:
-        progress.step = what
+        progress.to(what)
         log.info(f"rollout: {what}")
         ctl.on_change()
 

@@ -4,7 +4,6 @@ drain that moves the streams it cannot finish."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -21,11 +20,10 @@ import aiohttp
 import anyio
 import pytest
 
-from bench.load import expected_text
+from bench.operations import SIM_ARGS as SIM
+from bench.operations import Streams, largest_gap, until
 from supervisor.testing.cluster import render_config, sim_slot
 from supervisor.testing.gpuledger import process_start_time
-from supervisor.testing.simtokenizer import WORDS, SimTokenizer
-from supervisor.upstream import iter_sse_data
 from tests.e2e import test_single_node
 from tests.e2e.test_single_node import Admin, slot_of
 
@@ -33,68 +31,12 @@ daemon = test_single_node.daemon  # the fixture: a real daemon per test, stopped
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-# 10 ms between tokens: a 400-token stream runs for 4 s, long enough to move it mid-way.
-SIM = (
-    "--sim-load-time", "0.05", "--sim-ttft", "0.005", "--sim-itl", "0.01",
-    "--sim-sleep-time", "0.01", "--sim-wake-time", "0.05", "--sim-release-delay", "0.05",
-)  # fmt: skip
-_TOKENIZER = SimTokenizer()
 SHORT = {"model": "sim-model", "prompt": "a", "max_tokens": 2}
 
 
 def pooled(**kw: Any) -> dict[str, Any]:
     """A slot whose shadow has a GPU of its own: it can wake while the active serves."""
     return sim_slot("s", placement="pooled", gpus=["0"], shadow_gpus=[["1"]], sim_args=SIM, **kw)
-
-
-def prompt_of(i: int) -> str:
-    return f"the lantern over the harbor {WORDS[i % len(WORDS)]} {WORDS[(7 * i) % len(WORDS)]}"
-
-
-async def stream(
-    session: aiohttp.ClientSession,
-    url: str,
-    prompt: str,
-    max_tokens: int,
-    on_chunk: Callable[[], None] = lambda: None,
-) -> dict[str, Any]:
-    """One streamed completion as the client sees it: text, finishes, usage, failover
-    reports, and the arrival time of every chunk."""
-    body = {
-        "model": "sim-model",
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    out: dict[str, Any] = {"text": "", "finishes": [], "usage": None, "failover": [], "at": []}
-    out["done"] = False
-    async with session.post(url + "/v1/completions", json=body) as r:
-        assert r.status == 200, await r.text()
-        async for data in iter_sse_data(r):
-            obj = json.loads(data)
-            assert "error" not in obj, obj
-            if obj.get("usage"):
-                out["usage"] = obj["usage"]
-            if obj.get("failover"):
-                out["failover"].append(obj["failover"])
-            for ch in obj["choices"]:
-                out["text"] += ch["text"]
-                if ch["finish_reason"]:
-                    out["finishes"].append(ch["finish_reason"])
-                out["at"].append(time.monotonic())
-            on_chunk()
-        out["done"] = True  # iter_sse_data returns only after [DONE]
-    return out
-
-
-def want(prompt: str, max_tokens: int) -> str:
-    return expected_text(_TOKENIZER.encode(prompt), max_tokens)
-
-
-def largest_gap_ms(arrivals: list[float]) -> float:
-    return max((b - a for a, b in itertools.pairwise(arrivals)), default=0) * 1000
 
 
 def rewrite(admin: Admin, change: Callable[[dict[str, Any]], None]) -> None:
@@ -105,63 +47,12 @@ def rewrite(admin: Admin, change: Callable[[dict[str, Any]], None]) -> None:
     path.write_text(render_config(cfg))
 
 
-async def until(pred: Callable[[], Any], timeout: float = 15, what: str = "condition") -> None:
-    """Wait for the awaitable check ``pred()`` to hold."""
-    with anyio.fail_after(timeout):
-        while not await pred():
-            await anyio.sleep(0.02)
-
-
 def environ_of(pid: int) -> list[bytes]:
     return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
 
 
 def gone(pid: int) -> bool:
     return process_start_time(pid) is None
-
-
-class Streams:
-    """Long streams started in the background; their results once all have ended."""
-
-    def __init__(self, session: aiohttp.ClientSession, url: str, sizes: list[int]) -> None:
-        self.session, self.url, self.sizes = session, url, sizes
-        self.results: dict[int, dict[str, Any] | BaseException] = {}
-        self.chunks = [0] * len(sizes)
-
-    def under_way(self, n: int) -> Callable[[], Any]:
-        """A check: has every stream had ``n`` chunks?"""
-
-        async def check() -> bool:
-            return min(self.chunks) >= n
-
-        return check
-
-    async def _one(self, i: int) -> None:
-        def seen() -> None:
-            self.chunks[i] += 1
-
-        try:
-            self.results[i] = await stream(
-                self.session, self.url, prompt_of(i), self.sizes[i], seen
-            )
-        except Exception as e:  # the check below names it
-            self.results[i] = e
-
-    def start(self, tg: Any) -> None:
-        for i in range(len(self.sizes)):
-            tg.start_soon(self._one, i)
-
-    def check(self) -> list[dict[str, Any]]:
-        """Every stream complete, token-exact, one finish, [DONE], usage right."""
-        out = []
-        for i, n in enumerate(self.sizes):
-            got = self.results[i]
-            assert not isinstance(got, BaseException), f"stream {i}: {got!r}"
-            assert got["text"] == want(prompt_of(i), n), f"stream {i} differs from an unbroken run"
-            assert got["finishes"] == ["length"], (i, got["finishes"])
-            assert got["done"] and got["usage"]["completion_tokens"] == n, (i, got["usage"])
-            out.append(got)
-        return out
 
 
 async def test_reload_applies_what_it_can_and_a_bad_file_changes_nothing(
@@ -333,10 +224,14 @@ async def test_scheduled_switchover_fires_and_can_be_cancelled(daemon: Any) -> N
     assert slot_of(await admin.status())["epoch"] == epoch + 1
 
 
+@pytest.mark.parametrize("placement", ["pooled", "paired"])
 async def test_rollout_moves_20_live_streams_token_exact_to_the_new_spec(
-    daemon: Any, session: aiohttp.ClientSession
+    daemon: Any, session: aiohttp.ClientSession, placement: str
 ) -> None:
-    admin: Admin = await daemon(pooled())
+    """Pooled: the new engine wakes on its own GPU while the old one serves (make before
+    break). Paired: they share a GPU, so the streams wait while the old one stops and the
+    new one wakes. Either way every stream comes out whole."""
+    admin: Admin = await daemon(pooled() if placement == "pooled" else sim_slot("s", sim_args=SIM))
     url = admin.sup.frontend_url
     old = await admin.status()
     old_pids = [e["pid"] for e in old["engines"]]
@@ -354,8 +249,8 @@ async def test_rollout_moves_20_live_streams_token_exact_to_the_new_spec(
     assert rollout["result"] == "done" and rollout["migrated_streams"] == 20, rollout
     for g in got:
         assert g["failover"] == [{"migrations": 1, "inexact": []}]
-    gaps = sorted(largest_gap_ms(g["at"]) for g in got)
-    print(f"rollout stall: p50 {statistics.median(gaps):.1f} ms, max {gaps[-1]:.1f} ms")
+    gaps = sorted(largest_gap(g["at"]) * 1000 for g in got)
+    print(f"{placement} rollout stall: p50 {statistics.median(gaps):.1f} ms, max {gaps[-1]:.1f} ms")
 
     st = await admin.wait(
         lambda s: len([e for e in s["engines"] if e["state"] in ("active", "sleeping")]) == 2,
@@ -430,3 +325,67 @@ async def test_drain_past_its_limit_moves_streams_instead_of_cutting_them(
     assert record["kind"] == "drain" and record["moved_streams"] == 6, record
     assert record["steps"]["drain"] >= 0.9, record  # the long ones had their limit first
     assert slot_of(st)["active"] != old
+
+
+async def test_a_pause_survives_a_restart_of_the_daemon(daemon: Any, tmp_path: Path) -> None:
+    """Maintenance often includes restarting the daemon: its pause (and a slot's) holds."""
+    slot = sim_slot("s")
+    admin: Admin = await daemon(slot, node={"on_exit": "leave"})
+    code, _ = await admin.post("/pause", {"reason": "driver upgrade"})
+    assert code == 200
+    code, _ = await admin.post("/pause", {"slot": "s", "reason": "new weights", "for": 600})
+    assert code == 200
+    before = await admin.status()
+    assert await anyio.to_thread.run_sync(admin.sup.stop) == 0
+    state = admin.sup.config_path.parent / "state"
+    again: Admin = await daemon(slot, node={"state_dir": str(state)})  # stops its engines
+    st = await again.status()
+    assert st["paused"]["reason"] == "driver upgrade"
+    assert slot_of(st)["paused"]["reason"] == "new weights"
+    assert [e["pid"] for e in st["engines"]] == [e["pid"] for e in before["engines"]]
+    code, _ = await again.post("/resume", {})
+    assert code == 200
+    code, _ = await again.post("/resume", {"slot": "s"})
+    assert code == 200
+    assert (await again.status())["paused"] is None
+
+
+async def test_operator_commands(daemon: Any) -> None:
+    """The CLI's reload, pause, resume, switchover and rollout, as an operator types them."""
+    admin: Admin = await daemon(pooled())
+
+    async def cli(*args: str, url: str = admin.sup.admin_url) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "supervisor", *args, "--admin", url]
+        return await anyio.to_thread.run_sync(
+            lambda: subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        )
+
+    out = await cli("pause", "s", "--for", "60", "--reason", "testing")
+    assert out.returncode == 0 and "slot s paused until" in out.stdout, out
+    rewrite(admin, lambda c: c["slot"][0].update(env={"ROLLOUT_MARK": "cli"}))
+    out = await cli("rollout")  # reloads, then is refused: paused
+    assert "rollout  slot[s].env" in out.stdout, out
+    assert out.returncode == 1 and "paused" in out.stderr, out
+    out = await cli("resume", "s")
+    assert out.returncode == 0 and "resumed s" in out.stdout, out
+    out = await cli("switchover", "s", "--after", "30")
+    assert out.returncode == 0 and "scheduled for" in out.stdout, out
+    out = await cli("switchover", "s", "--cancel")
+    assert out.returncode == 0 and "cancelled" in out.stdout, out
+    out = await cli("switchover", "s")
+    assert out.returncode == 0 and "switched over to" in out.stdout, out
+    await admin.wait(lambda s: any(e["state"] == "sleeping" for e in s["engines"]))
+    out = await cli("rollout", "--no-reload")  # the spec the reload above marked
+    assert out.returncode == 0 and "slot s: done" in out.stdout, out
+    assert "switching over" in out.stdout  # progress, step by step
+    await admin.wait(lambda s: any(e["state"] == "sleeping" for e in s["engines"]))
+    out = await cli("rollout")
+    assert out.returncode == 1 and "reloaded: no changes" in out.stdout, out
+    assert "nothing to roll out" in out.stderr, out
+    out = await cli("reload")
+    assert out.returncode == 0 and "reloaded: no changes" in out.stdout, out
+    admin.sup.config_path.write_text("[node\n")
+    out = await cli("reload")
+    assert out.returncode == 1 and "not valid TOML" in out.stderr, out
+    out = await cli("reload", url="http://127.0.0.1:9")
+    assert out.returncode == 2 and "cannot reach the admin API" in out.stderr, out
