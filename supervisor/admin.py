@@ -22,6 +22,7 @@ preflight this API never answers), so it cannot fail engines over behind the use
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -47,22 +48,21 @@ def _when(body: dict[str, Any], relative: str = "after", absolute: str = "at") -
         raise web.HTTPBadRequest(reason=f"give '{relative}' or '{absolute}', not both")
     rel, at = body.get(relative), body.get(absolute)
     if rel is not None:
-        if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not 0 <= rel < 1e8:
+        if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not 0 <= rel < 1e9:
             raise web.HTTPBadRequest(reason=f"'{relative}' must be seconds (a number >= 0)")
         return time.time() + float(rel)
     if at is None:
         return None
-    if isinstance(at, (int, float)) and not isinstance(at, bool):
+    if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at):
         return float(at)
-    if isinstance(at, str):
+    if isinstance(at, str) and len(at) < 64:
         try:
             parsed = datetime.fromisoformat(at)
-        except ValueError:
-            pass
-        else:
             if parsed.tzinfo is None:
                 parsed = parsed.astimezone()  # local time, as an operator writes it
             return parsed.timestamp()
+        except (ValueError, OverflowError, OSError):
+            pass
     raise web.HTTPBadRequest(
         reason=f"'{absolute}' must be Unix seconds or an ISO 8601 time like 2026-12-05T03:00:00Z"
     )
@@ -226,10 +226,10 @@ class AdminApi:
             slots = [body["slot"]]
         if not isinstance(slots, list) or not all(isinstance(x, str) for x in slots):
             raise web.HTTPBadRequest(reason="'slots' must be a list of slot names")
+        names = slots or [n for n, c in self.sup.controllers.items() if c.pending]
         started = self.sup.start_rollout(slots)
         if not body.get("wait"):
             return web.json_response({"rollouts": [p.as_dict() for p in started]}, status=202)
-        names = slots or [started[0].slot]
         while any(c.rolling_out for n, c in self.sup.controllers.items() if n in names):
             await anyio.sleep(0.1)
         done = [
@@ -249,7 +249,7 @@ class AdminApi:
         ctl, engine, body = await self._engine(request)
         limit = body.get("limit")
         if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0
+            isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit < 1e6
         ):
             raise web.HTTPBadRequest(reason="'limit' must be seconds (a number >= 0)")
         await ctl.drain(engine.id, limit)

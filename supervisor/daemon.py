@@ -220,14 +220,22 @@ class Supervisor:
     def _restore_pauses(self, saved: dict[str, Any]) -> None:
         """Pauses survive a restart of the daemon (maintenance often includes one)."""
         now = time.time()
-        raw = saved.get("pause")
-        if isinstance(raw, dict) and not (p := Pause(**raw)).expired(now):
-            self.node_pause = p
-            self.log.info("node still paused (from before the restart)", reason=p.reason)
+
+        def read(raw: Any) -> Pause | None:
+            try:
+                until = None if raw.get("until") is None else float(raw["until"])
+                p = Pause(str(raw["reason"]), float(raw["since"]), until)
+            except (TypeError, KeyError, ValueError, AttributeError):
+                if raw is not None:
+                    self.log.warning("unreadable pause in the state file; ignored", saved=raw)
+                return None
+            return None if p.expired(now) else p
+
+        self.node_pause = read(saved.get("pause"))
+        if self.node_pause is not None:
+            self.log.info("node paused since before the restart", reason=self.node_pause.reason)
         for name, ctl in self.controllers.items():
-            raw = (saved.get("slots", {}).get(name) or {}).get("pause")
-            if isinstance(raw, dict) and not (p := Pause(**raw)).expired(now):
-                ctl.pause = p
+            ctl.pause = read((saved.get("slots", {}).get(name) or {}).get("pause"))
         for ctl in self.controllers.values():
             self.metrics.slot_paused.labels(ctl.slot.name).set(1 if ctl.paused() else 0)
 

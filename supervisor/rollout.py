@@ -79,9 +79,13 @@ async def run(ctl: SlotController, progress: RolloutProgress) -> None:
     switched = False
     try:
         old_shadows = [e for e in ctl.live() if e.role == "shadow" and e.generation != new_gen]
-        first = next((e for e in old_shadows if e.state is EngineState.SLEEPING), old_shadows[0])
-        step(f"replacing shadow {first.id} with an engine of the new spec")
-        await ctl.retire_now(first, "rollout: replaced by an engine of the new spec")
+        asleep = [e for e in old_shadows if e.state is EngineState.SLEEPING]
+        if old_shadows:  # (one may have died since the rollout began: its place is free)
+            first = (asleep or old_shadows)[0]
+            step(f"replacing shadow {first.id} with an engine of the new spec")
+            await ctl.retire_now(first, "rollout: replaced by an engine of the new spec")
+        else:
+            step("starting a shadow of the new spec")
         try:
             fresh = await ctl.start_shadow()
         except FailoverError as e:
@@ -117,6 +121,10 @@ async def run(ctl: SlotController, progress: RolloutProgress) -> None:
     except FailoverError as e:  # after the switch: the new spec serves, its shadows did not
         progress.result, progress.reason = "error", str(e)
         step(f"the new spec serves, but rebuilding its shadows failed: {e} (relaunches go on)")
+    except Exception as e:  # a bug: recorded and logged, never the daemon's end
+        progress.result, progress.reason = "error", f"internal error: {e!r}"
+        log.error("rollout failed inside the supervisor", exc_info=e)
+        step(f"stopped by an internal error ({e!r}); see the log")
     finally:
         if progress.result == "in_progress":  # cancelled: the daemon is stopping
             progress.result, progress.reason = "error", "interrupted (the supervisor stopped)"

@@ -52,6 +52,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SupervisorProce
     assert "Traceback" not in sup.logs()
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def call(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
     try:
@@ -121,7 +124,12 @@ def test_frontend_answers_any_body_without_a_500(
 
 @EXAMPLES
 @given(
-    path=st.sampled_from(["/failover", "/switchover", "/drain", "/gpu/clear", "/nope"]),
+    path=st.sampled_from(
+        [
+            *("/failover", "/switchover", "/switchover/cancel", "/drain", "/gpu/clear"),
+            *("/pause", "/resume", "/reload", "/rollout", "/nope"),
+        ]
+    ),
     body=st.one_of(
         st.binary(max_size=40),
         json_values.map(lambda v: json.dumps(v).encode()),
@@ -132,6 +140,14 @@ def test_frontend_answers_any_body_without_a_500(
                 "engine": st.sampled_from(["s-0", "s-9"]) | json_values,
                 "to": json_values,
                 "gpu": st.sampled_from(["0", "7"]) | json_values,
+                "at": st.floats() | st.text(max_size=40) | json_values,
+                "after": st.floats(max_value=5) | json_values,
+                "for": st.floats(max_value=2) | json_values,
+                "until": st.floats() | st.text(max_size=40) | json_values,
+                "limit": st.floats(max_value=0.5) | json_values,
+                "reason": json_values,
+                "slots": st.lists(st.sampled_from(["s", "x"])) | json_values,
+                "wait": json_values,
             },
         ).map(lambda d: json.dumps(d).encode()),
     ),
@@ -139,11 +155,13 @@ def test_frontend_answers_any_body_without_a_500(
 def test_admin_answers_any_call_without_a_500(
     daemon: SupervisorProcess, path: str, body: bytes
 ) -> None:
-    code, answer = call(daemon.admin_url + path, body)
+    code, answer = call(daemon.admin_url + path, body, JSON)
     assert code < 500 or code == 503, (code, answer[:300])
 
 
 def test_after_fuzzing_the_daemon_still_serves(daemon: SupervisorProcess) -> None:
+    for body in (b"{}", b'{"slot": "s"}'):  # a fuzzed pause may still hold failover off
+        call(daemon.admin_url + "/resume", body, JSON)
     deadline = time.monotonic() + 30
     while True:  # a fuzzed switchover may be under way: the slot serves again soon
         try:
