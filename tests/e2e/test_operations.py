@@ -20,6 +20,7 @@ import aiohttp
 import anyio
 import pytest
 
+from bench.load import LoadSpec, run_load, summarize
 from bench.operations import SIM_ARGS as SIM
 from bench.operations import Streams, largest_gap, until
 from supervisor.testing.cluster import render_config, sim_slot
@@ -389,3 +390,50 @@ async def test_operator_commands(daemon: Any) -> None:
     assert out.returncode == 1 and "not valid TOML" in out.stderr, out
     out = await cli("reload", url="http://127.0.0.1:9")
     assert out.returncode == 2 and "cannot reach the admin API" in out.stderr, out
+
+
+async def test_rollout_under_the_load_client_loses_no_request(daemon: Any) -> None:
+    """The load client (completions and chat, streamed and not) runs through a rollout
+    that also changes the shadow count (2 -> 1): no request fails, every answer is exact."""
+    admin: Admin = await daemon(
+        sim_slot(
+            "s",
+            shadows=2,
+            placement="pooled",
+            gpus=["0"],
+            shadow_gpus=[["1"], ["2"]],
+            sim_args=SIM,
+        )
+    )
+    spec = LoadSpec(clients=8, requests_per_client=6, max_tokens=120, seed=3)
+    stop = anyio.Event()
+    results: list[Any] = []
+
+    async def load() -> None:
+        results.extend(await run_load([admin.sup.frontend_url], spec, stop=stop))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(load)
+        await anyio.sleep(0.5)
+        rewrite(
+            admin,
+            lambda c: c["slot"][0].update(
+                shadows=1, shadow_gpus=[["1"]], env={"ROLLOUT_MARK": "load"}
+            ),
+        )
+        code, answer = await admin.post("/reload", {})
+        assert code == 200 and answer["rollout_pending"] == ["s"], answer
+        code, answer = await admin.post("/rollout", {"wait": True})
+        assert code == 200, answer
+    summary = summarize(results)
+    assert summary["requests"] == 48 and summary["failed"] == 0, summary
+    assert summary["rejected_503"] == 0 and summary["inexact"] == 0, summary
+    st = await admin.wait(
+        lambda s: (
+            len([e for e in s["engines"] if e["state"] in ("active", "sleeping")]) == 2
+            and len(s["engines"]) == 2
+        ),
+        what="one active and one shadow of the new spec",
+    )
+    assert {e["generation"] for e in st["engines"]} == {1}
+    assert slot_of(st)["shadows_configured"] == 1
