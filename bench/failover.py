@@ -47,6 +47,16 @@ def summary(name: str, values: list[float]) -> dict[str, Any]:
     }
 
 
+def print_table(results: list[dict[str, Any]]) -> None:
+    """Summaries (see :func:`summary`) as a table on stdout."""
+    print(f"{'metric':40} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for r in results:
+        print(
+            f"{r['name']:40} {r['n']:>4} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+            f"{r['max_ms']:>8.2f}"
+        )
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process, from /proc (MiB)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -122,12 +132,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ns = ap.parse_args()
     out = anyio.run(run, ns.kills, ns.wake_time)
-    print(f"{'metric':40} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    for r in out["results"]:
-        print(
-            f"{r['name']:40} {r['n']:>4} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-            f"{r['max_ms']:>8.2f}"
-        )
+    print_table(out["results"])
     if ns.json:
         ns.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import anyio
 
-from bench.failover import summary
+from bench.failover import print_table, summary
 from bench.load import expected_text
 from supervisor.testing.cluster import render_config, sim_slot, start_supervisor
 from supervisor.testing.gpuledger import LEDGER_ENV
@@ -223,12 +223,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=None)
     ns = ap.parse_args()
     out = anyio.run(run, ns.rounds, ns.streams)
-    print(f"{'metric':40} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    for r in out["results"]:
-        print(
-            f"{r['name']:40} {r['n']:>4} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-            f"{r['max_ms']:>8.2f}"
-        )
+    print_table(out["results"])
     if ns.json:
         ns.json.write_text(json.dumps(out, indent=2))
     return 0
