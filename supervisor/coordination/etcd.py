@@ -19,7 +19,7 @@ import base64
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -299,18 +299,13 @@ class EtcdClient:
             if resp.status != 200:
                 self._rotate()
                 raise EtcdUnavailable(f"watch {url}: HTTP {resp.status}")
-            while True:
+            async for line in _lines(resp, url, self._rotate):
                 try:
-                    line = await resp.content.readline()
-                except (aiohttp.ClientError, OSError) as e:
-                    raise EtcdUnavailable(f"watch {url} broke: {e or type(e).__name__}") from e
-                if not line:
-                    self._rotate()
-                    raise EtcdUnavailable(f"watch {url}: stream ended")
-                line = line.strip()
-                if not line:
-                    continue
-                msg = orjson.loads(line)
+                    msg = orjson.loads(line)
+                except orjson.JSONDecodeError as e:
+                    raise EtcdUnavailable(f"watch {url}: not JSON: {line[:100]!r}") from e
+                if not isinstance(msg, dict):
+                    raise EtcdUnavailable(f"watch {url}: unexpected message {line[:100]!r}")
                 if "error" in msg:
                     raise EtcdUnavailable(f"watch {url}: {_error_text(line)}")
                 res = msg.get("result") or {}
@@ -338,6 +333,35 @@ class EtcdClient:
         with anyio.fail_after(timeout or self.timeout):
             async with self.session.post(url, data=b"{}") as r:
                 return orjson.loads(await r.read())
+
+
+# One watch message holds every event of a revision range: a backlog of thousands of puts
+# is megabytes on one line (aiohttp's readline stops at 512 KiB). Past this, the watch is
+# dropped and the cluster's keys read afresh instead.
+MAX_WATCH_MESSAGE = 64 * 1024 * 1024
+
+
+async def _lines(
+    resp: aiohttp.ClientResponse, url: str, on_end: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """The watch stream's non-empty lines, however long (up to MAX_WATCH_MESSAGE)."""
+    buf = bytearray()
+    while True:
+        try:
+            chunk = await resp.content.readany()
+        except (aiohttp.ClientError, OSError) as e:
+            raise EtcdUnavailable(f"watch {url} broke: {e or type(e).__name__}") from e
+        if not chunk:
+            on_end()
+            raise EtcdUnavailable(f"watch {url}: stream ended")
+        buf += chunk
+        while (end := buf.find(b"\n")) >= 0:
+            line = bytes(buf[:end]).strip()
+            del buf[: end + 1]
+            if line:
+                yield line
+        if len(buf) > MAX_WATCH_MESSAGE:
+            raise EtcdUnavailable(f"watch {url}: a message over {MAX_WATCH_MESSAGE} bytes")
 
 
 def _error_text(raw: bytes) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
+from supervisor.coordination.etcd import EtcdClient
 from supervisor.testing.cluster import EtcdCluster, NatsServer
 from tests.cluster.conftest import (
     Node,
@@ -339,3 +340,27 @@ async def test_leader_does_not_move_a_paused_nodes_slot(
         lambda s: slot_record(s, "chat").get("epoch") == 2, what="promotion after the pause"
     )
     assert slot_record(st, "chat")["active"].startswith("node-b.")
+
+
+async def test_malformed_keys_under_the_prefix_stop_no_node(
+    make_node: Callable[[str], Node], etcd: EtcdCluster, session: Any
+) -> None:
+    """Another program's (or a half-written) value under the cluster's prefix is named in
+    the log and left out; the nodes keep serving and failing over."""
+    a, b = await active_and_pooled_shadow(make_node, a_shadows=1)
+    client = EtcdClient(etcd.endpoints, session)
+    for key, value in [
+        ("engines/bogus", b"not json {"),
+        ("nodes/bogus", b"[1, 2]"),
+        ("slots/other", b'"a string"'),
+        ("paused/bogus", b"\xff\xfe"),
+    ]:
+        await client.put(f"/failover-supervisor/test/{key}".encode(), value)
+    await anyio.sleep(0.5)
+    for n in (a, b):
+        assert n.sup is not None and n.sup.proc.poll() is None, n.logs()[-2000:]
+        assert "does not parse" in n.logs()
+    st = await a.status()
+    active = next(e for e in engines_of(st) if e["state"] == "active")
+    os.killpg(active["pid"], signal.SIGKILL)  # the node still fails over
+    await a.wait(lambda s: slot_record(s, "chat").get("epoch") == 2, what="a local failover")

@@ -53,6 +53,22 @@ def test_view_tracks_slots_and_units() -> None:
     assert SlotRecord.parse(kv("x", {"epoch": 1, "active": None})).active is None
 
 
+def test_a_key_that_does_not_parse_is_left_out_not_fatal() -> None:
+    v = ClusterView()
+    v.apply("slots/chat", kv("x", {"epoch": 3, "active": "a.chat-0"}), False)
+    bad = KeyValue(b"x", b"not json {", 1, 2, 1, 0)
+    for rel, value in [
+        ("slots/chat", bad),
+        ("engines/a.chat-0", bad),
+        ("nodes/a", kv("x", [1, 2])),
+        ("slots/other", kv("x", "a string")),
+        ("slots/third", kv("x", {"epoch": "three"})),
+    ]:
+        assert v.apply(rel, value, False) is not None, rel
+    assert v.slots == {} and v.engines == {} and v.nodes == {}
+    assert v.apply("unknown/kind", bad, False) is None  # not ours to read
+
+
 def test_suspicion_needs_missed_beats_and_our_own_connection() -> None:
     changes: list[tuple[str, bool]] = []
     hb = Heartbeats(
