@@ -48,6 +48,7 @@ from supervisor.coordination.etcd import (
     LeaseExpired,
     WatchCompacted,
     delete_op,
+    prefix_end,
     put_op,
 )
 from supervisor.coordination.nats import Heartbeats
@@ -313,8 +314,15 @@ class ClusterCoordinator:
             if seen is not None
             else Compare(key, "VERSION", "EQUAL", 0)
         ]
-        if leader_check:  # a deposed leader (its election key gone) cannot promote
-            cmp.append(Compare(self.key("election", self.node), "LEASE", "EQUAL", self.lease))
+        if leader_check:
+            # A deposed leader (its election key gone) cannot promote, nor can a node that
+            # only believes it leads: every election key must be as young as ours or younger.
+            ours = self.view.election.get(self.node, 0)
+            prefix = self.key("election", "")
+            cmp += [
+                Compare(self.key("election", self.node), "LEASE", "EQUAL", self.lease),
+                Compare(prefix, "CREATE", "GREATER", ours - 1, range_end=prefix_end(prefix)),
+            ]
         try:
             res = await self.etcd.txn(cmp, [put_op(key, new.as_json())])
         except EtcdUnavailable:
@@ -357,15 +365,25 @@ class ClusterCoordinator:
 
     # -- liveness ------------------------------------------------------------------------
     def peer_state(self, node: str) -> str:
+        """``self``, ``alive``, ``suspect`` (heartbeats missed) or ``dead``. The node's
+        lease decides: a node whose key is gone is dead, heard on NATS or not (after a
+        whole-cluster restart without it, say), and a node whose lease lives is never dead,
+        however silent (a stalled loop, a partition between nodes only)."""
         if node == self.node:
             return "self"
         if node in self.dead:
             return "dead"
+        if node not in self.view.nodes and self.loaded.is_set():
+            return "alive" if self._cut_off_but_serving(node) else "dead"
         if self.beats is not None and self.beats.is_suspect(node):
             return "suspect"
-        if self.beats is None and node not in self.view.nodes:
-            return "dead"
         return "alive"
+
+    def _cut_off_but_serving(self, node: str) -> bool:
+        """A peer whose lease is gone but whose heartbeats still come: it lost etcd, not
+        its life, and (policy keep-serving) goes on serving its slots; promoting them
+        elsewhere would make two actives."""
+        return self.beats is not None and self.beats.heard_recently(node)
 
     def _unit_serving(self, slot: str, unit: str) -> bool:
         members = self.view.unit_members(slot, unit)
@@ -379,7 +397,8 @@ class ClusterCoordinator:
         )
 
     async def _probe_loop(self) -> None:
-        """Confirm suspects: a lease gone, or an admin API that does not answer."""
+        """Confirm the death of peers whose lease is gone; probe suspects' admin APIs (for
+        the log: a live lease keeps a silent peer alive however its probe ends)."""
         while True:
             await anyio.sleep(self.cl.heartbeat_interval / 2)
             self._known |= set(self.view.nodes)
@@ -388,20 +407,24 @@ class ClusterCoordinator:
             for node in sorted(self._known - {self.node}):
                 if node in self.dead:
                     continue
-                suspect = self.beats is not None and self.beats.is_suspect(node)
-                if not suspect:
-                    if self.beats is None and node not in self.view.nodes and self.loaded.is_set():
-                        self._confirm_dead(node, "lease expired")
-                    self._probe_failures.pop(node, None)
+                lease_gone = node not in self.view.nodes and self.loaded.is_set() and self.etcd_ok
+                if lease_gone and not self._cut_off_but_serving(node):
+                    heard = self.beats is not None and node in self.beats.peers
+                    why = "heartbeats missed and its lease expired" if heard else "lease expired"
+                    self._confirm_dead(node, why)
                     continue
-                if node not in self.view.nodes and self.etcd_ok:
-                    self._confirm_dead(node, "heartbeats missed and its lease expired")
+                if not (self.beats is not None and self.beats.is_suspect(node)):
+                    self._probe_failures.pop(node, None)
                     continue
                 url = str((self.view.nodes.get(node) or {}).get("admin", ""))
                 if url and not await self._probe(url):
                     n = self._probe_failures[node] = self._probe_failures.get(node, 0) + 1
-                    if n >= 2:
-                        self._confirm_dead(node, "heartbeats missed and its admin API is down")
+                    if n == 2:
+                        self.log.warning(
+                            "peer silent: heartbeats missed and its admin API does not answer; "
+                            "its lease lives, so it is not declared dead",
+                            peer=node,
+                        )
                 else:
                     self._probe_failures.pop(node, None)
             self._update_peer_gauges()

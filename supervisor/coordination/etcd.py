@@ -101,6 +101,7 @@ class Compare:
     target: Literal["VERSION", "CREATE", "MOD", "VALUE", "LEASE"]
     result: Literal["EQUAL", "GREATER", "LESS", "NOT_EQUAL"]
     value: int | bytes
+    range_end: bytes | None = None  # given: the condition holds for every key in [key, end)
 
     def as_json(self) -> dict[str, Any]:
         field = {
@@ -111,7 +112,10 @@ class Compare:
             "LEASE": "lease",
         }[self.target]
         v: Any = _b64(self.value) if isinstance(self.value, bytes) else str(self.value)
-        return {"key": _b64(self.key), "target": self.target, "result": self.result, field: v}
+        out = {"key": _b64(self.key), "target": self.target, "result": self.result, field: v}
+        if self.range_end is not None:
+            out["range_end"] = _b64(self.range_end)
+        return out
 
 
 def put_op(key: bytes, value: bytes, lease: int = 0) -> dict[str, Any]:

@@ -364,3 +364,41 @@ async def test_malformed_keys_under_the_prefix_stop_no_node(
     active = next(e for e in engines_of(st) if e["state"] == "active")
     os.killpg(active["pid"], signal.SIGKILL)  # the node still fails over
     await a.wait(lambda s: slot_record(s, "chat").get("epoch") == 2, what="a local failover")
+
+
+async def test_whole_cluster_restart_without_one_node_moves_its_slot(
+    make_node: Callable[[str], Node],
+) -> None:
+    """Both nodes go down; only node-b comes back. node-a was never heard on NATS by the
+    new node-b, but its lease is gone: it is dead, and its slot moves to node-b."""
+    a, b = await active_and_pooled_shadow(make_node)
+    for n in (a, b):
+        n.kill([e["pid"] for e in engines_of(await n.status())])
+    await anyio.sleep(3.0)  # every lease (2 s) has expired
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    st = await b.wait(
+        lambda s: slot_record(s, "chat").get("epoch") == 2, what="node-a's slot moved"
+    )
+    assert slot_record(st, "chat")["active"].startswith("node-b.")
+    assert st["cluster"]["peers"].get("node-a") in (None, "dead")
+
+
+async def test_a_stalled_node_whose_lease_lives_is_not_declared_dead(
+    make_node: Callable[[str], Node],
+) -> None:
+    """node-a's daemon stalls for 1 s (SIGSTOP): its heartbeats stop and its admin API
+    does not answer, but its lease (2 s) lives, so nobody declares it dead or moves its
+    slot (which would leave two actives once it wakes)."""
+    a, b = await active_and_pooled_shadow(make_node)
+    assert a.sup is not None
+    a.sup.proc.send_signal(signal.SIGSTOP)
+    try:
+        await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "suspect", what="suspect")
+        await anyio.sleep(0.8)
+    finally:
+        a.sup.proc.send_signal(signal.SIGCONT)
+    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="heard again")
+    st = await b.status()
+    assert slot_record(st, "chat")["epoch"] == 1
+    assert "peer confirmed dead" not in b.logs()
+    assert not engines_of(st, "active")  # node-b's shadow was not woken

@@ -15,6 +15,7 @@ from supervisor.coordination.etcd import (
     EtcdClient,
     EtcdUnavailable,
     LeaseExpired,
+    prefix_end,
     put_op,
 )
 from supervisor.coordination.nats import Heartbeats
@@ -157,3 +158,24 @@ async def test_a_watch_backlog_of_2000_large_puts_is_read_whole(
             if seen >= 2000:
                 break
     assert seen == 2000
+
+
+async def test_only_the_lowest_election_key_passes_the_leader_check(
+    etcd: EtcdCluster, session: aiohttp.ClientSession
+) -> None:
+    """The leader check in a promotion: every election key is as young as ours or younger
+    (a range compare), so of two nodes that both think they lead, only one writes."""
+    c = EtcdClient(etcd.endpoints, session)
+    prefix = b"/t/election/"
+    old = await c.put(prefix + b"a", b"a")
+    young = await c.put(prefix + b"b", b"b")
+
+    async def promote_as(create: int, value: bytes) -> bool:
+        check = Compare(prefix, "CREATE", "GREATER", create - 1, range_end=prefix_end(prefix))
+        res = await c.txn([check], [put_op(b"/t/slots/chat", value)])
+        return bool(res.succeeded)
+
+    assert not await promote_as(young, b"b")
+    assert await promote_as(old, b"a")
+    kv = await c.get(b"/t/slots/chat")
+    assert kv is not None and kv.value == b"a"
