@@ -520,7 +520,9 @@ class ClusterCoordinator:
             self.log.info("joined the cluster", lease=f"{self.lease:x}", ttl=self.cl.lease_ttl)
             lost_at: float | None = None
             while True:
-                await anyio.sleep(self.cl.lease_ttl / 3)
+                # After a failed keep-alive the next one goes at once: waiting the usual
+                # third of the TTL again would put it at the lease's expiry.
+                await anyio.sleep(0.1 if lost_at is not None else self.cl.lease_ttl / 3)
                 try:
                     await self.etcd.keepalive(self.lease, timeout=self.cl.lease_ttl / 3)
                 except LeaseExpired:
@@ -529,11 +531,8 @@ class ClusterCoordinator:
                 except EtcdUnavailable as e:
                     lost_at = lost_at or time.monotonic()
                     self._etcd_down(str(e))
-                    if time.monotonic() - lost_at > self.cl.lease_ttl:
-                        continue  # keep trying; the grant comes once etcd answers
-                    continue
-                if lost_at is not None:
-                    lost_at = None
+                    continue  # the lease may live yet; if not, the grant above comes back
+                lost_at = None
                 self._etcd_up()
 
     def _etcd_down(self, why: str) -> None:

@@ -566,7 +566,9 @@ class FaultProxy:
     """A TCP proxy on loopback, in a thread of its own, that a test can cut and heal.
 
     ``cut()`` closes every open connection and leaves new ones hanging unanswered (a
-    partition, as a dropped network looks: timeouts, not refusals); ``heal()`` forwards again.
+    partition, as a dropped network looks: timeouts, not refusals); ``black_hole()`` keeps
+    every connection open but forwards nothing either way (a half-open link: nobody is told
+    anything); ``heal()`` forwards again (connections held meanwhile are reset).
     """
 
     def __init__(self, target_port: int) -> None:
@@ -576,6 +578,7 @@ class FaultProxy:
         self.target_port = target_port
         self.port = free_port()
         self.cut_now = False
+        self.holed = False  # black hole: bytes are read and dropped, connections stay open
         self._conns: set[Any] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -600,6 +603,8 @@ class FaultProxy:
                     data = await r.read(65536)
                     if not data or self.cut_now:
                         break
+                    if self.holed:
+                        continue  # lost on the way
                     w.write(data)
                     await w.drain()
             except (OSError, asyncio.CancelledError):
@@ -608,7 +613,7 @@ class FaultProxy:
                 w.close()
 
         async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-            if self.cut_now:
+            if self.cut_now or self.holed:
                 self._conns.add(cw)  # held open, never answered: a black hole
                 return
             try:
@@ -641,13 +646,20 @@ class FaultProxy:
 
         self._loop.call_soon_threadsafe(close_all)
 
+    def black_hole(self) -> None:
+        def hole() -> None:
+            self.holed = True
+
+        self._loop.call_soon_threadsafe(hole)
+
     def heal(self) -> None:
         def reopen() -> None:
-            for w in list(self._conns):  # black-holed connections: drop them now
-                with contextlib.suppress(Exception):
-                    w.transport.abort()
-            self._conns.clear()
-            self.cut_now = False
+            if self.cut_now or self.holed:  # connections held meanwhile: drop them now
+                for w in list(self._conns):
+                    with contextlib.suppress(Exception):
+                        w.transport.abort()
+                self._conns.clear()
+            self.cut_now = self.holed = False
 
         self._loop.call_soon_threadsafe(reopen)
 

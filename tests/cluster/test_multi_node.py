@@ -402,3 +402,23 @@ async def test_a_stalled_node_whose_lease_lives_is_not_declared_dead(
     assert slot_record(st, "chat")["epoch"] == 1
     assert "peer confirmed dead" not in b.logs()
     assert not engines_of(st, "active")  # node-b's shadow was not woken
+
+
+async def test_one_lost_keepalive_does_not_cost_the_lease(
+    make_node: Callable[[str], Node],
+) -> None:
+    """node-a's link to etcd is a black hole for 0.7 s (connections open, nothing
+    forwarded): one keep-alive times out. The next goes at once, so the lease (2 s) lives:
+    node-a does not drop out of the cluster. (Before, the retry came a third of the TTL
+    later, right at the expiry: whether it made it depended on etcd's expiry check.)"""
+    a, b = await active_and_pooled_shadow(make_node)
+    for link in a.etcd_links:
+        link.black_hole()
+    await anyio.sleep(0.7)
+    for link in a.etcd_links:
+        link.heal()
+    await a.wait(lambda s: s["cluster"]["etcd_reachable"] is True, what="etcd again")
+    await anyio.sleep(2.5)  # a lease that expired would have shown by now
+    assert "our lease expired" not in a.logs()
+    st = await b.status()
+    assert slot_record(st, "chat")["epoch"] == 1
