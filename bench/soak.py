@@ -21,6 +21,9 @@ migrations from the nodes' metrics, and the invariants:
   its node are counted apart, as ``frontend_lost``: the relay lived on that node);
 - no lost or repeated token (every answer equals the simulator's);
 - no slot promoted twice for one epoch (read from etcd's history);
+- no two engines serving one slot for longer than the policy allows (keep-serving: the
+  3 s partition plus the step-down after it), from every node's ``/status`` sampled from
+  outside throughout (``ActiveWatch``); the longest such window is in the report;
 - no engine process left behind after the soak.
 """
 
@@ -46,6 +49,7 @@ import anyio
 from bench.load import LoadSpec, RequestResult, run_load, summarize
 from supervisor.testing.cluster import (
     FAST_SIM_ARGS,
+    ActiveWatch,
     ClusterNode,
     EtcdCluster,
     NatsServer,
@@ -67,6 +71,9 @@ FAULTS = (
 
 def _progress(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+DOUBLE_ACTIVE_BOUND_S = 3 + 5  # the longest partition, plus the step-down after it
 
 
 @dataclass
@@ -227,6 +234,7 @@ class Soak:
         results: dict[str, list[RequestResult]] = {}
         nodes: list[ClusterNode] = []
         metrics_before: dict[str, float] = {}
+        watch: ActiveWatch | None = None
         try:
             async with aiohttp.ClientSession() as session:
                 ports = [free_port_range(2) for _ in range(2 * NODES)]
@@ -238,34 +246,11 @@ class Soak:
                 await self.settle(nodes, timeout=60)
                 _progress("cluster up: 3 nodes, 3 slots, 6 shadows")
                 metrics_before = await self.counters(nodes, session)
-                phases = [
-                    ("STANDARD", self.standard_s, 12, True),
-                    # beyond what 3 frontends admit: 3 x (3 engines x 8 in flight + 16 queued)
-                    ("OVERFLOW", self.overflow_s, 200, True),
-                    ("RECOVERY", self.recovery_s, 12, False),
-                ]
-                for k, (name, seconds, clients, faults) in enumerate(phases):
-                    spec = LoadSpec(clients, 10**6, max_tokens=48, seed=self.seed + k)
-                    _progress(f"phase {name}: {seconds:.0f} s, {spec.clients} clients")
-                    stop = anyio.Event()
-                    urls = [n.sup.frontend_url for n in nodes if n.sup]
-                    async with anyio.create_task_group() as tg:
-
-                        async def load(
-                            spec: LoadSpec = spec,
-                            stop: anyio.Event = stop,
-                            name: str = name,
-                            urls: list[str] = urls,
-                        ) -> None:
-                            results[name] = await run_load(urls, spec, stop=stop)
-
-                        tg.start_soon(load)
-                        if faults:
-                            tg.start_soon(self.chaos, stop, nodes, etcd, nats, ports)
-                        await anyio.sleep(seconds)
-                        stop.set()
-                    if faults:
-                        await self.settle(nodes)
+                watch = ActiveWatch(nodes, session, interval=0.05)
+                async with anyio.create_task_group() as outer:
+                    outer.start_soon(watch.run)
+                    await self._phases(nodes, etcd, nats, ports, results)
+                    outer.cancel_scope.cancel()
                 metrics_after = await self.counters(nodes, session)
                 history = await slot_history(etcd.endpoints, session)
         finally:
@@ -274,7 +259,45 @@ class Soak:
             nats.stop()
             etcd.stop()
         leaked = leaked_processes(self.workdir)
-        return self.report(results, metrics_before, metrics_after, history, leaked)
+        return self.report(results, metrics_before, metrics_after, history, leaked, watch)
+
+    async def _phases(
+        self,
+        nodes: list[ClusterNode],
+        etcd: EtcdCluster,
+        nats: NatsServer,
+        ports: list[int],
+        results: dict[str, list[RequestResult]],
+    ) -> None:
+        """Load through the three phases, with faults in the first two."""
+        phases = [
+            ("STANDARD", self.standard_s, 12, True),
+            # beyond what 3 frontends admit: 3 x (3 engines x 8 in flight + 16 queued)
+            ("OVERFLOW", self.overflow_s, 200, True),
+            ("RECOVERY", self.recovery_s, 12, False),
+        ]
+        for k, (name, seconds, clients, faults) in enumerate(phases):
+            spec = LoadSpec(clients, 10**6, max_tokens=48, seed=self.seed + k)
+            _progress(f"phase {name}: {seconds:.0f} s, {spec.clients} clients")
+            stop = anyio.Event()
+            urls = [n.sup.frontend_url for n in nodes if n.sup]
+            async with anyio.create_task_group() as tg:
+
+                async def load(
+                    spec: LoadSpec = spec,
+                    stop: anyio.Event = stop,
+                    name: str = name,
+                    urls: list[str] = urls,
+                ) -> None:
+                    results[name] = await run_load(urls, spec, stop=stop)
+
+                tg.start_soon(load)
+                if faults:
+                    tg.start_soon(self.chaos, stop, nodes, etcd, nats, ports)
+                await anyio.sleep(seconds)
+                stop.set()
+            if faults:
+                await self.settle(nodes)
 
     async def counters(
         self, nodes: list[ClusterNode], session: aiohttp.ClientSession
@@ -303,6 +326,7 @@ class Soak:
         after: dict[str, float],
         history: list[tuple[int, str, int, str | None]],
         leaked: list[str],
+        watch: ActiveWatch | None = None,
     ) -> dict[str, Any]:
         every = [r for rs in results.values() for r in rs]
         seen: dict[tuple[str, int], str | None] = {}
@@ -313,6 +337,7 @@ class Soak:
             if seen.setdefault((slot, epoch), active) != active:
                 double.append(f"{slot} epoch {epoch}")
         summary = summarize(every)
+        longest = watch.longest() if watch is not None else 0.0
         return {
             "seed": self.seed,
             "phases": {name: summarize(rs) for name, rs in results.items()},
@@ -327,7 +352,12 @@ class Soak:
                 "no_lost_or_repeated_token": summary["inexact"] == 0,
                 "no_slot_promoted_twice_for_one_epoch": not double,
                 "no_leaked_engine_process": not leaked,
+                # Policy keep-serving: a node partitioned for 3 s serves on meanwhile and
+                # steps down within seconds of healing; nothing longer is allowed.
+                "double_active_within_bound": longest <= DOUBLE_ACTIVE_BOUND_S,
             },
+            "longest_double_active_ms": round(longest * 1000),
+            "double_active_windows": len(watch.windows()) if watch is not None else 0,
             "double_promotions": double,
             "leaked_processes": leaked,
         }

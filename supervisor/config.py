@@ -116,6 +116,10 @@ class ClusterConfig:
     # What a node does while it cannot reach etcd. keep-serving: engines keep serving and a
     # same-node failover still happens (recorded in etcd on reconnect; if another node took
     # the slot meanwhile, ours steps down). stop-promoting: no promotion without etcd.
+    # demote: the node stops serving before its lease can have expired (peers may then
+    # promote), so two active engines for one slot are impossible; it serves again once
+    # etcd says the slot is still its own. The default keeps serving: an etcd outage must
+    # not stop inference, and a slot served twice for a while costs capacity, not answers.
     etcd_unreachable: str = "keep-serving"
     advertise_host: str = "127.0.0.1"  # how peers reach this node's admin API and engines
 
@@ -414,7 +418,9 @@ def _cluster(c: _Reader, present: bool) -> ClusterConfig:
         suspect_after=c.integer("suspect_after", d.suspect_after, minimum=1),
         probe_timeout=c.number("probe_timeout", d.probe_timeout, strict=True),
         etcd_unreachable=c.text(
-            "etcd_unreachable", d.etcd_unreachable, choices=("keep-serving", "stop-promoting")
+            "etcd_unreachable",
+            d.etcd_unreachable,
+            choices=("keep-serving", "stop-promoting", "demote"),
         ),
         advertise_host=c.text("advertise_host", d.advertise_host),
     )

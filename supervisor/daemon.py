@@ -77,10 +77,13 @@ class DaemonDirectory:
     def candidates(self, model: str) -> list[Target]:
         out = []
         cluster = self.sup.cluster
+        demoted = cluster is not None and cluster.demoted
         for c in self.sup.controllers.values():
             e = c.active_engine()
             if c.slot.model != model or e is None or e.state is not EngineState.ACTIVE:
                 continue
+            if demoted:
+                continue  # its lease is unrenewed: a peer may serve the slot soon
             if not c.scfg.serve_requests:
                 continue  # e.g. a prefill engine: its decode engines call it
             if c.grouped and (c.scfg.group_rank != 0 or cluster is None):
@@ -156,6 +159,16 @@ class Supervisor:
         if name not in self._backends_by_name:
             self._backends_by_name[name] = load_backend(name)
         return self._backends_by_name[name]
+
+    def _on_demote(self, demoted: bool) -> None:
+        """Policy demote: this node's engines leave (or rejoin) the frontends' routing.
+        Their streams move (to the slot's new home once a peer promotes one, or back here
+        when etcd confirms the slot is still ours)."""
+        if demoted and self.frontend is not None:
+            for ctl in self.controllers.values():
+                if (e := ctl.active_engine()) is not None:
+                    self.frontend.router.move_off(e.id, may_return=True)
+        self._engines_changed()
 
     def _move_streams(self, engine_id: str) -> int:
         return self.frontend.router.move_off(engine_id) if self.frontend is not None else 0
@@ -546,6 +559,7 @@ class Supervisor:
                     on_peer_dead=self._peer_engines_dead,
                     load=self._inflight,
                     pauses=self._pause_record,
+                    on_demote=self._on_demote,
                 )
                 tg.start_soon(self.cluster.run)
                 # Whether a slot is already served elsewhere decides what starts here.

@@ -176,8 +176,14 @@ class ClusterCoordinator:
         on_peer_dead: Callable[[list[str]], None],
         load: Callable[[str], int] = lambda engine_id: 0,
         pauses: Callable[[], dict[str, Any] | None] = lambda: None,
+        on_demote: Callable[[bool], None] = lambda demoted: None,
     ) -> None:
         self.cfg = cfg
+        # Policy demote: this node stops serving (True) before its lease can have expired,
+        # and serves again (False) once etcd says its slots are still its own.
+        self.on_demote = on_demote
+        self.demoted = False
+        self.last_renewed = 0.0  # monotonic: when the last keep-alive that worked was sent
         # This node's pauses, kept in etcd without a lease: a paused node that goes down
         # stays paused for the leader (its slots are not moved) until resumed or expired.
         self.pauses = pauses
@@ -249,6 +255,10 @@ class ClusterCoordinator:
 
     # -- the Coordinator interface used by slot controllers -----------------------------------
     async def claim(self, slot: str, unit: str, epoch: int, reason: str) -> int | None:
+        if self.demoted:
+            self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+            self.log.error("not promoting: this node is demoted (its lease is unrenewed)")
+            return None
         rec = self.view.slots.get(slot)
         if self._moved_past(slot, unit, epoch, rec, "claim refused: the slot is at a newer epoch"):
             return None
@@ -257,7 +267,7 @@ class ClusterCoordinator:
         for _ in range(3):
             ok = await self._write_slot(slot, rec, new)
             if ok is None:  # etcd unreachable
-                if self.cl.etcd_unreachable == "keep-serving":
+                if self.cl.etcd_unreachable == "keep-serving":  # (demote: refused above)
                     self._pending[slot] = new
                     self.metrics.cluster_promotions.labels(slot, "deferred").inc()
                     self.log.warning(
@@ -383,6 +393,8 @@ class ClusterCoordinator:
         """A peer whose lease is gone but whose heartbeats still come: it lost etcd, not
         its life, and (policy keep-serving) goes on serving its slots; promoting them
         elsewhere would make two actives."""
+        if self.cl.etcd_unreachable == "demote":
+            return False  # it demoted itself before its lease expired
         return self.beats is not None and self.beats.heard_recently(node)
 
     def _unit_serving(self, slot: str, unit: str) -> bool:
@@ -510,7 +522,9 @@ class ClusterCoordinator:
     async def _lease_loop(self) -> None:
         while True:
             try:
+                sent = time.monotonic()
                 self.lease = await self.etcd.grant(self.cl.lease_ttl)
+                self.last_renewed = sent
                 await self._register()
             except EtcdError as e:
                 self._etcd_down(str(e))
@@ -518,13 +532,17 @@ class ClusterCoordinator:
                 continue
             self._etcd_up()
             self.log.info("joined the cluster", lease=f"{self.lease:x}", ttl=self.cl.lease_ttl)
+            if self.demoted:
+                await self._serve_again()
             lost_at: float | None = None
             while True:
                 # After a failed keep-alive the next one goes at once: waiting the usual
                 # third of the TTL again would put it at the lease's expiry.
                 await anyio.sleep(0.1 if lost_at is not None else self.cl.lease_ttl / 3)
                 try:
+                    sent = time.monotonic()
                     await self.etcd.keepalive(self.lease, timeout=self.cl.lease_ttl / 3)
+                    self.last_renewed = sent
                 except LeaseExpired:
                     self.log.warning("our lease expired; joining again")
                     break
@@ -534,6 +552,50 @@ class ClusterCoordinator:
                     continue  # the lease may live yet; if not, the grant above comes back
                 lost_at = None
                 self._etcd_up()
+                if self.demoted:
+                    await self._serve_again()
+
+    async def _fence_loop(self) -> None:
+        """Policy demote: stop serving once the lease has gone unrenewed for two thirds of
+        its TTL. etcd counts the TTL from when it received the last keep-alive, which was
+        after we sent it: the lease cannot have expired yet, so no peer can have promoted.
+        """
+        margin = self.cl.lease_ttl / 3
+        while True:
+            await anyio.sleep(0.02)
+            silent = time.monotonic() - self.last_renewed
+            if self.demoted or not self.last_renewed or silent < self.cl.lease_ttl - margin:
+                continue
+            self.demoted = True
+            self.log.warning(
+                "demoting: our lease went unrenewed for "
+                f"{silent:.2f}s of its {self.cl.lease_ttl:g}s; this node serves nothing until "
+                "etcd confirms its slots (policy demote)",
+            )
+            self.on_demote(True)
+            self._kick()
+
+    async def _serve_again(self) -> None:
+        """After a demotion: read the slots afresh from etcd (a quorum read), step down
+        where another unit took a slot meanwhile, then serve again."""
+        try:
+            kvs, _ = await self.etcd.get_prefix(self.key("slots", ""))
+        except EtcdError as e:
+            self.log.warning("still demoted: cannot read the slots yet", error=str(e))
+            return
+        for kv in kvs:
+            self._bad_key(
+                self.view.apply(kv.key[len(self.root) :].decode(errors="replace"), kv, False)
+            )
+        for name, ctl in self.controllers.items():
+            rec = self.view.slots.get(name)
+            active = ctl.active_engine()
+            if active is not None and rec is not None and rec.active not in (None, active.unit):
+                await ctl.step_down(rec.epoch, rec.active)
+        self.demoted = False
+        self.log.info("serving again: etcd confirmed this node's slots")
+        self.on_demote(False)
+        self._kick()
 
     def _etcd_down(self, why: str) -> None:
         if self.etcd_ok:
@@ -862,6 +924,8 @@ class ClusterCoordinator:
             tg.start_soon(self._publish_loop)
             tg.start_soon(self._probe_loop)
             tg.start_soon(self._decide_loop, tg)
+            if self.cl.etcd_unreachable == "demote":
+                tg.start_soon(self._fence_loop)
             if self.beats is not None:
                 tg.start_soon(self.beats.run)
                 tg.start_soon(self._nats_gauge)
@@ -899,6 +963,8 @@ class ClusterCoordinator:
                 for s, r in sorted(self.view.slots.items())
             },
             "pending_claims": sorted(self._pending),
+            "policy": self.cl.etcd_unreachable,
+            "demoted": self.demoted,
             "paused": dict(self.view.paused),
         }
 

@@ -67,6 +67,7 @@ class Lease:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     engine_failed: bool = False
     moved: bool = False  # a planned move took the request off a healthy engine
+    may_return: bool = False  # ... that may serve it again (it only stopped for a while)
 
 
 class Router:
@@ -191,14 +192,15 @@ class Router:
             lease.engine_failed = True
             lease.scope.cancel()
 
-    def move_off(self, engine_id: str) -> int:
+    def move_off(self, engine_id: str, *, may_return: bool = False) -> int:
         """A planned move (switchover, rollout, a drain past its limit): every stream on
         the engine leaves it now and resumes, token-exact, wherever the slot is served.
         The engine is not blamed and the move does not count against
-        ``migration_limit``. Returns how many streams were moved."""
+        ``migration_limit``; with ``may_return`` (its node only stopped serving for a
+        while) the streams may resume on it again. Returns how many streams were moved."""
         leases = list(self.leases.get(engine_id, ()))
         for lease in leases:
-            lease.moved = True
+            lease.moved, lease.may_return = True, may_return
             lease.scope.cancel()
         return len(leases)
 

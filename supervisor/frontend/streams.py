@@ -43,10 +43,18 @@ from supervisor.upstream import iter_sse_data
 class UpstreamBroken(Exception):
     """The engine's stream ended badly; the request may migrate."""
 
-    def __init__(self, reason: str, *, engine_fault: str = "", planned: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        engine_fault: str = "",
+        planned: bool = False,
+        may_return: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.engine_fault = engine_fault  # "garbage" or "stall": reported to health
         self.planned = planned  # moved off a healthy engine on purpose: not a failure
+        self.may_return = may_return  # and that engine may take it again later
 
 
 class UpstreamClientError(Exception):
@@ -257,7 +265,8 @@ class RequestRelay:
                         self.metrics.migrations.labels("resumed", self._mode(backend)).inc()
                     return
                 except UpstreamBroken as e:
-                    failed.add(lease.target.engine_id)
+                    if not e.may_return:
+                        failed.add(lease.target.engine_id)
                     if e.engine_fault:
                         self.router.directory.report_failure(
                             lease.target.engine_id, e.engine_fault, str(e), self.rid
@@ -377,7 +386,9 @@ class RequestRelay:
                 f"the client read nothing for {self.cfg.client_write_timeout:g}s (too slow)"
             )
         if lease.moved:
-            raise UpstreamBroken("moved off the engine by plan", planned=True)
+            raise UpstreamBroken(
+                "moved off the engine by plan", planned=True, may_return=lease.may_return
+            )
         if self.stalled:
             raise UpstreamBroken(self.stalled_reason, engine_fault="stall")
         if lease.engine_failed:

@@ -808,3 +808,57 @@ def assert_epochs_unique(history: list[tuple[int, str, int, str | None]]) -> Non
         assert seen.setdefault((slot, epoch), active) == active, (slot, epoch, history)
         assert epoch >= last.get(slot, 0), (slot, epoch, history)
         last[slot] = epoch
+
+
+class ActiveWatch:
+    """The invariant that matters, checked from outside: samples every node's ``/status``
+    and records each moment at which more than one engine *serves* one slot (active, on a
+    node that is not demoted). Run it in a task group through a test; then read
+    :meth:`windows`."""
+
+    def __init__(
+        self, nodes: Sequence[ClusterNode], session: aiohttp.ClientSession, interval: float = 0.02
+    ) -> None:
+        self.nodes, self.session, self.interval = nodes, session, interval
+        self.samples: list[tuple[float, dict[str, list[str]]]] = []  # (monotonic, slot -> who)
+
+    async def _status(self, node: ClusterNode) -> dict[str, Any] | None:
+        try:
+            with anyio.fail_after(1.0):
+                async with self.session.get(node.admin + "/status") as r:
+                    return await r.json()  # type: ignore[no-any-return]
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None  # down: it serves nothing
+
+    async def run(self) -> None:
+        while True:
+            serving: dict[str, list[str]] = {}
+            for node in self.nodes:
+                st = await self._status(node)
+                if st is None or (st.get("cluster") or {}).get("demoted"):
+                    continue
+                for e in st["engines"]:
+                    if e["state"] == "active":
+                        serving.setdefault(e["slot"], []).append(e["id"])
+            self.samples.append((time.monotonic(), serving))
+            await anyio.sleep(self.interval)
+
+    def windows(self) -> list[tuple[float, float, list[str]]]:
+        """Every stretch of samples in which a slot had two or more serving engines:
+        (start, end, engines), monotonic seconds."""
+        out: list[tuple[float, float, list[str]]] = []
+        start: float | None = None
+        who: list[str] = []
+        for t, serving in self.samples:
+            double = [ids for ids in serving.values() if len(ids) > 1]
+            if double and start is None:
+                start, who = t, double[0]
+            elif not double and start is not None:
+                out.append((start, t, who))
+                start = None
+        if start is not None:
+            out.append((start, self.samples[-1][0], who))
+        return out
+
+    def longest(self) -> float:
+        return max((end - start for start, end, _ in self.windows()), default=0.0)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import anyio
 import pytest
 
 from supervisor.coordination.etcd import EtcdClient
-from supervisor.testing.cluster import EtcdCluster, NatsServer
+from supervisor.testing.cluster import ActiveWatch, EtcdCluster, NatsServer
 from tests.cluster.conftest import (
     Node,
     assert_epochs_unique,
@@ -28,14 +29,19 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
 async def active_and_pooled_shadow(
-    make_node: Callable[[str], Node], *, a_shadows: int = 0, sim_args: Any = None
+    make_node: Callable[[str], Node],
+    *,
+    a_shadows: int = 0,
+    sim_args: Any = None,
+    policy: str = "keep-serving",
 ) -> tuple[Node, Node]:
     """node-a serves slot "chat"; node-b keeps a pooled shadow of it. Returns once the slot
     is claimed at epoch 1 and node-b hears node-a."""
     extra = {"sim_args": sim_args} if sim_args else {}
     a, b = make_node("node-a"), make_node("node-b")
-    await a.start([sim_slot("chat", shadows=a_shadows, **extra)])
-    await b.start([sim_slot("chat", shadows=1, hosts="shadows", **extra)])
+    cluster = {"etcd_unreachable": policy}
+    await a.start([sim_slot("chat", shadows=a_shadows, **extra)], cluster=cluster)
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows", **extra)], cluster=cluster)
     await b.wait(
         lambda s: (
             slot_record(s, "chat").get("epoch") == 1
@@ -262,33 +268,55 @@ async def test_etcd_member_loss_causes_no_failover(
     assert_epochs_unique(history)
 
 
+@pytest.mark.parametrize("policy", ["keep-serving", "demote"])
 async def test_full_partition_fails_over_and_old_owner_steps_down_on_rejoin(
-    make_node: Callable[[str], Node], session: Any
+    make_node: Callable[[str], Node], session: Any, policy: str
 ) -> None:
-    a, b = await active_and_pooled_shadow(make_node)
+    """node-a is cut off from etcd and NATS long enough for its lease to expire; node-b
+    promotes its shadow. An outside watch samples both nodes throughout: under demote, node-a
+    stopped serving before node-b started, so no moment has two engines serving the slot;
+    under keep-serving, node-a serves on until it rejoins and steps down."""
+    a, b = await active_and_pooled_shadow(make_node, policy=policy)
     assert a.nats_link is not None
-    for link in [*a.etcd_links, a.nats_link]:
-        link.cut()  # node-a is alone: no etcd, no NATS
-    st = await b.wait(
-        lambda s: slot_record(s, "chat").get("epoch") == 2,
-        timeout=15,
-        what="node-b promoted after node-a's lease expired",
-    )
-    assert slot_record(st, "chat")["active"].startswith("node-b.")
-    # node-a cannot know; it keeps serving (policy keep-serving) and cannot write epochs.
-    a_st = await a.status()
-    assert slot_record(a_st, "chat")["epoch"] == 1
-    for link in [*a.etcd_links, a.nats_link]:
-        link.heal()
-    a_st = await a.wait(
-        lambda s: (
-            not [e for e in s["engines"] if e["state"] == "active"]
-            and slot_record(s, "chat").get("epoch") == 2
-        ),
-        what="node-a stepped down after rejoining",
-    )
-    assert "serving -> standby on step_down: fenced at epoch 2" in a.logs()
+    watch = ActiveWatch([a, b], session)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run)
+        for link in [*a.etcd_links, a.nats_link]:
+            link.cut()  # node-a is alone: no etcd, no NATS
+        if policy == "demote":
+            await a.wait(lambda s: s["cluster"]["demoted"], what="node-a demoted")
+        st = await b.wait(
+            lambda s: slot_record(s, "chat").get("epoch") == 2,
+            timeout=15,
+            what="node-b promoted after node-a's lease expired",
+        )
+        assert slot_record(st, "chat")["active"].startswith("node-b.")
+        a_st = await a.status()
+        assert slot_record(a_st, "chat")["epoch"] == 1  # node-a cannot know yet
+        await anyio.sleep(0.5)
+        for link in [*a.etcd_links, a.nats_link]:
+            link.heal()
+        healed = time.monotonic()
+        a_st = await a.wait(
+            lambda s: (
+                not [e for e in s["engines"] if e["state"] == "active"]
+                and slot_record(s, "chat").get("epoch") == 2
+                and not s["cluster"]["demoted"]
+            ),
+            what="node-a stepped down after rejoining",
+        )
+        await anyio.sleep(0.2)
+        tg.cancel_scope.cancel()
+    assert "on step_down: fenced at epoch 2" in a.logs()
     assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
+    windows = watch.windows()
+    print(f"{policy}: longest double-active window {watch.longest() * 1000:.0f} ms")
+    if policy == "demote":
+        assert windows == [], windows
+        assert "demoting: our lease went unrenewed" in a.logs()
+    else:
+        assert windows, "keep-serving: node-a serves on while node-b serves too"
+        assert all(end - healed < 5 for _, end, _ in windows), (windows, healed)
 
 
 async def test_local_failover_while_etcd_is_unreachable_is_recorded_later(
