@@ -30,7 +30,7 @@ from anyio.abc import TaskGroup
 from supervisor import log as logging
 from supervisor.backends import Backend, BackendError, EngineEndpoint, EngineOutOfMemory
 from supervisor.config import Config, SlotConfig
-from supervisor.coordination.local import Coordinator, LocalCoordinator
+from supervisor.coordination.local import ClaimRefused, Coordinator, LocalCoordinator
 from supervisor.engines import EngineManager, group_members, signal_group
 from supervisor.flocklease import FLOCK, LOCK_ENV, FlockStandby
 from supervisor.health import HealthJudge
@@ -158,6 +158,7 @@ class SlotController:
         self.pending_changes: list[str] = []
         self.rollout: RolloutProgress | None = None
         self.rollout_from: SlotConfig | None = None  # the spec a rollout in progress leaves
+        self._waiting_for_etcd = False  # a promotion refused while etcd was unreachable
         # With suspend = "flock", the slot's engines share this lock: its holder serves.
         self.lock_path = cfg.state_dir / "locks" / f"{slot_cfg.name}.lock"
         self.suspender = _suspend_strategy(slot_cfg.suspend, self.lock_path)
@@ -629,7 +630,17 @@ class SlotController:
                     self.manager.kill_now(engine)
                 self.tg.start_soon(self._retire, engine)
                 return False
-            epoch = await self._claim_cold(engine)
+            try:
+                epoch = await self._claim_cold(engine)
+            except ClaimRefused as e:
+                self._waiting_for_etcd = True
+                self._go(Event.ACTIVE_FAILED_TO_START, f"{engine.id} cannot be claimed now: {e}")
+                self._set_degraded(f"the active engine cannot be claimed yet: {e}")
+                self.set_state(engine, EngineState.DRAINING, "not claimed: etcd unreachable")
+                await self.manager.stop(engine, self.cfg.failover.stop_grace)
+                self.set_state(engine, EngineState.STOPPED, "not claimed: etcd unreachable")
+                self.tg.start_soon(self._retire, engine)
+                return False
             if epoch is None:
                 self._go(Event.SERVED_ELSEWHERE, f"another node serves the slot; {engine.id} stops")
                 self.set_state(engine, EngineState.DRAINING, "fenced: slot served elsewhere")
@@ -907,8 +918,19 @@ class SlotController:
                         f"{self.cfg.failover.memory_release_timeout}s; not waking a paired "
                         "shadow into an OOM"
                     )
-            with Step(record, "fence"):
-                epoch = await self.coord.claim(self.slot.name, shadow.unit, known, record.reason)
+            try:
+                with Step(record, "fence"):
+                    epoch = await self.coord.claim(
+                        self.slot.name, shadow.unit, known, record.reason
+                    )
+            except ClaimRefused as e:
+                # Not fenced: undecided. The slot stays degraded (and says why) and is
+                # promoted once etcd answers again (etcd_back).
+                record.result, record.detail = "degraded", str(e)
+                self._set_degraded(f"not promoting {shadow.id} yet: {e}")
+                self._go(Event.FAILOVER_FAILED, f"claim refused for now: {e}")
+                self._waiting_for_etcd = True
+                return
             if epoch is None:
                 record.result = "fenced"
                 self._set_degraded("")
@@ -1025,6 +1047,13 @@ class SlotController:
             self.slot.name, None, f"recover: {why}", kind="recovery", detected_at=time.time()
         )
         await self.failover(record, dead=None)
+
+    def etcd_back(self) -> None:
+        """etcd answers again: a promotion it refused meanwhile is tried now."""
+        if self._waiting_for_etcd and self._tg is not None and not self.stopped:
+            self._waiting_for_etcd = False
+            self.tg.start_soon(self.recover, "etcd is reachable again")
+            self.kick_replenish()  # a slot without shadows restarts its engine cold
 
     # -- cluster decisions ---------------------------------------------------------------
     async def promote_assigned(self, engine_id: str, epoch: int, reason: str) -> None:
@@ -1217,10 +1246,16 @@ class SlotController:
                     self.tg.start_soon(self._retire, new)
                     self._go(Event.SWITCHOVER_ABORTED, f"{record.detail}; {old.id} serves on")
                     return
-                with Step(record, "fence"):
-                    epoch = await self.coord.claim(
-                        self.slot.name, new.unit, self.slot.epoch, record.reason
-                    )
+                try:
+                    with Step(record, "fence"):
+                        epoch = await self.coord.claim(
+                            self.slot.name, new.unit, self.slot.epoch, record.reason
+                        )
+                except ClaimRefused as e:
+                    record.result, record.detail = "error", f"not switching now: {e}"
+                    await self._put_back(new)
+                    self._go(Event.SWITCHOVER_ABORTED, f"{record.detail}; {old.id} serves on")
+                    return
                 if epoch is None:
                     record.result = "fenced"
                     record.detail = "the slot's epoch moved on in the cluster"

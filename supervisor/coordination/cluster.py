@@ -51,6 +51,7 @@ from supervisor.coordination.etcd import (
     prefix_end,
     put_op,
 )
+from supervisor.coordination.local import ClaimRefused
 from supervisor.coordination.nats import Heartbeats
 from supervisor.metrics import Metrics
 from supervisor.model import EngineState
@@ -257,8 +258,7 @@ class ClusterCoordinator:
     async def claim(self, slot: str, unit: str, epoch: int, reason: str) -> int | None:
         if self.demoted:
             self.metrics.cluster_promotions.labels(slot, "fenced").inc()
-            self.log.error("not promoting: this node is demoted (its lease is unrenewed)")
-            return None
+            raise ClaimRefused("this node is demoted (its lease is unrenewed; policy demote)")
         rec = self.view.slots.get(slot)
         if self._moved_past(slot, unit, epoch, rec, "claim refused: the slot is at a newer epoch"):
             return None
@@ -279,8 +279,10 @@ class ClusterCoordinator:
                     )
                     return new.epoch
                 self.metrics.cluster_promotions.labels(slot, "fenced").inc()
-                self.log.error("etcd unreachable: not promoting (policy stop-promoting)")
-                return None
+                raise ClaimRefused(
+                    f"etcd is unreachable (policy {self.cl.etcd_unreachable}): "
+                    "promoting once it is back"
+                )
             if ok:
                 return new.epoch
             # Our copy was stale. Re-read: go on only if the slot has not moved past us.
@@ -611,6 +613,8 @@ class ClusterCoordinator:
         if not self.etcd_ok:
             self.log.info("etcd reachable")
             self._dirty.set()
+            for ctl in self.controllers.values():
+                ctl.etcd_back()
         self.etcd_ok = True
         self.metrics.etcd_reachable.set(1)
 

@@ -11,12 +11,18 @@ from __future__ import annotations
 from typing import Protocol
 
 
+class ClaimRefused(Exception):
+    """The claim cannot be decided now (etcd is unreachable and the policy forbids
+    promoting without it): the slot waits, degraded, and is retried once etcd is back."""
+
+
 class Coordinator(Protocol):
     """The interface :class:`supervisor.failover.SlotController` uses."""
 
     async def claim(self, slot: str, unit: str, epoch: int, reason: str) -> int | None:
         """Make ``unit`` (an engine id, or a group id) the slot's active one at the epoch
-        after ``epoch``; returns that epoch, or None when fenced (the slot has moved on)."""
+        after ``epoch``; returns that epoch, or None when fenced (the slot has moved on).
+        :class:`ClaimRefused` when it cannot be decided now."""
         ...
 
     def served_elsewhere(self, slot: str) -> str | None:

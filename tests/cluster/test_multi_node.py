@@ -450,3 +450,33 @@ async def test_one_lost_keepalive_does_not_cost_the_lease(
     assert "our lease expired" not in a.logs()
     st = await b.status()
     assert slot_record(st, "chat")["epoch"] == 1
+
+
+async def test_a_promotion_refused_without_etcd_is_made_once_etcd_is_back(
+    make_node: Callable[[str], Node],
+) -> None:
+    """Policy stop-promoting: node-a's active engine dies while etcd is unreachable. The
+    slot is degraded, saying why (not quietly on standby), and its shadow is promoted as
+    soon as etcd answers again."""
+    a, b = await active_and_pooled_shadow(make_node, a_shadows=1, policy="stop-promoting")
+    st = await a.status()
+    active = next(e for e in st["engines"] if e["state"] == "active")
+    for link in a.etcd_links:
+        link.cut()
+    await a.wait(lambda s: s["cluster"]["etcd_reachable"] is False, what="node-a cut off")
+    os.killpg(active["pid"], signal.SIGKILL)
+    st = await a.wait(
+        lambda s: s["slots"][0]["degraded"] and "etcd" in s["slots"][0]["degraded_reason"],
+        what="the slot degraded, waiting for etcd",
+    )
+    assert st["slots"][0]["phase"] == "degraded"
+    for link in a.etcd_links:
+        link.heal()
+    st = await a.wait(
+        lambda s: (
+            any(e["state"] == "active" for e in s["engines"])
+            and slot_record(s, "chat").get("epoch") == 2
+        ),
+        what="the shadow promoted once etcd is back",
+    )
+    assert slot_record(st, "chat")["active"].startswith("node-a.")
