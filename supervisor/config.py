@@ -655,6 +655,12 @@ def warnings(cfg: Config) -> list[str]:
             f"cluster.lease_ttl ({cl.lease_ttl:g}s) is shorter than 3 heartbeats "
             f"({cl.heartbeat_interval:g}s each): leases may expire before peers even suspect"
         )
+    if cl.enabled and _loopback(cfg.admin_host) and not _loopback(cl.advertise_host):
+        out.append(
+            f"admin.host ({cfg.admin_host}) is loopback but cluster.advertise_host "
+            f"({cl.advertise_host}) is not: peers cannot reach this node's admin API to "
+            "probe it (listen on the advertised address, with admin.token_file)"
+        )
     if cl.enabled and not cl.nats_servers:
         out.append(
             "cluster.nats_servers is empty: a lost node is noticed only when its etcd "

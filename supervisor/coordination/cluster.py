@@ -235,6 +235,17 @@ class ClusterCoordinator:
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 
+    def advertised_admin(self) -> str:
+        """This node's admin API as peers reach it: ``advertise_host`` and the admin port.
+        The address it listens on may be a wildcard (0.0.0.0) or loopback, which a peer
+        would take for itself."""
+        url = self.admin_url()
+        if not url:
+            return ""
+        port = url.rsplit(":", 1)[1]
+        host = self.cl.advertise_host
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
     def pauses_changed(self) -> None:
         self._dirty.set()
 
@@ -483,7 +494,7 @@ class ClusterCoordinator:
     def _records(self) -> dict[bytes, bytes]:
         adv = self.cl.advertise_host
         out = {
-            self.key("nodes", self.node): orjson.dumps({"admin": self.admin_url()}),
+            self.key("nodes", self.node): orjson.dumps({"admin": self.advertised_admin()}),
         }
         for ctl in self.controllers.values():
             for e in ctl.engines.values():
@@ -508,7 +519,7 @@ class ClusterCoordinator:
 
     def _beat(self) -> dict[str, Any]:
         return {
-            "admin": self.admin_url(),
+            "admin": self.advertised_admin(),
             "engines": [
                 {
                     "id": e.id,

@@ -458,7 +458,7 @@ async def test_a_promotion_refused_without_etcd_is_made_once_etcd_is_back(
     """Policy stop-promoting: node-a's active engine dies while etcd is unreachable. The
     slot is degraded, saying why (not quietly on standby), and its shadow is promoted as
     soon as etcd answers again."""
-    a, b = await active_and_pooled_shadow(make_node, a_shadows=1, policy="stop-promoting")
+    a, _ = await active_and_pooled_shadow(make_node, a_shadows=1, policy="stop-promoting")
     st = await a.status()
     active = next(e for e in st["engines"] if e["state"] == "active")
     for link in a.etcd_links:

@@ -96,3 +96,49 @@ def test_suspicion_needs_missed_beats_and_our_own_connection() -> None:
     assert not hb.is_suspect("p")  # just reconnected: a full window first
     hb.check(now=101.8)
     assert hb.is_suspect("p") and changes == [("p", True)]
+
+
+def test_peers_are_told_the_advertised_admin_address() -> None:
+    """A node listening on 0.0.0.0 (or loopback) must not publish that: a peer would probe
+    itself. It publishes advertise_host with its admin port."""
+    from pathlib import Path
+
+    from supervisor.config import parse, warnings
+    from supervisor.coordination.cluster import ClusterCoordinator
+    from supervisor.metrics import Metrics
+
+    def coordinator(host: str, listening: str) -> ClusterCoordinator:
+        cfg = parse(
+            {
+                "node": {"state_dir": "/tmp/x"},
+                "admin": {"host": "127.0.0.1"},
+                "cluster": {"etcd_endpoints": ["http://127.0.0.1:2379"], "advertise_host": host},
+                "slot": [
+                    {
+                        "name": "s",
+                        "model": "m",
+                        "backend": "vllm",
+                        "base_port": 9000,
+                        "simulate": True,
+                    }
+                ],
+            },
+            base_dir=Path("/"),
+        )
+        return ClusterCoordinator(
+            cfg,
+            {},
+            Metrics(cluster=True),
+            None,  # type: ignore[arg-type]
+            admin_url=lambda: listening,
+            on_view_change=lambda: None,
+            on_peer_dead=print,
+        )
+
+    c = coordinator("10.0.0.11", "http://0.0.0.0:8470")
+    record = orjson.loads(c._records()[c.key("nodes", c.node)])
+    assert record["admin"] == "http://10.0.0.11:8470"
+    assert coordinator("fd00::11", "http://127.0.0.1:8470").advertised_admin() == (
+        "http://[fd00::11]:8470"
+    )
+    assert any("advertise_host" in w for w in warnings(c.cfg))
