@@ -294,7 +294,12 @@ class EtcdClient:
         try:
             with anyio.fail_after(self.timeout):
                 resp = await self.session.post(
-                    url, data=orjson.dumps(body), timeout=aiohttp.ClientTimeout(total=None)
+                    url,
+                    data=orjson.dumps(body),
+                    timeout=aiohttp.ClientTimeout(total=None),
+                    # A member that loses its raft leader ends the watch instead of
+                    # keeping it open and silent.
+                    headers={"Grpc-Metadata-Hasleader": "true"},
                 )
         except (TimeoutError, aiohttp.ClientError, OSError) as e:
             self._rotate()

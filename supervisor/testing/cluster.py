@@ -579,6 +579,8 @@ class FaultProxy:
         self.port = free_port()
         self.cut_now = False
         self.holed = False  # black hole: bytes are read and dropped, connections stay open
+        self._holed_conns: set[Any] = set()  # connections black-holed one by one
+        self._live: set[Any] = set()  # forwarding connections, by their client side
         self._conns: set[Any] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -597,13 +599,15 @@ class FaultProxy:
     def _serve(self) -> None:
         import asyncio
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async def pipe(
+            r: asyncio.StreamReader, w: asyncio.StreamWriter, pair: asyncio.StreamWriter
+        ) -> None:
             try:
                 while not self.cut_now:
                     data = await r.read(65536)
                     if not data or self.cut_now:
                         break
-                    if self.holed:
+                    if self.holed or pair in self._holed_conns:
                         continue  # lost on the way
                     w.write(data)
                     await w.drain()
@@ -622,9 +626,11 @@ class FaultProxy:
                 cw.close()
                 return
             self._conns.update((cw, uw))
-            await asyncio.gather(pipe(cr, uw), pipe(ur, cw))
+            self._live.add(cw)
+            await asyncio.gather(pipe(cr, uw, cw), pipe(ur, cw, cw))
             self._conns.discard(cw)
             self._conns.discard(uw)
+            self._live.discard(cw)
 
         async def main() -> None:
             server = await asyncio.start_server(handle, "127.0.0.1", self.port)
@@ -646,9 +652,16 @@ class FaultProxy:
 
         self._loop.call_soon_threadsafe(close_all)
 
-    def black_hole(self) -> None:
+    def black_hole(self, *, existing_only: bool = False) -> None:
+        """Forward nothing, keep connections open. ``existing_only``: just the connections
+        open now go silent (a long-lived stream, a pooled connection); new ones work (as
+        after a NAT or conntrack entry is lost)."""
+
         def hole() -> None:
-            self.holed = True
+            if existing_only:
+                self._holed_conns |= self._live
+            else:
+                self.holed = True
 
         self._loop.call_soon_threadsafe(hole)
 
@@ -659,6 +672,10 @@ class FaultProxy:
                     with contextlib.suppress(Exception):
                         w.transport.abort()
                 self._conns.clear()
+            for w in self._holed_conns:
+                with contextlib.suppress(Exception):
+                    w.transport.abort()
+            self._holed_conns.clear()
             self.cut_now = self.holed = False
 
         self._loop.call_soon_threadsafe(reopen)

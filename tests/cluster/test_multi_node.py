@@ -480,3 +480,34 @@ async def test_a_promotion_refused_without_etcd_is_made_once_etcd_is_back(
         what="the shadow promoted once etcd is back",
     )
     assert slot_record(st, "chat")["active"].startswith("node-a.")
+
+
+async def test_a_silent_watch_does_not_keep_a_moved_slot_served(
+    make_node: Callable[[str], Node], etcd: EtcdCluster, session: Any
+) -> None:
+    """node-a's open connections to etcd go silent (its watch among them) while new ones
+    work, so its keep-alives go on and its lease lives. The slot moves to node-b's shadow
+    meanwhile (written to etcd as a promotion node-a never hears of). node-a notices from
+    a direct read and steps down: two engines serve the slot only for a bounded time."""
+    a, b = await active_and_pooled_shadow(make_node)
+    shadow = next(e["id"] for e in engines_of(await b.status(), "sleeping"))
+    watch = ActiveWatch([a, b], session)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run)
+        for link in a.etcd_links:
+            link.black_hole(existing_only=True)
+        client = EtcdClient(etcd.endpoints, session)
+        key = b"/failover-supervisor/test/slots/chat"
+        record = {"epoch": 2, "active": shadow, "nodes": ["node-b"], "by": "test", "reason": "t"}
+        await client.put(key, json.dumps(record).encode())
+        await b.wait(lambda s: bool(engines_of(s, "active")), what="node-b serving")
+        st = await a.wait(
+            lambda s: not engines_of(s, "active"), timeout=15, what="node-a stepped down"
+        )
+        assert st["cluster"]["etcd_reachable"]  # its lease lived all along
+        tg.cancel_scope.cancel()
+    assert "the watch is silent" in a.logs()
+    print(f"silent watch: longest double-active window {watch.longest() * 1000:.0f} ms")
+    assert watch.longest() < 3 * 2, watch.windows()  # within a few lease TTLs (2 s)
+    for link in a.etcd_links:
+        link.heal()
