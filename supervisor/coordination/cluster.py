@@ -129,6 +129,9 @@ class ClusterView:
             return None
         try:
             if kind == "slots":
+                held = self.slots.get(name)
+                if held is not None and held.mod_revision > kv.mod_revision:
+                    return None  # older than what we hold (our own write, read back first)
                 self.slots[name] = SlotRecord.parse(kv)
             elif kind == "election":
                 self.election[name] = kv.create_revision
@@ -211,6 +214,9 @@ class ClusterCoordinator:
         self._dirty = anyio.Event()
         self._changed = anyio.Event()
         self._pending: dict[str, SlotRecord] = {}  # claims made while etcd was unreachable
+        # ... and the slot's record as it was before the first of them: the deferred claim
+        # is written only if nobody wrote the slot since (compare-and-set on it).
+        self._pending_base: dict[str, SlotRecord | None] = {}
         self._first_seen: dict[tuple[str, int], float] = {}  # (slot, epoch) -> monotonic
         self._said: dict[str, str] = {}  # slot -> the leader's last logged decision
         self._acting: set[str] = set()  # slots with a promotion / step-down under way
@@ -280,6 +286,7 @@ class ClusterCoordinator:
             ok = await self._write_slot(slot, rec, new)
             if ok is None:  # etcd unreachable
                 if self.cl.etcd_unreachable == "keep-serving":  # (demote: refused above)
+                    self._pending_base.setdefault(slot, rec)
                     self._pending[slot] = new
                     self.metrics.cluster_promotions.labels(slot, "deferred").inc()
                     self.log.warning(
@@ -665,28 +672,32 @@ class ClusterCoordinator:
                 await anyio.sleep(0.2)
 
     async def _flush_pending(self) -> None:
-        """Record claims made while etcd was unreachable; a claim that lost is stepped down
-        by the reconcile loop (the slot's key names someone else at our epoch or later)."""
+        """Record claims made while etcd was unreachable, each conditioned on the slot's
+        record being what it was before them: if another node took the slot meanwhile
+        (the leader promoted it elsewhere), our claim loses, whatever its epoch, and the
+        reconcile loop steps our engine down."""
         for slot, new in list(self._pending.items()):
-            rec = await self._read_slot(slot)
-            if rec is None or rec.epoch < new.epoch:
-                new.epoch = (rec.epoch if rec else 0) + 1
-                ok = await self._write_slot(slot, rec, new)
-                if ok is None:
-                    return
-                if ok:
-                    ctl = self.controllers.get(slot)
-                    if ctl is not None:
-                        ctl.slot.epoch = new.epoch
+            base = self._pending_base.get(slot)
+            ok = await self._write_slot(slot, base, new)
+            if ok is None:
+                return  # still unreachable: the next flush tries again
+            if ok:
+                ctl = self.controllers.get(slot)
+                if ctl is not None:
+                    ctl.slot.epoch = new.epoch
+            elif (rec := await self._read_slot(slot)) is not None and rec.active == new.active:
+                # A claim whose answer timed out may have been written after all.
+                self.log.info("our promotion during the etcd outage is recorded", slot=slot)
             else:
                 self.log.warning(
                     "our promotion during the etcd outage lost: the slot moved on",
                     slot=slot,
                     ours=new.active,
-                    cluster=rec.active,
-                    epoch=rec.epoch,
+                    cluster=rec.active if rec else None,
+                    epoch=rec.epoch if rec else None,
                 )
             self._pending.pop(slot, None)
+            self._pending_base.pop(slot, None)
         self._kick()
 
     async def _watch_loop(self) -> None:
@@ -905,13 +916,15 @@ class ClusterCoordinator:
                 continue
             ours = [e for e in ctl.engines.values() if e.unit == rec.active]
             active = ctl.active_engine()
-            if rec.epoch < ctl.slot.epoch:
-                continue
             if active is not None and active.unit != rec.active:
                 if name in self._pending:
                     continue  # our own claim, not yet recorded
+                # etcd names another unit: step down, whatever epoch we hold (one restored
+                # from the state file may be higher than etcd's without being real).
                 self._acting.add(name)
                 tg.start_soon(self._act, name, ctl.step_down(rec.epoch, rec.active))
+                continue
+            if rec.epoch < ctl.slot.epoch:
                 continue
             sleeping = [e for e in ours if e.state is EngineState.SLEEPING]
             if sleeping and active is None:

@@ -511,3 +511,37 @@ async def test_a_silent_watch_does_not_keep_a_moved_slot_served(
     assert watch.longest() < 3 * 2, watch.windows()  # within a few lease TTLs (2 s)
     for link in a.etcd_links:
         link.heal()
+
+
+async def test_claims_made_in_a_partition_do_not_overwrite_the_leaders_promotion(
+    make_node: Callable[[str], Node], session: Any
+) -> None:
+    """node-a, cut off from etcd and NATS, fails over twice on its own (claims at epochs 2
+    and 3, kept until etcd is back) while the leader promotes node-b's shadow at epoch 2.
+    On healing, node-a's claims lose (the slot was written since they were made), node-a
+    steps down, and node-b keeps the slot."""
+    a, b = await active_and_pooled_shadow(make_node, a_shadows=2)
+    assert a.nats_link is not None
+    for link in [*a.etcd_links, a.nats_link]:
+        link.cut()
+    st = await b.wait(
+        lambda s: slot_record(s, "chat").get("epoch") == 2, timeout=15, what="node-b promoted"
+    )
+    b_unit = slot_record(st, "chat")["active"]
+    for _ in range(2):  # two local failovers on node-a, without etcd
+        st = await a.status()
+        victim = next(e for e in engines_of(st, "active"))
+        os.killpg(victim["pid"], signal.SIGKILL)
+        await a.wait(
+            lambda s, v=victim["id"]: any(e["id"] != v for e in engines_of(s, "active")),
+            what="a local failover on node-a",
+        )
+    assert (await a.status())["cluster"]["pending_claims"] == ["chat"]
+    for link in [*a.etcd_links, a.nats_link]:
+        link.heal()
+    await a.wait(lambda s: not engines_of(s, "active"), what="node-a stepped down")
+    st = await b.status()
+    assert slot_record(st, "chat")["active"] == b_unit
+    assert engines_of(st, "active")
+    assert "our promotion during the etcd outage lost" in a.logs()
+    assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
