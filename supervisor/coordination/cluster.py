@@ -60,6 +60,9 @@ if TYPE_CHECKING:
     from supervisor.failover import SlotController
 
 
+FORGET_AFTER = 600.0  # seconds a dead peer is remembered (it may come back meanwhile)
+
+
 @dataclass
 class SlotRecord:
     """``slots/<slot>`` in etcd: which unit serves the slot, at which epoch."""
@@ -220,7 +223,8 @@ class ClusterCoordinator:
         self._first_seen: dict[tuple[str, int], float] = {}  # (slot, epoch) -> monotonic
         self._said: dict[str, str] = {}  # slot -> the leader's last logged decision
         self._acting: set[str] = set()  # slots with a promotion / step-down under way
-        self._known: set[str] = set()  # every peer ever seen
+        self._known: set[str] = set()  # every peer seen (forgotten FORGET_AFTER after death)
+        self._publish_lock = anyio.Lock()  # the lease loop and the publish loop both publish
         self.log = logging.get(node=self.node, component="cluster")
         self.beats: Heartbeats | None = None
         if self.cl.nats_servers:
@@ -437,6 +441,7 @@ class ClusterCoordinator:
             self._known |= set(self.view.nodes)
             if self.beats is not None:
                 self._known |= set(self.beats.peers)
+            self._forget_old(time.monotonic())
             for node in sorted(self._known - {self.node}):
                 if node in self.dead:
                     continue
@@ -461,6 +466,20 @@ class ClusterCoordinator:
                 else:
                     self._probe_failures.pop(node, None)
             self._update_peer_gauges()
+
+    def _forget_old(self, now: float) -> None:
+        """What is kept per peer and per epoch must not grow for ever: a node dead for
+        FORGET_AFTER and gone from etcd is forgotten, and only current epochs are timed."""
+        for node, since in list(self.dead.items()):
+            if now - since > FORGET_AFTER and node not in self.view.nodes:
+                del self.dead[node]
+                self._known.discard(node)
+                self._probe_failures.pop(node, None)
+                if self.beats is not None:
+                    self.beats.forget(node)
+        current = {(name, rec.epoch) for name, rec in self.view.slots.items()}
+        for key in [k for k in self._first_seen if k not in current]:
+            del self._first_seen[key]
 
     async def _probe(self, url: str) -> bool:
         try:
@@ -642,9 +661,16 @@ class ClusterCoordinator:
         self._published.clear()
         await self._publish()
         ek = self.key("election", self.node)
+        # A fresh key, so a fresh create revision: a restart within the TTL must not
+        # inherit the seniority of the key its previous run left (a put would keep it).
+        await self.etcd.delete(ek)
         await self.etcd.put(ek, self.node.encode(), lease=self.lease)
 
     async def _publish(self) -> None:
+        async with self._publish_lock:
+            await self._publish_locked()
+
+    async def _publish_locked(self) -> None:
         want = self._records()
         for k, v in want.items():
             if self._published.get(k) != v:

@@ -545,3 +545,18 @@ async def test_claims_made_in_a_partition_do_not_overwrite_the_leaders_promotion
     assert engines_of(st, "active")
     assert "our promotion during the etcd outage lost" in a.logs()
     assert_epochs_unique(await slot_history(a.etcd_endpoints, session))
+
+
+async def test_a_node_restarted_within_its_ttl_does_not_keep_its_seniority(
+    make_node: Callable[[str], Node],
+) -> None:
+    """node-a (the leader: it joined first) restarts within its lease's TTL. Its new run
+    campaigns afresh: its election key is younger than node-b's now, so node-b leads."""
+    a, b = await active_and_pooled_shadow(make_node)
+    await b.wait(lambda s: s["cluster"]["leader"] == "node-a", what="node-a leads")
+    assert a.sup is not None
+    a.sup.proc.kill()  # its engines run on; the next run adopts them
+    a.sup.proc.wait()
+    await a.start([sim_slot("chat", shadows=0)], cluster={"etcd_unreachable": "keep-serving"})
+    st = await b.wait(lambda s: s["cluster"]["leader"] == "node-b", what="node-b leads")
+    assert slot_record(st, "chat")["epoch"] == 1  # nothing moved meanwhile

@@ -179,3 +179,41 @@ async def test_only_the_lowest_election_key_passes_the_leader_check(
     assert await promote_as(old, b"a")
     kv = await c.get(b"/t/slots/chat")
     assert kv is not None and kv.value == b"a"
+
+
+async def test_two_publishers_at_once_do_not_trip_over_each_other(
+    etcd: EtcdCluster, session: aiohttp.ClientSession
+) -> None:
+    """The lease loop (re-registering) and the publish loop both publish this node's keys;
+    run together, each deleting the keys that are no longer wanted, neither may fail."""
+    from supervisor.config import parse
+    from supervisor.coordination.cluster import ClusterCoordinator
+    from supervisor.metrics import Metrics
+
+    slot = {"name": "s", "model": "m", "backend": "vllm", "base_port": 9000, "simulate": True}
+    cfg = parse(
+        {
+            "node": {"state_dir": "/tmp/x"},
+            "cluster": {"etcd_endpoints": etcd.endpoints},
+            "slot": [slot],
+        },
+        base_dir=Path("/"),
+    )
+    c = ClusterCoordinator(
+        cfg,
+        {},
+        Metrics(cluster=True),
+        session,
+        admin_url=lambda: "http://127.0.0.1:8470",
+        on_view_change=lambda: None,
+        on_peer_dead=print,
+    )
+    for round_ in range(20):
+        stale = {c.key("engines", f"old-{round_}-{i}"): b"{}" for i in range(5)}
+        for k, v in stale.items():
+            await c.etcd.put(k, v)
+        c._published.update(stale)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(c._publish)
+            tg.start_soon(c._publish)
+        assert not any(k in c._published for k in stale)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import orjson
 
-from supervisor.coordination.cluster import ClusterView, SlotRecord
+from supervisor.config import parse, warnings
+from supervisor.coordination.cluster import ClusterCoordinator, ClusterView, SlotRecord
 from supervisor.coordination.etcd import Compare, KeyValue, prefix_end
 from supervisor.coordination.nats import Heartbeats
+from supervisor.metrics import Metrics
 
 
 def kv(key: str, value: object, create: int = 1, mod: int = 1) -> KeyValue:
@@ -98,43 +102,32 @@ def test_suspicion_needs_missed_beats_and_our_own_connection() -> None:
     assert hb.is_suspect("p") and changes == [("p", True)]
 
 
+def coordinator(host: str = "127.0.0.1", listening: str = "") -> ClusterCoordinator:
+    """A coordinator that is never run (no servers): for its pure parts."""
+    slot = {"name": "s", "model": "m", "backend": "vllm", "base_port": 9000, "simulate": True}
+    cfg = parse(
+        {
+            "node": {"state_dir": "/tmp/x"},
+            "admin": {"host": "127.0.0.1"},
+            "cluster": {"etcd_endpoints": ["http://127.0.0.1:2379"], "advertise_host": host},
+            "slot": [slot],
+        },
+        base_dir=Path("/"),
+    )
+    return ClusterCoordinator(
+        cfg,
+        {},
+        Metrics(cluster=True),
+        None,  # type: ignore[arg-type]
+        admin_url=lambda: listening,
+        on_view_change=lambda: None,
+        on_peer_dead=print,
+    )
+
+
 def test_peers_are_told_the_advertised_admin_address() -> None:
     """A node listening on 0.0.0.0 (or loopback) must not publish that: a peer would probe
     itself. It publishes advertise_host with its admin port."""
-    from pathlib import Path
-
-    from supervisor.config import parse, warnings
-    from supervisor.coordination.cluster import ClusterCoordinator
-    from supervisor.metrics import Metrics
-
-    def coordinator(host: str, listening: str) -> ClusterCoordinator:
-        cfg = parse(
-            {
-                "node": {"state_dir": "/tmp/x"},
-                "admin": {"host": "127.0.0.1"},
-                "cluster": {"etcd_endpoints": ["http://127.0.0.1:2379"], "advertise_host": host},
-                "slot": [
-                    {
-                        "name": "s",
-                        "model": "m",
-                        "backend": "vllm",
-                        "base_port": 9000,
-                        "simulate": True,
-                    }
-                ],
-            },
-            base_dir=Path("/"),
-        )
-        return ClusterCoordinator(
-            cfg,
-            {},
-            Metrics(cluster=True),
-            None,  # type: ignore[arg-type]
-            admin_url=lambda: listening,
-            on_view_change=lambda: None,
-            on_peer_dead=print,
-        )
-
     c = coordinator("10.0.0.11", "http://0.0.0.0:8470")
     record = orjson.loads(c._records()[c.key("nodes", c.node)])
     assert record["admin"] == "http://10.0.0.11:8470"
@@ -142,3 +135,18 @@ def test_peers_are_told_the_advertised_admin_address() -> None:
         "http://[fd00::11]:8470"
     )
     assert any("advertise_host" in w for w in warnings(c.cfg))
+
+
+def test_dead_peers_and_old_epochs_are_forgotten() -> None:
+    from supervisor.coordination.cluster import FORGET_AFTER
+
+    c = coordinator()
+    c.view.apply("slots/chat", kv("x", {"epoch": 5, "active": "a.chat-0"}), False)
+    c.view.apply("nodes/back", kv("x", {"admin": ""}), False)
+    c.dead = {"gone": 0.0, "recent": FORGET_AFTER, "back": 0.0}
+    c._known = {"gone", "recent", "back"}
+    c._first_seen = {("chat", 3): 1.0, ("chat", 4): 2.0, ("chat", 5): 3.0}
+    c._forget_old(FORGET_AFTER + 10)
+    assert set(c.dead) == {"recent", "back"}  # "back" has a lease again: kept till revived
+    assert c._known == {"recent", "back"}
+    assert c._first_seen == {("chat", 5): 3.0}
