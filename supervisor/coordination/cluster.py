@@ -545,19 +545,8 @@ class ClusterCoordinator:
         return out
 
     def _beat(self) -> dict[str, Any]:
-        return {
-            "admin": self.advertised_admin(),
-            "engines": [
-                {
-                    "id": e.id,
-                    "state": e.state.value,
-                    "epoch": ctl.slot.epoch,
-                    "load": self.load(e.id),
-                }
-                for ctl in self.controllers.values()
-                for e in ctl.engines.values()
-            ],
-        }
+        # A beat says "alive" and nothing else: engines' states travel through etcd.
+        return {"admin": self.advertised_admin()}
 
     async def _lease_loop(self) -> None:
         while True:

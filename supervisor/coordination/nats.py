@@ -8,9 +8,10 @@ NATS outage never causes a failover on its own. Connection is retried forever wi
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -33,8 +34,8 @@ class PeerBeats:
     node: str
     last_at: float = 0.0  # monotonic time of the last beat
     seq: int = -1
+    run: str = ""  # the peer's run (its seq starts again when it restarts)
     interval: float = 0.25
-    engines: list[dict[str, Any]] = field(default_factory=list)
     admin: str = ""
     suspect: bool = False
 
@@ -65,6 +66,12 @@ class Heartbeats:
         self.connected = False
         self._connected_since = 0.0
         self._seq = 0
+        self._run = secrets.token_hex(4)
+        # Our own beats come back to us through the server: when they stop, our link is
+        # the broken one (a half-open connection looks connected for seconds).
+        self._own_last = 0.0
+        self._own_silent = False
+        self._nc: NatsClient | None = None
         self.sent = 0
         self.received = 0
         self.log = logging.get(node=node, component="heartbeats")
@@ -91,6 +98,9 @@ class Heartbeats:
                     ping_interval=1,
                     max_outstanding_pings=3,
                     allow_reconnect=True,
+                    # Beats are never kept to be sent later: a late beat would say a node
+                    # is alive at a time it may not have been.
+                    pending_size=0,
                     disconnected_cb=self._disconnected,
                     reconnected_cb=self._reconnected,
                     error_cb=self._error,
@@ -139,13 +149,19 @@ class Heartbeats:
         subj = subject(self.cluster, self.node)
         while True:
             self._seq += 1
-            beat = {"node": self.node, "seq": self._seq, "interval": self.interval}
+            beat = {
+                "node": self.node,
+                "run": self._run,
+                "seq": self._seq,
+                "interval": self.interval,
+            }
             beat.update(self.snapshot())
-            try:
-                await nc.publish(subj, orjson.dumps(beat))
-                self.sent += 1
-            except Exception as e:  # disconnected, buffer full: the next beat tries again
-                self.log.debug("heartbeat not sent", error=str(e) or repr(e))
+            if nc.is_connected:  # while reconnecting a beat would be buffered: drop it
+                try:
+                    await nc.publish(subj, orjson.dumps(beat))
+                    self.sent += 1
+                except Exception as e:  # the connection just broke: the next beat tries
+                    self.log.debug("heartbeat not sent", error=str(e) or repr(e))
             await anyio.sleep(self.interval)
 
     async def _on_beat(self, msg: Msg) -> None:
@@ -156,15 +172,27 @@ class Heartbeats:
             self.log.warning("malformed heartbeat ignored", subject=msg.subject)
             return
         if node == self.node:
+            self._own_last = time.monotonic()
+            if self._own_silent:
+                self._own_silent = False
+                self.log.info("our own beats come back again: our NATS link works")
             return
         self.received += 1
         p = self.peers.get(node)
         if p is None:
             p = self.peers[node] = PeerBeats(node)
+        try:
+            seq = int(beat.get("seq", -1))
+            interval = float(beat.get("interval", self.interval))
+        except (TypeError, ValueError):
+            self.log.warning("malformed heartbeat ignored", peer=node)
+            return
+        run = str(beat.get("run", ""))
+        if run == p.run and 0 <= seq <= p.seq:
+            return  # a duplicate, or one overtaken by a newer beat: it says nothing new
         p.last_at = time.monotonic()
-        p.seq = int(beat.get("seq", -1))
-        p.interval = float(beat.get("interval", self.interval))
-        p.engines = beat.get("engines") or []
+        p.seq, p.run = seq, run
+        p.interval = interval
         p.admin = str(beat.get("admin", ""))
         if p.suspect:
             p.suspect = False
@@ -180,6 +208,16 @@ class Heartbeats:
         """Mark peers suspect whose beats stopped, unless we are the one cut off."""
         now = now if now is not None else time.monotonic()
         if not self.connected:
+            return
+        window = self.interval * self.suspect_after
+        if now - max(self._own_last, self._connected_since) > window:
+            # Our own beats do not come back: it is our link that is broken, not theirs.
+            if not self._own_silent:
+                self._own_silent = True
+                self.log.warning(
+                    "our own beats do not come back: our NATS link is broken; "
+                    "suspecting nobody until they do"
+                )
             return
         for p in self.peers.values():
             limit = p.interval * self.suspect_after

@@ -560,3 +560,23 @@ async def test_a_node_restarted_within_its_ttl_does_not_keep_its_seniority(
     await a.start([sim_slot("chat", shadows=0)], cluster={"etcd_unreachable": "keep-serving"})
     st = await b.wait(lambda s: s["cluster"]["leader"] == "node-b", what="node-b leads")
     assert slot_record(st, "chat")["epoch"] == 1  # nothing moved meanwhile
+
+
+async def test_a_half_open_nats_link_makes_its_own_node_suspect_nobody(
+    make_node: Callable[[str], Node],
+) -> None:
+    """node-a's NATS connection goes half-open (open, nothing forwarded): its client thinks
+    it is connected for seconds. Its own beats stop coming back, so node-a knows the fault
+    is its own and suspects nobody; node-b suspects node-a, but its lease lives: nothing
+    moves."""
+    a, b = await active_and_pooled_shadow(make_node)
+    assert a.nats_link is not None
+    a.nats_link.black_hole()
+    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "suspect", what="suspect")
+    await anyio.sleep(1.0)
+    st = await a.status()
+    assert st["cluster"]["peers"].get("node-b") == "alive", st["cluster"]
+    assert "our own beats do not come back" in a.logs()
+    assert slot_record(await b.status(), "chat")["epoch"] == 1
+    a.nats_link.heal()
+    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="heard again")

@@ -118,7 +118,7 @@ async def test_heartbeats_see_peers_and_a_silent_one_becomes_suspect(tmp_path: P
     try:
         a = Heartbeats(
             [server.url], "t", "a", interval=0.05, suspect_after=3,
-            snapshot=lambda: {"engines": [{"id": "a.x-0", "state": "active"}]},
+            snapshot=lambda: {"admin": "http://127.0.0.1:8470"},
             on_change=lambda n, s: changes.append((n, s)),
         )  # fmt: skip
         b = Heartbeats([server.url], "t", "b", interval=0.05, suspect_after=3, snapshot=dict)
@@ -129,7 +129,7 @@ async def test_heartbeats_see_peers_and_a_silent_one_becomes_suspect(tmp_path: P
                 with anyio.fail_after(5):
                     while not (a.heard_recently("b") and b.heard_recently("a")):
                         await anyio.sleep(0.02)
-                assert b.peers["a"].engines == [{"id": "a.x-0", "state": "active"}]
+                assert b.peers["a"].admin == "http://127.0.0.1:8470"
                 inner.cancel_scope.cancel()  # b goes silent
             with anyio.fail_after(5):
                 while not a.is_suspect("b"):

@@ -98,8 +98,32 @@ def test_suspicion_needs_missed_beats_and_our_own_connection() -> None:
     hb._connected_since = 101.0
     hb.check(now=101.5)
     assert not hb.is_suspect("p")  # just reconnected: a full window first
+    hb._own_last = 101.0  # our own beats stopped coming back: our link is the broken one
+    hb.check(now=101.8)
+    assert not hb.is_suspect("p")
+    hb._own_last = 101.7  # they come back: the silence is the peer's
     hb.check(now=101.8)
     assert hb.is_suspect("p") and changes == [("p", True)]
+
+
+def test_old_and_repeated_beats_say_nothing_but_a_restart_does() -> None:
+    from types import SimpleNamespace
+
+    import anyio
+
+    hb = Heartbeats(["nats://x"], "c", "me", interval=0.25, suspect_after=3, snapshot=dict)
+
+    def beat(run: str, seq: int) -> None:
+        msg = SimpleNamespace(data=orjson.dumps({"node": "p", "run": run, "seq": seq}))
+        anyio.run(hb._on_beat, msg)
+
+    beat("r1", 5)
+    first = hb.peers["p"].last_at
+    beat("r1", 4)  # late (a backlog flushed out of order)
+    beat("r1", 5)  # repeated
+    assert hb.peers["p"].last_at == first and hb.peers["p"].seq == 5
+    beat("r2", 1)  # it restarted: its count starts again
+    assert hb.peers["p"].run == "r2" and hb.peers["p"].last_at > first
 
 
 def coordinator(host: str = "127.0.0.1", listening: str = "") -> ClusterCoordinator:
