@@ -568,7 +568,9 @@ class FaultProxy:
     ``cut()`` closes every open connection and leaves new ones hanging unanswered (a
     partition, as a dropped network looks: timeouts, not refusals); ``black_hole()`` keeps
     every connection open but forwards nothing either way (a half-open link: nobody is told
-    anything); ``heal()`` forwards again (connections held meanwhile are reset).
+    anything); ``delay(s)`` holds every chunk ``s`` seconds each way; ``one_way(...)`` drops
+    what flows in one direction only (requests arrive, answers are lost, or the reverse);
+    ``heal()`` forwards again (connections held or black-holed meanwhile are reset).
     """
 
     def __init__(self, target_port: int) -> None:
@@ -581,6 +583,8 @@ class FaultProxy:
         self.holed = False  # black hole: bytes are read and dropped, connections stay open
         self._holed_conns: set[Any] = set()  # connections black-holed one by one
         self._live: set[Any] = set()  # forwarding connections, by their client side
+        self.latency = 0.0  # seconds each chunk is held, each way
+        self.dropping = ""  # "to_target" or "from_target": that direction is lost
         self._conns: set[Any] = set()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -600,15 +604,20 @@ class FaultProxy:
         import asyncio
 
         async def pipe(
-            r: asyncio.StreamReader, w: asyncio.StreamWriter, pair: asyncio.StreamWriter
+            r: asyncio.StreamReader,
+            w: asyncio.StreamWriter,
+            pair: asyncio.StreamWriter,
+            direction: str,
         ) -> None:
             try:
                 while not self.cut_now:
                     data = await r.read(65536)
                     if not data or self.cut_now:
                         break
-                    if self.holed or pair in self._holed_conns:
+                    if self.holed or pair in self._holed_conns or self.dropping == direction:
                         continue  # lost on the way
+                    if self.latency:
+                        await asyncio.sleep(self.latency)
                     w.write(data)
                     await w.drain()
             except (OSError, asyncio.CancelledError):
@@ -627,7 +636,7 @@ class FaultProxy:
                 return
             self._conns.update((cw, uw))
             self._live.add(cw)
-            await asyncio.gather(pipe(cr, uw, cw), pipe(ur, cw, cw))
+            await asyncio.gather(pipe(cr, uw, cw, "to_target"), pipe(ur, cw, cw, "from_target"))
             self._conns.discard(cw)
             self._conns.discard(uw)
             self._live.discard(cw)
@@ -639,7 +648,7 @@ class FaultProxy:
                 await server.serve_forever()
 
         asyncio.set_event_loop(self._loop)
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError, asyncio.CancelledError):  # closed
             self._loop.run_until_complete(main())
 
     def cut(self) -> None:
@@ -665,6 +674,21 @@ class FaultProxy:
 
         self._loop.call_soon_threadsafe(hole)
 
+    def delay(self, seconds: float) -> None:
+        def slow() -> None:
+            self.latency = seconds
+
+        self._loop.call_soon_threadsafe(slow)
+
+    def one_way(self, lost: str) -> None:
+        """Lose what flows ``lost`` ("to_target": requests; "from_target": answers)."""
+        assert lost in ("to_target", "from_target")
+
+        def drop() -> None:
+            self.dropping = lost
+
+        self._loop.call_soon_threadsafe(drop)
+
     def heal(self) -> None:
         def reopen() -> None:
             if self.cut_now or self.holed:  # connections held meanwhile: drop them now
@@ -672,16 +696,28 @@ class FaultProxy:
                     with contextlib.suppress(Exception):
                         w.transport.abort()
                 self._conns.clear()
+            if self.dropping:  # half of those streams is lost: they cannot go on
+                self._holed_conns |= self._live
             for w in self._holed_conns:
                 with contextlib.suppress(Exception):
                     w.transport.abort()
             self._holed_conns.clear()
             self.cut_now = self.holed = False
+            self.latency, self.dropping = 0.0, ""
 
         self._loop.call_soon_threadsafe(reopen)
 
     def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        import asyncio
+
+        def shutdown() -> None:
+            # Every connection's task ends first, so none is left unfinished (and warned of).
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            self._loop.call_soon(self._loop.stop)
+
+        self._loop.call_soon_threadsafe(shutdown)
+        self._thread.join(5)
 
 
 # -- supervisor "nodes" of a test cluster --------------------------------------------------

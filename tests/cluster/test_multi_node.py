@@ -34,12 +34,13 @@ async def active_and_pooled_shadow(
     a_shadows: int = 0,
     sim_args: Any = None,
     policy: str = "keep-serving",
+    lease_ttl: float = 2,
 ) -> tuple[Node, Node]:
     """node-a serves slot "chat"; node-b keeps a pooled shadow of it. Returns once the slot
     is claimed at epoch 1 and node-b hears node-a."""
     extra = {"sim_args": sim_args} if sim_args else {}
     a, b = make_node("node-a"), make_node("node-b")
-    cluster = {"etcd_unreachable": policy}
+    cluster = {"etcd_unreachable": policy, "lease_ttl": lease_ttl}
     await a.start([sim_slot("chat", shadows=a_shadows, **extra)], cluster=cluster)
     await b.start([sim_slot("chat", shadows=1, hosts="shadows", **extra)], cluster=cluster)
     await b.wait(
@@ -411,23 +412,26 @@ async def test_whole_cluster_restart_without_one_node_moves_its_slot(
     assert st["cluster"]["peers"].get("node-a") in (None, "dead")
 
 
-async def test_a_stalled_node_whose_lease_lives_is_not_declared_dead(
+async def test_a_stalled_leader_whose_lease_lives_is_not_declared_dead(
     make_node: Callable[[str], Node],
 ) -> None:
-    """node-a's daemon stalls for 1 s (SIGSTOP): its heartbeats stop and its admin API
-    does not answer, but its lease (2 s) lives, so nobody declares it dead or moves its
-    slot (which would leave two actives once it wakes)."""
-    a, b = await active_and_pooled_shadow(make_node)
+    """node-a (the leader, serving the slot) stalls for 1.5 s (SIGSTOP): its heartbeats stop
+    and its admin API does not answer, but its lease (3 s) lives, so nobody declares it
+    dead or moves its slot (which would leave two actives once it wakes)."""
+    a, b = await active_and_pooled_shadow(make_node, lease_ttl=3)
+    await b.wait(lambda s: s["cluster"]["leader"] == "node-a", what="node-a leads")
     assert a.sup is not None
     a.sup.proc.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
     try:
         await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "suspect", what="suspect")
-        await anyio.sleep(0.8)
+        await anyio.sleep(max(0.0, 1.5 - (time.monotonic() - stopped)))
     finally:
         a.sup.proc.send_signal(signal.SIGCONT)
     await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="heard again")
     st = await b.status()
     assert slot_record(st, "chat")["epoch"] == 1
+    assert st["cluster"]["leader"] == "node-a"
     assert "peer confirmed dead" not in b.logs()
     assert not engines_of(st, "active")  # node-b's shadow was not woken
 
@@ -580,3 +584,44 @@ async def test_a_half_open_nats_link_makes_its_own_node_suspect_nobody(
     assert slot_record(await b.status(), "chat")["epoch"] == 1
     a.nats_link.heal()
     await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="heard again")
+
+
+async def test_demote_under_a_one_way_link_keeps_one_active(
+    make_node: Callable[[str], Node], session: Any
+) -> None:
+    """Policy demote, node-a's link to etcd one-way: its keep-alives reach etcd (the lease
+    lives) but the answers are lost. node-a cannot know its lease lives, so it demotes; no
+    peer promotes (the lease lives). Once healed, a fresh read shows the slot still its own
+    and it serves again. At no moment do two engines serve the slot."""
+    a, b = await active_and_pooled_shadow(make_node, policy="demote")
+    watch = ActiveWatch([a, b], session)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run)
+        for link in a.etcd_links:
+            link.one_way("from_target")
+        await a.wait(lambda s: s["cluster"]["demoted"], what="node-a demoted")
+        await anyio.sleep(2.0)
+        assert slot_record(await b.status(), "chat")["epoch"] == 1  # nobody promoted
+        for link in a.etcd_links:
+            link.heal()
+        await a.wait(
+            lambda s: not s["cluster"]["demoted"] and bool(engines_of(s, "active")),
+            what="node-a serving again",
+        )
+        tg.cancel_scope.cancel()
+    assert watch.windows() == []
+    assert "serving again: etcd confirmed this node's slots" in a.logs()
+
+
+async def test_a_slow_link_to_etcd_changes_nothing(make_node: Callable[[str], Node]) -> None:
+    """250 ms each way on node-a's etcd link (slower than etcd ever is, within the call
+    deadline): its lease is kept, nothing is failed over, it stays the slot's owner."""
+    a, b = await active_and_pooled_shadow(make_node)
+    for link in a.etcd_links:
+        link.delay(0.25)
+    await anyio.sleep(4.0)  # two TTLs
+    for link in a.etcd_links:
+        link.heal()
+    assert "our lease expired" not in a.logs()
+    st = await b.status()
+    assert slot_record(st, "chat")["epoch"] == 1 and st["cluster"]["peers"]["node-a"] == "alive"
