@@ -76,6 +76,15 @@ async def node_loss(trials: int, work: Path) -> dict[str, Any]:
         "suspect_after": d.suspect_after,
         "probe_timeout": d.probe_timeout,
     }
+
+    def on(host: str) -> dict[str, Any]:
+        """A node's settings on a loopback address of its own, as on a host of its own."""
+        return {
+            "admin": {"host": host},
+            "frontend": {"host": host},
+            "cluster": {**cluster, "advertise_host": host},
+        }
+
     detections: list[float] = []
     observer = None
     try:
@@ -83,8 +92,8 @@ async def node_loss(trials: int, work: Path) -> dict[str, Any]:
         observer = await start_supervisor(
             work / "node-b",
             [sim_slot("b", shadows=0, sim_args=FAST_SIM_ARGS)],
-            node={"name": "node-b"},
-            cluster=cluster,
+            node={"name": "node-b", "engine_host": "127.0.0.2"},
+            **on("127.0.0.2"),
         )
         async with aiohttp.ClientSession() as http:
             for i in range(trials):
@@ -93,8 +102,8 @@ async def node_loss(trials: int, work: Path) -> dict[str, Any]:
                 victim = await start_supervisor(
                     work / name,
                     [sim_slot(f"a{i}", shadows=0, sim_args=FAST_SIM_ARGS)],
-                    node={"name": name},
-                    cluster=cluster,
+                    node={"name": name, "engine_host": "127.0.0.3"},
+                    **on("127.0.0.3"),
                 )
                 # Wait until node-b hears the new node, and a little more.
                 deadline = time.monotonic() + 10

@@ -240,7 +240,8 @@ class Soak:
                 ports = [free_port_range(2) for _ in range(2 * NODES)]
                 for i in range(NODES):
                     work = self.workdir / f"node-{i}"
-                    nodes.append(ClusterNode(f"node-{i}", work, etcd, nats, session))
+                    host = f"127.0.0.{i + 2}"  # each node on an address of its own
+                    nodes.append(ClusterNode(f"node-{i}", work, etcd, nats, session, host))
                 for i, n in enumerate(nodes):
                     await self.start_node(n, i, ports)
                 await self.settle(nodes, timeout=60)

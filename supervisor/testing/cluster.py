@@ -731,15 +731,19 @@ class ClusterNode:
         etcd: EtcdCluster,
         nats: NatsServer | None,
         session: aiohttp.ClientSession,
+        host: str = "127.0.0.1",
     ) -> None:
         self.name, self.workdir, self.session = name, workdir, session
+        # Nodes on distinct loopback addresses (127.0.0.2, .3, ...) listen, advertise and
+        # run engines there, as hosts do: an address mixed up between nodes shows.
+        self.host = host
         # Each node reaches etcd and NATS through its own proxies, so a test can cut one
         # node off (a partition) while the others stay connected.
         self.etcd_links = [FaultProxy(m.client_port) for m in etcd.members]
         self.nats_link = FaultProxy(nats.port) if nats else None
         self.sup: SupervisorProcess | None = None
         # A node restarted after a loss comes back on its own ports, as a real one does.
-        self.admin_port, self.frontend_port = free_port(), free_port()
+        self.admin_port, self.frontend_port = free_port(host), free_port(host)
 
     @property
     def etcd_endpoints(self) -> list[str]:
@@ -762,6 +766,7 @@ class ClusterNode:
             "suspect_after": 3,
             "probe_timeout": 0.2,
             "etcd_timeout": 0.5,
+            "advertise_host": self.host,
         }
         if self.nats_link is not None:
             cfg["nats_servers"] = [self.nats_link.nats_url]
@@ -770,12 +775,16 @@ class ClusterNode:
 
     async def start(self, slots: Sequence[dict[str, object]], **kw: Any) -> ClusterNode:
         cluster = self.cluster_cfg(**kw.pop("cluster", {}))
-        kw["admin"] = {"port": self.admin_port, **kw.get("admin", {})}
-        kw["frontend"] = {"port": self.frontend_port, **kw.get("frontend", {})}
+        kw["admin"] = {"host": self.host, "port": self.admin_port, **kw.get("admin", {})}
+        kw["frontend"] = {"host": self.host, "port": self.frontend_port, **kw.get("frontend", {})}
         self.sup = await start_supervisor(
             self.workdir,
             slots,
-            node={"name": self.name, "state_dir": str(self.workdir / "state")},
+            node={
+                "name": self.name,
+                "state_dir": str(self.workdir / "state"),
+                "engine_host": self.host,
+            },
             cluster=cluster,
             env={LEDGER_ENV: str(self.workdir / "gpu-ledger.json")},
             **kw,

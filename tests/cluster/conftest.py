@@ -52,7 +52,9 @@ async def make_node(
     nodes: list[Node] = []
 
     def make(name: str, *, with_nats: bool = True) -> Node:
-        n = Node(name, tmp_path / name, etcd, nats if with_nats else None, session)
+        # Each node on an address of its own: 127.0.0.2, 127.0.0.3, ...
+        host = f"127.0.0.{len(nodes) + 2}"
+        n = Node(name, tmp_path / name, etcd, nats if with_nats else None, session, host)
         nodes.append(n)
         return n
 
