@@ -650,6 +650,10 @@ class FaultProxy:
         asyncio.set_event_loop(self._loop)
         with contextlib.suppress(RuntimeError, asyncio.CancelledError):  # closed
             self._loop.run_until_complete(main())
+        # The connections' tasks, cancelled by close(), finish before the thread ends.
+        rest = asyncio.all_tasks(self._loop)
+        with contextlib.suppress(RuntimeError, asyncio.CancelledError):
+            self._loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
 
     def cut(self) -> None:
         def close_all() -> None:
@@ -711,10 +715,9 @@ class FaultProxy:
         import asyncio
 
         def shutdown() -> None:
-            # Every connection's task ends first, so none is left unfinished (and warned of).
+            # Every task ends (the server's first), so none is left unfinished.
             for task in asyncio.all_tasks(self._loop):
                 task.cancel()
-            self._loop.call_soon(self._loop.stop)
 
         self._loop.call_soon_threadsafe(shutdown)
         self._thread.join(5)

@@ -1,0 +1,224 @@
+"""Slot records and fencing: every promotion is a transaction on ``slots/<slot>``
+conditioned on the revision it was based on, so two promotions never take one epoch. Here
+too: claims deferred while etcd is unreachable (written later only if nobody wrote the
+slot meanwhile), hand-overs, and following the cluster's word (wake what it chose here,
+step down where it chose someone else)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from supervisor.coordination.etcd import (
+    Compare,
+    EtcdError,
+    EtcdUnavailable,
+    prefix_end,
+    put_op,
+)
+from supervisor.coordination.local import ClaimRefused
+from supervisor.coordination.state import ClusterState
+from supervisor.coordination.view import SlotRecord
+from supervisor.model import EngineState
+
+
+class SlotFencing(ClusterState):
+    """Slot records, claims and their fencing, and following the cluster's word."""
+
+    async def claim(self, slot: str, unit: str, epoch: int, reason: str) -> int | None:
+        if self.demoted:
+            self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+            raise ClaimRefused("this node is demoted (its lease is unrenewed; policy demote)")
+        rec = self.view.slots.get(slot)
+        if self._moved_past(slot, unit, epoch, rec, "claim refused: the slot is at a newer epoch"):
+            return None
+        current = rec.epoch if rec else 0
+        new = SlotRecord(max(current, epoch) + 1, unit, [self.node], self.node, reason)
+        for _ in range(3):
+            ok = await self._write_slot(slot, rec, new)
+            if ok is None:  # etcd unreachable
+                if self.cl.etcd_unreachable == "keep-serving":  # (demote: refused above)
+                    self._pending_base.setdefault(slot, rec)
+                    self._pending[slot] = new
+                    self.metrics.cluster_promotions.labels(slot, "deferred").inc()
+                    self.log.warning(
+                        "etcd unreachable: promoting on this node now, recording the epoch "
+                        "when etcd is back (policy keep-serving)",
+                        slot=slot,
+                        unit=unit,
+                        epoch=new.epoch,
+                    )
+                    return new.epoch
+                self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+                raise ClaimRefused(
+                    f"etcd is unreachable (policy {self.cl.etcd_unreachable}): "
+                    "promoting once it is back"
+                )
+            if ok:
+                return new.epoch
+            # Our copy was stale. Re-read: go on only if the slot has not moved past us.
+            rec = await self._read_slot(slot)
+            if self._moved_past(slot, unit, epoch, rec, "claim fenced: another promotion won"):
+                return None
+            new.epoch = (rec.epoch if rec else 0) + 1
+        return None
+
+    def _moved_past(
+        self, slot: str, unit: str, epoch: int, rec: SlotRecord | None, why: str
+    ) -> bool:
+        """Whether the slot is already at a later epoch naming someone else (then we are
+        fenced: counted and logged)."""
+        if rec is None or rec.epoch <= epoch or rec.active == unit:
+            return False
+        self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+        self.log.warning(
+            why, slot=slot, unit=unit, ours=epoch, cluster=rec.epoch, active=rec.active, by=rec.by
+        )
+        return True
+
+    def served_elsewhere(self, slot: str) -> str | None:
+        rec = self.view.slots.get(slot)
+        if rec is None or rec.active is None:
+            return None
+        members = self.view.unit_members(slot, rec.active)
+        if not members or all(m.get("node") == self.node for m in members):
+            return None
+        if self._unit_serving(slot, rec.active):
+            return rec.active
+        return None
+
+    async def _write_slot(
+        self, slot: str, seen: SlotRecord | None, new: SlotRecord, leader_check: bool = False
+    ) -> bool | None:
+        """The fencing transaction. True: written; False: the key moved; None: no etcd."""
+        key = self.key("slots", slot)
+        cmp = [
+            Compare(key, "MOD", "EQUAL", seen.mod_revision)
+            if seen is not None
+            else Compare(key, "VERSION", "EQUAL", 0)
+        ]
+        if leader_check:
+            # A deposed leader (its election key gone) cannot promote, nor can a node that
+            # only believes it leads: every election key must be as young as ours or younger.
+            ours = self.view.election.get(self.node, 0)
+            prefix = self.key("election", "")
+            cmp += [
+                Compare(self.key("election", self.node), "LEASE", "EQUAL", self.lease),
+                Compare(prefix, "CREATE", "GREATER", ours - 1, range_end=prefix_end(prefix)),
+            ]
+        try:
+            res = await self.etcd.txn(cmp, [put_op(key, new.as_json())])
+        except EtcdUnavailable:
+            return None
+        except EtcdError as e:
+            self.log.error("fencing transaction failed", slot=slot, error=str(e))
+            return False
+        if res.succeeded:
+            new.mod_revision = res.revision
+            self.view.slots[slot] = new
+            self.metrics.cluster_promotions.labels(slot, "committed").inc()
+            self.log.info(
+                "epoch committed in etcd",
+                slot=slot,
+                epoch=new.epoch,
+                active=new.active,
+                revision=res.revision,
+                reason=new.reason,
+            )
+        return res.succeeded
+
+    async def _read_slot(self, slot: str) -> SlotRecord | None:
+        try:
+            kv = await self.etcd.get(self.key("slots", slot))
+        except EtcdError:
+            return self.view.slots.get(slot)
+        if kv is None:
+            self.view.slots.pop(slot, None)
+            return None
+        try:
+            rec = SlotRecord.parse(kv)
+        except (ValueError, TypeError, AttributeError) as e:
+            # Writes conditioned on an absent key fail while it is there: nothing is
+            # promoted over a key nobody can read. It needs fixing by hand.
+            self._bad_key(f"slots/{slot}: {e}")
+            self.view.slots.pop(slot, None)
+            return None
+        self.view.slots[slot] = rec
+        return rec
+
+    async def _flush_pending(self) -> None:
+        """Record claims made while etcd was unreachable, each conditioned on the slot's
+        record being what it was before them: if another node took the slot meanwhile
+        (the leader promoted it elsewhere), our claim loses, whatever its epoch, and the
+        reconcile loop steps our engine down."""
+        for slot, new in list(self._pending.items()):
+            base = self._pending_base.get(slot)
+            ok = await self._write_slot(slot, base, new)
+            if ok is None:
+                return  # still unreachable: the next flush tries again
+            if ok:
+                ctl = self.controllers.get(slot)
+                if ctl is not None:
+                    ctl.slot.epoch = new.epoch
+            elif (rec := await self._read_slot(slot)) is not None and rec.active == new.active:
+                # A claim whose answer timed out may have been written after all.
+                self.log.info("our promotion during the etcd outage is recorded", slot=slot)
+            else:
+                self.log.warning(
+                    "our promotion during the etcd outage lost: the slot moved on",
+                    slot=slot,
+                    ours=new.active,
+                    cluster=rec.active if rec else None,
+                    epoch=rec.epoch if rec else None,
+                )
+            self._pending.pop(slot, None)
+            self._pending_base.pop(slot, None)
+        self._kick()
+
+    async def hand_over(self, slot: str, reason: str) -> None:
+        """The owner has no shadow left: clear the slot's active so the leader promotes a
+        shadow on another node."""
+        rec = self.view.slots.get(slot)
+        ctl = self.controllers.get(slot)
+        if rec is None or ctl is None:
+            return
+        if rec.active is not None and rec.active not in {e.unit for e in ctl.engines.values()}:
+            return  # not ours to hand over
+        new = SlotRecord(rec.epoch, None, [], self.node, reason)
+        self.log.info("no shadow left here: handing the slot to the cluster", slot=slot)
+        await self._write_slot(slot, rec, new)
+
+    def _reconcile(self, tg: Any) -> None:
+        """Follow the cluster's word on our slots: wake what it chose here, step down where
+        it chose someone else."""
+        for name, ctl in self.controllers.items():
+            rec = self.view.slots.get(name)
+            if rec is None or rec.active is None or name in self._acting:
+                continue
+            ours = [e for e in ctl.engines.values() if e.unit == rec.active]
+            active = ctl.active_engine()
+            if active is not None and active.unit != rec.active:
+                if name in self._pending:
+                    continue  # our own claim, not yet recorded
+                # etcd names another unit: step down, whatever epoch we hold (one restored
+                # from the state file may be higher than etcd's without being real).
+                self._acting.add(name)
+                tg.start_soon(self._act, name, ctl.step_down(rec.epoch, rec.active))
+                continue
+            if rec.epoch < ctl.slot.epoch:
+                continue
+            sleeping = [e for e in ours if e.state is EngineState.SLEEPING]
+            if sleeping and active is None:
+                self._acting.add(name)
+                tg.start_soon(
+                    self._act, name, ctl.promote_assigned(sleeping[0].id, rec.epoch, rec.reason)
+                )
+            elif rec.epoch > ctl.slot.epoch and active is not None and active.unit == rec.active:
+                ctl.slot.epoch = rec.epoch  # e.g. the leader claimed our started group
+                ctl._update_gauges()
+
+    async def _act(self, slot: str, action: Any) -> None:
+        try:
+            await action
+        finally:
+            self._acting.discard(slot)
+            self._kick()

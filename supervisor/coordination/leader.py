@@ -1,0 +1,142 @@
+"""The leader's decisions: the lowest election key leads; it promotes across nodes when
+a slot's owner is dead (not merely silent: its lease is gone), when the owner handed the
+slot over, and always for groups. It leaves a paused node's slots alone."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+
+from supervisor.coordination.state import ClusterState
+from supervisor.coordination.view import SlotRecord
+from supervisor.model import EngineState
+
+
+class LeaderDecisions(ClusterState):
+    """What the leader decides, slot by slot."""
+
+    @property
+    def leader(self) -> str | None:
+        # A leader confirmed dead is passed over at once instead of waiting for its lease
+        # to expire; if it was only partitioned, the fencing transaction still stops it.
+        return self.view.leader(excluding=self.dead)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.etcd_ok and self.leader == self.node
+
+    async def _decide_loop(self, tg: Any) -> None:
+        while True:
+            with anyio.move_on_after(self.cl.heartbeat_interval):
+                await self._changed.wait()
+            self.metrics.cluster_leader.set(1 if self.is_leader else 0)
+            self._reconcile(tg)
+            if self.is_leader:
+                for slot in sorted(self._slots()):
+                    if slot not in self._acting:
+                        await self._lead(slot)
+
+    def _slots(self) -> set[str]:
+        return set(self.view.slots) | {str(e.get("slot")) for e in self.view.engines.values()}
+
+    def _say(self, slot: str, decision: str, **kw: Any) -> None:
+        """Log a leader decision once per change (the loop runs several times a second)."""
+        if self._said.get(slot) != decision:
+            self._said[slot] = decision
+            self.log.info("leader: " + decision, slot=slot, **kw)
+
+    async def _lead(self, slot: str) -> None:
+        rec = self.view.slots.get(slot)
+        if rec is not None and rec.active is not None:
+            if self._unit_serving(slot, rec.active):
+                self._say(slot, "serving", active=rec.active, epoch=rec.epoch)
+                return
+            members = self.view.unit_members(slot, rec.active)
+            grouped = bool(members) and int(members[0].get("group_size", 1)) > 1
+            owners = {str(m.get("node")) for m in members} | set(rec.nodes)
+            owner_dead = any(self.peer_state(n) == "dead" for n in owners)
+            failed = any(m.get("state") == EngineState.FAILED.value for m in members)
+            in_progress = any(
+                m.get("state") in (EngineState.SLEEPING.value, EngineState.WAKING.value)
+                for m in members
+            )
+            seen = self._first_seen.setdefault((slot, rec.epoch), time.monotonic())
+            waking = in_progress and not failed and not owner_dead
+            if waking and time.monotonic() - seen < self.cfg.failover.wake_timeout:
+                self._say(slot, "waiting for the chosen unit to wake", unit=rec.active)
+                return
+            paused = sorted(n for n in owners if self.view.is_paused(n, slot, time.time()))
+            if paused:
+                self._say(slot, "not moving the slot: its node is paused", nodes=paused)
+                return
+            if not grouped and not owner_dead:
+                # The owner fails over to its own shadows; it hands over by clearing active.
+                self._say(slot, "owner handles its own failover", owner=sorted(owners))
+                return
+            why = (
+                f"{rec.active} on dead node(s) {sorted(owners)}"
+                if owner_dead
+                else f"group {rec.active} lost a member"
+            )
+        elif rec is not None:
+            why = f"{rec.by} asked for a shadow elsewhere ({rec.reason})"
+        else:
+            # Never claimed. Single engines are claimed by their node; a group by the leader
+            # once all its members are up.
+            unit = self._complete_unit(slot, EngineState.ACTIVE)
+            if unit is None:
+                return
+            await self._promote(slot, None, unit, "group started: every member is up")
+            return
+        unit = self._complete_unit(slot, EngineState.SLEEPING, exclude=rec.active)
+        if unit is None:
+            self._say(slot, "cannot fail over: no sleeping shadow on a live node", why=why)
+            return
+        await self._promote(slot, rec, unit, why)
+
+    def _complete_unit(
+        self, slot: str, state: EngineState, exclude: str | None = None
+    ) -> str | None:
+        """A unit of ``slot`` whose members are all in ``state`` on live nodes; the least
+        busy node first."""
+        units: dict[str, list[dict[str, Any]]] = {}
+        for e in self.view.engines.values():
+            if e.get("slot") == slot and e.get("unit") != exclude:
+                units.setdefault(str(e.get("unit")), []).append(e)
+        busy: dict[str, int] = {}
+        for e in self.view.engines.values():
+            if e.get("state") == EngineState.ACTIVE.value:
+                busy[str(e.get("node"))] = busy.get(str(e.get("node")), 0) + 1
+        ok = [
+            (sum(busy.get(str(m.get("node")), 0) for m in ms), u)
+            for u, ms in units.items()
+            if len(ms) >= int(ms[0].get("group_size", 1))
+            and all(
+                m.get("state") == state.value
+                and self.peer_state(str(m.get("node"))) in ("self", "alive")
+                for m in ms
+            )
+        ]
+        return min(ok)[1] if ok else None
+
+    async def _promote(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> None:
+        members = self.view.unit_members(slot, unit)
+        new = SlotRecord(
+            (rec.epoch if rec else 0) + 1,
+            unit,
+            sorted({str(m.get("node")) for m in members}),
+            self.node,
+            why,
+        )
+        self.log.info(
+            "leader: promoting", slot=slot, unit=unit, nodes=new.nodes, epoch=new.epoch, why=why
+        )
+        ok = await self._write_slot(slot, rec, new, leader_check=True)
+        if ok:
+            self._said.pop(slot, None)
+        elif ok is False:
+            self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+            self.log.warning("leader: promotion fenced (the slot changed first)", slot=slot)
+            await self._read_slot(slot)

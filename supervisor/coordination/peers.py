@@ -1,0 +1,146 @@
+"""How this node sees its peers: alive, suspect (heartbeats missed) or dead (lease gone).
+A node's lease decides its death; heartbeats and direct probes only make it suspect
+sooner. Dead peers gone from etcd are forgotten after a while."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import anyio
+
+from supervisor.coordination.state import ClusterState
+from supervisor.model import EngineState
+
+FORGET_AFTER = 600.0  # seconds a dead peer is remembered (it may come back meanwhile)
+
+
+class PeerView(ClusterState):
+    """Peers' liveness, decided by their leases."""
+
+    def peer_state(self, node: str) -> str:
+        """``self``, ``alive``, ``suspect`` (heartbeats missed) or ``dead``. The node's
+        lease decides: a node whose key is gone is dead, heard on NATS or not (after a
+        whole-cluster restart without it, say), and a node whose lease lives is never dead,
+        however silent (a stalled loop, a partition between nodes only)."""
+        if node == self.node:
+            return "self"
+        if node in self.dead:
+            return "dead"
+        if node not in self.view.nodes and self.loaded.is_set():
+            return "alive" if self._cut_off_but_serving(node) else "dead"
+        if self.beats is not None and self.beats.is_suspect(node):
+            return "suspect"
+        return "alive"
+
+    def _cut_off_but_serving(self, node: str) -> bool:
+        """A peer whose lease is gone but whose heartbeats still come: it lost etcd, not
+        its life, and (policy keep-serving) goes on serving its slots; promoting them
+        elsewhere would make two actives."""
+        if self.cl.etcd_unreachable == "demote":
+            return False  # it demoted itself before its lease expired
+        return self.beats is not None and self.beats.heard_recently(node)
+
+    def _unit_serving(self, slot: str, unit: str) -> bool:
+        members = self.view.unit_members(slot, unit)
+        if not members:
+            return False
+        size = int(members[0].get("group_size", 1))
+        return len(members) >= size and all(
+            m.get("state") == EngineState.ACTIVE.value
+            and self.peer_state(str(m.get("node"))) in ("self", "alive", "suspect")
+            for m in members
+        )
+
+    async def _probe_loop(self) -> None:
+        """Confirm the death of peers whose lease is gone; probe suspects' admin APIs (for
+        the log: a live lease keeps a silent peer alive however its probe ends)."""
+        while True:
+            await anyio.sleep(self.cl.heartbeat_interval / 2)
+            self._known |= set(self.view.nodes)
+            if self.beats is not None:
+                self._known |= set(self.beats.peers)
+            self._forget_old(time.monotonic())
+            for node in sorted(self._known - {self.node}):
+                if node in self.dead:
+                    continue
+                lease_gone = node not in self.view.nodes and self.loaded.is_set() and self.etcd_ok
+                if lease_gone and not self._cut_off_but_serving(node):
+                    heard = self.beats is not None and node in self.beats.peers
+                    why = "heartbeats missed and its lease expired" if heard else "lease expired"
+                    self._confirm_dead(node, why)
+                    continue
+                if not (self.beats is not None and self.beats.is_suspect(node)):
+                    self._probe_failures.pop(node, None)
+                    continue
+                url = str((self.view.nodes.get(node) or {}).get("admin", ""))
+                if url and not await self._probe(url):
+                    n = self._probe_failures[node] = self._probe_failures.get(node, 0) + 1
+                    if n == 2:
+                        self.log.warning(
+                            "peer silent: heartbeats missed and its admin API does not answer; "
+                            "its lease lives, so it is not declared dead",
+                            peer=node,
+                        )
+                else:
+                    self._probe_failures.pop(node, None)
+            self._update_peer_gauges()
+
+    def _forget_old(self, now: float) -> None:
+        """What is kept per peer and per epoch must not grow for ever: a node dead for
+        FORGET_AFTER and gone from etcd is forgotten, and only current epochs are timed."""
+        for node, since in list(self.dead.items()):
+            if now - since > FORGET_AFTER and node not in self.view.nodes:
+                del self.dead[node]
+                self._known.discard(node)
+                self._probe_failures.pop(node, None)
+                if self.beats is not None:
+                    self.beats.forget(node)
+        current = {(name, rec.epoch) for name, rec in self.view.slots.items()}
+        for key in [k for k in self._first_seen if k not in current]:
+            del self._first_seen[key]
+
+    async def _probe(self, url: str) -> bool:
+        try:
+            with anyio.fail_after(self.cl.probe_timeout):
+                async with self.session.get(url + "/status") as r:
+                    return r.status < 500
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    def _confirm_dead(self, node: str, why: str) -> None:
+        self.dead[node] = time.monotonic()
+        last = self.beats.peers[node].last_at if self.beats and node in self.beats.peers else 0
+        if last:
+            self.metrics.node_loss_seconds.observe(time.monotonic() - last)
+        self.log.warning(
+            "peer confirmed dead",
+            peer=node,
+            why=why,
+            silent_s=round(time.monotonic() - last, 3) if last else None,
+        )
+        gone = [eid for eid, e in self.view.engines.items() if e.get("node") == node]
+        self.on_peer_dead(gone)
+        self._kick()
+
+    def _revive(self, node: str) -> None:
+        if self.dead.pop(node, None) is not None:
+            self.log.info("peer back", peer=node)
+            self._kick()
+
+    def _update_peer_gauges(self) -> None:
+        counts = {"alive": 0, "suspect": 0, "dead": 0}
+        for node in set(self.view.nodes) | set(self.dead):
+            if node != self.node:
+                counts[self.peer_state(node) if node in self.view.nodes else "dead"] += 1
+        for state, n in counts.items():
+            self.metrics.cluster_peers.labels(state).set(n)
+
+    async def _nats_gauge(self) -> None:
+        assert self.beats is not None
+        while True:
+            self.metrics.nats_connected.set(1 if self.beats.connected else 0)
+            for node in list(self.dead):
+                if self.beats.heard_recently(node):
+                    self._revive(node)
+            await anyio.sleep(0.5)
