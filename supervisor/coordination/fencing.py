@@ -39,6 +39,7 @@ class SlotFencing(ClusterState):
                 if self.cl.etcd_unreachable == "keep-serving":  # (demote: refused above)
                     self._pending_base.setdefault(slot, rec)
                     self._pending[slot] = new
+                    self._pending_handover.pop(slot, None)  # served here again after all
                     self.metrics.cluster_promotions.labels(slot, "deferred").inc()
                     self.log.warning(
                         "etcd unreachable: promoting on this node now, recording the epoch "
@@ -172,6 +173,12 @@ class SlotFencing(ClusterState):
                 )
             self._pending.pop(slot, None)
             self._pending_base.pop(slot, None)
+        for slot, reason in list(self._pending_handover.items()):
+            del self._pending_handover[slot]
+            ctl = self.controllers.get(slot)
+            if ctl is not None and ctl.slot.active is None:
+                await self._read_slot(slot)  # the record as it is now
+                await self.hand_over(slot, reason)
         self._kick()
 
     async def hand_over(self, slot: str, reason: str) -> None:
@@ -181,11 +188,16 @@ class SlotFencing(ClusterState):
         ctl = self.controllers.get(slot)
         if rec is None or ctl is None:
             return
-        if rec.active is not None and rec.active not in {e.unit for e in ctl.engines.values()}:
-            return  # not ours to hand over
+        ours = rec.active in {e.unit for e in ctl.engines.values()} or self.node in rec.nodes
+        if rec.active is not None and not ours:
+            return  # not ours to hand over (its dead engine may have left ctl.engines)
         new = SlotRecord(rec.epoch, None, [], self.node, reason)
         self.log.info("no shadow left here: handing the slot to the cluster", slot=slot)
-        await self._write_slot(slot, rec, new)
+        if await self._write_slot(slot, rec, new) is None:
+            # etcd unreachable: handed over once it answers (unless this node serves the
+            # slot again by then), or the leader would never hear of it.
+            self._pending_handover[slot] = reason
+            self.log.warning("etcd unreachable: the hand-over is made once it is back", slot=slot)
 
     def _reconcile(self, tg: Any) -> None:
         """Follow the cluster's word on our slots: wake what it chose here, step down where

@@ -74,6 +74,7 @@ class ClusterState:
         # ... and the slot's record as it was before the first of them: the deferred claim
         # is written only if nobody wrote the slot since (compare-and-set on it).
         self._pending_base: dict[str, SlotRecord | None] = {}
+        self._pending_handover: dict[str, str] = {}  # slots handed over while etcd was down
         self._first_seen: dict[tuple[str, int], float] = {}  # (slot, epoch) -> monotonic
         self._said: dict[str, str] = {}  # slot -> the leader's last logged decision
         self._acting: set[str] = set()  # slots with a promotion / step-down under way

@@ -625,3 +625,31 @@ async def test_a_slow_link_to_etcd_changes_nothing(make_node: Callable[[str], No
     assert "our lease expired" not in a.logs()
     st = await b.status()
     assert slot_record(st, "chat")["epoch"] == 1 and st["cluster"]["peers"]["node-a"] == "alive"
+
+
+async def test_a_hand_over_made_without_etcd_reaches_the_leader_later(
+    make_node: Callable[[str], Node],
+) -> None:
+    """node-a's shadows cannot start (a bad flag), so when its active engine dies while etcd
+    is unreachable it has nothing to promote and hands the slot over. The hand-over waits
+    for etcd; once it is back, the leader promotes node-b's shadow."""
+    a, b = make_node("node-a"), make_node("node-b")
+    await a.start([sim_slot("chat", shadows=1, shadow_extra_args=["--sim-no-such-flag"])])
+    await b.start([sim_slot("chat", shadows=1, hosts="shadows")])
+    await b.wait(
+        lambda s: slot_record(s, "chat").get("epoch") == 1 and bool(engines_of(s, "sleeping")),
+        what="node-a serving, node-b's shadow asleep",
+    )
+    for link in a.etcd_links:
+        link.cut()
+    await a.wait(lambda s: s["cluster"]["etcd_reachable"] is False, what="node-a cut off")
+    active = engines_of(await a.status(), "active")[0]
+    os.killpg(active["pid"], signal.SIGKILL)
+    await a.wait(lambda s: "made once it is back" in a.logs(), what="the deferred hand-over")
+    for link in a.etcd_links:
+        link.heal()
+    st = await b.wait(
+        lambda s: slot_record(s, "chat").get("epoch") == 2 and bool(engines_of(s, "active")),
+        what="node-b's shadow promoted by the leader",
+    )
+    assert slot_record(st, "chat")["active"].startswith("node-b.")
