@@ -946,10 +946,8 @@ class SlotController:
                     await self._wake(shadow)
             except FailoverError as e:
                 self.log.error(f"shadow {shadow.id} failed to wake; trying the next", error=str(e))
-                self.set_state(shadow, EngineState.FAILED, f"wake failed: {e}")
-                self.manager.kill_now(shadow)
+                self._wake_failed(shadow, e)
                 self._launch_failures += 1  # a shadow that cannot wake is a failed launch
-                self.tg.start_soon(self._retire, shadow)
                 continue
             with Step(record, "promote"):
                 self._promote_state(shadow, epoch)
@@ -974,6 +972,12 @@ class SlotController:
             self._set_degraded("no shadow available")
         if self._go(Event.NO_SHADOW, f"no sleeping shadow to promote: {record.reason}"):
             await self.coord.hand_over(self.slot.name, f"no shadow left on {self.cfg.node}")
+
+    def _wake_failed(self, shadow: Engine, e: Exception) -> None:
+        """A shadow that did not wake is of no use: failed, killed, its place freed."""
+        self.set_state(shadow, EngineState.FAILED, f"wake failed: {e}")
+        self.manager.kill_now(shadow)
+        self.tg.start_soon(self._retire, shadow)
 
     async def _wake(self, shadow: Engine) -> None:
         """Wake through the plugin; an OOM is retried for ``wake_oom_retry`` seconds."""
@@ -1079,9 +1083,7 @@ class SlotController:
                     await self._wake(engine)
             except FailoverError as e:
                 record.result = "error"
-                self.set_state(engine, EngineState.FAILED, f"wake failed: {e}")
-                self.manager.kill_now(engine)
-                self.tg.start_soon(self._retire, engine)
+                self._wake_failed(engine, e)
                 self._go(Event.FAILOVER_FAILED, f"assigned shadow {engine_id} failed to wake: {e}")
                 return
             finally:
@@ -1241,9 +1243,7 @@ class SlotController:
                         await self._wake(new)
                 except FailoverError as e:
                     record.result, record.detail = "error", f"{new.id} failed to wake: {e}"
-                    self.set_state(new, EngineState.FAILED, f"wake failed: {e}")
-                    self.manager.kill_now(new)
-                    self.tg.start_soon(self._retire, new)
+                    self._wake_failed(new, e)
                     self._go(Event.SWITCHOVER_ABORTED, f"{record.detail}; {old.id} serves on")
                     return
                 try:
