@@ -41,13 +41,16 @@ async def stream(
     tokens: int,
     gaps: list[float] | None = None,
 ) -> int:
-    """One streamed completion; returns tokens seen, appends client-side gaps to ``gaps``."""
+    """One streamed completion; returns the tokens it generated (from its usage: a chunk may
+    carry several tokens, e.g. the bytes of one character), appends client-side gaps
+    between chunks with text to ``gaps``."""
     body = {
         "model": model,
         "prompt": "the river",
         "max_tokens": tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     n = 0
     last = None
@@ -56,9 +59,10 @@ async def stream(
         async for data in iter_sse_data(r):
             now = time.perf_counter()
             obj = json.loads(data)
+            if obj.get("usage"):
+                n = int(obj["usage"]["completion_tokens"])
             if not obj["choices"] or not obj["choices"][0].get("text"):
                 continue
-            n += 1
             if gaps is not None and last is not None:
                 gaps.append(now - last)
             last = now

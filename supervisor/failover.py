@@ -1357,6 +1357,15 @@ class SlotController:
                 return
             self.log.info("scheduled switchover done", result=record.result)
 
+    async def wait_for_place(self) -> None:
+        """Until a port (and with it GPUs) of the slot is free: a stopped engine holds its
+        place until its exit is read. FailoverError if that takes past the stop grace."""
+        with anyio.move_on_after(self.cfg.failover.stop_grace + 10):
+            while self._free_port() is None:
+                await anyio.sleep(0.05)
+            return
+        raise FailoverError("no free place in the slot's port range (an engine still runs)")
+
     async def retire_now(self, engine: Engine, why: str) -> None:
         """Stop an engine that serves nothing (a shadow) and wait until its place (port,
         GPUs) is free."""

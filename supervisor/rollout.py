@@ -87,6 +87,7 @@ async def run(ctl: SlotController, progress: RolloutProgress) -> None:
         else:
             step("starting a shadow of the new spec")
         try:
+            await ctl.wait_for_place()
             fresh = await ctl.start_shadow()
         except FailoverError as e:
             raise RolloutFailed(f"the new engine did not come up: {e}") from e
@@ -107,6 +108,7 @@ async def run(ctl: SlotController, progress: RolloutProgress) -> None:
             await ctl.retire_now(old, "rollout: the slot runs the new spec")
         while ctl.missing_shadows():
             step(f"starting shadows of the new spec ({ctl.missing_shadows()} to go)")
+            await ctl.wait_for_place()  # the old active's place, once its exit is read
             await ctl.start_shadow()
         progress.result = "done"
         step(f"done: the slot serves on {now.id} with the new spec")
