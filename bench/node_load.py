@@ -102,16 +102,23 @@ async def run(streams: int, tokens: int, itl: float) -> dict[str, Any]:
                 nonlocal ok, failed
                 body = {"model": "sim-model", "prompt": f"client {i}", "max_tokens": tokens}
                 body["stream"] = True
+                body["stream_options"] = {"include_usage": True}
                 try:
-                    n = 0
+                    n, done = 0, False
                     async with http.post(sup.frontend_url + "/v1/completions", json=body) as r:
                         if r.status != 200:
                             failed += 1
                             return
                         async for line in r.content:
-                            n += line.startswith(b"data: {")
-                    ok += n >= tokens
-                    failed += n < tokens
+                            # Tokens from the usage chunk: a chunk may carry several (the
+                            # bytes of one character), so chunks are not tokens.
+                            if line.startswith(b"data: {") and b'"usage"' in line:
+                                usage = json.loads(line[6:]).get("usage") or {}
+                                n = int(usage.get("completion_tokens", 0))
+                            done = done or line.startswith(b"data: [DONE]")
+                    complete = done and n >= tokens
+                    ok += complete
+                    failed += not complete
                 except aiohttp.ClientError:
                     failed += 1
 
