@@ -209,8 +209,10 @@ class Heartbeats:
         now = now if now is not None else time.monotonic()
         if not self.connected:
             return
-        window = self.interval * self.suspect_after
-        if now - max(self._own_last, self._connected_since) > window:
+        # Our own beats come back every interval; missing for one and a half means our link
+        # is broken. Sooner than a peer's window (with suspect_after >= 2, intervals after its
+        # last beat, which came no later than ours), so we never suspect a peer for it.
+        if now - max(self._own_last, self._connected_since) > 1.5 * self.interval:
             # Our own beats do not come back: it is our link that is broken, not theirs.
             if not self._own_silent:
                 self._own_silent = True
