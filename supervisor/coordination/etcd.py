@@ -36,6 +36,11 @@ class EtcdUnavailable(EtcdError):
     """No endpoint answered usefully before the call's deadline."""
 
 
+class WatchOverflow(EtcdError):
+    """One watch message grew past :data:`MAX_WATCH_MESSAGE`: resuming the watch would get
+    the same backlog again, so the caller must re-read the keys and watch from there."""
+
+
 class LeaseExpired(EtcdError):
     """The lease is gone: it expired or was revoked."""
 
@@ -280,7 +285,7 @@ class EtcdClient:
         """Events under ``prefix`` from ``start_revision`` on, as ``(revision, events)``.
 
         Ends with :class:`EtcdUnavailable` when the stream breaks (resume from the last
-        revision + 1) or :class:`WatchCompacted`.
+        revision + 1), or :class:`WatchCompacted` or :class:`WatchOverflow` (re-read).
         """
         body = {
             "create_request": {
@@ -365,12 +370,14 @@ async def _lines(
             raise EtcdUnavailable(f"watch {url}: stream ended")
         buf += chunk
         while (end := buf.find(b"\n")) >= 0:
+            if end > MAX_WATCH_MESSAGE:
+                break
             line = bytes(buf[:end]).strip()
             del buf[: end + 1]
             if line:
                 yield line
-        if len(buf) > MAX_WATCH_MESSAGE:
-            raise EtcdUnavailable(f"watch {url}: a message over {MAX_WATCH_MESSAGE} bytes")
+        if len(buf) > MAX_WATCH_MESSAGE:  # a whole message, or the start of one, too long
+            raise WatchOverflow(f"watch {url}: a message over {MAX_WATCH_MESSAGE} bytes")
 
 
 def _error_text(raw: bytes) -> str:

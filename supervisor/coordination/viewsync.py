@@ -10,6 +10,7 @@ import anyio
 from supervisor.coordination.etcd import (
     EtcdError,
     WatchCompacted,
+    WatchOverflow,
 )
 from supervisor.coordination.state import ClusterState
 from supervisor.coordination.view import ClusterView
@@ -44,7 +45,8 @@ class ViewSync(ClusterState):
                         self.view.revision = max(self.view.revision, rev)
                         if events:
                             self._after_view_change()
-            except WatchCompacted:
+            except (WatchCompacted, WatchOverflow) as e:
+                self.log.warning("the watch cannot resume; reading the keys afresh", reason=str(e))
                 start = 0
             except EtcdError as e:
                 self._etcd_down(str(e))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 from supervisor.coordination.etcd import EtcdClient
@@ -393,6 +394,33 @@ async def test_malformed_keys_under_the_prefix_stop_no_node(
     active = next(e for e in engines_of(st) if e["state"] == "active")
     os.killpg(active["pid"], signal.SIGKILL)  # the node still fails over
     await a.wait(lambda s: slot_record(s, "chat").get("epoch") == 2, what="a local failover")
+
+
+async def test_a_watch_backlog_of_2000_large_puts_stops_no_node(
+    make_node: Callable[[str], Node], etcd: EtcdCluster, session: Any
+) -> None:
+    """node-b is cut off from etcd while 2,000 engine-sized values are written under the
+    prefix (about 1.5 MiB). On heal its watch resumes and gets them as one message: it
+    reads them, stays up, and sees what changed after them (node-a paused)."""
+    a, b = await active_and_pooled_shadow(make_node, lease_ttl=10)
+    for link in b.etcd_links:
+        link.cut()
+    await b.wait(lambda s: s["cluster"]["etcd_reachable"] is False, what="node-b cut off")
+    client = EtcdClient(etcd.endpoints, session, timeout=5)
+    value = orjson.dumps({"node": "node-z", "slot": "pad", "pad": "p" * 600})
+    for i in range(2000):
+        await client.put(f"/failover-supervisor/test/engines/node-z.pad{i % 20}".encode(), value)
+    async with session.post(a.admin + "/pause", json={"reason": "backlog test"}) as r:
+        assert r.status == 200, await r.text()
+    for link in b.etcd_links:
+        link.heal()
+    await b.wait(
+        lambda s: "node-a" in (s["cluster"].get("paused") or {}),
+        what="node-b's watch past the backlog",
+        timeout=30,
+    )
+    assert b.sup is not None and b.sup.proc.poll() is None, b.logs()[-2000:]
+    assert "Traceback" not in b.logs()
 
 
 async def test_whole_cluster_restart_without_one_node_moves_its_slot(

@@ -10,11 +10,13 @@ import aiohttp
 import anyio
 import pytest
 
+from supervisor.coordination import etcd as etcd_module
 from supervisor.coordination.etcd import (
     Compare,
     EtcdClient,
     EtcdUnavailable,
     LeaseExpired,
+    WatchOverflow,
     prefix_end,
     put_op,
 )
@@ -158,6 +160,21 @@ async def test_a_watch_backlog_of_2000_large_puts_is_read_whole(
             if seen >= 2000:
                 break
     assert seen == 2000
+
+
+async def test_a_watch_message_past_the_limit_asks_for_a_re_read(
+    etcd: EtcdCluster, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the message limit the watch ends with WatchOverflow, not EtcdUnavailable:
+    resuming from the same revision would fetch the same backlog again, for ever."""
+    monkeypatch.setattr(etcd_module, "MAX_WATCH_MESSAGE", 64 * 1024)
+    c = EtcdClient(etcd.endpoints, session, timeout=5)
+    first = await c.put(b"/o/start", b"x")
+    for i in range(200):
+        await c.put(f"/o/engines/e{i}".encode(), b"p" * 700)
+    with anyio.fail_after(10), pytest.raises(WatchOverflow):
+        async for _ in c.watch_prefix(b"/o/engines/", first):
+            pass
 
 
 async def test_only_the_lowest_election_key_passes_the_leader_check(
