@@ -27,6 +27,7 @@ import anyio
 from supervisor.backends import Backend, EngineEndpoint
 from supervisor.model import EngineSpec, LaunchCommand, Readiness
 from supervisor.testing.gpuledger import LEDGER_ENV
+from supervisor.testing.netns import NetworkNamespace
 
 # Fast timings for tests: engines load in 50 ms and stream a token every 2 ms.
 FAST_SIM_ARGS: tuple[str, ...] = (
@@ -292,9 +293,11 @@ def spawn_supervisor(
     cluster: dict[str, object] | None = None,
     unset_env: Sequence[str] = (),
     max_open_files: int | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> SupervisorProcess:
     """Write a config for ``slots`` and start the real daemon on it (not waiting).
-    ``max_open_files`` caps its open-file limit (soft and hard), as a small host would."""
+    ``max_open_files`` caps its open-file limit (soft and hard), as a small host would;
+    ``wrap`` rewrites the command line (e.g. to run it in a network namespace)."""
     workdir.mkdir(parents=True, exist_ok=True)
     # The slots' ranges are chosen free but not yet bound: keep our own ports out of them.
     taken = {
@@ -343,8 +346,9 @@ def spawn_supervisor(
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
 
     with open(out, "wb") as o, open(err, "wb") as e:
+        argv = [sys.executable, "-m", "supervisor", "run", "--config", str(path)]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "run", "--config", str(path)],
+            wrap(argv) if wrap else argv,
             stdout=o,
             stderr=e,
             stdin=subprocess.DEVNULL,
@@ -573,12 +577,13 @@ class FaultProxy:
     ``heal()`` forwards again (connections held or black-holed meanwhile are reset).
     """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
         import asyncio
         import threading
 
         self.target_port = target_port
-        self.port = free_port()
+        self.host = host  # where it listens (the target is on 127.0.0.1)
+        self.port = free_port(host)
         self.cut_now = False
         self.holed = False  # black hole: bytes are read and dropped, connections stay open
         self._holed_conns: set[Any] = set()  # connections black-holed one by one
@@ -594,11 +599,11 @@ class FaultProxy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     def _serve(self) -> None:
         import asyncio
@@ -642,7 +647,7 @@ class FaultProxy:
             self._live.discard(cw)
 
         async def main() -> None:
-            server = await asyncio.start_server(handle, "127.0.0.1", self.port)
+            server = await asyncio.start_server(handle, self.host, self.port)
             self._ready.set()
             async with server:
                 await server.serve_forever()
@@ -735,18 +740,24 @@ class ClusterNode:
         nats: NatsServer | None,
         session: aiohttp.ClientSession,
         host: str = "127.0.0.1",
+        netns: NetworkNamespace | None = None,
     ) -> None:
         self.name, self.workdir, self.session = name, workdir, session
         # Nodes on distinct loopback addresses (127.0.0.2, .3, ...) listen, advertise and
-        # run engines there, as hosts do: an address mixed up between nodes shows.
-        self.host = host
+        # run engines there, as hosts do: an address mixed up between nodes shows. A node
+        # in a network namespace has a loopback of its own, as a separate host has.
+        self.netns = netns
+        self.host = netns.ns_ip if netns else host
+        link_host = netns.host_ip if netns else "127.0.0.1"
         # Each node reaches etcd and NATS through its own proxies, so a test can cut one
         # node off (a partition) while the others stay connected.
-        self.etcd_links = [FaultProxy(m.client_port) for m in etcd.members]
-        self.nats_link = FaultProxy(nats.port) if nats else None
+        self.etcd_links = [FaultProxy(m.client_port, link_host) for m in etcd.members]
+        self.nats_link = FaultProxy(nats.port, link_host) if nats else None
         self.sup: SupervisorProcess | None = None
         # A node restarted after a loss comes back on its own ports, as a real one does.
-        self.admin_port, self.frontend_port = free_port(host), free_port(host)
+        # (Inside a fresh namespace every port is free; its address is not bindable here.)
+        port_host = "127.0.0.1" if netns else host
+        self.admin_port, self.frontend_port = free_port(port_host), free_port(port_host)
 
     @property
     def etcd_endpoints(self) -> list[str]:
@@ -757,8 +768,10 @@ class ClusterNode:
 
     @property
     def admin(self) -> str:
+        """The admin API as the test (and peers) reach it: on a wildcard listener, the
+        node's own address."""
         assert self.sup is not None
-        return self.sup.admin_url
+        return self.sup.admin_url.replace("//0.0.0.0:", f"//{self.host}:")
 
     def cluster_cfg(self, **kw: object) -> dict[str, object]:
         cfg: dict[str, object] = {
@@ -790,6 +803,7 @@ class ClusterNode:
             },
             cluster=cluster,
             env={LEDGER_ENV: str(self.workdir / "gpu-ledger.json")},
+            wrap=self.netns.command if self.netns else None,
             **kw,
         )
         return self
