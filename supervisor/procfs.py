@@ -14,6 +14,8 @@ class ProcStat:
     ppid: int
     pgrp: int
     start_time: int  # clock ticks since boot: with the pid, a process's identity
+    utime: int = 0  # clock ticks run in user mode, all threads
+    stime: int = 0  # and in the kernel
 
     @property
     def gone(self) -> bool:
@@ -30,7 +32,15 @@ def read_stat(pid: int) -> ProcStat | None:
         return None
     # The command name may hold spaces and parentheses: the fields start after the last ')'.
     fields = raw[raw.rindex(b")") + 2 :].split()
-    return ProcStat(pid, fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19]))
+    return ProcStat(
+        pid,
+        fields[0].decode(),
+        int(fields[1]),
+        int(fields[2]),
+        int(fields[19]),
+        int(fields[11]),
+        int(fields[12]),
+    )
 
 
 def all_processes() -> Iterator[ProcStat]:
