@@ -11,26 +11,67 @@ from supervisor.backends import MalformedStream
 DONE = b"[DONE]"
 
 
+class SseSplitter:
+    """Splits an SSE byte stream, fed as it arrives, into each event's ``data`` payload.
+
+    ``feed`` returns the payloads completed by one read (often several: a relay that
+    handles them together writes once per read, not once per event) and stops at
+    ``[DONE]`` (not returned; :attr:`done` says it came). A line that is not SSE ends the
+    stream: the events before it are returned, and :attr:`error` holds the
+    :class:`MalformedStream` for the caller to raise once it has handled them.
+    """
+
+    __slots__ = ("_buf", "done", "error")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.done = False
+        self.error: MalformedStream | None = None
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self._buf + chunk if self._buf else chunk
+        out: list[bytes] = []
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            event = buf[start:end]
+            start = end + 2
+            # The common event is one "data: ..." line: no need to split it into lines.
+            if event.startswith(b"data: ") and b"\n" not in event:
+                data: bytes | None = event[6:].rstrip(b"\r")
+            else:
+                try:
+                    data = _event_data(event)
+                except MalformedStream as e:
+                    self.error, self.done, self._buf = e, True, b""
+                    return out
+            if data is None:
+                continue
+            if data == DONE:
+                self.done = True
+                self._buf = b""
+                return out
+            out.append(data)
+        self._buf = buf[start:]
+        return out
+
+
 async def iter_sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """Yield each event's ``data`` payload until ``[DONE]`` (which is not yielded).
 
     Raises :class:`MalformedStream` when the stream ends without ``[DONE]`` or carries a line
     that is not SSE; connection errors propagate as aiohttp raises them.
     """
-    buf = b""
+    sse = SseSplitter()
     async for chunk in resp.content.iter_any():
-        buf += chunk
-        while True:
-            end = buf.find(b"\n\n")
-            if end < 0:
-                break
-            event, buf = buf[:end], buf[end + 2 :]
-            data = _event_data(event)
-            if data is None:
-                continue
-            if data == DONE:
-                return
+        for data in sse.feed(chunk):
             yield data
+        if sse.error is not None:
+            raise sse.error
+        if sse.done:
+            return
     raise MalformedStream("stream ended without [DONE]")
 
 

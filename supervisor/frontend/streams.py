@@ -37,7 +37,7 @@ from supervisor.frontend.stops import StopStrings
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
 from supervisor.sessions import Sessions
-from supervisor.upstream import iter_sse_data
+from supervisor.upstream import SseSplitter
 
 
 class UpstreamBroken(Exception):
@@ -396,37 +396,62 @@ class RequestRelay:
         raise UpstreamBroken("stream ended without a finish reason")
 
     async def _read(self, lease: Lease, up: UpstreamRequest, decoder: StreamDecoder) -> None:
+        backend = lease.target.backend
         try:
             async with self.sessions.relay.post(
                 lease.target.url + up.path, json=up.body, headers=up.headers, timeout=_UPSTREAM
             ) as resp:
                 if resp.status != 200:
                     await self._bad_status(resp)
-                async for data in iter_sse_data(resp):
+                sse = SseSplitter()
+                # Every event of one read is handled, then what they give the client goes
+                # out in one write: a fast engine's events arrive several to a read.
+                async for chunk in resp.content.iter_any():
                     self.last_event = time.monotonic()
-                    if self.finish is not None:
-                        # The answer is complete; only the prompt's size may still come, in
-                        # the engine's usage chunk (engines that return no prompt ids say it
-                        # only there). The watchdog gives this a second at most.
-                        if self._usage_from(decoder, data):
-                            return
-                        continue
-                    piece = self._feed(lease.target.backend, decoder, data)
-                    if piece is None:
-                        continue
-                    await self._on_piece(piece)
-                    if self.finish is not None:
-                        self.finished_at = time.monotonic()
-                        if self.prompt_tokens is not None or self.stop_reason is not None:
-                            # Nothing else after the finish is needed; after a stop string
-                            # (the engine's generation goes on), leaving also aborts it.
-                            return
+                    out: list[bytes] = []
+                    try:
+                        done = self._take(backend, decoder, sse.feed(chunk), out)
+                    finally:  # what was taken into the answer reaches the client, come what may
+                        if out:
+                            await self._send(out[0] if len(out) == 1 else b"".join(out))
+                    if sse.error is not None:
+                        raise sse.error
+                    if done or sse.done:
+                        return
+                raise MalformedStream("stream ended without [DONE]")
         except EngineReportedError as e:  # this request failed there; the engine may be fine
             raise UpstreamBroken(str(e)) from e
         except MalformedStream as e:  # garbage: the engine is broken
             raise UpstreamBroken(str(e), engine_fault="garbage") from e
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
             raise UpstreamBroken(f"connection failed: {type(e).__name__}: {e}") from e
+
+    def _take(
+        self, backend: Backend, decoder: StreamDecoder, events: list[bytes], out: list[bytes]
+    ) -> bool:
+        """Decode one read's events into the answer, appending what the client is to get
+        to ``out``. True once nothing more is needed from this stream."""
+        for data in events:
+            if self.finish is not None:
+                # The answer is complete; only the prompt's size may still come, in the
+                # engine's usage chunk (engines that return no prompt ids say it only
+                # there). The watchdog gives this a second at most.
+                if self._usage_from(decoder, data):
+                    return True
+                continue
+            piece = self._feed(backend, decoder, data)
+            if piece is None:
+                continue
+            rendered = self._on_piece(piece)
+            if rendered is not None:
+                out.append(rendered)
+            if self.finish is not None:
+                self.finished_at = time.monotonic()
+                if self.prompt_tokens is not None or self.stop_reason is not None:
+                    # Nothing else after the finish is needed; after a stop string (the
+                    # engine's generation goes on), leaving also aborts it.
+                    return True
+        return False
 
     def _usage_from(self, decoder: StreamDecoder, data: bytes) -> bool:
         """Whether ``data`` (an event after the finish) gave the prompt's size."""
@@ -480,7 +505,9 @@ class RequestRelay:
             raise UpstreamClientError(resp.status, str(message))
         raise UpstreamBroken(f"engine answered {resp.status}: {str(message)[:200]}")
 
-    async def _on_piece(self, piece: Piece) -> None:
+    def _on_piece(self, piece: Piece) -> bytes | None:
+        """Take one decoded piece into the answer; what the client is to get of it (None
+        when nothing, or when the client does not stream)."""
         if self.prompt_tokens is None and piece.prompt_tokens is not None:
             # A continuation's prompt includes what was emitted before it.
             self.prompt_tokens = piece.prompt_tokens - self.sent_before_attempt
@@ -488,7 +515,7 @@ class RequestRelay:
             self.progress.prompt_token_ids = piece.prompt_token_ids  # needed even if held
         admitted = self.textless.admit(piece)  # e.g. the first bytes of a character: held
         if admitted is None:
-            return
+            return None
         piece = admitted
         self.progress.add(piece)
         if self.prompt_tokens is None and self.progress.prompt_token_ids is not None:
@@ -504,21 +531,25 @@ class RequestRelay:
             self.finish = finish
         text = self.progress.text[self.emitted : match.end]
         self.emitted = max(self.emitted, match.end)
-        if self.emit is not None and (text or finish or piece.token_ids or piece.delta):
-            failover = None
-            if self.seam_pending:
-                self.seam_pending = False
-                failover = self.failover_report()
-            self.writing_since = time.monotonic()
-            try:
-                await self.emit(
-                    self.shape.piece_chunk(text, piece, finish, self.stop_reason, failover)
-                )
-            except ConnectionError as e:  # aiohttp's ClientConnectionResetError included
-                raise ClientGone(f"the client hung up: {e}") from e
-            finally:
-                self.writing_since = None
-                self.last_event = time.monotonic()
+        if self.emit is None or not (text or finish or piece.token_ids or piece.delta):
+            return None
+        failover = None
+        if self.seam_pending:
+            self.seam_pending = False
+            failover = self.failover_report()
+        return self.shape.piece_chunk(text, piece, finish, self.stop_reason, failover)
+
+    async def _send(self, data: bytes) -> None:
+        """Write to the client; time blocked here is the client's, not the engine's."""
+        assert self.emit is not None
+        self.writing_since = time.monotonic()
+        try:
+            await self.emit(data)
+        except ConnectionError as e:  # aiohttp's ClientConnectionResetError included
+            raise ClientGone(f"the client hung up: {e}") from e
+        finally:
+            self.writing_since = None
+            self.last_event = time.monotonic()
 
     def failover_report(self) -> dict[str, Any] | None:
         """What the client is told of migrations (``failover`` in the response, documented
