@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import orjson
 from aiohttp import web
 
 from supervisor import log as logging
@@ -324,8 +325,11 @@ class Frontend:
                 headers["X-Failover-Migrations"] = str(failover["migrations"])
                 if failover["inexact"]:
                     headers["X-Failover-Inexact"] = ",".join(failover["inexact"])
-            return web.json_response(
-                shape.full(relay.progress, relay.finish, relay.usage(), failover),
+            return web.Response(
+                body=orjson.dumps(
+                    shape.full(relay.progress, relay.finish, relay.usage(), failover)
+                ),
+                content_type="application/json",
                 headers=headers,
             )
         so = body.get("stream_options") or {}

@@ -11,6 +11,7 @@ the slot's freshly woken shadow) takes it, up to ``migration_limit`` times.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -226,6 +227,7 @@ class RequestRelay:
         self.stalled_reason = ""
         self.client_slow = False
         self.current: tuple[Lease, UpstreamRequest] | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the stall watchdog's next check
         self.log = logging.get(request_id=rid)
         self.model = str(req.body.get("model"))
 
@@ -366,19 +368,17 @@ class RequestRelay:
         self.last_event = time.monotonic()
         self.stalled = False
         self.stalled_reason = ""
-        error: Exception | None = None
         with lease.scope:
-            async with anyio.create_task_group() as tg:
-                # One watchdog per stream, not a deadline per event: the hot path stays lean.
-                tg.start_soon(self._stall_watchdog, lease)
-                try:
-                    await self._read(lease, up, decoder)
-                except Exception as e:  # re-raised below, outside the task group's wrapping
-                    error = e
-                finally:
-                    tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
+            # One watchdog per stream, not a deadline per event: the hot path stays lean.
+            # A timer, not a task: a request costs no task (and no task group) beyond its own.
+            step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(step, self._stall_check, lease, loop, step)
+            self._timer = timer
+            try:
+                await self._read(lease, up, decoder)
+            finally:
+                self._timer.cancel()
         if self.finish is not None:
             return
         if self.client_slow:
@@ -399,26 +399,34 @@ class RequestRelay:
         backend = lease.target.backend
         try:
             async with self.sessions.relay.post(
-                lease.target.url + up.path, json=up.body, headers=up.headers, timeout=_UPSTREAM
+                lease.target.url + up.path,
+                data=orjson.dumps(up.body),
+                headers={**up.headers, "Content-Type": "application/json"},
+                timeout=_UPSTREAM,
             ) as resp:
                 if resp.status != 200:
                     await self._bad_status(resp)
                 sse = SseSplitter()
+                complete = False
                 # Every event of one read is handled, then what they give the client goes
                 # out in one write: a fast engine's events arrive several to a read.
                 async for chunk in resp.content.iter_any():
                     self.last_event = time.monotonic()
+                    if complete:
+                        continue  # read to the end, so the connection is kept for reuse
                     out: list[bytes] = []
                     try:
-                        done = self._take(backend, decoder, sse.feed(chunk), out)
+                        complete = self._take(backend, decoder, sse.feed(chunk), out)
                     finally:  # what was taken into the answer reaches the client, come what may
                         if out:
                             await self._send(out[0] if len(out) == 1 else b"".join(out))
                     if sse.error is not None:
                         raise sse.error
-                    if done or sse.done:
-                        return
-                raise MalformedStream("stream ended without [DONE]")
+                    if self.stop_reason is not None:
+                        return  # the engine generates on past the stop: leaving aborts it
+                    complete = complete or sse.done
+                if not complete:
+                    raise MalformedStream("stream ended without [DONE]")
         except EngineReportedError as e:  # this request failed there; the engine may be fine
             raise UpstreamBroken(str(e)) from e
         except MalformedStream as e:  # garbage: the engine is broken
@@ -464,25 +472,22 @@ class RequestRelay:
             return True
         return False
 
-    async def _stall_watchdog(self, lease: Lease) -> None:
-        """Only silence *of the engine* counts: time spent blocked writing to a slow client
-        is the client's (bounded by ``client_write_timeout``), and before this attempt's
-        first token the longer ``first_token_timeout`` applies (prefill, queueing)."""
-        step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
-        while True:
-            await anyio.sleep(step)
-            now = time.monotonic()
-            if self.finish is not None:
-                if now - self.finished_at > 1.0:  # waited long enough for the usage chunk
-                    lease.scope.cancel()
-                    return
-                continue
-            if self.writing_since is not None:
-                if now - self.writing_since > self.cfg.client_write_timeout:
-                    self.client_slow = True
-                    lease.scope.cancel()
-                    return
-                continue
+    def _stall_check(self, lease: Lease, loop: asyncio.AbstractEventLoop, step: float) -> None:
+        """The watchdog, every ``step``: only silence *of the engine* counts. Time spent
+        blocked writing to a slow client is the client's (bounded by
+        ``client_write_timeout``), and before this attempt's first token the longer
+        ``first_token_timeout`` applies (prefill, queueing)."""
+        now = time.monotonic()
+        if self.finish is not None:
+            if now - self.finished_at > 1.0:  # waited long enough for the usage chunk
+                lease.scope.cancel()
+                return
+        elif self.writing_since is not None:
+            if now - self.writing_since > self.cfg.client_write_timeout:
+                self.client_slow = True
+                lease.scope.cancel()
+                return
+        else:
             first = self.progress.completion_tokens == self.sent_before_attempt
             limit = self.first_token_timeout if first else self.stall_timeout
             if now - self.last_event > limit:
@@ -491,6 +496,7 @@ class RequestRelay:
                 self.stalled_reason = f"no {what} for {limit:g}s (stalled)"
                 lease.scope.cancel()
                 return
+        self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
 
     async def _bad_status(self, resp: aiohttp.ClientResponse) -> None:
         body = (await resp.read())[:2000]
