@@ -5,10 +5,12 @@
 Runs, one after another on this machine: failover detection after SIGKILL and SIGSTOP
 (bench.failover), the frontend against direct access (bench.frontend), GPU fault signals
 (bench.gpu), node loss and heartbeat CPU (bench.cluster), the stall of a rolling upgrade
-next to a failover's (bench.operations). Every figure is a ratio or a
+next to a failover's (bench.operations), the relay next to vllm-router and sglang-router
+(bench.peers, its own table and plot). Every figure is a ratio or a
 distribution measured within the run. ``--quick`` takes fewer samples (a few minutes);
 the default takes about 15 minutes on 2 cores. Writes ``<out>/report.json``,
-``<out>/report.md``, ``<out>/detection.png`` and ``<out>/heartbeat_cpu.png``.
+``<out>/report.md``, ``<out>/detection.png``, ``<out>/heartbeat_cpu.png`` and
+``<out>/peers_cpu.png``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from bench import cluster, failover, frontend, gpu, node_load, operations
+from bench import cluster, failover, frontend, gpu, node_load, operations, peers
 
 
 def _bar(i: int, n: int, name: str, started: float) -> None:
@@ -46,6 +48,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
         ("gpu faults", lambda: gpu.run(2 if quick else 5)),
         ("node load", lambda: node_load.run(300 if quick else 1000, 30, 0.2)),
         ("operations", lambda: operations.run(1 if quick else 3, 20)),
+        ("peers", lambda: peers.run(3, quick)),
         ("cluster", lambda: cluster.main(argparse.Namespace(
             trials=trials, engines="100,1000,5000", seconds=3.0 if quick else 10.0))),
     ]  # fmt: skip
@@ -140,7 +143,14 @@ def markdown(r: dict[str, Any]) -> str:
                 "< 10 % at 1,000",
             )
         )
-    return "\n".join(rows) + "\n"
+    out = "\n".join(rows) + "\n"
+    if "peers" in r:
+        p = r["peers"]
+        out += (
+            f"\n### The relay next to the Rust routers ({p['rounds']} interleaved rounds, "
+            f"log level {p['log_level']})\n\n" + peers.markdown(p)
+        )
+    return out
 
 
 def plots(r: dict[str, Any], out: Path) -> list[Path]:
@@ -184,6 +194,8 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     made.append(path)
     plt.close(fig)
+    if "peers" in r:
+        made.append(peers.plot(r["peers"], out / "peers_cpu.png"))
     return made
 
 

@@ -88,13 +88,13 @@ def install_routers() -> dict[str, str]:
     return found
 
 
-def router_argv(name: str, exe: str, port: int, worker: str) -> list[str]:
+def router_argv(name: str, exe: str, port: int, worker: str, level: str) -> list[str]:
     common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", worker]
     # Each process its own metrics port (both default to one fixed port).
     common += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     if name == "vllm-router":
-        return [exe, *common, "--policy", "round_robin", "--log-level", "warning"]
-    return [exe, "launch", *common, "--policy", "round_robin", "--log-level", "warn"]
+        return [exe, *common, "--policy", "round_robin", "--log-level", level]
+    return [exe, "launch", *common, "--policy", "round_robin", "--log-level", level[:4]]
 
 
 def start_logged(argv: list[str], logfile: Path) -> subprocess.Popen[bytes]:
@@ -289,7 +289,9 @@ PHASES: list[tuple[str, str, int, int]] = [  # (name, model, streams, tokens per
 ]
 
 
-async def run(rounds: int, quick: bool, with_routers: bool = True) -> dict[str, Any]:
+async def run(
+    rounds: int, quick: bool, with_routers: bool = True, log_level: str = "warning"
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     os.environ[LEDGER_ENV] = str(work / "gpu-ledger.json")
     routers = install_routers() if with_routers else {n: "skipped: --no-routers" for n in ROUTERS}
@@ -303,9 +305,10 @@ async def run(rounds: int, quick: bool, with_routers: bool = True) -> dict[str, 
         slots,
         health={"probe_interval": 0.5},  # the default, not the tests' fast probing
         frontend={"max_inflight_per_engine": cap, "max_queue": cap},
+        log_level=log_level,
     )
     procs: list[subprocess.Popen[bytes]] = []
-    out: dict[str, Any] = {"rounds": rounds, "routers": {}, "paths": {}}
+    out: dict[str, Any] = {"rounds": rounds, "log_level": log_level, "routers": {}, "paths": {}}
     try:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
@@ -332,7 +335,7 @@ async def run(rounds: int, quick: bool, with_routers: bool = True) -> dict[str, 
                 urls, pids = {}, {}
                 for m, worker in engine.items():
                     port = free_port()
-                    argv = router_argv(name, exe, port, worker)
+                    argv = router_argv(name, exe, port, worker, log_level)
                     logfile = work / f"{name}-{m}.log"
                     proc = await anyio.to_thread.run_sync(start_logged, argv, logfile)
                     procs.append(proc)
@@ -464,6 +467,11 @@ def markdown(r: dict[str, Any]) -> str:
     for name, why in r["routers"].items():
         if why.startswith("skipped"):
             rows.append(f"| {name} | {why} |" + " |" * 6)
+    rows.append("")
+    rows.append(
+        f"Routers: {', '.join(v for v in r['routers'].values() if not v.startswith('skipped'))}"
+        f". Failovers in the frontend during the run: {r.get('frontend_failovers', '?')}."
+    )
     return "\n".join(rows) + "\n"
 
 
@@ -502,10 +510,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="shorter streams, fewer requests")
     ap.add_argument("--no-routers", action="store_true", help="direct and frontend only")
+    ap.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("info", "warning"),
+        help="every proxy's (default warning: none logs each request)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     ns = ap.parse_args()
-    out = anyio.run(run, ns.rounds, ns.quick, not ns.no_routers)
+    out = anyio.run(run, ns.rounds, ns.quick, not ns.no_routers, ns.log_level)
     print(markdown(out))
     if ns.json:
         ns.json.write_text(json.dumps(out, indent=1))

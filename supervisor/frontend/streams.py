@@ -16,7 +16,7 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -84,21 +84,35 @@ class ClientShape:
     model: str
     created: int
     with_ids: bool = False
+    _head: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def object(self) -> str:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
     def _chunk(self, choice: dict[str, Any], **extra: Any) -> bytes:
-        obj = {
-            "id": self.rid,
-            "object": self.object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            **extra,
-        }
-        return b"data: " + orjson.dumps(obj) + b"\n\n"
+        if extra:
+            obj = {
+                "id": self.rid,
+                "object": self.object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [choice],
+                **extra,
+            }
+            return b"data: " + orjson.dumps(obj) + b"\n\n"
+        # Every chunk of a stream starts alike: that part is rendered once.
+        if self._head is None:
+            head = orjson.dumps(
+                {
+                    "id": self.rid,
+                    "object": self.object,
+                    "created": self.created,
+                    "model": self.model,
+                }
+            )
+            self._head = b"data: " + head[:-1] + b',"choices":['
+        return self._head + orjson.dumps(choice) + b"]}\n\n"
 
     def role_chunk(self) -> bytes:
         return self._chunk(
@@ -198,6 +212,7 @@ class RequestRelay:
         emit: Emit | None,
     ) -> None:
         self.req, self.rid, self.shape = req, rid, shape
+        self.budget = req.token_budget  # asked once: it is read at every token
         self.engine_req = req.for_engines()
         # Engine-side ids are unique even when clients reuse an X-Request-Id: an engine
         # rejects a duplicate (SGLang) or an abort would hit both.
@@ -341,7 +356,7 @@ class RequestRelay:
         return str(getattr(backend, "continuation_mode", "unknown"))
 
     def _budget_left(self) -> int | None:
-        mt = self.req.token_budget
+        mt = self.budget
         return None if mt is None else mt - self.progress.completion_tokens
 
     def _plugin_bug(self, backend: Backend, hook: str, e: Exception) -> MigrationFailed:

@@ -294,6 +294,7 @@ def spawn_supervisor(
     unset_env: Sequence[str] = (),
     max_open_files: int | None = None,
     wrap: Callable[[list[str]], list[str]] | None = None,
+    log_level: str = "info",
 ) -> SupervisorProcess:
     """Write a config for ``slots`` and start the real daemon on it (not waiting).
     ``max_open_files`` caps its open-file limit (soft and hard), as a small host would;
@@ -347,6 +348,7 @@ def spawn_supervisor(
 
     with open(out, "wb") as o, open(err, "wb") as e:
         argv = [sys.executable, "-m", "supervisor", "run", "--config", str(path)]
+        argv += ["--log-level", log_level]
         proc = subprocess.Popen(
             wrap(argv) if wrap else argv,
             stdout=o,
