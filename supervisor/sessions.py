@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from supervisor.frontend.wire import EnginePool
+
 
 @dataclass(frozen=True)
 class Sessions:
-    relay: aiohttp.ClientSession  # client requests relayed to engines (streams)
+    relay: EnginePool  # client requests relayed to engines (streams)
     probes: aiohttp.ClientSession  # health probes and readiness checks
     control: aiohttp.ClientSession  # sleep, wake, abort: the plugins' control calls
     cluster: aiohttp.ClientSession  # etcd and peer supervisors' admin APIs
@@ -25,9 +27,10 @@ class Sessions:
 
 @asynccontextmanager
 async def open_sessions(max_inflight_per_engine: int) -> AsyncIterator[Sessions]:
-    """The four sessions. The relay keeps connections alive and may hold as many per engine
-    as the router lets through (``max_inflight_per_engine``); admission is the router's
-    job, so the relay pool has no global cap that could starve some engines."""
+    """The relay's pool and the three sessions. The relay keeps connections alive and may
+    hold as many per engine as the router lets through (``max_inflight_per_engine``);
+    admission is the router's job, so the relay pool has no global cap that could starve
+    some engines."""
     async with AsyncExitStack() as stack:
 
         async def session(limit: int, per_host: int, keepalive: float) -> aiohttp.ClientSession:
@@ -36,8 +39,10 @@ async def open_sessions(max_inflight_per_engine: int) -> AsyncIterator[Sessions]
             )
             return await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
 
+        relay = EnginePool(max_idle_per_engine=max_inflight_per_engine)
+        stack.callback(relay.close)
         yield Sessions(
-            relay=await session(0, max_inflight_per_engine + 8, 30.0),
+            relay=relay,
             probes=await session(0, 8, 30.0),
             control=await session(0, 32, 15.0),
             cluster=await session(0, 16, 30.0),

@@ -38,6 +38,9 @@ from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, RequestKind
 from supervisor.sessions import Sessions
 
+# What may wait in a client's socket buffer before the relay stops writing at once and
+# waits for the client to read (the engine's connection paused meanwhile).
+_CLIENT_BUFFER = 64 * 1024
 _RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Parameters whose meaning the relay cannot keep across a migration.
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
@@ -233,9 +236,10 @@ class Frontend:
             with_ids=bool(body.get("return_token_ids")),
         )
         resp: web.StreamResponse | None = None
+        direct = False  # the response is under way, chunked: later writes may skip aiohttp
 
         async def emit(data: bytes) -> None:
-            nonlocal resp
+            nonlocal resp, direct
             if resp is None:
                 resp = web.StreamResponse(
                     headers={
@@ -248,6 +252,21 @@ class Frontend:
                 if kind == "chat":
                     await resp.write(shape.role_chunk())
             await resp.write(data)  # a failed write is the relay's ClientGone
+            direct = resp.headers.get("Transfer-Encoding") == "chunked"
+
+        def emit_now(data: bytes) -> bool:
+            # Straight to the socket, framed as aiohttp frames a chunk, while the client
+            # keeps up; else False, and the relay waits on emit (which waits for the client).
+            transport = request.transport
+            if (
+                not direct
+                or transport is None
+                or transport.is_closing()
+                or transport.get_write_buffer_size() > _CLIENT_BUFFER
+            ):
+                return False
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            return True
 
         relay = RequestRelay(
             req,
@@ -259,6 +278,7 @@ class Frontend:
             self.cfg.health,
             self.metrics,
             emit if req.stream else None,
+            emit_now if req.stream else None,
         )
         self._enter()
         t0 = time.monotonic()

@@ -35,6 +35,7 @@ from supervisor.backends import (
 from supervisor.config import FrontendConfig, HealthConfig
 from supervisor.frontend.routing import Lease, Rejected, Router, Target
 from supervisor.frontend.stops import StopStrings
+from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
 from supervisor.sessions import Sessions
@@ -192,8 +193,27 @@ class ClientShape:
 
 
 Emit = Callable[[bytes], Awaitable[None]]
-# A stream has no total deadline (the stall watchdog bounds silence); connecting has one.
-_UPSTREAM = aiohttp.ClientTimeout(total=None, sock_connect=5)
+
+
+class _Pump:
+    """What a relayed stream's read callback leaves for its task."""
+
+    __slots__ = ("_loop", "_waiter", "complete", "error", "pending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.complete = False  # the answer is whole (the rest is read only to reuse the link)
+        self.error: Exception | None = None
+        self.pending: list[bytes] = []  # for the client, in order, not yet written
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        await self._waiter
 
 
 class RequestRelay:
@@ -210,8 +230,12 @@ class RequestRelay:
         health: HealthConfig,
         metrics: Metrics,
         emit: Emit | None,
+        emit_now: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.req, self.rid, self.shape = req, rid, shape
+        # Writes to the client: ``emit`` waits for it; ``emit_now`` writes only if it can
+        # at once, and says whether it did.
+        self.emit_now = emit_now
         self.budget = req.token_budget  # asked once: it is read at every token
         self.engine_req = req.for_engines()
         # Engine-side ids are unique even when clients reuse an X-Request-Id: an engine
@@ -411,43 +435,81 @@ class RequestRelay:
         raise UpstreamBroken("stream ended without a finish reason")
 
     async def _read(self, lease: Lease, up: UpstreamRequest, decoder: StreamDecoder) -> None:
-        backend = lease.target.backend
+        pool = self.sessions.relay
         try:
-            async with self.sessions.relay.post(
-                lease.target.url + up.path,
-                data=orjson.dumps(up.body),
-                headers={**up.headers, "Content-Type": "application/json"},
-                timeout=_UPSTREAM,
-            ) as resp:
-                if resp.status != 200:
-                    await self._bad_status(resp)
-                sse = SseSplitter()
-                complete = False
-                # Every event of one read is handled, then what they give the client goes
-                # out in one write: a fast engine's events arrive several to a read.
-                async for chunk in resp.content.iter_any():
-                    self.last_event = time.monotonic()
-                    if complete:
-                        continue  # read to the end, so the connection is kept for reuse
-                    out: list[bytes] = []
-                    try:
-                        complete = self._take(backend, decoder, sse.feed(chunk), out)
-                    finally:  # what was taken into the answer reaches the client, come what may
-                        if out:
-                            await self._send(out[0] if len(out) == 1 else b"".join(out))
-                    if sse.error is not None:
-                        raise sse.error
-                    if self.stop_reason is not None:
-                        return  # the engine generates on past the stop: leaving aborts it
-                    complete = complete or sse.done
-                if not complete:
-                    raise MalformedStream("stream ended without [DONE]")
+            conn = await pool.request(lease.target.url, up.path, up.headers, orjson.dumps(up.body))
+        except EngineConnectionError as e:
+            raise UpstreamBroken(f"connection failed: {e}") from e
+        except EngineProtocolError as e:
+            raise UpstreamBroken(f"not HTTP: {e}", engine_fault="garbage") from e
+        try:
+            if conn.status != 200:
+                self._bad_status(conn.status, conn.reason, await conn.read_all(2000))
+            await self._pump(conn, lease.target.backend, decoder)
         except EngineReportedError as e:  # this request failed there; the engine may be fine
             raise UpstreamBroken(str(e)) from e
-        except MalformedStream as e:  # garbage: the engine is broken
+        except (MalformedStream, EngineProtocolError) as e:  # garbage: the engine is broken
             raise UpstreamBroken(str(e), engine_fault="garbage") from e
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            raise UpstreamBroken(f"connection failed: {type(e).__name__}: {e}") from e
+        except EngineConnectionError as e:
+            raise UpstreamBroken(f"connection failed: {e}") from e
+        finally:
+            pool.release(conn)  # kept if its answer was read whole, else closed (an abort)
+
+    async def _pump(self, conn: EngineConnection, backend: Backend, decoder: StreamDecoder) -> None:
+        """Relay the answer as it arrives. Each read is decoded in the connection's
+        callback and written to the client there and then; this task only steps in to
+        write what cannot go at once (the first write, a client that is not keeping up:
+        the engine's connection is paused meanwhile) and to end the stream."""
+        st = _Pump(asyncio.get_running_loop())
+        sse = SseSplitter()
+
+        def on_body(chunk: bytes) -> None:
+            self.last_event = time.monotonic()
+            if st.complete or st.error is not None:
+                return  # read to the end, so the connection is kept for reuse
+            out: list[bytes] = []
+            try:
+                st.complete = self._take(backend, decoder, sse.feed(chunk), out)
+            except Exception as e:  # raised in this task, once what was taken is written
+                st.error = e
+            if out:  # what was taken into the answer reaches the client, come what may
+                data = out[0] if len(out) == 1 else b"".join(out)
+                if st.pending or not self._write_now(data):
+                    st.pending.append(data)
+            if st.error is None and sse.error is not None:
+                st.error = sse.error
+            st.complete = st.complete or sse.done
+            if st.pending or st.error is not None or self.stop_reason is not None:
+                conn.pause()
+                st.wake()
+
+        conn.on_end = st.wake
+        conn.set_sink(on_body)
+        while True:
+            if st.pending:
+                data = b"".join(st.pending)
+                st.pending.clear()
+                await self._send(data)
+                conn.resume()
+                continue
+            if st.error is not None:
+                raise st.error
+            if self.stop_reason is not None:
+                return  # the engine generates on past the stop: leaving aborts it
+            if conn.error is not None:
+                raise conn.error
+            if conn.done:
+                if not st.complete:
+                    raise MalformedStream("stream ended without [DONE]")
+                return
+            await st.wait()
+
+    def _write_now(self, data: bytes) -> bool:
+        """Write to the client without waiting, if it can take it now (False: it goes
+        through :meth:`_send` instead)."""
+        if self.emit_now is None or self.writing_since is not None:
+            return False
+        return self.emit_now(data)
 
     def _take(
         self, backend: Backend, decoder: StreamDecoder, events: list[bytes], out: list[bytes]
@@ -513,18 +575,17 @@ class RequestRelay:
                 return
         self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
 
-    async def _bad_status(self, resp: aiohttp.ClientResponse) -> None:
-        body = (await resp.read())[:2000]
+    def _bad_status(self, status: int, reason: str, body: bytes) -> None:
         try:
             obj = json.loads(body)
             err = obj.get("error", obj) if isinstance(obj, dict) else {}
             message = err.get("message") if isinstance(err, dict) else None
         except ValueError:
             message = None
-        message = message or body.decode("utf-8", "replace") or resp.reason or "error"
-        if 400 <= resp.status < 500 and resp.status not in (404, 408, 429):
-            raise UpstreamClientError(resp.status, str(message))
-        raise UpstreamBroken(f"engine answered {resp.status}: {str(message)[:200]}")
+        message = message or body.decode("utf-8", "replace") or reason or "error"
+        if 400 <= status < 500 and status not in (404, 408, 429):
+            raise UpstreamClientError(status, str(message))
+        raise UpstreamBroken(f"engine answered {status}: {str(message)[:200]}")
 
     def _on_piece(self, piece: Piece) -> bytes | None:
         """Take one decoded piece into the answer; what the client is to get of it (None
