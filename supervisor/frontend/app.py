@@ -237,6 +237,7 @@ class Frontend:
         )
         resp: web.StreamResponse | None = None
         direct = False  # the response is under way, chunked: later writes may skip aiohttp
+        transport = request.transport
 
         async def emit(data: bytes) -> None:
             nonlocal resp, direct
@@ -257,7 +258,6 @@ class Frontend:
         def emit_now(data: bytes) -> bool:
             # Straight to the socket, framed as aiohttp frames a chunk, while the client
             # keeps up; else False, and the relay waits on emit (which waits for the client).
-            transport = request.transport
             if (
                 not direct
                 or transport is None

@@ -267,8 +267,15 @@ class RequestRelay:
         self.client_slow = False
         self.current: tuple[Lease, UpstreamRequest] | None = None
         self._timer: asyncio.TimerHandle | None = None  # the stall watchdog's next check
-        self.log = logging.get(request_id=rid)
+        self._log: Any = None
         self.model = str(req.body.get("model"))
+
+    @property
+    def log(self) -> Any:
+        """This request's logger, bound on first use (most requests never log here)."""
+        if self._log is None:
+            self._log = logging.get(request_id=self.rid)
+        return self._log
 
     # -- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
