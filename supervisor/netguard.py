@@ -18,7 +18,7 @@ import asyncio
 import resource
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -111,11 +111,11 @@ class _Guarded(asyncio.Protocol):
         self.tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is one without subclassing asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         if self.guard.open >= self.guard.max_connections:
-            transport.write(_REFUSED)
-            transport.close()
+            self.transport.write(_REFUSED)
+            self.transport.close()
             self.guard.note("refused")
             return
         self.counted = True
