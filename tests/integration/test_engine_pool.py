@@ -93,6 +93,21 @@ async def read_request(r: asyncio.StreamReader) -> bytes:
     return head + await r.readexactly(length)
 
 
+def answering(*answers: bytes, hold: float = 0.0) -> Handler:
+    """A server that answers each request in turn with the given bytes, then keeps the
+    connection open ``hold`` seconds and closes it."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        for answer in answers:
+            await read_request(r)
+            w.write(answer)
+            await w.drain()
+        await asyncio.sleep(hold)
+        w.close()
+
+    return handler
+
+
 def chunked(payload: bytes, sizes: list[int]) -> bytes:
     out, pos = b"", 0
     for n in sizes:
@@ -142,15 +157,12 @@ async def test_chunked_framing_split_anywhere_gives_the_same_body() -> None:
 
 
 async def test_content_length_and_connection_close_framing() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await read_request(r)
-        w.write(b"HTTP/1.1 503 Busy\r\nContent-Length: 11\r\n\r\nhello world")
-        await read_request(r)
-        w.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
-        await w.drain()
-        w.close()
-
-    server, url = await serve(handler)
+    server, url = await serve(
+        answering(
+            b"HTTP/1.1 503 Busy\r\nContent-Length: 11\r\n\r\nhello world",
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end",
+        )
+    )
     pool = EnginePool()
     try:
         conn = await pool.request(url, "/x", {}, b"{}")
@@ -179,14 +191,8 @@ async def test_content_length_and_connection_close_framing() -> None:
     ],
 )
 async def test_garbage_from_an_engine_is_an_error_not_a_hang(answer: bytes) -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await read_request(r)
-        w.write(answer)
-        await w.drain()
-        await asyncio.sleep(5)  # the connection stays open: only parsing can end this
-        w.close()
-
-    server, url = await serve(handler)
+    # The connection stays open: only parsing can end this.
+    server, url = await serve(answering(answer, hold=5))
     pool = EnginePool()
     try:
         with pytest.raises(EngineProtocolError):
@@ -229,13 +235,7 @@ async def test_a_kept_connection_the_engine_dropped_is_replaced_once() -> None:
         pool.close()
         server.close()
 
-    async def half(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await read_request(r)
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-        await w.drain()
-        w.close()
-
-    server, url = await serve(half)
+    server, url = await serve(answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"))
     pool = EnginePool()
     try:
         conn = await pool.request(url, "/x", {}, b"{}")
