@@ -214,6 +214,79 @@ async def test_a_client_that_stops_reading_is_its_own_problem(node: Any) -> None
         sock.close()
 
 
+def _slow_read(host: str, port: int, body: dict[str, Any]) -> bytes:
+    """Send ``body``, read nothing for a second (the buffers on the way fill up), then
+    read the answer 2 KiB at a time with a pause after each read (a slow link), until
+    the chunked body's end."""
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    try:
+        sock.sendall(raw_request(host, port, body))
+        time.sleep(1.0)
+        got = b""
+        while not got.endswith(b"\r\n0\r\n\r\n"):
+            part = sock.recv(2048)
+            assert part, "the connection closed before the answer's end"
+            got += part
+            time.sleep(0.002)
+        return got
+    finally:
+        sock.close()
+
+
+def _sse_text(raw: bytes) -> tuple[str, int]:
+    """The text and the usage's completion tokens of a chunked SSE completion answer."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    body, pos = b"", 0
+    while True:
+        end = rest.index(b"\r\n", pos)
+        size = int(rest[pos:end], 16)
+        if size == 0:
+            break
+        body += rest[end + 2 : end + 2 + size]
+        pos = end + 2 + size + 2
+    text, tokens = "", 0
+    for event in body.split(b"\n\n"):
+        if not event.startswith(b"data: {"):
+            continue
+        obj = json.loads(event[6:])
+        if obj.get("usage"):
+            tokens = obj["usage"]["completion_tokens"]
+        for ch in obj["choices"]:
+            text += ch.get("text") or ""
+    return text, tokens
+
+
+async def test_a_slow_reader_gets_every_token_in_order(node: Any) -> None:
+    """A client on a slow link (it reads nothing for a second, then little at a time):
+    it gets the whole answer, in order, nothing twice, the same text as the engine gives
+    directly. (The relay's own wait for a full client buffer is driven in
+    tests/integration/test_relay_no_leaks.py; here the kernel's buffers absorb it.)"""
+    sim = (*FAST_SIM_ARGS, "--sim-itl", "0", "--max-model-len", "20000")
+    n = await node(sim_slot("s", shadows=0, sim_args=sim))
+    host, port = n.url.removeprefix("http://").split(":")
+    body = {
+        "model": "sim-model",
+        "prompt": "a slow link",
+        "max_tokens": 2000,
+        "temperature": 0,  # the simulator's greedy answer: the same every time
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    raw = await anyio.to_thread.run_sync(_slow_read, host, int(port), body)
+    assert len(raw) > 128 * 1024
+    text, tokens = _sse_text(raw)
+    engine = await n.engine("active")
+    direct = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    async with n.http.post(engine["url"] + "/v1/completions", json=direct) as r:
+        want = (await r.json())["choices"][0]["text"]
+    assert tokens == 2000
+    assert text == want
+    assert await n.failovers() == 0
+
+
 async def test_a_long_first_token_is_not_a_stall(node: Any) -> None:
     # Prefill (or the engine's queue) longer than stall_timeout used to kill the engine.
     sim = (*FAST_SIM_ARGS, "--sim-ttft", "1.5")
