@@ -42,7 +42,8 @@ import aiohttp
 import anyio
 
 from bench.failover import pct
-from supervisor.procfs import all_processes, read_stat
+from supervisor.flocklease import process_tree
+from supervisor.procfs import read_stat
 from supervisor.testing.cluster import FAST_SIM_ARGS, free_port, sim_slot, start_supervisor
 from supervisor.testing.gpuledger import LEDGER_ENV
 from supervisor.upstream import iter_sse_data
@@ -138,18 +139,8 @@ def _task_ns(pid: int) -> int | None:
 
 def cpu_seconds(pid: int, tree: bool) -> float:
     """User + system time of ``pid`` (all its threads), and of its descendants if ``tree``."""
-    pids = {pid}
-    if tree:
-        children: dict[int, list[int]] = {}
-        for proc in all_processes():
-            children.setdefault(proc.ppid, []).append(proc.pid)
-        todo = [pid]
-        while todo:
-            for c in children.get(todo.pop(), []):
-                pids.add(c)
-                todo.append(c)
     total = 0.0
-    for p in pids:
+    for p in process_tree(pid) if tree else {pid}:
         ns = _task_ns(p)
         if ns is not None:
             total += ns / 1e9

@@ -419,8 +419,7 @@ class RequestRelay:
             # A timer, not a task: a request costs no task (and no task group) beyond its own.
             step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
             loop = asyncio.get_running_loop()
-            timer = loop.call_later(step, self._stall_check, lease, loop, step)
-            self._timer = timer
+            self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
             try:
                 await self._read(lease, up, decoder)
             finally:

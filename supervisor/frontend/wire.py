@@ -18,8 +18,6 @@ from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
-from supervisor import log as logging
-
 # Idle connections are kept for less than engines' own keep-alive timeout (uvicorn, under
 # vLLM, SGLang and trtllm-serve, closes them after 5 s): reusing one the engine is closing
 # would fail a request for nothing.
@@ -315,14 +313,16 @@ class EnginePool:
         self.max_idle = max_idle_per_engine
         self._idle: dict[tuple[str, int], list[EngineConnection]] = {}
         self.opened = 0  # connections made, for tests and metrics
-        self.log = logging.get(component="relay-pool")
+        self._keys: dict[str, tuple[str, int]] = {}  # engine URL -> (host, port), parsed once
 
-    @staticmethod
-    def key(url: str) -> tuple[str, int]:
-        u = urlsplit(url)
-        if u.scheme != "http" or not u.hostname:
-            raise EngineConnectionError(f"cannot relay to {url!r}: only http:// engines")
-        return u.hostname, u.port or 80
+    def key(self, url: str) -> tuple[str, int]:
+        key = self._keys.get(url)
+        if key is None:
+            u = urlsplit(url)
+            if u.scheme != "http" or not u.hostname:
+                raise EngineConnectionError(f"cannot relay to {url!r}: only http:// engines")
+            key = self._keys[url] = (u.hostname, u.port or 80)
+        return key
 
     async def request(
         self, url: str, path: str, headers: dict[str, str], body: bytes
