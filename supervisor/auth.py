@@ -16,7 +16,11 @@ def _raw(text: str) -> bytes:
 def bearer_ok(request: web.Request, secret: str) -> bool:
     """Whether the request carries ``Authorization: Bearer <secret>`` (constant-time; a
     malformed or non-ASCII header is simply not the secret)."""
-    got = request.headers.get("Authorization", "")
+    return bearer_matches(request.headers.get("Authorization", ""), secret)
+
+
+def bearer_matches(got: str, secret: str) -> bool:
+    """Whether an ``Authorization`` field's value is ``Bearer <secret>``."""
     if not got.startswith("Bearer "):
         return False
     try:

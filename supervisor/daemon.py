@@ -30,6 +30,7 @@ from supervisor.engines import EngineManager
 from supervisor.failover import HISTORY, FailoverError, SlotController
 from supervisor.frontend.app import Frontend
 from supervisor.frontend.routing import Target
+from supervisor.frontend.server import FrontendServer
 from supervisor.gpu import (
     GpuWatcher,
     JsonReadings,
@@ -546,7 +547,7 @@ class Supervisor:
             self.admin_url = f"http://{self.cfg.admin_host}:{port}"
             announce(f"admin: {self.admin_url}")
             self.log.info("admin API listening", url=self.admin_url)
-            fe_runner = await self._start_frontend(sessions, announce, fd_limit)
+            fe_server = await self._start_frontend(sessions, announce, fd_limit)
             tg.start_soon(self.gpu.run)
             if self.cfg.cluster.enabled:
                 self.cluster = ClusterCoordinator(
@@ -635,8 +636,8 @@ class Supervisor:
                 if self.cluster is not None:
                     await self.cluster.leave()
                 await runner.cleanup()
-                if fe_runner is not None:
-                    await fe_runner.cleanup()
+                if fe_server is not None:
+                    await fe_server.close()
                 await self._save_state_async()  # the final word: stopped or left running
             tg.cancel_scope.cancel()
         self.log.info("stopped")
@@ -665,20 +666,11 @@ class Supervisor:
 
     async def _start_frontend(
         self, sessions: Sessions, announce: Callable[[str], None], fd_limit: int
-    ) -> web.AppRunner | None:
+    ) -> FrontendServer | None:
         fcfg = self.cfg.frontend
         if not fcfg.enabled:
             return None
         self.frontend = Frontend(self.cfg, self.directory, self.metrics, sessions, self.api_key)
-        # handler_cancellation: a client that goes away cancels its handler at once, so the
-        # upstream request is aborted without waiting for the next token to fail to write.
-        runner = web.AppRunner(
-            self.frontend.app(),
-            access_log=None,
-            handler_cancellation=True,
-            keepalive_timeout=fcfg.keepalive_timeout,
-        )
-        await runner.setup()
         refused = self.metrics.client_connections_refused
         guard = ConnectionGuard(
             "frontend",
@@ -687,12 +679,12 @@ class Supervisor:
             on_event=lambda reason: refused.labels(reason).inc(),
         )
         self.metrics.client_connections.set_function(lambda: guard.open)
-        site = GuardedSite(runner, fcfg.host, fcfg.port, guard, reuse_address=True)
-        await site.start()
-        self.frontend_url = f"http://{self.cfg.frontend.host}:{runner.addresses[0][1]}"
+        server = self.frontend.server(guard)
+        await server.listen(fcfg.host, fcfg.port)
+        self.frontend_url = f"http://{self.cfg.frontend.host}:{server.port}"
         announce(f"frontend: {self.frontend_url}")
         self.log.info("frontend listening", url=self.frontend_url)
-        return runner
+        return server
 
     async def _all_started(self) -> None:
         for ctl in self.controllers.values():

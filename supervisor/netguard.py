@@ -24,14 +24,14 @@ from aiohttp import web
 
 from supervisor import log as logging
 
-_REFUSED = (
+REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 118\r\n\r\n"
     b'{"error": {"message": "too many connections to the supervisor", "type": '
     b'"service_unavailable", "code": "unavailable"}}'
 )
-_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-assert _REFUSED.endswith(b"}}") and len(_REFUSED.split(b"\r\n\r\n", 1)[1]) == 118
+TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+assert REFUSED.endswith(b"}}") and len(REFUSED.split(b"\r\n\r\n", 1)[1]) == 118
 
 
 def raise_open_file_limit() -> int:
@@ -114,7 +114,7 @@ class _Guarded(asyncio.Protocol):
         # A stream transport (uvloop's is one without subclassing asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
         if self.guard.open >= self.guard.max_connections:
-            self.transport.write(_REFUSED)
+            self.transport.write(REFUSED)
             self.transport.close()
             self.guard.note("refused")
             return
@@ -128,7 +128,7 @@ class _Guarded(asyncio.Protocol):
         self.timer = None
         if self.transport is not None and not self.transport.is_closing():
             self.guard.note("timeout")
-            self.transport.write(_TIMEOUT)
+            self.transport.write(TIMED_OUT)
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP entry point (aiohttp).
+"""The OpenAI-compatible HTTP entry point (served by :mod:`supervisor.frontend.server`).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (stream or not),
 ``GET /v1/models``, ``GET /health``. Every request gets an id (``X-Request-Id`` if the
@@ -10,7 +10,6 @@ OpenAI's error shape; nothing a client sends can crash the frontend.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import time
 import uuid
@@ -19,12 +18,12 @@ from typing import Any
 
 import anyio
 import orjson
-from aiohttp import web
 
 from supervisor import log as logging
-from supervisor.auth import bearer_ok
+from supervisor.auth import bearer_matches
 from supervisor.config import Config
 from supervisor.frontend.routing import EngineDirectory, Rejected, Router
+from supervisor.frontend.server import FrontendServer, Reply, Request
 from supervisor.frontend.streams import (
     ClientGone,
     ClientShape,
@@ -36,6 +35,7 @@ from supervisor.jsonbody import BadJson
 from supervisor.jsonbody import parse as parse_json
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, RequestKind
+from supervisor.netguard import ConnectionGuard
 from supervisor.sessions import Sessions
 
 # What may wait in a client's socket buffer before the relay stops writing at once and
@@ -61,26 +61,34 @@ class BadRequest(Exception):
         self.param, self.status, self.code = param, status, code
 
 
-def openai_error(
+def error_body(
     status: int,
     message: str,
     *,
     etype: str | None = None,
     param: str | None = None,
     code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
+) -> bytes:
+    """An error in OpenAI's shape."""
     etype = etype or {
         400: "invalid_request_error",
+        401: "invalid_request_error",
         404: "invalid_request_error",
+        405: "invalid_request_error",
         413: "invalid_request_error",
+        431: "invalid_request_error",
         503: "service_unavailable",
     }.get(status, "server_error")
-    return web.json_response(
-        {"error": {"message": message, "type": etype, "param": param, "code": code}},
-        status=status,
-        headers=headers,
-    )
+    err = {"message": message, "type": etype, "param": param, "code": code}
+    return orjson.dumps({"error": err})
+
+
+_ROUTES: dict[str, tuple[str, ...]] = {
+    "/v1/completions": ("POST",),
+    "/v1/chat/completions": ("POST",),
+    "/v1/models": ("GET", "HEAD"),
+    "/health": ("GET", "HEAD"),
+}
 
 
 class Frontend:
@@ -101,76 +109,88 @@ class Frontend:
         self._idle.set()
         self.ready = False
         self.log = logging.get(component="frontend")
+        self._counters: dict[tuple[str, int], Any] = {}
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.fcfg.max_body_bytes, middlewares=[self._errors])
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        return app
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        # Labels come from the route's template, never from the client's path: the set of
-        # series must not grow with what clients send.
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        if (
-            self.api_key is not None
-            and request.path.startswith("/v1/")
-            and not bearer_ok(request, self.api_key)
-        ):
-            self.metrics.requests.labels(route, "401").inc()
-            return openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
-        try:
-            resp: web.StreamResponse = await handler(request)
-        except BadRequest as e:
-            retry = {"Retry-After": str(self.fcfg.retry_after)} if e.status == 503 else None
-            resp = openai_error(e.status, str(e), param=e.param, code=e.code, headers=retry)
-        except web.HTTPNotFound:
-            resp = openai_error(404, f"no route {request.method} {request.path[:200]}")
-        except web.HTTPMethodNotAllowed:
-            resp = openai_error(405, f"{request.method} is not allowed on {request.path[:200]}")
-        self.metrics.requests.labels(route, str(resp.status)).inc()
-        return resp
-
-    # -- plain routes ------------------------------------------------------------------
-    async def health(self, request: web.Request) -> web.Response:
-        if self.router.draining:
-            return web.json_response({"status": "draining"}, status=503)
-        if not self.ready:
-            return web.json_response({"status": "starting"}, status=503)
-        return web.json_response({"status": "ok"})
-
-    async def models(self, request: web.Request) -> web.Response:
-        now = int(time.time())
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {"id": m, "object": "model", "created": now, "owned_by": "failover-supervisor"}
-                    for m in self.directory.models()
-                ],
-            }
+    def server(self, guard: ConnectionGuard) -> FrontendServer:
+        """The HTTP server that hands this frontend its requests."""
+        return FrontendServer(
+            self.handle,
+            guard,
+            max_body=self.fcfg.max_body_bytes,
+            header_timeout=self.fcfg.header_timeout,
+            keepalive_timeout=self.fcfg.keepalive_timeout,
+            error_body=error_body,
+            count_refused=lambda status: self._count("unmatched", status),
+            client_buffer=_CLIENT_BUFFER,
         )
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, "completion")
+    def _count(self, route: str, status: int) -> None:
+        # Labels come from the route table, never from the client's path: the set of
+        # series must not grow with what clients send. Children are cached (labels()
+        # takes a lock and builds a tuple on every call).
+        child = self._counters.get((route, status))
+        if child is None:
+            child = self._counters[(route, status)] = self.metrics.requests.labels(
+                route, str(status)
+            )
+        child.inc()
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, "chat")
+    async def handle(self, request: Request, reply: Reply) -> None:
+        """Route one request, answer errors in OpenAI's shape, and count it."""
+        path, method = request.path, request.method
+        allowed = _ROUTES.get(path)
+        route = path if allowed is not None else "unmatched"
+        try:
+            if allowed is None:
+                raise BadRequest(f"no route {method} {path[:200]}", status=404)
+            if method not in allowed:
+                raise BadRequest(f"{method[:20]} is not allowed on {path}", status=405)
+            if (
+                self.api_key is not None
+                and path.startswith("/v1/")
+                and not bearer_matches(request.headers.get("authorization", ""), self.api_key)
+            ):
+                reply.send(
+                    401, error_body(401, "Incorrect API key provided.", code="invalid_api_key")
+                )
+            elif path == "/v1/completions":
+                await self._serve(request, reply, "completion")
+            elif path == "/v1/chat/completions":
+                await self._serve(request, reply, "chat")
+            elif path == "/v1/models":
+                self.models(reply)
+            else:
+                self.health(reply)
+        except BadRequest as e:
+            headers = [("Retry-After", str(self.fcfg.retry_after))] if e.status == 503 else []
+            if e.status == 405:
+                headers.append(("Allow", ", ".join(allowed or ())))
+            reply.send(
+                e.status, error_body(e.status, str(e), param=e.param, code=e.code), headers=headers
+            )
+        self._count(route, reply.status or 499)
+
+    # -- plain routes ------------------------------------------------------------------
+    def health(self, reply: Reply) -> None:
+        if self.router.draining:
+            reply.send(503, b'{"status": "draining"}')
+        elif not self.ready:
+            reply.send(503, b'{"status": "starting"}')
+        else:
+            reply.send(200, b'{"status": "ok"}')
+
+    def models(self, reply: Reply) -> None:
+        now = int(time.time())
+        models = [
+            {"id": m, "object": "model", "created": now, "owned_by": "failover-supervisor"}
+            for m in self.directory.models()
+        ]
+        reply.send(200, orjson.dumps({"object": "list", "data": models}))
 
     # -- requests ----------------------------------------------------------------------
-    async def _body(self, request: web.Request, kind: RequestKind) -> dict[str, Any]:
+    def _body(self, request: Request, kind: RequestKind) -> dict[str, Any]:
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge as e:
-            raise BadRequest(
-                f"request body over {self.fcfg.max_body_bytes} bytes", status=413
-            ) from e
-        try:
-            body = parse_json(raw, max_depth=self.fcfg.max_json_depth)
+            body = parse_json(request.body, max_depth=self.fcfg.max_json_depth)
         except BadJson as e:
             raise BadRequest(str(e)) from e
         if not isinstance(body, dict):
@@ -219,12 +239,12 @@ class Frontend:
                 )
         return body
 
-    async def _serve(self, request: web.Request, kind: RequestKind) -> web.StreamResponse:
+    async def _serve(self, request: Request, reply: Reply, kind: RequestKind) -> None:
         if self.router.draining:
             self.metrics.rejections.labels("draining").inc()
-            return self._unavailable("the supervisor is shutting down")
-        body = await self._body(request, kind)
-        rid = request.headers.get("X-Request-Id", "")
+            return self._unavailable(reply, "the supervisor is shutting down")
+        body = self._body(request, kind)
+        rid = request.headers.get("x-request-id", "")
         if not _RID_OK.match(rid):
             rid = uuid.uuid4().hex
         req = ClientRequest(kind, body)
@@ -235,38 +255,26 @@ class Frontend:
             int(time.time()),
             with_ids=bool(body.get("return_token_ids")),
         )
-        resp: web.StreamResponse | None = None
-        direct = False  # the response is under way, chunked: later writes may skip aiohttp
-        transport = request.transport
+        stream_head = [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache"),
+            ("X-Request-Id", rid),
+        ]
+
+        def begin() -> None:
+            reply.start(200, stream_head, shape.role_chunk() if kind == "chat" else b"")
 
         async def emit(data: bytes) -> None:
-            nonlocal resp, direct
-            if resp is None:
-                resp = web.StreamResponse(
-                    headers={
-                        "Content-Type": "text/event-stream",
-                        "Cache-Control": "no-cache",
-                        "X-Request-Id": rid,
-                    }
-                )
-                await resp.prepare(request)
-                if kind == "chat":
-                    await resp.write(shape.role_chunk())
-            await resp.write(data)  # a failed write is the relay's ClientGone
-            direct = resp.headers.get("Transfer-Encoding") == "chunked"
+            if not reply.started:
+                begin()
+            await reply.write(data)  # a failed write is the relay's ClientGone
 
         def emit_now(data: bytes) -> bool:
-            # Straight to the socket, framed as aiohttp frames a chunk, while the client
-            # keeps up; else False, and the relay waits on emit (which waits for the client).
-            if (
-                not direct
-                or transport is None
-                or transport.is_closing()
-                or transport.get_write_buffer_size() > _CLIENT_BUFFER
-            ):
-                return False
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
-            return True
+            # Straight to the socket while the client keeps up; else False, and the relay
+            # waits on emit (which waits for the client).
+            if not reply.started:
+                begin()
+            return reply.write_now(data)
 
         relay = RequestRelay(
             req,
@@ -288,30 +296,26 @@ class Frontend:
         except Rejected as e:
             outcome = f"rejected:{e.reason}"
             self.metrics.rejections.labels(e.reason).inc()
-            if resp is None:
-                return self._unavailable(str(e))
-            await self._stream_error(resp, 503, str(e))
-            return resp
+            if not reply.started:
+                return self._unavailable(reply, str(e))
+            return await self._stream_error(reply, 503, str(e))
         except UpstreamClientError as e:
             outcome = f"engine_refused:{e.status}"
-            if resp is None:
-                return openai_error(e.status, str(e))
-            await self._stream_error(resp, e.status, str(e))
-            return resp
+            if not reply.started:
+                return reply.send(e.status, error_body(e.status, str(e)))
+            return await self._stream_error(reply, e.status, str(e))
         except MigrationFailed as e:
             outcome = "migration_failed"
-            if resp is None:
-                return openai_error(502, f"the request could not be completed: {e}")
-            await self._stream_error(resp, 502, str(e))
-            return resp
+            if not reply.started:
+                message = f"the request could not be completed: {e}"
+                return reply.send(502, error_body(502, message))
+            return await self._stream_error(reply, 502, str(e))
         except ClientGone as e:
             outcome = f"client_gone: {e}"
             self.metrics.cancellations.labels(kind).inc()
             with anyio.CancelScope(shield=True):
                 await relay.abort_upstream()
-            if resp is None:  # not streaming: nobody to answer, but aiohttp wants a response
-                return openai_error(499, str(e))
-            return resp
+            return None  # nobody to answer
         except (anyio.get_cancelled_exc_class(), ConnectionResetError):
             outcome = "cancelled"
             self.metrics.cancellations.labels(kind).inc()
@@ -321,10 +325,9 @@ class Frontend:
         except Exception as e:  # a bug: contained, logged with its traceback, 500 to the client
             outcome = f"error: {type(e).__name__}"
             self.log.error("request failed inside the supervisor", request_id=rid, exc_info=e)
-            if resp is None:
-                return openai_error(500, "internal error in the supervisor; see its log")
-            await self._stream_error(resp, 500, "internal error in the supervisor")
-            return resp
+            if not reply.started:
+                return reply.send(500, error_body(500, "internal error in the supervisor"))
+            return await self._stream_error(reply, 500, "internal error in the supervisor")
         finally:
             self._leave()
             self.log.info(
@@ -340,38 +343,31 @@ class Frontend:
             )
         if not req.stream:
             failover = relay.failover_report()
-            headers = {"X-Request-Id": rid}
+            headers = [("X-Request-Id", rid)]
             if failover:
-                headers["X-Failover-Migrations"] = str(failover["migrations"])
+                headers.append(("X-Failover-Migrations", str(failover["migrations"])))
                 if failover["inexact"]:
-                    headers["X-Failover-Inexact"] = ",".join(failover["inexact"])
-            return web.Response(
-                body=orjson.dumps(
-                    shape.full(relay.progress, relay.finish, relay.usage(), failover)
-                ),
-                content_type="application/json",
-                headers=headers,
-            )
+                    headers.append(("X-Failover-Inexact", ",".join(failover["inexact"])))
+            answer = shape.full(relay.progress, relay.finish, relay.usage(), failover)
+            return reply.send(200, orjson.dumps(answer), headers=headers)
         so = body.get("stream_options") or {}
         with contextlib.suppress(ConnectionError):  # the client left after the last token
-            if resp is None:  # nothing streamed at all (e.g. zero tokens): still a stream
-                await emit(b"")
-            assert resp is not None
+            if not reply.started:  # nothing streamed at all (e.g. zero tokens): still a stream
+                begin()
             if so.get("include_usage"):
-                await resp.write(shape.usage_chunk(relay.usage()))
-            await resp.write(b"data: [DONE]\n\n")
-        return resp if resp is not None else web.Response(status=499)
+                await reply.write(shape.usage_chunk(relay.usage()))
+            await reply.write(b"data: [DONE]\n\n")
+        return None
 
-    def _unavailable(self, message: str) -> web.Response:
-        return openai_error(
-            503, message, code="unavailable", headers={"Retry-After": str(self.fcfg.retry_after)}
-        )
+    def _unavailable(self, reply: Reply, message: str) -> None:
+        body = error_body(503, message, code="unavailable")
+        reply.send(503, body, headers=[("Retry-After", str(self.fcfg.retry_after))])
 
-    async def _stream_error(self, resp: web.StreamResponse, status: int, message: str) -> None:
+    async def _stream_error(self, reply: Reply, status: int, message: str) -> None:
         err = {"error": {"message": message, "type": "server_error", "param": None, "code": status}}
         with contextlib.suppress(ConnectionError):
             # As vLLM ends a stream that failed: the error event, then [DONE].
-            await resp.write(b"data: " + json.dumps(err).encode() + b"\n\ndata: [DONE]\n\n")
+            await reply.write(b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
 
     def _enter(self) -> None:
         self.active += 1

@@ -1,0 +1,563 @@
+"""The frontend's HTTP/1.1 server: one small asyncio protocol, in place of aiohttp's.
+
+Why its own: per request, aiohttp's server (request and response objects, middleware,
+routing, a stream reader, a writer) cost about as much CPU as the relay itself, which put
+a non-streaming request at twice the Rust routers' cost. The frontend needs little of HTTP:
+a request head, a body of known length or chunked, one response (whole, or a chunked
+stream), keep-alive. Everything the OpenAI clients send is covered; what is not is refused
+with a clear status, never a stack trace:
+
+- a head over 64 KiB or with more than 128 fields: ``431``; a malformed head: ``400``;
+  a version other than HTTP/1.0 or 1.1: ``505``;
+- a body over ``max_body_bytes`` (declared or counted): ``413``, then the rest of it is
+  read and dropped for a few seconds so the client sees the answer instead of a reset;
+- ``Content-Length`` with ``Transfer-Encoding``, two different lengths, or a transfer
+  coding other than ``chunked``: ``400`` (the ambiguities request smuggling lives on);
+- ``Expect: 100-continue`` gets its ``100 Continue`` once the head is accepted.
+
+The guard's limits live here too (see :mod:`supervisor.netguard`): connections over the cap
+get a complete ``503`` and are closed; the first request head must be complete
+``header_timeout`` seconds after the connection was accepted (``408``), a later head
+within ``header_timeout`` of its first byte; a kept-alive connection idle for
+``keepalive_timeout`` is closed. A client that goes away cancels its handler at once.
+
+One request per connection is handled at a time; a pipelined next request waits (and
+reading pauses once 256 KiB are waiting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from supervisor import log as logging
+from supervisor.netguard import REFUSED, TIMED_OUT, ConnectionGuard
+
+_MAX_HEAD = 64 * 1024
+_MAX_FIELDS = 128
+_PIPELINE_LIMIT = 256 * 1024
+_LINGER = 5.0  # seconds an unwanted body is read and dropped after a 413/400
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+REASONS = {
+    100: "Continue",
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Payload Too Large",
+    431: "Request Header Fields Too Large",
+    499: "Client Closed Request",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed request. Header names are lower-case; a repeated field's values are
+    joined with ``", "``; values are decoded as UTF-8 with undecodable bytes kept as
+    surrogates (so a bad byte compares unequal instead of raising)."""
+
+    method: str
+    path: str
+    query: str
+    version: str  # "1.1" or "1.0"
+    headers: dict[str, str]
+    body: bytes
+    keep_alive: bool
+
+
+class HeadError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, str, dict[str, str]]:
+    """``(method, path, query, version, headers)`` of a request head (without the blank
+    line that ends it), or :class:`HeadError`."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not parts[0] or not set(parts[0]) <= _TOKEN:
+        raise HeadError(400, "malformed request line")
+    method, target, proto = parts
+    if proto not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if proto.startswith(b"HTTP/"):
+            raise HeadError(505, "only HTTP/1.1 and HTTP/1.0 are spoken here")
+        raise HeadError(400, "malformed request line")
+    if not target.startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in target):
+        raise HeadError(400, "malformed request target")
+    if len(lines) > _MAX_FIELDS + 1:
+        raise HeadError(431, f"more than {_MAX_FIELDS} header fields")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or not set(name) <= _TOKEN:
+            raise HeadError(400, "malformed header field")
+        if b"\r" in value or b"\n" in value or b"\0" in value:
+            raise HeadError(400, "malformed header field")
+        key = name.decode("ascii").lower()
+        text = value.strip(b" \t").decode("utf-8", "surrogateescape")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    path, _, query = target.decode("ascii").partition("?")
+    return method.decode("ascii"), path, query, proto[5:].decode("ascii"), headers
+
+
+def _wants_keep_alive(version: str, headers: dict[str, str]) -> bool:
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    if version == "1.0":
+        return "keep-alive" in tokens
+    return "close" not in tokens
+
+
+def render_head(status: int, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
+    lines.extend(f"{k}: {v}" for k, v in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+class Reply:
+    """How a handler answers: :meth:`send` a whole response, or :meth:`start` a chunked
+    stream, :meth:`write` (waits while the client's buffer is full) or :meth:`write_now`
+    (writes only if it can at once), and let the handler's return end it."""
+
+    __slots__ = ("_conn", "_head_only", "keep_alive", "sent", "status", "streaming")
+
+    def __init__(self, conn: _Connection, request: Request) -> None:
+        self._conn = conn
+        self._head_only = request.method == "HEAD"
+        self.keep_alive = request.keep_alive
+        self.status = 0
+        self.streaming = False
+        self.sent = False  # a whole response went out
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    def send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """The whole response, at once."""
+        if self.status:
+            raise RuntimeError("a response was already started")
+        self.status, self.sent = status, True
+        fields = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if headers:
+            fields.extend(headers)
+        if not self.keep_alive:
+            fields.append(("Connection", "close"))
+        head = render_head(status, fields)
+        self._conn.write(head if self._head_only else head + body)
+
+    def start(self, status: int, headers: list[tuple[str, str]], first: bytes = b"") -> None:
+        """Begin a streamed response (chunked on HTTP/1.1), with ``first`` as its first
+        chunk if given."""
+        if self.status:
+            raise RuntimeError("a response was already started")
+        self.status, self.streaming = status, True
+        if self._conn.http10:
+            self.keep_alive = False  # the body ends where the connection does
+            fields = [*headers, ("Connection", "close")]
+        else:
+            fields = [*headers, ("Transfer-Encoding", "chunked")]
+            if not self.keep_alive:
+                fields.append(("Connection", "close"))
+        self._conn.write(render_head(status, fields) + (self._conn.frame(first) if first else b""))
+
+    def write_now(self, data: bytes) -> bool:
+        """Write a chunk if the client's buffer has room now; False if it has not (or the
+        client is gone), and the caller waits on :meth:`write` instead."""
+        return self._conn.write_now(data)
+
+    async def write(self, data: bytes) -> None:
+        """Write a chunk, then wait while the client's buffer is over the limit;
+        ``ConnectionResetError`` if the client is gone."""
+        await self._conn.write_waiting(data)
+
+
+@dataclass(slots=True)
+class _Head:
+    """A request head whose body is still arriving."""
+
+    method: str
+    path: str
+    query: str
+    version: str
+    headers: dict[str, str]
+    length: int
+    chunked: bool
+    size: int = -1  # chunked: the current chunk's size; -1 before a size line
+    received: int = 0
+    parts: list[bytes] = field(default_factory=list)
+
+
+Handler = Callable[[Request, Reply], Awaitable[None]]
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses requests, runs the handler for one at a time."""
+
+    def __init__(self, server: FrontendServer) -> None:
+        self.server = server
+        self.guard = server.guard
+        self.transport: asyncio.Transport | None = None
+        self.counted = False
+        self.buf = bytearray()
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.reading_paused = False
+        self.writable: asyncio.Event | None = None  # set while the client's buffer has room
+        self.closed = False
+        self.lingering = False
+        self.http10 = False
+        self.head: _Head | None = None  # a parsed head waiting for its body
+        self.head_timed = True  # a head deadline is armed (the first one from the accept)
+
+    # -- transport callbacks ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are stream transports without subclassing asyncio.Transport.
+        self.transport = t = cast(asyncio.Transport, transport)
+        if self.guard.open >= self.guard.max_connections:
+            t.write(REFUSED)
+            t.close()
+            self.guard.note("refused")
+            self.closed = True
+            return
+        self.counted = True
+        self.guard.open += 1
+        self.server.connections.add(self)
+        t.set_write_buffer_limits(high=self.server.client_buffer)
+        self._arm(self.server.header_timeout, self._head_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.lingering:
+            return
+        self.buf += data
+        if self.task is not None:  # a pipelined request waits for the current one
+            if len(self.buf) > _PIPELINE_LIMIT and self.transport is not None:
+                self.transport.pause_reading()
+                self.reading_paused = True
+            return
+        self._next()
+
+    def eof_received(self) -> bool | None:
+        # The client will send nothing more. HTTP clients do not half-close while they
+        # wait for an answer, so this is a hang-up: the transport closes and a running
+        # handler is cancelled (connection_lost).
+        return None
+
+    def pause_writing(self) -> None:
+        if self.writable is None:
+            self.writable = asyncio.Event()
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None:
+            self.writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._disarm()
+        if self.writable is not None:
+            self.writable.set()  # a writer waiting on the client learns it is gone
+        if not self.counted:
+            return
+        self.counted = False
+        self.guard.open -= 1
+        self.server.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()  # the client went away: its request ends now
+
+    # -- timers -------------------------------------------------------------------------
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self.timer = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _head_too_slow(self) -> None:
+        self.timer = None
+        if not self.closed and self.task is None:
+            self.guard.note("timeout")
+            self.write(TIMED_OUT)
+            self.close()
+
+    def _idle_too_long(self) -> None:
+        self.timer = None
+        if not self.closed and self.task is None and not self.buf:
+            self.close()
+
+    # -- parsing ------------------------------------------------------------------------
+    def _next(self) -> None:
+        """Take the next whole request off the buffer and start its handler, if there is
+        one; else wait for more bytes."""
+        buf = self.buf
+        head = self.head
+        if head is None:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > _MAX_HEAD:
+                    self._refuse(431, "request head over 64 KiB")
+                elif buf and not self.head_timed:
+                    # A next request began on a kept-alive connection: its head has the
+                    # same deadline as the first one's.
+                    self.head_timed = True
+                    self._arm(self.server.header_timeout, self._head_too_slow)
+                return
+            if end > _MAX_HEAD:
+                self._refuse(431, "request head over 64 KiB")
+                return
+            try:
+                method, path, query, version, headers = parse_head(bytes(buf[:end]))
+                length, chunked = self._framing(headers)
+            except HeadError as e:
+                self._refuse(e.status, str(e))
+                return
+            self._disarm()  # the head is in; the body has no deadline of its own
+            head = self.head = _Head(method, path, query, version, headers, length, chunked)
+            del buf[: end + 4]
+            if headers.get("expect", "").lower() == "100-continue":
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if head.chunked:
+            try:
+                body = self._dechunk(head)
+            except HeadError as e:
+                self._refuse(e.status, str(e))
+                return
+            if body is None:
+                return
+        else:
+            if len(buf) < head.length:
+                return
+            body = bytes(buf[: head.length])
+            del buf[: head.length]
+        self.head = None
+        self.http10 = head.version == "1.0"
+        request = Request(
+            head.method,
+            head.path,
+            head.query,
+            head.version,
+            head.headers,
+            body,
+            _wants_keep_alive(head.version, head.headers),
+        )
+        self.task = self.server.spawn(self._handle(request))
+
+    def _framing(self, headers: dict[str, str]) -> tuple[int, bool]:
+        """The body's length and whether it is chunked, from the head's fields."""
+        te = headers.get("transfer-encoding")
+        cl = headers.get("content-length")
+        if te is not None:
+            if cl is not None:
+                raise HeadError(400, "both Content-Length and Transfer-Encoding")
+            if te.strip().lower() != "chunked":
+                raise HeadError(400, "only the chunked transfer coding is accepted")
+            return 0, True
+        if cl is None:
+            return 0, False
+        values = {v.strip() for v in cl.split(",")}
+        if len(values) != 1:
+            raise HeadError(400, "conflicting Content-Length values")
+        value = values.pop()
+        if not value.isdigit() or len(value) > 18:
+            raise HeadError(400, "malformed Content-Length")
+        length = int(value)
+        if length > self.server.max_body:
+            raise HeadError(413, f"request body over {self.server.max_body} bytes")
+        return length, False
+
+    def _dechunk(self, head: _Head) -> bytes | None:
+        """Take the chunks that arrived off the buffer; the whole body once its last chunk
+        (and trailer) is in, else None. :class:`HeadError` if malformed or too large."""
+        buf = self.buf
+        while True:
+            if head.size >= 0:  # inside a chunk: its data, then CRLF
+                if len(buf) < head.size + 2:
+                    return None
+                if buf[head.size : head.size + 2] != b"\r\n":
+                    raise HeadError(400, "malformed chunk")
+                head.parts.append(bytes(buf[: head.size]))
+                del buf[: head.size + 2]
+                head.size = -1
+                continue
+            eol = buf.find(b"\r\n")
+            if eol < 0:
+                if len(buf) > 1024:
+                    raise HeadError(400, "malformed chunk size")
+                return None
+            if head.size == -2:  # after the last chunk: trailer fields until a blank line
+                del buf[: eol + 2]
+                if eol == 0:
+                    return b"".join(head.parts)
+                continue
+                # Between chunks: a size line (extensions ignored).
+            text = bytes(buf[:eol]).split(b";", 1)[0].strip(b" \t")
+            if not text or not set(text) <= _HEX:
+                raise HeadError(400, "malformed chunk size")
+            size = int(text, 16)
+            head.received += size
+            if head.received > self.server.max_body:
+                raise HeadError(413, f"request body over {self.server.max_body} bytes")
+            del buf[: eol + 2]
+            head.size = size if size else -2  # after the last chunk: trailer fields
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer a request that cannot be read, then read and drop what the client still
+        sends for a while (closing at once could reset the connection before the client
+        reads the answer)."""
+        body = self.server.error_body(status, message)
+        head = render_head(
+            status,
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Connection", "close"),
+            ],
+        )
+        self.server.count_refused(status)
+        self.write(head + body)
+        self.buf.clear()
+        self.lingering = True
+        self._arm(_LINGER, self.close)
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    # -- the handler --------------------------------------------------------------------
+    async def _handle(self, request: Request) -> None:
+        reply = Reply(self, request)
+        try:
+            await self.server.handler(request, reply)
+        except asyncio.CancelledError:
+            if not self.closed:
+                raise  # the server is stopping
+            return  # the client went away
+        except Exception as e:  # a bug in the handler: contained, logged
+            self.server.log.error("frontend handler failed", exc_info=e)
+            if not reply.started:
+                reply.keep_alive = False
+                reply.send(500, self.server.error_body(500, "internal error in the supervisor"))
+        finally:
+            self.task = None
+        if reply.streaming and not self.http10 and not self.closed:
+            self.write(b"0\r\n\r\n")
+        if not reply.started:  # a handler that answered nothing: the client is gone
+            self.close()
+            return
+        if not reply.keep_alive or self.closed:
+            self.close()
+            return
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        self.head_timed = False
+        self._arm(self.server.keepalive_timeout, self._idle_too_long)
+        self._next()
+
+    # -- writing ------------------------------------------------------------------------
+    def frame(self, data: bytes) -> bytes:
+        return data if self.http10 else b"%x\r\n%b\r\n" % (len(data), data)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def write_now(self, data: bytes) -> bool:
+        t = self.transport
+        if self.closed or t is None or t.is_closing():
+            return False
+        if t.get_write_buffer_size() > self.server.client_buffer:
+            return False
+        if data:
+            t.write(self.frame(data))
+        return True
+
+    async def write_waiting(self, data: bytes) -> None:
+        t = self.transport
+        if self.closed or t is None or t.is_closing():
+            raise ConnectionResetError("the client's connection is closed")
+        if data:
+            t.write(self.frame(data))
+        writable = self.writable
+        while writable is not None and not writable.is_set():
+            await writable.wait()
+        if self.closed:
+            raise ConnectionResetError("the client's connection is closed")
+
+    def close(self) -> None:
+        self._disarm()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class FrontendServer:
+    """Listens for clients and hands each request to ``handler``; owns every handler task
+    (:meth:`close` cancels and awaits what is left)."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        guard: ConnectionGuard,
+        *,
+        max_body: int,
+        header_timeout: float,
+        keepalive_timeout: float,
+        error_body: Callable[[int, str], bytes],
+        count_refused: Callable[[int], None] = lambda status: None,
+        client_buffer: int = 64 * 1024,
+    ) -> None:
+        self.handler, self.guard = handler, guard
+        self.max_body = max_body
+        self.header_timeout, self.keepalive_timeout = header_timeout, keepalive_timeout
+        self.error_body, self.count_refused = error_body, count_refused
+        self.client_buffer = client_buffer
+        self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self.log = logging.get(component="frontend")
+
+    async def listen(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def close(self) -> None:
+        """Stop listening, close every connection, and wait for the handlers to end."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait(list(self.tasks), timeout=5)
+        if self._server is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
