@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 
@@ -82,6 +82,7 @@ class Router:
         self.waiting = 0
         self.draining = False
         self._freed = anyio.Event()
+        self._gauges: dict[str, Any] = {}
 
     @property
     def migrations_waiting(self) -> int:
@@ -132,7 +133,7 @@ class Router:
             )
         n = self.inflight.get(target.engine_id, 0) + 1
         self.inflight[target.engine_id] = n
-        self.metrics.inflight.labels(target.engine_id).set(n)
+        self._gauge(target.engine_id).set(n)
         lease = Lease(target)
         self.leases.setdefault(target.engine_id, set()).add(lease)
         return lease
@@ -182,9 +183,18 @@ class Router:
         self.leases.get(eid, set()).discard(lease)
         n = max(0, self.inflight.get(eid, 0) - 1)
         self.inflight[eid] = n
-        self.metrics.inflight.labels(eid).set(n)
-        freed, self._freed = self._freed, anyio.Event()
-        freed.set()
+        self._gauge(eid).set(n)
+        if self.waiting:  # wake the waiters (an event nobody awaits need not be replaced)
+            freed, self._freed = self._freed, anyio.Event()
+            freed.set()
+
+    def _gauge(self, engine_id: str) -> Any:
+        # The per-engine in-flight gauge, looked up once per engine (labels() takes a lock
+        # and builds a tuple on every call; this runs twice per request).
+        child = self._gauges.get(engine_id)
+        if child is None:
+            child = self._gauges[engine_id] = self.metrics.inflight.labels(engine_id)
+        return child
 
     def engine_failed(self, engine_id: str) -> None:
         """Cancel every stream on a dead engine so each migrates at once."""
