@@ -10,9 +10,9 @@ OpenAI's error shape; nothing a client sends can crash the frontend.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -246,7 +246,7 @@ class Frontend:
         body = self._body(request, kind)
         rid = request.headers.get("x-request-id", "")
         if not _RID_OK.match(rid):
-            rid = uuid.uuid4().hex
+            rid = os.urandom(16).hex()  # as random as uuid4, for a fraction of its cost
         req = ClientRequest(kind, body)
         shape = ClientShape(
             kind,

@@ -40,7 +40,8 @@ _MAX_HEAD = 64 * 1024
 _MAX_FIELDS = 128
 _PIPELINE_LIMIT = 256 * 1024
 _LINGER = 5.0  # seconds an unwanted body is read and dropped after a 413/400
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_VISIBLE = bytes(range(0x21, 0x7F))
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 REASONS = {
     100: "Continue",
@@ -87,21 +88,22 @@ def parse_head(head: bytes) -> tuple[str, str, str, str, dict[str, str]]:
     line that ends it), or :class:`HeadError`."""
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or not parts[0] or not set(parts[0]) <= _TOKEN:
+    # (x.translate(None, allowed) keeps only the bytes not allowed: b"" when all are.)
+    if len(parts) != 3 or not parts[0] or parts[0].translate(None, _TOKEN):
         raise HeadError(400, "malformed request line")
     method, target, proto = parts
     if proto not in (b"HTTP/1.1", b"HTTP/1.0"):
         if proto.startswith(b"HTTP/"):
             raise HeadError(505, "only HTTP/1.1 and HTTP/1.0 are spoken here")
         raise HeadError(400, "malformed request line")
-    if not target.startswith(b"/") or any(c <= 0x20 or c == 0x7F for c in target):
+    if not target.startswith(b"/") or target.translate(None, _VISIBLE):
         raise HeadError(400, "malformed request target")
     if len(lines) > _MAX_FIELDS + 1:
         raise HeadError(431, f"more than {_MAX_FIELDS} header fields")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not name or not set(name) <= _TOKEN:
+        if not colon or not name or name.translate(None, _TOKEN):
             raise HeadError(400, "malformed header field")
         if b"\r" in value or b"\n" in value or b"\0" in value:
             raise HeadError(400, "malformed header field")
@@ -218,6 +220,9 @@ class _Connection(asyncio.Protocol):
         self.counted = False
         self.buf = bytearray()
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # when the timer fires (loop time)
+        self.deadline = 0.0
+        self.deadline_kind: str | None = None  # "head", "idle", "linger", or none
         self.task: asyncio.Task[None] | None = None
         self.reading_paused = False
         self.writable: asyncio.Event | None = None  # set while the client's buffer has room
@@ -241,7 +246,7 @@ class _Connection(asyncio.Protocol):
         self.guard.open += 1
         self.server.connections.add(self)
         t.set_write_buffer_limits(high=self.server.client_buffer)
-        self._arm(self.server.header_timeout, self._head_too_slow)
+        self._expect("head", self.server.header_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.closed or self.lingering:
@@ -282,25 +287,50 @@ class _Connection(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()  # the client went away: its request ends now
 
-    # -- timers -------------------------------------------------------------------------
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        self.timer = asyncio.get_running_loop().call_later(delay, callback)
+    # -- deadlines ----------------------------------------------------------------------
+    # One deadline at a time (the head's, the idle connection's, the linger's), kept by one
+    # timer that is moved only when a deadline comes sooner: a request on a kept-alive
+    # connection costs no timer of its own.
+    def _expect(self, kind: str | None, delay: float = 0.0) -> None:
+        self.deadline_kind = kind
+        if kind is None:
+            return
+        loop = asyncio.get_running_loop()
+        self.deadline = when = loop.time() + delay
+        if self.timer is None or self.timer_at > when:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.timer_at = loop.call_at(when, self._deadline_passed), when
+
+    def _deadline_passed(self) -> None:
+        self.timer = None
+        kind = self.deadline_kind
+        if kind is None or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.deadline:  # moved later since the timer was set
+            self.timer = loop.call_at(self.deadline, self._deadline_passed)
+            self.timer_at = self.deadline
+        elif kind == "head":
+            self._head_too_slow()
+        elif kind == "idle":
+            self._idle_too_long()
+        else:
+            self.close()
 
     def _disarm(self) -> None:
+        self.deadline_kind = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
     def _head_too_slow(self) -> None:
-        self.timer = None
         if not self.closed and self.task is None:
             self.guard.note("timeout")
             self.write(TIMED_OUT)
             self.close()
 
     def _idle_too_long(self) -> None:
-        self.timer = None
         if not self.closed and self.task is None and not self.buf:
             self.close()
 
@@ -319,7 +349,7 @@ class _Connection(asyncio.Protocol):
                     # A next request began on a kept-alive connection: its head has the
                     # same deadline as the first one's.
                     self.head_timed = True
-                    self._arm(self.server.header_timeout, self._head_too_slow)
+                    self._expect("head", self.server.header_timeout)
                 return
             if end > _MAX_HEAD:
                 self._refuse(431, "request head over 64 KiB")
@@ -330,7 +360,7 @@ class _Connection(asyncio.Protocol):
             except HeadError as e:
                 self._refuse(e.status, str(e))
                 return
-            self._disarm()  # the head is in; the body has no deadline of its own
+            self.deadline_kind = None  # the head is in; the body has no deadline of its own
             head = self.head = _Head(method, path, query, version, headers, length, chunked)
             del buf[: end + 4]
             if headers.get("expect", "").lower() == "100-continue":
@@ -436,7 +466,7 @@ class _Connection(asyncio.Protocol):
         self.write(head + body)
         self.buf.clear()
         self.lingering = True
-        self._arm(_LINGER, self.close)
+        self._expect("linger", _LINGER)
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
 
@@ -468,7 +498,7 @@ class _Connection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
         self.head_timed = False
-        self._arm(self.server.keepalive_timeout, self._idle_too_long)
+        self._expect("idle", self.server.keepalive_timeout)
         self._next()
 
     # -- writing ------------------------------------------------------------------------

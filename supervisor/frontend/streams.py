@@ -12,6 +12,7 @@ the slot's freshly woken shadow) takes it, up to ``migration_limit`` times.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import secrets
 import time
@@ -40,6 +41,9 @@ from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
 from supervisor.sessions import Sessions
 from supervisor.upstream import SseSplitter
+
+_PROCESS_TAG = secrets.token_hex(3)
+_ENGINE_SEQ = itertools.count(1)
 
 
 class UpstreamBroken(Exception):
@@ -239,8 +243,9 @@ class RequestRelay:
         self.budget = req.token_budget  # asked once: it is read at every token
         self.engine_req = req.for_engines()
         # Engine-side ids are unique even when clients reuse an X-Request-Id: an engine
-        # rejects a duplicate (SGLang) or an abort would hit both.
-        self.engine_rid = f"{rid}-{secrets.token_hex(4)}"
+        # rejects a duplicate (SGLang) or an abort would hit both. A random tag per
+        # process and a counter: unique across restarts, and no random bytes per request.
+        self.engine_rid = f"{rid}-{_PROCESS_TAG}{next(_ENGINE_SEQ):x}"
         self.stops = StopStrings(
             req.stop_strings, include_in_output=bool(req.body.get("include_stop_str_in_output"))
         )
