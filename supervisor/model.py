@@ -133,7 +133,6 @@ class ClientRequest:
 class Progress:
     """What the client has been sent so far, across all pieces of one request."""
 
-    text: str = ""
     token_ids: list[int] | None = field(default_factory=list)  # None: some ids were unknown
     prompt_token_ids: list[int] | None = None
     completion_tokens: int = 0
@@ -144,6 +143,21 @@ class Progress:
     # carry them (the survivor's parsers start from scratch), so their presence matters.
     reasoning: str = ""
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # The answer's text, kept as the pieces that came and joined when read: appending to
+    # one string copies all of it for every token (quadratic over a long answer).
+    _parts: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The answer's text so far."""
+        parts = self._parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return parts[0] if parts else ""
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._parts = [value] if value else []
 
     @property
     def structured(self) -> bool:
@@ -151,7 +165,8 @@ class Progress:
         return bool(self.reasoning or self.tool_calls)
 
     def add(self, piece: Piece) -> None:
-        self.text += piece.text
+        if piece.text:
+            self._parts.append(piece.text)
         if piece.delta:
             self._add_delta(piece.delta)
         n = len(piece.token_ids) if piece.token_ids is not None else piece.n_tokens

@@ -616,14 +616,18 @@ class RequestRelay:
         finish = piece.finish_reason
         if finish is None and self._budget_left() == 0:
             finish = "length"
-        match = self.stops.scan(self.progress.text, final=finish is not None)
-        if match.stop is not None:
-            finish, self.stop_reason = "stop", match.stop
-            self.progress.text = self.progress.text[: match.end]
+        if self.stops.stops:
+            match = self.stops.scan(self.progress.text, final=finish is not None)
+            if match.stop is not None:
+                finish, self.stop_reason = "stop", match.stop
+                self.progress.text = self.progress.text[: match.end]
+            text = self.progress.text[self.emitted : match.end]
+            self.emitted = max(self.emitted, match.end)
+        else:  # everything is sent as it comes: the client gets this piece's text
+            text = piece.text
+            self.emitted += len(text)
         if finish is not None:
             self.finish = finish
-        text = self.progress.text[self.emitted : match.end]
-        self.emitted = max(self.emitted, match.end)
         if self.emit is None or not (text or finish or piece.token_ids or piece.delta):
             return None
         failover = None
