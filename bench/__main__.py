@@ -48,7 +48,8 @@ async def run_all(quick: bool) -> dict[str, Any]:
         ("gpu faults", lambda: gpu.run(2 if quick else 5)),
         ("node load", lambda: node_load.run(300 if quick else 1000, 30, 0.2)),
         ("operations", lambda: operations.run(1 if quick else 3, 20)),
-        ("peers", lambda: peers.run(3, quick)),
+        # At full length even with --quick (about a minute): its ratios are the noisiest.
+        ("peers", lambda: peers.run(3, False)),
         ("cluster", lambda: cluster.main(argparse.Namespace(
             trials=trials, engines="100,1000,5000", seconds=3.0 if quick else 10.0))),
     ]  # fmt: skip

@@ -40,11 +40,15 @@ async def stream(
     model: str,
     tokens: int,
     gaps: list[float] | None = None,
+    ttfts: list[float] | None = None,
+    *,
+    ignore_eos: bool = False,
 ) -> int:
     """One streamed completion; returns the tokens it generated (from its usage: a chunk may
-    carry several tokens, e.g. the bytes of one character), appends client-side gaps
-    between chunks with text to ``gaps``."""
-    body = {
+    carry several tokens, e.g. the bytes of one character). Appends the client-side gaps
+    between chunks with text to ``gaps`` and the time to the first to ``ttfts``; a status
+    other than 200 is an ``aiohttp.ClientResponseError``."""
+    body: dict[str, Any] = {
         "model": model,
         "prompt": "the river",
         "max_tokens": tokens,
@@ -52,18 +56,27 @@ async def stream(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if ignore_eos:
+        body["ignore_eos"] = True
     n = 0
+    t0 = time.perf_counter()
     last = None
     async with session.post(url + "/v1/completions", json=body) as r:
-        assert r.status == 200, await r.text()
+        if r.status != 200:
+            raise aiohttp.ClientResponseError(
+                r.request_info, r.history, status=r.status, message=(await r.text())[:200]
+            )
         async for data in iter_sse_data(r):
             now = time.perf_counter()
             obj = json.loads(data)
             if obj.get("usage"):
                 n = int(obj["usage"]["completion_tokens"])
-            if not obj["choices"] or not obj["choices"][0].get("text"):
+            if not obj.get("choices") or not obj["choices"][0].get("text"):
                 continue
-            if gaps is not None and last is not None:
+            if last is None:
+                if ttfts is not None:
+                    ttfts.append(now - t0)
+            elif gaps is not None:
                 gaps.append(now - last)
             last = now
     return n

@@ -42,11 +42,10 @@ import aiohttp
 import anyio
 
 from bench.failover import pct
-from supervisor.flocklease import process_tree
-from supervisor.procfs import read_stat
+from bench.frontend import stream
+from supervisor.procfs import process_tree, read_stat
 from supervisor.testing.cluster import FAST_SIM_ARGS, free_port, sim_slot, start_supervisor
 from supervisor.testing.gpuledger import LEDGER_ENV
-from supervisor.upstream import iter_sse_data
 
 ROUTERS = {"vllm-router": "vllm-router==0.1.17", "sglang-router": "sglang-router==0.3.2"}
 ENGINES = {  # model (served name) -> simulator timing
@@ -180,37 +179,17 @@ class Tally:
 async def one_stream(
     session: aiohttp.ClientSession, url: str, model: str, tokens: int, t: Tally, keep: bool
 ) -> None:
-    body = {
-        "model": model,
-        "prompt": "the river",
-        "max_tokens": tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    last: float | None = None
-    n = 0
+    """One stream into the tally: its tokens, or an error (with ``keep``, its gaps too)."""
     try:
-        async with session.post(url + "/v1/completions", json=body) as r:
-            if r.status != 200:
-                t.errors += 1
-                await r.read()
-                return
-            async for data in iter_sse_data(r):
-                now = time.perf_counter()
-                obj = json.loads(data)
-                if obj.get("usage"):
-                    n = int(obj["usage"]["completion_tokens"])
-                if not obj.get("choices") or not obj["choices"][0].get("text"):
-                    continue
-                if keep:
-                    if last is None:
-                        t.ttfts.append(now - t0)
-                    else:
-                        t.gaps.append(now - last)
-                last = now
+        n = await stream(
+            session,
+            url,
+            model,
+            tokens,
+            t.gaps if keep else None,
+            t.ttfts if keep else None,
+            ignore_eos=True,
+        )
     except (aiohttp.ClientError, OSError, ValueError):
         t.errors += 1
         return

@@ -32,7 +32,7 @@ from typing import Protocol
 import anyio
 
 from supervisor.backends import BackendError
-from supervisor.procfs import all_processes
+from supervisor.procfs import process_tree
 
 
 class CudaState(StrEnum):
@@ -44,19 +44,6 @@ class CudaState(StrEnum):
 
 class CheckpointError(BackendError):
     pass
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants (read from /proc), parents before children."""
-    children: dict[int, list[int]] = {}
-    for p in all_processes():
-        children.setdefault(p.ppid, []).append(p.pid)
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop(0)
-        out.append(pid)
-        todo.extend(sorted(children.get(pid, ())))
-    return out
 
 
 def holds_cuda(pid: int) -> bool:

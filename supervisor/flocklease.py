@@ -20,9 +20,9 @@ import anyio
 
 from supervisor.backends import BackendError
 from supervisor.model import FLOCK
-from supervisor.procfs import all_processes
+from supervisor.procfs import process_tree
 
-__all__ = ["FLOCK", "LOCK_ENV", "FlockStandby", "lock_holders", "process_tree"]
+__all__ = ["FLOCK", "LOCK_ENV", "FlockStandby", "lock_holders"]
 LOCK_ENV = "FAILOVER_LOCK_PATH"
 
 
@@ -46,20 +46,6 @@ def lock_holders(path: Path) -> set[int]:
     return holders
 
 
-def process_tree(root_pid: int) -> set[int]:
-    """``root_pid`` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for proc in all_processes():
-        children.setdefault(proc.ppid, []).append(proc.pid)
-    out, todo = set(), [root_pid]
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.add(pid)
-            todo += children.get(pid, [])
-    return out
-
-
 class FlockStandby:
     """The suspend strategy for self-promoting shadows (``suspend = "flock"``)."""
 
@@ -70,7 +56,7 @@ class FlockStandby:
         self.poll = poll
 
     def holds_lock(self, root_pid: int) -> bool:
-        return bool(lock_holders(self.lock_path) & process_tree(root_pid))
+        return bool(lock_holders(self.lock_path) & set(process_tree(root_pid)))
 
     async def suspend(self, root_pid: int) -> list[int]:
         """Nothing to do: the shadow parks itself on the lock. It must not hold it."""
@@ -86,7 +72,7 @@ class FlockStandby:
         caller bounds the wait and then waits for the engine to answer as ready."""
         while True:
             holders = await anyio.to_thread.run_sync(lock_holders, self.lock_path)
-            mine = holders & await anyio.to_thread.run_sync(process_tree, root_pid)
+            mine = holders & set(await anyio.to_thread.run_sync(process_tree, root_pid))
             if mine:
                 return sorted(mine)
             await anyio.sleep(self.poll)

@@ -49,3 +49,19 @@ def all_processes() -> Iterator[ProcStat]:
             st = read_stat(int(entry.name))
             if st is not None:
                 yield st
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (read from /proc), parents before children."""
+    children: dict[int, list[int]] = {}
+    for proc in all_processes():
+        children.setdefault(proc.ppid, []).append(proc.pid)
+    out, todo, seen = [], [root], set()
+    while todo:
+        pid = todo.pop(0)
+        if pid in seen:  # a pid reused while /proc was read could make a cycle
+            continue
+        seen.add(pid)
+        out.append(pid)
+        todo.extend(sorted(children.get(pid, ())))
+    return out

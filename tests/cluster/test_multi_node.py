@@ -195,19 +195,32 @@ async def test_nats_restart_causes_no_failover(
     assert "peer confirmed dead" not in (a.logs() + b.logs())
 
 
+async def nats_link_fails(a: Node, b: Node, *, half_open: bool) -> None:
+    """node-a's NATS link is cut (or goes half-open), until node-b suspects node-a."""
+    assert a.nats_link is not None
+    if half_open:
+        a.nats_link.black_hole()
+    else:
+        a.nats_link.cut()
+    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "suspect", what="node-a suspect")
+
+
+async def nats_link_heals(a: Node, b: Node) -> None:
+    assert a.nats_link is not None
+    a.nats_link.heal()
+    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="heard again")
+
+
 async def test_partition_from_nats_only_makes_suspect_not_dead(
     make_node: Callable[[str], Node],
 ) -> None:
     a, b = await active_and_pooled_shadow(make_node)
-    assert a.nats_link is not None
-    a.nats_link.cut()
-    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "suspect", what="node-a suspect")
+    await nats_link_fails(a, b, half_open=False)
     await anyio.sleep(1.5)
     st = await b.status()
     assert st["cluster"]["peers"]["node-a"] == "suspect"  # its lease and admin API say alive
     assert slot_record(st, "chat")["epoch"] == 1
-    a.nats_link.heal()
-    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="heard again")
+    await nats_link_heals(a, b)
 
 
 async def test_partition_from_etcd_no_split_brain_and_rejoin(
@@ -605,16 +618,13 @@ async def test_a_half_open_nats_link_makes_its_own_node_suspect_nobody(
     is its own and suspects nobody; node-b suspects node-a, but its lease lives: nothing
     moves."""
     a, b = await active_and_pooled_shadow(make_node)
-    assert a.nats_link is not None
-    a.nats_link.black_hole()
-    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "suspect", what="suspect")
+    await nats_link_fails(a, b, half_open=True)
     await anyio.sleep(1.0)
     st = await a.status()
     assert st["cluster"]["peers"].get("node-b") == "alive", st["cluster"]
     assert "our own beats do not come back" in a.logs()
     assert slot_record(await b.status(), "chat")["epoch"] == 1
-    a.nats_link.heal()
-    await b.wait(lambda s: s["cluster"]["peers"].get("node-a") == "alive", what="heard again")
+    await nats_link_heals(a, b)
 
 
 async def test_demote_under_a_one_way_link_keeps_one_active(

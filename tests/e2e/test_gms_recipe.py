@@ -16,7 +16,8 @@ import aiohttp
 import anyio
 import pytest
 
-from supervisor.flocklease import lock_holders, process_tree
+from supervisor.flocklease import lock_holders
+from supervisor.procfs import process_tree
 from supervisor.testing.cluster import SupervisorProcess, sim_slot, start_supervisor
 from supervisor.upstream import iter_sse_data
 
@@ -107,7 +108,7 @@ async def test_a_shadow_on_the_failover_lock_promotes_itself_and_is_never_woken(
         shadow = next(e for e in st["engines"] if e["state"] == "sleeping")
         assert "parked on the failover lock" in shadow["reason"]
         # The kernel's word: the active engine, and only it, holds the lock.
-        assert lock_holders(lock) and lock_holders(lock) <= process_tree(active["pid"])
+        assert lock_holders(lock) and lock_holders(lock) <= set(process_tree(active["pid"]))
         # SIGKILL the primary's group mid-stream: the lock is released, the shadow takes it.
         unbroken = await stream_through_kill(session, sup, None)
         assert await stream_through_kill(session, sup, active["pid"]) == unbroken
@@ -118,9 +119,9 @@ async def test_a_shadow_on_the_failover_lock_promotes_itself_and_is_never_woken(
         assert f"{shadow['id']} took the failover lock and is promoting itself" in sup.logs()
         # At most one engine serves: the lock's holder is the active engine; the new shadow
         # is parked on it.
-        assert lock_holders(lock) <= process_tree(shadow["pid"])
+        assert lock_holders(lock) <= set(process_tree(shadow["pid"]))
         new_shadow = next(e for e in st["engines"] if e["state"] == "sleeping")
         assert "parked on the failover lock" in new_shadow["reason"]
-        assert not lock_holders(lock) & process_tree(new_shadow["pid"])
+        assert not lock_holders(lock) & set(process_tree(new_shadow["pid"]))
     finally:
         assert await anyio.to_thread.run_sync(sup.stop) == 0, sup.logs()[-3000:]

@@ -4,9 +4,8 @@ import subprocess
 import sys
 import time
 
-from plugins.cuda_checkpoint import process_tree
 from supervisor.engines import group_members
-from supervisor.procfs import read_stat
+from supervisor.procfs import process_tree, read_stat
 
 # A parent in its own session that starts a child and waits.
 TREE = (
