@@ -75,6 +75,12 @@ class DaemonDirectory:
             local |= self.sup.cluster.models()
         return sorted(local)
 
+    def has_model(self, model: str) -> bool:
+        if any(s.model_name == model and s.serve_requests for s in self.sup.cfg.slots):
+            return True
+        cluster = self.sup.cluster
+        return cluster is not None and model in cluster.models()
+
     def candidates(self, model: str) -> list[Target]:
         out = []
         cluster = self.sup.cluster

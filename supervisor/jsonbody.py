@@ -47,6 +47,8 @@ def parse(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         if "depth" in msg or "recursion" in msg:
             raise BadJson(f"request body nests deeper than {max_depth} levels") from e
         raise BadJson(f"request body is not valid JSON: {msg}") from e
-    if depth_over(value, max_depth):
+    # Nesting needs an opening bracket per level: with few in the whole text (the usual
+    # case, token-id prompts included) the value need not be walked.
+    if raw.count(b"[") + raw.count(b"{") > max_depth and depth_over(value, max_depth):
         raise BadJson(f"request body nests deeper than {max_depth} levels")
     return value

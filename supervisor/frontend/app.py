@@ -198,7 +198,7 @@ class Frontend:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' (a string) is required", param="model")
-        if model not in self.directory.models():
+        if not self.directory.has_model(model):
             if not self.ready:  # another node's model may not be known yet
                 raise BadRequest(
                     "the supervisor is starting; retry shortly", status=503, code="unavailable"

@@ -37,6 +37,10 @@ class EngineDirectory(Protocol):
 
     def models(self) -> list[str]: ...
 
+    def has_model(self, model: str) -> bool:
+        """Whether ``model`` is one of :meth:`models` (asked for every request)."""
+        ...
+
     def candidates(self, model: str) -> list[Target]:
         """Ready active engines serving ``model``."""
         ...

@@ -215,6 +215,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: FrontendServer) -> None:
         self.server = server
+        self.loop = server.loop
         self.guard = server.guard
         self.transport: asyncio.Transport | None = None
         self.counted = False
@@ -295,7 +296,7 @@ class _Connection(asyncio.Protocol):
         self.deadline_kind = kind
         if kind is None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         self.deadline = when = loop.time() + delay
         if self.timer is None or self.timer_at > when:
             if self.timer is not None:
@@ -307,7 +308,7 @@ class _Connection(asyncio.Protocol):
         kind = self.deadline_kind
         if kind is None or self.closed:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         if loop.time() < self.deadline:  # moved later since the timer was set
             self.timer = loop.call_at(self.deadline, self._deadline_passed)
             self.timer_at = self.deadline
@@ -561,18 +562,22 @@ class FrontendServer:
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.port = 0
+        # Set by listen() and kept: asyncio.get_running_loop() makes a getpid() system
+        # call on Python 3.11, and deadlines and tasks need the loop on every request.
+        self.loop: asyncio.AbstractEventLoop
         self._server: asyncio.AbstractServer | None = None
         self.log = logging.get(component="frontend")
 
     async def listen(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
+        self.loop = loop
         self._server = await loop.create_server(
             lambda: _Connection(self), host, port, reuse_address=True
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self.loop.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task

@@ -37,6 +37,9 @@ class Directory:
     def models(self) -> list[str]:
         return ["sim-model"]
 
+    def has_model(self, model: str) -> bool:
+        return model == "sim-model"
+
     def candidates(self, model: str) -> list[Target]:
         return list(self.targets)
 
