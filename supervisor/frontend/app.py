@@ -105,8 +105,7 @@ class Frontend:
         self.directory, self.metrics, self.sessions = directory, metrics, sessions
         self.router = Router(self.fcfg, directory, metrics)
         self.active = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._idle: anyio.Event | None = None  # made by drain(), set when the last one leaves
         self.ready = False
         self.log = logging.get(component="frontend")
         self._counters: dict[tuple[str, int], Any] = {}
@@ -371,11 +370,10 @@ class Frontend:
 
     def _enter(self) -> None:
         self.active += 1
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
 
     def _leave(self) -> None:
         self.active -= 1
-        if self.active == 0:
+        if self.active == 0 and self._idle is not None:
             self._idle.set()
 
     async def drain(self) -> None:
@@ -383,7 +381,9 @@ class Frontend:
         self.router.draining = True
         self.log.info("draining", inflight=self.active, timeout=self.fcfg.drain_timeout)
         with anyio.move_on_after(self.fcfg.drain_timeout):
-            await self._idle.wait()
+            if self.active:
+                self._idle = anyio.Event()
+                await self._idle.wait()
         if self.active:
             self.log.warning("drain timeout: requests still in flight", inflight=self.active)
 

@@ -9,6 +9,7 @@ a timeout, or a drain means 503 with Retry-After, never a hang.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from collections.abc import Set as AbstractSet
@@ -65,13 +66,23 @@ class Rejected(Exception):
 
 @dataclass(eq=False)  # compared and hashed by identity: each lease is one request's
 class Lease:
-    """One request's hold on an engine; cancelled if the engine is declared dead."""
+    """One request's hold on an engine; cancelled if the engine is declared dead (or the
+    request is moved off it, or its stream stalls): the flags say why."""
 
     target: Target
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     engine_failed: bool = False
     moved: bool = False  # a planned move took the request off a healthy engine
     may_return: bool = False  # ... that may serve it again (it only stopped for a while)
+    cancelled: bool = False
+    # The deadline of the relay's wait on this engine, while it waits (an asyncio
+    # Timeout costs a fraction of a cancel scope, and a request enters one).
+    waiting: asyncio.Timeout | None = field(default=None, repr=False)
+
+    def cancel(self) -> None:
+        """End the relay's wait on this engine now (or as soon as it starts waiting)."""
+        self.cancelled = True
+        if self.waiting is not None and not self.waiting.expired():
+            self.waiting.reschedule(-1.0)  # in the past: the wait ends at once
 
 
 class Router:
@@ -204,7 +215,7 @@ class Router:
         """Cancel every stream on a dead engine so each migrates at once."""
         for lease in list(self.leases.get(engine_id, ())):
             lease.engine_failed = True
-            lease.scope.cancel()
+            lease.cancel()
 
     def move_off(self, engine_id: str, *, may_return: bool = False) -> int:
         """A planned move (switchover, rollout, a drain past its limit): every stream on
@@ -215,7 +226,7 @@ class Router:
         leases = list(self.leases.get(engine_id, ()))
         for lease in leases:
             lease.moved, lease.may_return = True, may_return
-            lease.scope.cancel()
+            lease.cancel()
         return len(leases)
 
     def streams_on(self, engine_id: str) -> int:

@@ -419,16 +419,24 @@ class RequestRelay:
         self.last_event = time.monotonic()
         self.stalled = False
         self.stalled_reason = ""
-        with lease.scope:
-            # One watchdog per stream, not a deadline per event: the hot path stays lean.
-            # A timer, not a task: a request costs no task (and no task group) beyond its own.
-            step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
-            try:
+        # One watchdog per stream, not a deadline per event: the hot path stays lean.
+        # A timer, not a task: a request costs no task (and no task group) beyond its own.
+        step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
+        waiting = asyncio.timeout(None)  # ended early by lease.cancel()
+        try:
+            async with waiting:
+                lease.waiting = waiting
+                if lease.cancelled:  # before the wait began
+                    waiting.reschedule(-1.0)
                 await self._read(lease, up, decoder)
-            finally:
-                self._timer.cancel()
+        except TimeoutError:
+            if not waiting.expired():
+                raise
+        finally:
+            lease.waiting = None
+            self._timer.cancel()
         if self.finish is not None:
             return
         if self.client_slow:
@@ -568,12 +576,12 @@ class RequestRelay:
         now = time.monotonic()
         if self.finish is not None:
             if now - self.finished_at > 1.0:  # waited long enough for the usage chunk
-                lease.scope.cancel()
+                lease.cancel()
                 return
         elif self.writing_since is not None:
             if now - self.writing_since > self.cfg.client_write_timeout:
                 self.client_slow = True
-                lease.scope.cancel()
+                lease.cancel()
                 return
         else:
             first = self.progress.completion_tokens == self.sent_before_attempt
@@ -582,7 +590,7 @@ class RequestRelay:
                 self.stalled = True
                 what = "first token" if first else "token"
                 self.stalled_reason = f"no {what} for {limit:g}s (stalled)"
-                lease.scope.cancel()
+                lease.cancel()
                 return
         self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
 

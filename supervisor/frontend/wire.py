@@ -340,9 +340,16 @@ class EnginePool:
                 if conn.received_any:
                     raise
                 conn.close()  # closed by the engine while idle: try once on a new one
+            except BaseException:  # cancelled while waiting: the request is abandoned
+                conn.close()
+                raise
         conn = await self._open(key)
         conn.send(path, headers, body)
-        await conn.head()
+        try:
+            await conn.head()
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def _reused(self, key: tuple[str, int]) -> EngineConnection | None:
