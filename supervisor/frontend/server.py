@@ -132,10 +132,14 @@ class Reply:
     stream, :meth:`write` (waits while the client's buffer is full) or :meth:`write_now`
     (writes only if it can at once), and let the handler's return end it."""
 
-    __slots__ = ("_conn", "_head_only", "keep_alive", "sent", "status", "streaming")
+    __slots__ = ("_conn", "_head_only", "keep_alive", "sent", "status", "streaming", "write_now")
 
     def __init__(self, conn: _Connection, request: Request) -> None:
         self._conn = conn
+        # write_now(data) -> bool: write a chunk if the client's buffer has room now; False
+        # if it has not (or the client is gone), and the caller waits on write() instead.
+        # The connection's own method: it runs once per upstream read.
+        self.write_now: Callable[[bytes], bool] = conn.write_now
         self._head_only = request.method == "HEAD"
         self.keep_alive = request.keep_alive
         self.status = 0
@@ -179,11 +183,6 @@ class Reply:
             if not self.keep_alive:
                 fields.append(("Connection", "close"))
         self._conn.write(render_head(status, fields) + (self._conn.frame(first) if first else b""))
-
-    def write_now(self, data: bytes) -> bool:
-        """Write a chunk if the client's buffer has room now; False if it has not (or the
-        client is gone), and the caller waits on :meth:`write` instead."""
-        return self._conn.write_now(data)
 
     async def write(self, data: bytes) -> None:
         """Write a chunk, then wait while the client's buffer is over the limit;
@@ -517,7 +516,7 @@ class _Connection(asyncio.Protocol):
         if t.get_write_buffer_size() > self.server.client_buffer:
             return False
         if data:
-            t.write(self.frame(data))
+            t.write(data if self.http10 else b"%x\r\n%b\r\n" % (len(data), data))
         return True
 
     async def write_waiting(self, data: bytes) -> None:

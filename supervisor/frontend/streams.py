@@ -150,7 +150,9 @@ class ClientShape:
             choice["stop_reason"] = stop
         if self.with_ids and piece.token_ids is not None:
             choice["token_ids"] = piece.token_ids
-        return self._chunk(choice, **({"failover": failover} if failover else {}))
+        if failover:
+            return self._chunk(choice, failover=failover)
+        return self._chunk(choice)
 
     def usage_chunk(self, usage: dict[str, int]) -> bytes:
         obj = {
