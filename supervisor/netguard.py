@@ -2,14 +2,17 @@
 
 aiohttp reads request heads with no deadline of its own, so a client sending a header a
 byte a second (slowloris) holds a descriptor forever; enough of them exhaust the open-file
-limit and then every accept fails. :class:`GuardedSite` wraps aiohttp's protocol with
-:class:`_Guarded`, which
+limit and then every accept fails. :class:`GuardedSite` wraps aiohttp's protocol (the admin
+API's) with :class:`_Guarded`, which
 
 - refuses a connection over ``max_connections`` with a complete ``503`` and closes it, so
   the process never runs out of descriptors (its own probes and engine links need some);
 - closes a connection whose first request head is not complete ``header_timeout`` seconds
   after it was accepted (``408``). Later requests on a kept-alive connection are bounded by
   aiohttp's keep-alive timeout.
+
+The frontend's own server (:mod:`supervisor.frontend.server`) keeps the same limits with a
+:class:`ConnectionGuard` of its own.
 """
 
 from __future__ import annotations

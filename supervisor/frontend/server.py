@@ -166,6 +166,8 @@ class Reply:
             fields.extend(headers)
         if not self.keep_alive:
             fields.append(("Connection", "close"))
+        elif self._conn.http10:
+            fields.append(("Connection", "keep-alive"))  # HTTP/1.0 closes unless told
         head = render_head(status, fields)
         self._conn.write(head if self._head_only else head + body)
 

@@ -405,14 +405,6 @@ class RequestRelay:
         self.log.error(f"backend {hook} hook raised", error=repr(e), exc_info=e)
         return MigrationFailed(f"the {backend.name} backend's {hook} failed: {e!r}")
 
-    def _feed(self, backend: Backend, decoder: StreamDecoder, data: bytes) -> Piece | None:
-        try:
-            return decoder.feed(data)
-        except BackendError:
-            raise
-        except Exception as e:
-            raise self._plugin_bug(backend, "decoder", e) from e
-
     async def _piece(self, lease: Lease, up: UpstreamRequest) -> None:
         try:
             decoder = lease.target.backend.decoder(up)
@@ -545,7 +537,12 @@ class RequestRelay:
                 if self._usage_from(decoder, data):
                     return True
                 continue
-            piece = self._feed(backend, decoder, data)
+            try:  # (inline, not a call: this runs for every event)
+                piece = decoder.feed(data)
+            except BackendError:
+                raise
+            except Exception as e:
+                raise self._plugin_bug(backend, "decoder", e) from e
             if piece is None:
                 continue
             rendered = self._on_piece(piece)

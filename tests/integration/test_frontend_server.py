@@ -176,6 +176,16 @@ async def test_http10_streams_end_with_the_connection_and_head_has_no_body() -> 
     assert head.endswith(b"\r\n\r\n") and b"Content-Length: " in head
 
 
+async def test_an_http10_client_asking_keep_alive_is_told_so() -> None:
+    async with serving() as (server, _):
+        got = await exchange(
+            server.port,
+            b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n",
+        )
+    first, second = got.split(b"HTTP/1.1 200 OK")[1:]
+    assert b"Connection: keep-alive" in first and b"Connection: close" in second
+
+
 async def test_a_stream_is_chunked_and_ends_with_the_last_chunk() -> None:
     async with (
         serving() as (server, _),
