@@ -446,7 +446,33 @@ def markdown(r: dict[str, Any]) -> str:
         f"Routers: {', '.join(v for v in r['routers'].values() if not v.startswith('skipped'))}"
         f". Failovers in the frontend during the run: {r.get('frontend_failovers', '?')}."
     )
+    versus = against_cheapest_router(r)
+    if versus:
+        rows.append("")
+        rows.append(
+            "The frontend's CPU over the cheaper router's, measure by measure: per token at "
+            f"ITL 0, 4 / 16 streams {versus['itl0_4']:.2f}x / {versus['itl0_16']:.2f}x; "
+            f"at ITL 10 ms {versus['itl10_64']:.2f}x; per non-streaming request "
+            f"{versus['nonstream']:.2f}x (below 1: the frontend spends less)."
+        )
     return "\n".join(rows) + "\n"
+
+
+def against_cheapest_router(r: dict[str, Any]) -> dict[str, float]:
+    """The frontend's CPU over the cheapest router's, per measure (empty without routers)."""
+    paths = r["paths"]
+    routers = [n for n in paths if n not in ("direct", "frontend")]
+    if "frontend" not in paths or not routers:
+        return {}
+
+    def cpu(name: str, measure: str) -> float:
+        x = paths[name][measure]
+        return float(x["cpu_us_per_request" if measure == "nonstream" else "cpu_us_per_token"])
+
+    return {
+        m: cpu("frontend", m) / max(min(cpu(n, m) for n in routers), 1e-9)
+        for m in ("itl0_4", "itl0_16", "itl10_64", "nonstream")
+    }
 
 
 def plot(r: dict[str, Any], path: Path) -> Path:

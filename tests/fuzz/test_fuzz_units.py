@@ -1,5 +1,6 @@
-"""Fuzzing (hypothesis) of what reads untrusted input without a server: config files and
-engines' stream events. Anything may come in; only our own errors may come out."""
+"""Fuzzing (hypothesis) of what reads untrusted input without a server: config files,
+engines' stream events and clients' request heads. Anything may come in; only our own
+errors may come out."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 
 from supervisor.backends import BackendError, load_backend
 from supervisor.config import ConfigError, load, parse
+from supervisor.frontend.server import HeadError, parse_head
 from supervisor.model import UpstreamRequest
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -145,3 +147,36 @@ def test_engine_garbage_is_a_backend_error_never_a_crash(
             decoder.feed(data)
         except BackendError:
             return  # MalformedStream / EngineReportedError: handled as an engine failure
+
+
+# -- the frontend's request heads -----------------------------------------------------------
+head_lines = st.lists(
+    st.one_of(
+        st.binary(max_size=40),
+        st.sampled_from(
+            [b"Host: x", b"Content-Length: 3", b"Transfer-Encoding: chunked", b"X: \xff\xfe"]
+        ),
+    ),
+    max_size=6,
+)
+request_lines = st.one_of(
+    st.binary(max_size=60),
+    st.builds(
+        lambda m, t, v: b" ".join([m, t, v]),
+        st.sampled_from([b"GET", b"POST", b"", b"G\x00T", b"HEAD"]),
+        st.one_of(st.just(b"/v1/completions?x=1"), st.binary(max_size=20)),
+        st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"HTTP/1.1\x00", b""]),
+    ),
+)
+
+
+@FAST
+@given(request_lines, head_lines)
+def test_any_request_head_parses_or_says_why(first: bytes, fields: list[bytes]) -> None:
+    try:
+        method, path, _, version, headers = parse_head(b"\r\n".join([first, *fields]))
+    except HeadError as e:
+        assert e.status in (400, 431, 505) and str(e)
+        return
+    assert method and path.startswith("/") and version in ("1.0", "1.1")
+    assert all(k == k.lower() for k in headers)
