@@ -67,6 +67,7 @@ class DaemonDirectory:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self._changed = anyio.Event()
+        self._served: tuple[object, set[str]] = (None, set())
 
     def models(self) -> list[str]:
         # From the config: known before the slots' engines have started.
@@ -76,7 +77,10 @@ class DaemonDirectory:
         return sorted(local)
 
     def has_model(self, model: str) -> bool:
-        if any(s.model_name == model and s.serve_requests for s in self.sup.cfg.slots):
+        cfg = self.sup.cfg
+        if self._served[0] is not cfg:  # the local models, again after a reload
+            self._served = (cfg, {s.model_name for s in cfg.slots if s.serve_requests})
+        if model in self._served[1]:
             return True
         cluster = self.sup.cluster
         return cluster is not None and model in cluster.models()

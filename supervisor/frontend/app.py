@@ -244,7 +244,7 @@ class Frontend:
             return self._unavailable(reply, "the supervisor is shutting down")
         body = self._body(request, kind)
         rid = request.headers.get("x-request-id", "")
-        if not _RID_OK.match(rid):
+        if not rid or not _RID_OK.match(rid):
             rid = os.urandom(16).hex()  # as random as uuid4, for a fraction of its cost
         req = ClientRequest(kind, body)
         shape = ClientShape(

@@ -405,10 +405,12 @@ class _Connection(asyncio.Protocol):
             return 0, True
         if cl is None:
             return 0, False
-        values = {v.strip() for v in cl.split(",")}
-        if len(values) != 1:
-            raise HeadError(400, "conflicting Content-Length values")
-        value = values.pop()
+        value = cl.strip()
+        if "," in value:  # repeated fields, joined: all must say the same
+            values = {v.strip() for v in cl.split(",")}
+            if len(values) != 1:
+                raise HeadError(400, "conflicting Content-Length values")
+            value = values.pop()
         if not value.isdigit() or len(value) > 18:
             raise HeadError(400, "malformed Content-Length")
         length = int(value)

@@ -195,6 +195,8 @@ class EngineConnection(asyncio.Protocol):
             name, sep, value = line.partition(":")
             if not sep:
                 raise EngineProtocolError(f"not a header line: {line[:80]!r}")
+            if name[:1] not in "tTcC":  # none of the three fields read here: skip it
+                continue
             name, value = name.strip().lower(), value.strip()
             if name == "transfer-encoding":
                 self._chunked = value.lower().endswith("chunked")
