@@ -187,6 +187,52 @@ def raw_request(host: str, port: int, body: dict[str, Any], path: str = "/v1/com
     ).encode() + data
 
 
+async def test_pipelined_chunked_and_http10_requests_get_whole_answers(node: Any) -> None:
+    # Three requests written at once on one connection (the second with a chunked body):
+    # three answers, in order; then an HTTP/1.0 stream, unframed, ended by the close.
+    n = await node(sim_slot("s", sim_args=FAST_SIM_ARGS))
+    host, port = n.url.removeprefix("http://").split(":")
+    body = {"model": "sim-model", "prompt": "the river", "max_tokens": 5, "temperature": 0}
+    data = json.dumps(body).encode()
+    chunked = (
+        (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+            f"Content-Type: application/json\r\n\r\n{len(data) - 10:x}\r\n"
+        ).encode()
+        + data[:-10]
+        + b"\r\n"
+        + f"{10:x}\r\n".encode()
+        + data[-10:]
+        + b"\r\n0\r\n\r\n"
+    )
+    last = raw_request(host, int(port), body).replace(
+        b"Content-Type", b"Connection: close\r\nContent-Type"
+    )
+    wire = raw_request(host, int(port), body) + chunked + last
+
+    def exchange(payload: bytes) -> bytes:
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(payload)
+            got = b""
+            while part := sock.recv(65536):
+                got += part
+            return got
+
+    got = await anyio.to_thread.run_sync(exchange, wire)
+    answers = got.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 3, got[:500]
+    texts = {json.loads(a.split(b"\r\n\r\n", 1)[1])["choices"][0]["text"] for a in answers}
+    assert all(a.startswith(b"200 OK") for a in answers) and len(texts) == 1
+    stream = json.dumps({**body, "stream": True}).encode()
+    http10 = (
+        f"POST /v1/completions HTTP/1.0\r\nContent-Length: {len(stream)}\r\n\r\n"
+    ).encode() + stream
+    got = await anyio.to_thread.run_sync(exchange, http10)
+    head, _, rest = got.partition(b"\r\n\r\n")
+    assert b"200 OK" in head and b"Transfer-Encoding" not in head
+    assert rest.endswith(b"data: [DONE]\n\n") and rest.count(b"data: {") >= 5
+
+
 async def test_a_client_that_stops_reading_is_its_own_problem(node: Any) -> None:
     # A client that stops reading a fast stream used to stall the relay until the stall
     # timer (which counted time blocked on the client) declared the healthy engine dead.
