@@ -137,9 +137,20 @@ class EngineConnection(asyncio.Protocol):
         await self._end_fut
 
     async def read_all(self, limit: int = 64 * 1024) -> bytes:
-        """The whole body (for an error answer); at most ``limit`` bytes are kept."""
+        """The body's first ``limit`` bytes (for an error answer), once it has all come;
+        the rest is read and dropped, never held."""
+        kept: list[bytes] = []
+        room = limit
+
+        def keep(part: bytes) -> None:
+            nonlocal room
+            if room > 0:
+                kept.append(part[:room])
+                room -= len(kept[-1])
+
+        self.set_sink(keep)
         await self.ended()
-        return b"".join(self._held)[:limit]
+        return b"".join(kept)
 
     def set_sink(self, sink: Sink) -> None:
         """Body bytes from now on go to ``sink`` (those that came before, at once)."""

@@ -156,6 +156,27 @@ async def test_chunked_framing_split_anywhere_gives_the_same_body() -> None:
         server.close()
 
 
+async def test_a_large_error_body_is_read_to_its_end_but_only_its_start_kept() -> None:
+    big = b"e" * (4 * 1024 * 1024)
+    server, url = await serve(
+        answering(
+            b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%b" % (len(big), big),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        )
+    )
+    pool = EnginePool()
+    try:
+        conn = await pool.request(url, "/x", {}, b"{}")
+        assert await conn.read_all(2000) == big[:2000]
+        pool.release(conn)
+        conn = await pool.request(url, "/x", {}, b"{}")  # the same connection, read whole
+        assert pool.opened == 1 and await conn.read_all() == b"ok"
+        pool.release(conn)
+    finally:
+        pool.close()
+        server.close()
+
+
 async def test_content_length_and_connection_close_framing() -> None:
     server, url = await serve(
         answering(
