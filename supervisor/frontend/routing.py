@@ -229,10 +229,6 @@ class Router:
             lease.cancel()
         return len(leases)
 
-    def streams_on(self, engine_id: str) -> int:
-        """Requests the engine serves for this frontend now."""
-        return len(self.leases.get(engine_id, ()))
-
     @contextmanager
     def held(self, lease: Lease) -> Iterator[Lease]:
         try:
