@@ -283,8 +283,6 @@ class TextlessTokens:
 
     def admit(self, piece: Piece) -> Piece | None:
         """The piece to pass on (joined with the tokens held before it), or None: held."""
-        if not self.held and (piece.text or piece.finish_reason or piece.delta):
-            return piece  # the common case, decided without the properties' calls
         if piece.has_tokens and not piece.shows_something:
             self.held.append(piece)
             return None

@@ -81,6 +81,24 @@ class ConnectionGuard:
         self._unlogged = 0
         self.log = logging.get(component=name)
 
+    def admit(self, transport: asyncio.Transport) -> bool:
+        """Count a new connection in; over the cap, answer it a complete 503, close it and
+        say False."""
+        if self.open >= self.max_connections:
+            transport.write(REFUSED)
+            transport.close()
+            self.note("refused")
+            return False
+        self.open += 1
+        return True
+
+    def time_out(self, transport: asyncio.Transport) -> None:
+        """A connection sent no whole request head in time: 408, and it is closed."""
+        if not transport.is_closing():
+            self.note("timeout")
+            transport.write(TIMED_OUT)
+            transport.close()
+
     def note(self, what: str) -> None:
         if what == "refused":
             self.refused += 1
@@ -116,23 +134,17 @@ class _Guarded(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is one without subclassing asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
-        if self.guard.open >= self.guard.max_connections:
-            self.transport.write(REFUSED)
-            self.transport.close()
-            self.guard.note("refused")
+        if not self.guard.admit(self.transport):
             return
         self.counted = True
-        self.guard.open += 1
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(self.guard.header_timeout, self._head_too_slow)
         self.inner.connection_made(transport)
 
     def _head_too_slow(self) -> None:
         self.timer = None
-        if self.transport is not None and not self.transport.is_closing():
-            self.guard.note("timeout")
-            self.transport.write(TIMED_OUT)
-            self.transport.close()
+        if self.transport is not None:
+            self.guard.time_out(self.transport)
 
     def data_received(self, data: bytes) -> None:
         if not self.counted:

@@ -325,7 +325,8 @@ class Frontend:
             outcome = f"error: {type(e).__name__}"
             self.log.error("request failed inside the supervisor", request_id=rid, exc_info=e)
             if not reply.started:
-                return reply.send(500, error_body(500, "internal error in the supervisor"))
+                message = "internal error in the supervisor; see its log"
+                return reply.send(500, error_body(500, message))
             return await self._stream_error(reply, 500, "internal error in the supervisor")
         finally:
             self._leave()

@@ -81,6 +81,16 @@ class Lease:
     def cancel(self) -> None:
         """End the relay's wait on this engine now (or as soon as it starts waiting)."""
         self.cancelled = True
+        self._end_wait()
+
+    def wait_in(self, waiting: asyncio.Timeout | None) -> None:
+        """The relay waits on this engine inside ``waiting`` (None: no longer); a lease
+        cancelled before the wait began ends it at once."""
+        self.waiting = waiting
+        if self.cancelled:
+            self._end_wait()
+
+    def _end_wait(self) -> None:
         if self.waiting is not None and not self.waiting.expired():
             self.waiting.reschedule(-1.0)  # in the past: the wait ends at once
 

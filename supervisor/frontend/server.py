@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from supervisor import log as logging
-from supervisor.netguard import REFUSED, TIMED_OUT, ConnectionGuard
+from supervisor.netguard import ConnectionGuard
 
 _MAX_HEAD = 64 * 1024
 _MAX_FIELDS = 128
@@ -132,7 +132,7 @@ class Reply:
     stream, :meth:`write` (waits while the client's buffer is full) or :meth:`write_now`
     (writes only if it can at once), and let the handler's return end it."""
 
-    __slots__ = ("_conn", "_head_only", "keep_alive", "sent", "status", "streaming", "write_now")
+    __slots__ = ("_conn", "_head_only", "keep_alive", "status", "streaming", "write_now")
 
     def __init__(self, conn: _Connection, request: Request) -> None:
         self._conn = conn
@@ -144,7 +144,6 @@ class Reply:
         self.keep_alive = request.keep_alive
         self.status = 0
         self.streaming = False
-        self.sent = False  # a whole response went out
 
     @property
     def started(self) -> bool:
@@ -160,7 +159,7 @@ class Reply:
         """The whole response, at once."""
         if self.status:
             raise RuntimeError("a response was already started")
-        self.status, self.sent = status, True
+        self.status = status
         fields = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
         if headers:
             fields.extend(headers)
@@ -238,14 +237,10 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are stream transports without subclassing asyncio.Transport.
         self.transport = t = cast(asyncio.Transport, transport)
-        if self.guard.open >= self.guard.max_connections:
-            t.write(REFUSED)
-            t.close()
-            self.guard.note("refused")
+        if not self.guard.admit(t):
             self.closed = True
             return
         self.counted = True
-        self.guard.open += 1
         self.server.connections.add(self)
         t.set_write_buffer_limits(high=self.server.client_buffer)
         self._expect("head", self.server.header_timeout)
@@ -327,10 +322,9 @@ class _Connection(asyncio.Protocol):
             self.timer = None
 
     def _head_too_slow(self) -> None:
-        if not self.closed and self.task is None:
-            self.guard.note("timeout")
-            self.write(TIMED_OUT)
-            self.close()
+        if not self.closed and self.task is None and self.transport is not None:
+            self._disarm()
+            self.guard.time_out(self.transport)
 
     def _idle_too_long(self) -> None:
         if not self.closed and self.task is None and not self.buf:
@@ -520,7 +514,7 @@ class _Connection(asyncio.Protocol):
         if t.get_write_buffer_size() > self.server.client_buffer:
             return False
         if data:
-            t.write(data if self.http10 else b"%x\r\n%b\r\n" % (len(data), data))
+            t.write(self.frame(data))
         return True
 
     async def write_waiting(self, data: bytes) -> None:

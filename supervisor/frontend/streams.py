@@ -421,15 +421,13 @@ class RequestRelay:
         waiting = asyncio.timeout(None)  # ended early by lease.cancel()
         try:
             async with waiting:
-                lease.waiting = waiting
-                if lease.cancelled:  # before the wait began
-                    waiting.reschedule(-1.0)
+                lease.wait_in(waiting)
                 await self._read(lease, up, decoder)
         except TimeoutError:
             if not waiting.expired():
                 raise
         finally:
-            lease.waiting = None
+            lease.wait_in(None)
             self._timer.cancel()
         if self.finish is not None:
             return
