@@ -168,6 +168,7 @@ async def test_a_large_error_body_is_read_to_its_end_but_only_its_start_kept() -
     try:
         conn = await pool.request(url, "/x", {}, b"{}")
         assert await conn.read_all(2000) == big[:2000]
+        assert not conn._held  # the 4 MiB went by; nothing of it waits in the connection
         pool.release(conn)
         conn = await pool.request(url, "/x", {}, b"{}")  # the same connection, read whole
         assert pool.opened == 1 and await conn.read_all() == b"ok"
