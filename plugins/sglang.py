@@ -159,6 +159,9 @@ class SglangBackend(Backend):
             raise BackendError("SGLang /generate takes a string prompt or a list of token ids")
         return self._generate(req, request_id, prompt, None)
 
+    def whole_request(self, req: ClientRequest, request_id: str) -> UpstreamRequest:
+        return self.first_request(req, request_id).as_whole()
+
     def continuation(
         self, req: ClientRequest, progress: Progress, request_id: str
     ) -> UpstreamRequest:

@@ -96,6 +96,9 @@ class TrtllmBackend(Backend):
     def first_request(self, req: ClientRequest, request_id: str) -> UpstreamRequest:
         return UpstreamRequest(path_for(req), streamed_body(req), request_id)
 
+    def whole_request(self, req: ClientRequest, request_id: str) -> UpstreamRequest:
+        return self.first_request(req, request_id).as_whole()
+
     def continuation(
         self, req: ClientRequest, progress: Progress, request_id: str
     ) -> UpstreamRequest:

@@ -95,6 +95,9 @@ class VllmBackend(Backend):
         body["request_id"] = request_id
         return UpstreamRequest(path_for(req), body, request_id, {"X-Request-Id": request_id})
 
+    def whole_request(self, req: ClientRequest, request_id: str) -> UpstreamRequest:
+        return self.first_request(req, request_id).as_whole()
+
     def continuation(
         self, req: ClientRequest, progress: Progress, request_id: str
     ) -> UpstreamRequest:

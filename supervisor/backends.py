@@ -354,7 +354,15 @@ class Backend(ABC):
 
     @abstractmethod
     def decoder(self, upstream: UpstreamRequest) -> StreamDecoder:
-        """A decoder for the stream that ``upstream`` produces."""
+        """A decoder for the stream that ``upstream`` produces. For a ``whole`` request,
+        the engine's answer body is fed to it once, as one event."""
+
+    def whole_request(self, req: ClientRequest, request_id: str) -> UpstreamRequest | None:
+        """``req`` (not streamed by its client, with a small token budget) asked for whole:
+        one answer body, which :meth:`decoder` reads as one event. If the engine fails,
+        the request starts again on another engine. None (the default): this backend
+        streams every request, and a non-streaming one migrates with its progress."""
+        return None
 
     async def load(self, ep: EngineEndpoint) -> EngineLoad:
         """Running/waiting requests and KV usage from the engine's own metrics."""

@@ -97,6 +97,11 @@ class FrontendConfig:
     # raises to its hard maximum at start). Beyond it, a new connection gets 503 and close.
     max_connections: int = 0
     max_json_depth: int = 64  # request bodies nesting deeper get 400
+    # A non-streaming request that may generate at most this many tokens is asked of the
+    # engine whole, not streamed: about a quarter less CPU per request for the relay (and
+    # less for the engine). If its engine fails, it starts again on another one, losing at
+    # most this many tokens of generation time. 0: stream every request upstream.
+    whole_upstream_max_tokens: int = 16
 
 
 @dataclass(frozen=True)
@@ -324,6 +329,9 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         max_queue=fe.integer("max_queue", dfe.max_queue, minimum=0),
         queue_timeout=fe.number("queue_timeout", dfe.queue_timeout),
         migration_limit=fe.integer("migration_limit", dfe.migration_limit, minimum=0),
+        whole_upstream_max_tokens=fe.integer(
+            "whole_upstream_max_tokens", dfe.whole_upstream_max_tokens, minimum=0
+        ),
         migration_wait=fe.number("migration_wait", dfe.migration_wait),
         drain_timeout=fe.number("drain_timeout", dfe.drain_timeout),
         retry_after=fe.integer("retry_after", dfe.retry_after, minimum=0),

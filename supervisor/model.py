@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -213,7 +213,9 @@ class Progress:
 
 @dataclass(frozen=True)
 class UpstreamRequest:
-    """One piece of a request as sent to an engine: always streamed, so it can migrate."""
+    """One piece of a request as sent to an engine: streamed, so that it can migrate with
+    what it generated so far; or, for a short non-streaming request, ``whole`` (one
+    answer, restarted from scratch on another engine if this one fails)."""
 
     path: str
     body: dict[str, Any]
@@ -222,6 +224,14 @@ class UpstreamRequest:
     # What this request cannot honour of the client's (a continuation's limits, e.g. a
     # seeded sample or presence penalties): reported to the client, never hidden.
     inexact: tuple[str, ...] = ()
+    whole: bool = False  # the engine answers in one body, not a stream of events
+
+    def as_whole(self) -> UpstreamRequest:
+        """This request with its answer asked for whole: ``stream`` false and no
+        ``stream_options`` (engines reject those without a stream)."""
+        body = {k: v for k, v in self.body.items() if k != "stream_options"}
+        body["stream"] = False
+        return replace(self, body=body, whole=True)
 
 
 @dataclass(slots=True)  # one per event: slots make it cheaper to build and read

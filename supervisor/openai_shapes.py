@@ -177,7 +177,8 @@ def token_continuation(
 
 
 class OpenAIStreamDecoder(StreamDecoder):
-    """Decodes ``text_completion`` and ``chat.completion.chunk`` events (vLLM extensions
+    """Decodes ``text_completion`` and ``chat.completion.chunk`` events, and a whole
+    ``text_completion`` or ``chat.completion`` answer as one event (vLLM extensions
     ``token_ids`` / ``prompt_token_ids`` read where present). Without ids, a chunk's tokens
     are the growth of the engine's running ``completion_tokens`` (continuous usage stats),
     or one per chunk with text where the engine reports no running count."""
@@ -203,12 +204,18 @@ class OpenAIStreamDecoder(StreamDecoder):
         ch = choices[0]
         if not isinstance(ch, dict):
             raise MalformedStream(f"stream choice is not an object: {data[:80]!r}")
-        if "delta" in ch:
-            delta = ch["delta"]
+        if "delta" in ch or "message" in ch:  # a chunk, or a whole (non-streamed) answer
+            delta = ch["delta"] if "delta" in ch else ch["message"]
             if not isinstance(delta, dict):
                 raise MalformedStream(f"stream delta is not an object: {data[:80]!r}")
             text = delta.get("content")
             extras = {k: delta[k] for k in DELTA_EXTRAS if delta.get(k) is not None}
+            calls = extras.get("tool_calls")
+            if "message" in ch and isinstance(calls, list):
+                # A whole message's calls have no index: their order is it.
+                extras["tool_calls"] = [
+                    {"index": i, **c} if isinstance(c, dict) else c for i, c in enumerate(calls)
+                ]
             piece.delta = extras or None
         else:
             text = ch.get("text")

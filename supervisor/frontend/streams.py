@@ -2,11 +2,13 @@
 
 The client always sees one stream in the shape it asked for (``text_completion`` or
 ``chat.completion.chunk``), with the id, ``created`` and model of its first piece, exactly
-one finish reason and one ``[DONE]``. Upstream, every request is streamed (so that a
-non-streaming request can migrate too). When the upstream breaks — EOF before the finish,
-a reset, a 5xx, garbage, the engine declared dead, no token for ``stall_timeout`` — the
-backend plugin builds the continuation from what was already sent and another engine (or
-the slot's freshly woken shadow) takes it, up to ``migration_limit`` times.
+one finish reason and one ``[DONE]``. Upstream, requests are streamed (so that a
+non-streaming request can migrate too), except short non-streaming ones, asked for whole
+and started again from scratch elsewhere. When the upstream breaks — EOF before the
+finish, a reset, a 5xx, garbage, the engine declared dead, no token for
+``stall_timeout`` — the backend plugin builds the continuation from what was already sent
+and another engine (or the slot's freshly woken shadow) takes it, up to
+``migration_limit`` times.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ from supervisor.sessions import Sessions
 from supervisor.upstream import SseSplitter
 
 _PROCESS_TAG = secrets.token_hex(3)
+_TOOL_FIELDS = ("tools", "functions", "tool_choice")
+# A whole answer larger than this is garbage (a short answer with its prompt's token ids,
+# even for the longest contexts, is a few MiB).
+_WHOLE_LIMIT = 64 * 1024 * 1024
 _ENGINE_SEQ = itertools.count(1)
 
 
@@ -251,6 +257,17 @@ class RequestRelay:
         self.stops = StopStrings(
             req.stop_strings, include_in_output=bool(req.body.get("include_stop_str_in_output"))
         )
+        # Asked of the engine whole (see FrontendConfig.whole_upstream_max_tokens): short,
+        # not streamed to its client, and nothing the relay must watch token by token (stop
+        # strings it matches itself; tool calls, whose stream handling is the proven one).
+        self.whole_ok = (
+            not req.stream
+            and self.budget is not None
+            and self.budget <= cfg.whole_upstream_max_tokens
+            and not self.stops.stops
+            and not any(k in req.body for k in _TOOL_FIELDS)
+        )
+        self.whole = False  # this attempt's answer comes whole
         self.emitted = 0  # characters of the answer sent to the client
         self.stop_reason: str | None = None  # the stop string that ended the answer
         self.textless = TextlessTokens()
@@ -310,6 +327,7 @@ class RequestRelay:
                     raise
                 try:
                     self.current = (lease, up)
+                    self.whole = up.whole
                     self.sent_before_attempt = self.progress.completion_tokens
                     self.textless.clear()  # the next engine generates those tokens again
                     if self.attempt:
@@ -370,6 +388,11 @@ class RequestRelay:
         contained: a BackendError says the request cannot be (re)issued; anything else is
         a plugin bug, counted and logged with its traceback."""
         try:
+            if self.whole_ok and self.progress.completion_tokens == 0:
+                rid = self.engine_rid if self.attempt == 0 else f"{self.engine_rid}-m{self.attempt}"
+                whole = backend.whole_request(self.engine_req, rid)
+                if whole is not None:
+                    return whole
             if self.attempt == 0:
                 return backend.first_request(self.engine_req, self.engine_rid)
             if self.progress.structured:
@@ -383,13 +406,19 @@ class RequestRelay:
         except BackendError as e:
             raise MigrationFailed(str(e)) from e
         except Exception as e:
-            hook = "first_request" if self.attempt == 0 else "continuation"
+            hook = (
+                "whole_request"
+                if self.whole_ok and self.progress.completion_tokens == 0
+                else "first_request"
+                if self.attempt == 0
+                else "continuation"
+            )
             self.metrics.plugin_errors.labels(backend.name, hook).inc()
             self.log.error(f"backend {hook} hook raised", error=repr(e), exc_info=e)
             raise MigrationFailed(f"the {backend.name} backend failed to build the request") from e
 
     def _mode(self, backend: object) -> str:
-        if self.progress.completion_tokens == 0:
+        if self.progress.completion_tokens == 0 or self.whole:
             return "reroute"
         return str(getattr(backend, "continuation_mode", "unknown"))
 
@@ -456,7 +485,10 @@ class RequestRelay:
         try:
             if conn.status != 200:
                 self._bad_status(conn.status, conn.reason, await conn.read_all(2000))
-            await self._pump(conn, lease.target.backend, decoder)
+            if up.whole:
+                self._take_whole(lease.target.backend, decoder, await conn.read_whole(_WHOLE_LIMIT))
+            else:
+                await self._pump(conn, lease.target.backend, decoder)
         except EngineReportedError as e:  # this request failed there; the engine may be fine
             raise UpstreamBroken(str(e)) from e
         except (MalformedStream, EngineProtocolError) as e:  # garbage: the engine is broken
@@ -514,6 +546,19 @@ class RequestRelay:
                     raise MalformedStream("stream ended without [DONE]")
                 return
             await st.wait()
+
+    def _take_whole(self, backend: Backend, decoder: StreamDecoder, body: bytes) -> None:
+        """Take a whole answer (one body, decoded as one event) into the request."""
+        try:
+            piece = decoder.feed(body)
+        except BackendError:
+            raise
+        except Exception as e:
+            raise self._plugin_bug(backend, "decoder", e) from e
+        if piece is not None:
+            self._on_piece(piece)
+        if self.finish is None:
+            raise MalformedStream(f"the engine's answer has no finish reason: {body[:80]!r}")
 
     def _write_now(self, data: bytes) -> bool:
         """Write to the client without waiting, if it can take it now (False: it goes
@@ -578,6 +623,15 @@ class RequestRelay:
         elif self.writing_since is not None:
             if now - self.writing_since > self.cfg.client_write_timeout:
                 self.client_slow = True
+                lease.cancel()
+                return
+        elif self.whole:
+            # No token shows progress: the answer may take as long as a stream's tokens
+            # could have, one stall_timeout each after the first.
+            limit = self.first_token_timeout + (self.budget or 0) * self.stall_timeout
+            if now - self.last_event > limit:
+                self.stalled = True
+                self.stalled_reason = f"no answer for {limit:g}s (stalled)"
                 lease.cancel()
                 return
         else:

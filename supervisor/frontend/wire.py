@@ -152,6 +152,26 @@ class EngineConnection(asyncio.Protocol):
         await self.ended()
         return b"".join(kept)
 
+    async def read_whole(self, limit: int) -> bytes:
+        """The whole body, once it has all come; :class:`EngineProtocolError` if it is
+        larger than ``limit`` (what came is dropped as it comes, never held)."""
+        parts: list[bytes] = []
+        size = 0
+
+        def keep(part: bytes) -> None:
+            nonlocal size
+            size += len(part)
+            if size <= limit:
+                parts.append(part)
+            elif parts:
+                parts.clear()
+
+        self.set_sink(keep)
+        await self.ended()
+        if size > limit:
+            raise EngineProtocolError(f"the engine's answer is over {limit} bytes")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def set_sink(self, sink: Sink) -> None:
         """Body bytes from now on go to ``sink`` (those that came before, at once)."""
         self.sink = sink

@@ -212,6 +212,39 @@ async def test_sigkill_mid_answer_on_real_vllm_is_token_exact(
         assert r.status == 200  # new requests are served by the promoted engine
 
 
+async def test_a_short_answer_asked_whole_of_real_vllm_equals_the_streamed_one(
+    node: SupervisorProcess, session: aiohttp.ClientSession
+) -> None:
+    """A non-streaming request within whole_upstream_max_tokens goes to vLLM with
+    ``stream: false``; its answer (text, usage) must equal the streamed path's."""
+    await at_full_strength(session, node)
+    for kind in ("completion", "chat"):
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        answers = []
+        for stream in (False, True):
+            body = body_for(kind, stream, 12)
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            async with session.post(node.frontend_url + path, json=body) as r:
+                assert r.status == 200, await r.text()
+                if not stream:
+                    obj = await r.json()
+                    ch = obj["choices"][0]
+                    text = ch["message"]["content"] if kind == "chat" else ch["text"]
+                    answers.append((text, ch["finish_reason"], obj["usage"]))
+                    continue
+                text, finish, usage = "", None, None
+                async for data in iter_sse_data(r):
+                    obj = json.loads(data)
+                    usage = obj.get("usage") or usage
+                    for ch in obj["choices"]:
+                        text += (ch["delta"].get("content") if kind == "chat" else ch["text"]) or ""
+                        finish = ch["finish_reason"] or finish
+                answers.append((text, finish, usage))
+        assert answers[0] == answers[1], (kind, answers)
+        assert answers[0][2]["completion_tokens"] == 12, answers
+
+
 async def test_a_cancelled_stream_is_aborted_in_the_real_engine(
     node: SupervisorProcess, session: aiohttp.ClientSession
 ) -> None:

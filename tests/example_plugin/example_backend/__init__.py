@@ -84,6 +84,10 @@ class ExampleBackend(Backend):
         body["request_id"] = request_id
         return UpstreamRequest(path_for(req), body, request_id)
 
+    # ... a short non-streaming one may be asked for whole (optional: None streams it) ...
+    def whole_request(self, req: ClientRequest, request_id: str) -> UpstreamRequest:
+        return self.first_request(req, request_id).as_whole()
+
     # ... and a broken stream resumes from prompt ids + emitted ids (exact), or text.
     def continuation(
         self, req: ClientRequest, progress: Progress, request_id: str
