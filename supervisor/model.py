@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -231,7 +231,7 @@ class UpstreamRequest:
         ``stream_options`` (engines reject those without a stream)."""
         body = {k: v for k, v in self.body.items() if k != "stream_options"}
         body["stream"] = False
-        return replace(self, body=body, whole=True)
+        return UpstreamRequest(self.path, body, self.request_id, self.headers, self.inexact, True)
 
 
 @dataclass(slots=True)  # one per event: slots make it cheaper to build and read
