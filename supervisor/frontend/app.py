@@ -14,6 +14,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from logging import INFO
 from typing import Any
 
 import anyio
@@ -254,14 +255,14 @@ class Frontend:
             int(time.time()),
             with_ids=bool(body.get("return_token_ids")),
         )
-        stream_head = [
-            ("Content-Type", "text/event-stream"),
-            ("Cache-Control", "no-cache"),
-            ("X-Request-Id", rid),
-        ]
 
         def begin() -> None:
-            reply.start(200, stream_head, shape.role_chunk() if kind == "chat" else b"")
+            head = [
+                ("Content-Type", "text/event-stream"),
+                ("Cache-Control", "no-cache"),
+                ("X-Request-Id", rid),
+            ]
+            reply.start(200, head, shape.role_chunk() if kind == "chat" else b"")
 
         async def emit(data: bytes) -> None:
             if not reply.started:
@@ -330,17 +331,18 @@ class Frontend:
             return await self._stream_error(reply, 500, "internal error in the supervisor")
         finally:
             self._leave()
-            self.log.info(
-                "request",
-                request_id=rid,
-                model=body["model"],
-                kind=kind,
-                stream=req.stream,
-                outcome=outcome,
-                migrations=relay.attempt,
-                tokens=relay.progress.completion_tokens,
-                ms=round((time.monotonic() - t0) * 1000, 1),
-            )
+            if self.log.is_enabled_for(INFO):  # (the fields cost something to gather)
+                self.log.info(
+                    "request",
+                    request_id=rid,
+                    model=body["model"],
+                    kind=kind,
+                    stream=req.stream,
+                    outcome=outcome,
+                    migrations=relay.attempt,
+                    tokens=relay.progress.completion_tokens,
+                    ms=round((time.monotonic() - t0) * 1000, 1),
+                )
         if not req.stream:
             failover = relay.failover_report()
             headers = [("X-Request-Id", rid)]

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -238,10 +237,3 @@ class Router:
             lease.moved, lease.may_return = True, may_return
             lease.cancel()
         return len(leases)
-
-    @contextmanager
-    def held(self, lease: Lease) -> Iterator[Lease]:
-        try:
-            yield lease
-        finally:
-            self.release(lease)

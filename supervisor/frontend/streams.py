@@ -231,6 +231,27 @@ class _Pump:
 class RequestRelay:
     """One client request's journey through one or more engines."""
 
+    # What most requests never change is a class default, not set per request.
+    whole = False  # this attempt's answer comes whole
+    emitted = 0  # characters of the answer sent to the client
+    stop_reason: str | None = None  # the stop string that ended the answer
+    inexact: tuple[str, ...] = ()  # what a continuation could not honour, for the client
+    seam_pending = False  # the next chunk is the first after a migration
+    finish: str | None = None
+    prompt_tokens: int | None = None
+    attempt = 0
+    moves = 0  # planned moves among the attempts (not held against the limit)
+    sent_before_attempt = 0
+    last_event = 0.0
+    writing_since: float | None = None  # blocked on the client, not the engine
+    finished_at = 0.0
+    stalled = False
+    stalled_reason = ""
+    client_slow = False
+    current: tuple[Lease, UpstreamRequest] | None = None
+    _timer: asyncio.TimerHandle | None = None  # the stall watchdog's next check
+    _log: Any = None
+
     def __init__(
         self,
         req: ClientRequest,
@@ -267,31 +288,12 @@ class RequestRelay:
             and not self.stops.stops
             and not any(k in req.body for k in _TOOL_FIELDS)
         )
-        self.whole = False  # this attempt's answer comes whole
-        self.emitted = 0  # characters of the answer sent to the client
-        self.stop_reason: str | None = None  # the stop string that ended the answer
         self.textless = TextlessTokens()
-        self.inexact: list[str] = []  # what a continuation could not honour, for the client
-        self.seam_pending = False  # the next chunk is the first after a migration
         self.router, self.sessions, self.cfg = router, sessions, cfg
         self.stall_timeout = health.stall_timeout
         self.first_token_timeout = health.first_token_timeout
         self.metrics, self.emit = metrics, emit
         self.progress = Progress()
-        self.finish: str | None = None
-        self.prompt_tokens: int | None = None
-        self.attempt = 0
-        self.moves = 0  # planned moves among the attempts (not held against the limit)
-        self.sent_before_attempt = 0
-        self.last_event = 0.0
-        self.writing_since: float | None = None  # blocked on the client, not the engine
-        self.finished_at = 0.0
-        self.stalled = False
-        self.stalled_reason = ""
-        self.client_slow = False
-        self.current: tuple[Lease, UpstreamRequest] | None = None
-        self._timer: asyncio.TimerHandle | None = None  # the stall watchdog's next check
-        self._log: Any = None
         self.model = str(req.body.get("model"))
 
     @property
@@ -317,7 +319,7 @@ class RequestRelay:
                 raise
             backend = lease.target.backend
             # The lease is released on every way out of this block, whatever is raised.
-            with self.router.held(lease):
+            try:
                 if self.attempt:
                     self.progress.context_length = await self._context_length(lease.target)
                 try:
@@ -332,7 +334,7 @@ class RequestRelay:
                     self.textless.clear()  # the next engine generates those tokens again
                     if self.attempt:
                         self.seam_pending = True
-                        self.inexact += [f for f in up.inexact if f not in self.inexact]
+                        self.inexact += tuple(f for f in up.inexact if f not in self.inexact)
                     await self._piece(lease, up)
                     if self.attempt:
                         self.metrics.migrations.labels("resumed", self._mode(backend)).inc()
@@ -364,6 +366,8 @@ class RequestRelay:
                     )
                 finally:
                     self.current = None
+            finally:
+                self.router.release(lease)
 
     async def _context_length(self, target: Target) -> int | None:
         """The engine's context length (``max_model_len`` in its ``/v1/models``), asked once
@@ -447,7 +451,7 @@ class RequestRelay:
         step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
-        waiting = asyncio.timeout(None)  # ended early by lease.cancel()
+        waiting = asyncio.Timeout(None)  # ended early by lease.cancel()
         try:
             async with waiting:
                 lease.wait_in(waiting)
