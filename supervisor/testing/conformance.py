@@ -13,7 +13,8 @@ A plugin author subclasses :class:`BackendConformance` in their own tests::
 and runs pytest (``pip install 'failover-supervisor[kit]'``; the ``anyio`` plugin comes with
 anyio). The checks: launch flags, health states, sleep -> is_sleeping -> wake at each level
 the backend declares, abort reaching the engine, and continuation (a stream broken at token
-*k* and resumed on a second engine with the plugin's continuation equals an unbroken run).
+*k* and resumed on a second engine with the plugin's continuation equals an unbroken run),
+and, for a backend with ``whole_request``, a whole answer that says what the stream says.
 The backend's declared capabilities decide what is tested: ``serves_chat``,
 ``serves_token_prompts``, ``sleep_levels``, a ``sleep_flag`` at all,
 ``resumes_token_prompts``, ``resumes_chat``.
@@ -304,6 +305,43 @@ class BackendConformance:
             with anyio.fail_after(1.0):
                 while not aborted():
                     await anyio.sleep(0.02)
+
+    # -- whole answers -----------------------------------------------------------------
+    @pytest.mark.parametrize("kind", ["completion", "chat"])
+    async def test_whole_answer_says_what_the_stream_says(
+        self, backend: Backend, tmp_path: Path, session: aiohttp.ClientSession, kind: str
+    ) -> None:
+        """``whole_request`` (if the backend has one): the answer body, decoded as one
+        event, gives the text, tokens and finish of the streamed answer to the same
+        request."""
+        if kind == "chat":
+            self.needs_chat(backend)
+        req = (
+            chat(model=self.model) if kind == "chat" else completion(PROMPT_TEXT, model=self.model)
+        )
+        up = backend.whole_request(req, "whole-1")
+        if up is None:
+            pytest.skip(f"{backend.name} has no whole_request: every request is streamed")
+        assert up.whole, "whole_request must return an UpstreamRequest with whole=True"
+        async with self.engine(backend, self.spec("wa"), tmp_path, session) as (_, ep):
+            streamed = await stream_piece(
+                backend, ep, backend.first_request(req, "s-1"), Progress()
+            )
+            timeout = aiohttp.ClientTimeout(total=30)
+            async with ep.session.post(
+                ep.url + up.path, json=up.body, headers=up.headers, timeout=timeout
+            ) as resp:
+                body = await resp.read()
+                assert resp.status == 200, body[:300]
+        piece = backend.decoder(up).feed(body)
+        assert piece is not None, f"the decoder made nothing of the whole answer {body[:200]!r}"
+        progress = Progress()
+        progress.add(piece)
+        assert progress.text == streamed.progress.text
+        assert progress.completion_tokens == streamed.progress.completion_tokens == MAX_TOKENS
+        if progress.token_ids is not None and streamed.progress.token_ids is not None:
+            assert progress.token_ids == streamed.progress.token_ids
+        assert piece.finish_reason == streamed.finish_reason == "length"
 
     # -- continuation ------------------------------------------------------------------
     @pytest.mark.parametrize("break_at", [1, 9, MAX_TOKENS - 1])
