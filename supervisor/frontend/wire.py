@@ -274,6 +274,28 @@ class EngineConnection(asyncio.Protocol):
         pos, n = 0, len(buf)
         out: list[bytes] = []
         while pos < n:
+            if self._need == 0 and not self._trailer:
+                # A chunk's size line; if the whole chunk is here, it is taken at once
+                # (the common case: an engine writes each event as one chunk).
+                end = buf.find(b"\r\n", pos)
+                if end < 0:
+                    if n - pos > 1024:
+                        raise EngineProtocolError("chunk size line too long")
+                    break
+                size = _chunk_size(buf[pos:end])
+                pos = end + 2
+                if size == 0:
+                    self._trailer = True
+                    continue
+                stop = pos + size
+                if stop + 2 > n:
+                    self._need = size  # the rest of it comes with later reads
+                    continue
+                if buf[stop : stop + 2] != b"\r\n":
+                    raise EngineProtocolError("chunk not followed by CRLF")
+                out.append(buf[pos:stop])
+                pos = stop + 2
+                continue
             if self._need > 0:
                 piece = buf[pos : pos + self._need]
                 out.append(piece)
@@ -297,23 +319,15 @@ class EngineConnection(asyncio.Protocol):
                 break
             line = buf[pos:end]
             pos = end + 2
-            if self._trailer:
-                if not line:  # the empty line that ends the trailers: the body is whole
-                    self._cbuf = b""
-                    if out:
-                        self._deliver(b"".join(out))
-                    if pos < n:
-                        self._reusable = False
-                    self._finish()
-                    return
-                continue  # a trailer field: not needed
-            size = int(line.split(b";", 1)[0].strip(), 16)
-            if size < 0:
-                raise EngineProtocolError("negative chunk size")
-            if size == 0:
-                self._trailer = True
-            else:
-                self._need = size
+            # (only trailers are left here: a size line is read above)
+            if not line:  # the empty line that ends the trailers: the body is whole
+                self._cbuf = b""
+                if out:
+                    self._deliver(b"".join(out))
+                if pos < n:
+                    self._reusable = False
+                self._finish()
+                return
         self._cbuf = buf[pos:]
         if out:
             self._deliver(out[0] if len(out) == 1 else b"".join(out))
@@ -336,6 +350,17 @@ class EngineConnection(asyncio.Protocol):
                 fut.exception()  # retrieved here: a waiter may have gone (cancelled)
         if self.on_end is not None:
             self.on_end()
+
+
+def _chunk_size(line: bytes) -> int:
+    """A chunk's size from its size line (extensions ignored)."""
+    try:
+        size = int(line, 16)
+    except ValueError:  # an extension (";name=value"), or garbage: ValueError again
+        size = int(line.split(b";", 1)[0].strip(), 16)
+    if size < 0:
+        raise EngineProtocolError("negative chunk size")
+    return size
 
 
 class EnginePool:

@@ -1,0 +1,78 @@
+"""SseSplitter, fed a stream in pieces cut anywhere, gives exactly the payloads that the SSE
+rules give for the whole stream (the one-``data:``-line-per-event fast path included)."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor.backends import MalformedStream
+from supervisor.upstream import DONE, SseSplitter
+
+
+def reference(stream: bytes) -> tuple[list[bytes], bool, bool]:
+    """Payloads up to [DONE], whether [DONE] came, whether a line was not SSE: read from
+    the whole stream by the rules, line by line."""
+    out: list[bytes] = []
+    for event in stream.split(b"\n\n")[:-1]:  # the last part is not a complete event
+        parts = []
+        for line in event.split(b"\n"):
+            line = line.rstrip(b"\r")
+            if line.startswith(b"data:"):
+                parts.append(line[5:].lstrip(b" "))
+            elif line and not line.startswith((b":", b"event:", b"id:", b"retry:")):
+                return out, False, True
+        if not parts:
+            continue
+        data = b"\n".join(parts)
+        if data == DONE:
+            return out, True, False
+        out.append(data)
+    return out, False, False
+
+
+def split(stream: bytes, cuts: list[int]) -> tuple[list[bytes], bool, bool]:
+    sse = SseSplitter()
+    out: list[bytes] = []
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    for a, b in itertools.pairwise(bounds):
+        out.extend(sse.feed(stream[a:b]))
+        if sse.done:
+            break
+    return out, sse.done, isinstance(sse.error, MalformedStream)
+
+
+payload = st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))
+event = st.one_of(
+    payload.map(lambda p: b"data: " + p + b"\n\n"),  # the common event
+    payload.map(lambda p: b"data:" + p + b"\n\n"),
+    payload.map(lambda p: b"data: " + p + b"\r\n\r\n"),
+    payload.map(lambda p: b"data: " + p + b"\r\n\n"),  # CRLF, then LF
+    st.tuples(payload, payload).map(lambda t: b"data: " + t[0] + b"\ndata: " + t[1] + b"\n\n"),
+    payload.map(lambda p: b"event: message\ndata: " + p + b"\n\n"),
+    st.just(b": keep-alive\n\n"),
+    st.just(b"\n"),  # a blank line more
+    st.just(b"data: [DONE]\n\n"),
+    st.just(b"garbage line\n\n"),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(event, max_size=12), st.lists(st.integers(min_value=0), max_size=6))
+def test_a_stream_cut_anywhere_splits_as_the_rules_say(
+    events: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(events)
+    got, done, malformed = split(stream, cuts)
+    want, want_done, want_malformed = reference(stream)
+    assert got == want
+    assert malformed == want_malformed
+    assert done == (want_done or want_malformed)  # a line that is not SSE ends the stream
+
+
+def test_the_common_stream_in_one_read() -> None:
+    stream = b'data: {"a": 1}\n\ndata: {"b": 2}\n\ndata: [DONE]\n\n'
+    sse = SseSplitter()
+    assert sse.feed(stream) == [b'{"a": 1}', b'{"b": 2}'] and sse.done
