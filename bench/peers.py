@@ -387,6 +387,8 @@ def summarize(
                 "tok_s": round(tokens / sum(t.wall for t in ts)),
                 "ratio": ratio(path, phase),
                 "cpu_us_per_token": round(sum(t.cpu for t in ts) / max(tokens, 1) * 1e6, 2),
+                # Round by round: how much the figure moves on this machine.
+                "cpu_rounds": [round(t.cpu / max(t.tokens, 1) * 1e6, 2) for t in ts],
             }
         gaps, dgaps = (
             pooled(path, "itl10_64", lambda t: t.gaps),
@@ -412,6 +414,7 @@ def summarize(
             "cpu_us_per_request": round(
                 sum(t.cpu for t in ns) / max(sum(t.requests for t in ns), 1) * 1e6, 1
             ),
+            "cpu_rounds": [round(t.cpu / max(t.requests, 1) * 1e6, 1) for t in ns],
         }
         row["capacity"] = caps[path]
         out[path] = row
@@ -446,6 +449,17 @@ def markdown(r: dict[str, Any]) -> str:
         f"Routers: {', '.join(v for v in r['routers'].values() if not v.startswith('skipped'))}"
         f". Failovers in the frontend during the run: {r.get('frontend_failovers', '?')}."
     )
+    spread = [
+        f"{name} {' / '.join(str(v) for v in x['itl0_16'].get('cpu_rounds', []))} µs/token, "
+        f"{' / '.join(str(v) for v in x['nonstream'].get('cpu_rounds', []))} µs/request"
+        for name, x in r["paths"].items()
+        if name != "direct"
+    ]
+    if spread:
+        rows.append("")
+        rows.append(
+            "Round by round (ITL 0 with 16 streams; non-streaming): " + "; ".join(spread) + "."
+        )
     versus = against_cheapest_router(r)
     if versus:
         rows.append("")
