@@ -9,24 +9,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervisor.backends import MalformedStream
-from supervisor.upstream import DONE, SseSplitter
+from supervisor.upstream import DONE, SseSplitter, _event_data
 
 
 def reference(stream: bytes) -> tuple[list[bytes], bool, bool]:
-    """Payloads up to [DONE], whether [DONE] came, whether a line was not SSE: read from
-    the whole stream by the rules, line by line."""
+    """Payloads up to [DONE], whether [DONE] came, whether a line was not SSE: the whole
+    stream cut at its blank lines, each event read by the line-by-line rules."""
     out: list[bytes] = []
     for event in stream.split(b"\n\n")[:-1]:  # the last part is not a complete event
-        parts = []
-        for line in event.split(b"\n"):
-            line = line.rstrip(b"\r")
-            if line.startswith(b"data:"):
-                parts.append(line[5:].lstrip(b" "))
-            elif line and not line.startswith((b":", b"event:", b"id:", b"retry:")):
-                return out, False, True
-        if not parts:
+        try:
+            data = _event_data(event)
+        except MalformedStream:
+            return out, False, True
+        if data is None:
             continue
-        data = b"\n".join(parts)
         if data == DONE:
             return out, True, False
         out.append(data)
