@@ -33,6 +33,10 @@ def test_defaults_are_filled_in() -> None:
             "slot[0].placement: must be one of 'paired', 'pooled'",
         ),
         (
+            {**GOOD, "frontend": {"whole_upstream_max_tokens": -1}},
+            "frontend.whole_upstream_max_tokens: must be an integer >= 0, got -1",
+        ),
+        (
             {"slot": [{**GOOD["slot"][0], "backend": "nope"}]},
             "slot[0].backend: no backend named 'nope' (registered: ",
         ),
