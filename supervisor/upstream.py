@@ -94,7 +94,9 @@ def _event_data(event: bytes) -> bytes | None:
     for line in event.split(b"\n"):
         line = line.rstrip(b"\r")
         if line.startswith(b"data:"):
-            parts.append(line[5:].lstrip(b" "))
+            # One space after the colon is not part of the value (the SSE rules); more are.
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
         elif line and not line.startswith((b":", b"event:", b"id:", b"retry:")):
             raise MalformedStream(f"not an SSE line: {line[:80]!r}")
     return b"\n".join(parts) if parts else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from supervisor.backends import MalformedStream
@@ -56,6 +56,8 @@ event = st.one_of(
 
 
 @settings(max_examples=400, deadline=None)
+@example(events=[b"data:  \n\n"], cuts=[])  # one space goes, the second is the value
+@example(events=[b"data:  x\n\n", b"data: \n\n"], cuts=[3])
 @given(st.lists(event, max_size=12), st.lists(st.integers(min_value=0), max_size=6))
 def test_a_stream_cut_anywhere_splits_as_the_rules_say(
     events: list[bytes], cuts: list[int]
