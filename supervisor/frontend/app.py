@@ -109,6 +109,8 @@ class Frontend:
         self._idle: anyio.Event | None = None  # made by drain(), set when the last one leaves
         self.ready = False
         self.log = logging.get(component="frontend")
+        # Asked once: the log level is set before the frontend is made (and not reloaded).
+        self.logs_info = self.log.is_enabled_for(INFO)
         self._counters: dict[tuple[str, int], Any] = {}
 
     def server(self, guard: ConnectionGuard) -> FrontendServer:
@@ -331,7 +333,7 @@ class Frontend:
             return await self._stream_error(reply, 500, "internal error in the supervisor")
         finally:
             self._leave()
-            if self.log.is_enabled_for(INFO):  # (the fields cost something to gather)
+            if self.fcfg.access_log and self.logs_info:
                 self.log.info(
                     "request",
                     request_id=rid,

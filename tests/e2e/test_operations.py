@@ -122,6 +122,43 @@ async def test_reload_applies_what_it_can_and_a_bad_file_changes_nothing(
     assert slot_of(await admin.status())["rollout_pending"] is None
 
 
+async def test_the_access_log_is_a_line_per_request_until_turned_off(
+    daemon: Any, session: aiohttp.ClientSession
+) -> None:
+    """Every request gets an info line with its id and outcome; ``access_log = false``
+    (applied by a reload) drops that line, and nothing else."""
+    admin: Admin = await daemon(sim_slot("s"))
+    url = admin.sup.frontend_url
+
+    async def ask(rid: str) -> None:
+        headers = {"X-Request-Id": rid}
+        async with session.post(url + "/v1/completions", json=SHORT, headers=headers) as r:
+            assert r.status == 200, await r.text()
+
+    def request_lines(rid: str) -> list[str]:
+        return [
+            line
+            for line in admin.sup.logs().splitlines()
+            if '"event": "request"' in line and f'"request_id": "{rid}"' in line
+        ]
+
+    await ask("logged-1")
+    await until(lambda: _true(bool(request_lines("logged-1"))), what="the access log line")
+    assert '"outcome": "ok"' in request_lines("logged-1")[0]
+
+    rewrite(admin, lambda c: c["frontend"].update(access_log=False))
+    code, answer = await admin.post("/reload", {})
+    assert code == 200, answer
+    assert {c["key"]: c["effect"] for c in answer["changes"]} == {"frontend.access_log": "applied"}
+    await ask("quiet-1")  # (the line, when there is one, is written before the answer)
+    assert request_lines("quiet-1") == []
+    assert '"config reloaded"' in admin.sup.logs()  # other info lines go on
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
 async def _logged(admin: Admin, text: str, times: int = 1) -> bool:
     return admin.sup.logs().count(text) >= times
 
