@@ -44,7 +44,8 @@ _LINGER = 5.0  # seconds an unwanted body is read and dropped after a 413/400
 _TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _VISIBLE = bytes(range(0x21, 0x7F))
 _HEX = frozenset(b"0123456789abcdefABCDEF")
-_FIELDS = re.compile(rb"(?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n\0]*\r\n)*")
+# Header fields, each a token (the bytes of _TOKEN), a colon, and no CR, LF or NUL after it.
+_FIELDS = re.compile(rb"(?:[" + re.escape(_TOKEN) + rb"]+:[^\r\n\0]*\r\n)*")
 _FIELD = re.compile(r"([^:]+):([^\r]*)\r\n")
 REASONS = {
     100: "Continue",

@@ -25,9 +25,9 @@ class StopStrings:
     """The client's ``stop`` strings over one answer (no strings: every call passes all)."""
 
     def __init__(self, stops: tuple[str, ...], *, include_in_output: bool = False) -> None:
-        self.stops = tuple(s for s in stops if s) if stops else ()
+        self.stops = tuple(s for s in stops if s)
         self.include = include_in_output
-        self.hold = max((len(s) for s in self.stops), default=1) - 1 if self.stops else 0
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
         self._searched = 0  # the answer's length at the last call
 
     def scan(self, text: str, *, final: bool) -> StopMatch:

@@ -391,12 +391,14 @@ class RequestRelay:
         """The request for this attempt, from the plugin. Anything a plugin raises here is
         contained: a BackendError says the request cannot be (re)issued; anything else is
         a plugin bug, counted and logged with its traceback."""
+        # Asked whole only while nothing was generated (a failed whole attempt keeps none).
+        whole = self.whole_ok and self.progress.completion_tokens == 0
         try:
-            if self.whole_ok and self.progress.completion_tokens == 0:
+            if whole:
                 rid = self.engine_rid if self.attempt == 0 else f"{self.engine_rid}-m{self.attempt}"
-                whole = backend.whole_request(self.engine_req, rid)
-                if whole is not None:
-                    return whole
+                up = backend.whole_request(self.engine_req, rid)
+                if up is not None:
+                    return up
             if self.attempt == 0:
                 return backend.first_request(self.engine_req, self.engine_rid)
             if self.progress.structured:
@@ -410,13 +412,10 @@ class RequestRelay:
         except BackendError as e:
             raise MigrationFailed(str(e)) from e
         except Exception as e:
-            hook = (
-                "whole_request"
-                if self.whole_ok and self.progress.completion_tokens == 0
-                else "first_request"
-                if self.attempt == 0
-                else "continuation"
-            )
+            if whole:
+                hook = "whole_request"
+            else:
+                hook = "first_request" if self.attempt == 0 else "continuation"
             self.metrics.plugin_errors.labels(backend.name, hook).inc()
             self.log.error(f"backend {hook} hook raised", error=repr(e), exc_info=e)
             raise MigrationFailed(f"the {backend.name} backend failed to build the request") from e
@@ -553,14 +552,7 @@ class RequestRelay:
 
     def _take_whole(self, backend: Backend, decoder: StreamDecoder, body: bytes) -> None:
         """Take a whole answer (one body, decoded as one event) into the request."""
-        try:
-            piece = decoder.feed(body)
-        except BackendError:
-            raise
-        except Exception as e:
-            raise self._plugin_bug(backend, "decoder", e) from e
-        if piece is not None:
-            self._on_piece(piece)
+        self._take(backend, decoder, [body], [])  # (nothing is rendered: not streamed)
         if self.finish is None:
             raise MalformedStream(f"the engine's answer has no finish reason: {body[:80]!r}")
 

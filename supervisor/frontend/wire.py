@@ -274,28 +274,6 @@ class EngineConnection(asyncio.Protocol):
         pos, n = 0, len(buf)
         out: list[bytes] = []
         while pos < n:
-            if self._need == 0 and not self._trailer:
-                # A chunk's size line; if the whole chunk is here, it is taken at once
-                # (the common case: an engine writes each event as one chunk).
-                end = buf.find(b"\r\n", pos)
-                if end < 0:
-                    if n - pos > 1024:
-                        raise EngineProtocolError("chunk size line too long")
-                    break
-                size = _chunk_size(buf[pos:end])
-                pos = end + 2
-                if size == 0:
-                    self._trailer = True
-                    continue
-                stop = pos + size
-                if stop + 2 > n:
-                    self._need = size  # the rest of it comes with later reads
-                    continue
-                if buf[stop : stop + 2] != b"\r\n":
-                    raise EngineProtocolError("chunk not followed by CRLF")
-                out.append(buf[pos:stop])
-                pos = stop + 2
-                continue
             if self._need > 0:
                 piece = buf[pos : pos + self._need]
                 out.append(piece)
@@ -319,15 +297,30 @@ class EngineConnection(asyncio.Protocol):
                 break
             line = buf[pos:end]
             pos = end + 2
-            # (only trailers are left here: a size line is read above)
-            if not line:  # the empty line that ends the trailers: the body is whole
-                self._cbuf = b""
-                if out:
-                    self._deliver(b"".join(out))
-                if pos < n:
-                    self._reusable = False
-                self._finish()
-                return
+            if self._trailer:
+                if not line:  # the empty line that ends the trailers: the body is whole
+                    self._cbuf = b""
+                    if out:
+                        self._deliver(b"".join(out))
+                    if pos < n:
+                        self._reusable = False
+                    self._finish()
+                    return
+                continue  # a trailer field: not needed
+            size = _chunk_size(line)
+            if size == 0:
+                self._trailer = True
+                continue
+            stop = pos + size
+            if stop + 2 > n:
+                self._need = size  # the rest of this chunk comes with later reads
+                continue
+            # The whole chunk is here (the common case: an engine writes each event as one
+            # chunk): taken at once, with no state kept between its size, data and CRLF.
+            if buf[stop : stop + 2] != b"\r\n":
+                raise EngineProtocolError("chunk not followed by CRLF")
+            out.append(buf[pos:stop])
+            pos = stop + 2
         self._cbuf = buf[pos:]
         if out:
             self._deliver(out[0] if len(out) == 1 else b"".join(out))
