@@ -155,9 +155,10 @@ class Router:
             target = await self._wait_for(
                 model, exclude, self.cfg.queue_timeout if wait is None else wait, migrating
             )
-        n = self.inflight.get(target.engine_id, 0) + 1
-        self.inflight[target.engine_id] = n
-        self._gauge(target.engine_id).set(n)
+        eid = target.engine_id
+        self.inflight[eid] = self.inflight.get(eid, 0) + 1
+        if eid not in self._gauges:
+            self._gauge(eid)
         lease = Lease(target)
         self.leases.setdefault(target.engine_id, set()).add(lease)
         return lease
@@ -205,20 +206,16 @@ class Router:
     def release(self, lease: Lease) -> None:
         eid = lease.target.engine_id
         self.leases.get(eid, set()).discard(lease)
-        n = max(0, self.inflight.get(eid, 0) - 1)
-        self.inflight[eid] = n
-        self._gauge(eid).set(n)
+        self.inflight[eid] = max(0, self.inflight.get(eid, 0) - 1)
         if self.waiting:  # wake the waiters (an event nobody awaits need not be replaced)
             freed, self._freed = self._freed, anyio.Event()
             freed.set()
 
-    def _gauge(self, engine_id: str) -> Any:
-        # The per-engine in-flight gauge, looked up once per engine (labels() takes a lock
-        # and builds a tuple on every call; this runs twice per request).
-        child = self._gauges.get(engine_id)
-        if child is None:
-            child = self._gauges[engine_id] = self.metrics.inflight.labels(engine_id)
-        return child
+    def _gauge(self, engine_id: str) -> None:
+        # The per-engine in-flight gauge reads the count when scraped: setting it on every
+        # acquire and release took a lock twice per request for a value read once a scrape.
+        child = self._gauges[engine_id] = self.metrics.inflight.labels(engine_id)
+        child.set_function(lambda: self.inflight.get(engine_id, 0))
 
     def engine_failed(self, engine_id: str) -> None:
         """Cancel every stream on a dead engine so each migrates at once."""

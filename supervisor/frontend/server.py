@@ -129,9 +129,9 @@ def _wants_keep_alive(version: str, headers: dict[str, str]) -> bool:
 
 
 def render_head(status: int, headers: list[tuple[str, str]]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}"]
-    lines.extend(f"{k}: {v}" for k, v in headers)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    fields = "".join([f"{k}: {v}\r\n" for k, v in headers])
+    head = f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n{fields}\r\n"
+    return head.encode("utf-8", "surrogateescape")
 
 
 class Reply:
@@ -364,34 +364,38 @@ class _Connection(asyncio.Protocol):
                 self._refuse(e.status, str(e))
                 return
             self.deadline_kind = None  # the head is in; the body has no deadline of its own
-            head = self.head = _Head(method, path, query, version, headers, length, chunked)
             del buf[: end + 4]
             if headers.get("expect", "").lower() == "100-continue":
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if not chunked and len(buf) >= length:  # the body came with it (the usual case)
+                body = bytes(buf[:length])
+                del buf[:length]
+                self._start(Request(method, path, query, version, headers, body, False))
+                return
+            head = self.head = _Head(method, path, query, version, headers, length, chunked)
         if head.chunked:
             try:
-                body = self._dechunk(head)
+                whole = self._dechunk(head)
             except HeadError as e:
                 self._refuse(e.status, str(e))
                 return
-            if body is None:
+            if whole is None:
                 return
+            body = whole
         else:
             if len(buf) < head.length:
                 return
             body = bytes(buf[: head.length])
             del buf[: head.length]
         self.head = None
-        self.http10 = head.version == "1.0"
-        request = Request(
-            head.method,
-            head.path,
-            head.query,
-            head.version,
-            head.headers,
-            body,
-            _wants_keep_alive(head.version, head.headers),
+        self._start(
+            Request(head.method, head.path, head.query, head.version, head.headers, body, False)
         )
+
+    def _start(self, request: Request) -> None:
+        """Run the handler for a request read whole."""
+        self.http10 = request.version == "1.0"
+        request.keep_alive = _wants_keep_alive(request.version, request.headers)
         self.task = self.server.spawn(self._handle(request))
 
     def _framing(self, headers: dict[str, str]) -> tuple[int, bool]:

@@ -48,3 +48,7 @@ class StopStrings:
             return StopMatch(len(text))
         # A stop string may yet complete in what comes next: keep back what could begin one.
         return StopMatch(max(len(text) - self.hold, 0))
+
+
+# Most requests have no stop strings, and then a StopStrings keeps no state: one serves all.
+NO_STOPS = StopStrings(())

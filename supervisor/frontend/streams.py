@@ -37,7 +37,7 @@ from supervisor.backends import (
 )
 from supervisor.config import FrontendConfig, HealthConfig
 from supervisor.frontend.routing import Lease, Rejected, Router, Target
-from supervisor.frontend.stops import StopStrings
+from supervisor.frontend.stops import NO_STOPS, StopStrings
 from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
@@ -45,7 +45,7 @@ from supervisor.sessions import Sessions
 from supervisor.upstream import SseSplitter
 
 _PROCESS_TAG = secrets.token_hex(3)
-_TOOL_FIELDS = ("tools", "functions", "tool_choice")
+_TOOL_FIELDS = frozenset(("tools", "functions", "tool_choice"))
 # A whole answer larger than this is garbage (a short answer with its prompt's token ids,
 # even for the longest contexts, is a few MiB).
 _WHOLE_LIMIT = 64 * 1024 * 1024
@@ -275,8 +275,11 @@ class RequestRelay:
         # rejects a duplicate (SGLang) or an abort would hit both. A random tag per
         # process and a counter: unique across restarts, and no random bytes per request.
         self.engine_rid = f"{rid}-{_PROCESS_TAG}{next(_ENGINE_SEQ):x}"
-        self.stops = StopStrings(
-            req.stop_strings, include_in_output=bool(req.body.get("include_stop_str_in_output"))
+        stops = req.stop_strings
+        self.stops = (
+            StopStrings(stops, include_in_output=bool(req.body.get("include_stop_str_in_output")))
+            if stops
+            else NO_STOPS
         )
         # Asked of the engine whole (see FrontendConfig.whole_upstream_max_tokens): short,
         # not streamed to its client, and nothing the relay must watch token by token (stop
@@ -286,7 +289,7 @@ class RequestRelay:
             and self.budget is not None
             and self.budget <= cfg.whole_upstream_max_tokens
             and not self.stops.stops
-            and not any(k in req.body for k in _TOOL_FIELDS)
+            and _TOOL_FIELDS.isdisjoint(req.body)
         )
         self.textless = TextlessTokens()
         self.router, self.sessions, self.cfg = router, sessions, cfg

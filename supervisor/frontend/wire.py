@@ -117,15 +117,14 @@ class EngineConnection(asyncio.Protocol):
         self._chunked, self._left, self._need = False, None, 0
         self._trailer, self._cbuf = False, b""
         host, port = self.key
-        lines = [
-            f"POST {path} HTTP/1.1",
-            f"Host: {host}:{port}",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-            *(f"{k}: {v}" for k, v in headers.items() if k.lower() != "content-type"),
-        ]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.transport.write(head + body)
+        fields = "".join(
+            [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "content-type"]
+        )
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{fields}\r\n"
+        )
+        self.transport.write(head.encode("latin-1") + body)
 
     async def head(self) -> int:
         assert self._head_fut is not None

@@ -248,6 +248,13 @@ async def test_a_client_that_stops_reading_is_its_own_problem(node: Any) -> None
     body = {"model": "sim-model", "prompt": "flood", "max_tokens": 150_000, "stream": True}
     sock.sendall(raw_request(host, int(port), body))
     try:
+        # The held stream shows in the in-flight gauge while it lasts, and only then.
+        inflight = 0.0
+        with anyio.move_on_after(10):
+            while inflight != 1:
+                inflight = metric(await n.metrics(), "failover_supervisor_frontend_inflight")
+                await anyio.sleep(0.05)
+        assert inflight == 1
         # Never read: once the socket buffers are full (a few MB), the relay's writes block.
         await n.wait(lambda s: "too slow" in n.sup.logs(), "the slow client dropped", t=40)
         st = await n.status()
@@ -255,7 +262,9 @@ async def test_a_client_that_stops_reading_is_its_own_problem(node: Any) -> None
         assert await n.complete() == 200  # everyone else is served meanwhile
         logs = n.sup.logs()
         assert "too slow" in logs, logs[-3000:]
-        assert metric(await n.metrics(), "failover_supervisor_migrations_total") == 0
+        text = await n.metrics()
+        assert metric(text, "failover_supervisor_migrations_total") == 0
+        assert metric(text, "failover_supervisor_frontend_inflight") == 0
     finally:
         sock.close()
 
