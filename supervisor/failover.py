@@ -239,7 +239,10 @@ class SlotController:
     def endpoint(self, engine: Engine, timeout: float | None = None) -> EngineEndpoint:
         """For probes and readiness checks (their own connection pool)."""
         return EngineEndpoint(
-            engine.url, self.sessions.probes, timeout or self.cfg.health.probe_timeout
+            engine.url,
+            self.sessions.probes,
+            timeout or self.cfg.health.probe_timeout,
+            pool=self.sessions.probe_pool,
         )
 
     def control(self, engine: Engine) -> EngineEndpoint:

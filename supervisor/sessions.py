@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -23,6 +23,8 @@ class Sessions:
     probes: aiohttp.ClientSession  # health probes and readiness checks
     control: aiohttp.ClientSession  # sleep, wake, abort: the plugins' control calls
     cluster: aiohttp.ClientSession  # etcd and peer supervisors' admin APIs
+    # The health probes' GETs, through the relay's lean client but a pool of their own.
+    probe_pool: EnginePool = field(default_factory=lambda: EnginePool(max_idle_per_engine=8))
 
 
 @asynccontextmanager
@@ -41,9 +43,12 @@ async def open_sessions(max_inflight_per_engine: int) -> AsyncIterator[Sessions]
 
         relay = EnginePool(max_idle_per_engine=max_inflight_per_engine)
         stack.callback(relay.close)
+        probe_pool = EnginePool(max_idle_per_engine=8)
+        stack.callback(probe_pool.close)
         yield Sessions(
             relay=relay,
             probes=await session(0, 8, 30.0),
             control=await session(0, 32, 15.0),
             cluster=await session(0, 16, 30.0),
+            probe_pool=probe_pool,
         )

@@ -273,7 +273,7 @@ class Frontend:
 
         emit: Callable[[bytes], Awaitable[None]] | None = None
         emit_now: Callable[[bytes], bool] | None = None
-        if req.stream:
+        if req.stream:  # (the writers are made only where they are used)
 
             async def emit(data: bytes) -> None:
                 if not reply.started:

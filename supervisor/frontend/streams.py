@@ -448,12 +448,19 @@ class RequestRelay:
         self.last_event = time.monotonic()
         self.stalled = False
         self.stalled_reason = ""
-        # One watchdog per stream, not a deadline per event: the hot path stays lean.
-        # A timer, not a task: a request costs no task (and no task group) beyond its own.
-        step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
-        waiting = asyncio.Timeout(None)  # ended early by lease.cancel()
+        limit = 0.0
+        if up.whole:
+            # No token shows progress, so one deadline: as long as a stream of the same
+            # length could have taken (one stall_timeout per token after the first).
+            limit = self.first_token_timeout + (self.budget or 0) * self.stall_timeout
+            waiting = asyncio.Timeout(loop.time() + limit)  # or ended early by lease.cancel()
+        else:
+            # One watchdog per stream, not a deadline per event: the hot path stays lean.
+            # A timer, not a task: a request costs no task (and no task group) beyond its own.
+            step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
+            self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
+            waiting = asyncio.Timeout(None)  # ended early by lease.cancel()
         try:
             async with waiting:
                 lease.wait_in(waiting)
@@ -461,9 +468,13 @@ class RequestRelay:
         except TimeoutError:
             if not waiting.expired():
                 raise
+            if up.whole and not lease.cancelled:  # the deadline passed, not a cancel
+                self.stalled = True
+                self.stalled_reason = f"no answer for {limit:g}s (stalled)"
         finally:
             lease.wait_in(None)
-            self._timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
         if self.finish is not None:
             return
         if self.client_slow:
@@ -622,15 +633,6 @@ class RequestRelay:
         elif self.writing_since is not None:
             if now - self.writing_since > self.cfg.client_write_timeout:
                 self.client_slow = True
-                lease.cancel()
-                return
-        elif self.whole:
-            # No token shows progress: the answer may take as long as a stream's tokens
-            # could have, one stall_timeout each after the first.
-            limit = self.first_token_timeout + (self.budget or 0) * self.stall_timeout
-            if now - self.last_event > limit:
-                self.stalled = True
-                self.stalled_reason = f"no answer for {limit:g}s (stalled)"
                 lease.cancel()
                 return
         else:

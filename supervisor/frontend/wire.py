@@ -5,7 +5,8 @@ wakes a task, passes through a stream reader and an async iterator or two before
 sees it. Here the connection hands each read's body bytes to a plain callback (the relay
 decodes them and writes to its client there and then), so a read costs no task switch.
 
-Only what talking to an engine needs: ``POST`` with a JSON body, a response framed by
+Only what talking to an engine needs: a JSON body or none (the health probes' ``GET``), a
+response framed by
 ``Content-Length``, ``Transfer-Encoding: chunked`` or the connection's end, keep-alive with
 a pool per engine. Anything else an engine sends is :class:`EngineProtocolError`.
 """
@@ -108,7 +109,10 @@ class EngineConnection(asyncio.Protocol):
             and not self.transport.is_closing()
         )
 
-    def send(self, path: str, headers: dict[str, str], body: bytes) -> None:
+    def send(
+        self, path: str, headers: dict[str, str], body: bytes | None, method: str = "POST"
+    ) -> None:
+        """Send a request: ``body`` is JSON (None: a request without a body)."""
         assert self.transport is not None and self._state == "idle"
         loop = asyncio.get_running_loop()
         self._head_fut, self._end_fut = loop.create_future(), loop.create_future()
@@ -120,9 +124,13 @@ class EngineConnection(asyncio.Protocol):
         fields = "".join(
             [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "content-type"]
         )
+        if body is None:
+            head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{fields}\r\n"
+            self.transport.write(head.encode("latin-1"))
+            return
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{fields}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{fields}\r\n"
         )
         self.transport.write(head.encode("latin-1") + body)
 
@@ -375,14 +383,19 @@ class EnginePool:
         return key
 
     async def request(
-        self, url: str, path: str, headers: dict[str, str], body: bytes
+        self,
+        url: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        method: str = "POST",
     ) -> EngineConnection:
         """A connection with the request sent; its answer is read through it. A kept
         connection that turns out closed before any answer is replaced once by a new one."""
         key = self.key(url)
         conn = self._reused(key)
         if conn is not None:
-            conn.send(path, headers, body)
+            conn.send(path, headers, body, method)
             try:
                 await conn.head()
                 return conn
@@ -394,7 +407,7 @@ class EnginePool:
                 conn.close()
                 raise
         conn = await self._open(key)
-        conn.send(path, headers, body)
+        conn.send(path, headers, body, method)
         try:
             await conn.head()
         except BaseException:

@@ -14,13 +14,14 @@ import orjson
 import pytest
 
 from plugins.vllm import VllmBackend
+from supervisor.backends import EngineEndpoint
 from supervisor.frontend.wire import (
     EngineConnection,
     EngineConnectionError,
     EnginePool,
     EngineProtocolError,
 )
-from supervisor.model import EngineSpec
+from supervisor.model import EngineSpec, Readiness
 from supervisor.testing.cluster import free_port, running_engine
 from supervisor.upstream import SseSplitter
 
@@ -272,3 +273,98 @@ async def test_no_engine_listening_is_a_connection_error() -> None:
     pool = EnginePool(connect_timeout=1)
     with pytest.raises(EngineConnectionError, match="cannot connect"):
         await pool.request(f"http://127.0.0.1:{free_port()}", "/x", {}, b"{}")
+
+
+# -- the health probes' calls (EngineEndpoint with a pool) ------------------------------------
+async def test_a_lean_endpoint_answers_as_the_aiohttp_one_does(
+    engine_url: str, session: aiohttp.ClientSession
+) -> None:
+    pool = EnginePool()
+    lean = EngineEndpoint(engine_url, session, 5.0, pool=pool)
+    plain = EngineEndpoint(engine_url, session, 5.0)
+    backend = VllmBackend()
+    try:
+        for path in ("/health", "/v1/models", "/is_sleeping", "/no/such/route"):
+            status, body = await lean.call("GET", path)
+            status2, body2 = await plain.call("GET", path)
+            assert status == status2, path
+            if status == 200 and path != "/health":
+                assert orjson.loads(body).keys() == orjson.loads(body2).keys(), path
+        ask = {"model": "sim-model", "prompt": "the river", "max_tokens": 3}
+        status, body = await lean.call("POST", "/v1/completions", json_body=ask)
+        assert status == 200 and orjson.loads(body)["usage"]["completion_tokens"] == 3
+        assert await backend.health(lean) == await backend.health(plain) == Readiness.READY
+        assert pool.opened == 1  # every call above on one kept connection
+    finally:
+        pool.close()
+
+
+async def test_a_lean_get_carries_its_query_and_no_body() -> None:
+    heads: list[bytes] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        heads.append(await r.readuntil(b"\r\n\r\n"))
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        w.close()
+
+    server, url = await serve(handler)
+    pool = EnginePool()
+    async with aiohttp.ClientSession() as session:
+        try:
+            ep = EngineEndpoint(url, session, 2.0, pool=pool)
+            assert await ep.call("GET", "/sleep", params={"level": "2", "x": "a b"}) == (200, b"ok")
+        finally:
+            pool.close()
+            server.close()
+    assert heads[0].startswith(b"GET /sleep?level=2&x=a+b HTTP/1.1\r\n")
+    assert b"content-length" not in heads[0].lower()
+
+
+async def test_lean_endpoint_failures_are_the_aiohttp_errors_plugins_catch() -> None:
+    pool = EnginePool(connect_timeout=1)
+    async with aiohttp.ClientSession() as session:
+        try:
+            nobody = EngineEndpoint(f"http://127.0.0.1:{free_port()}", session, 2.0, pool=pool)
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await nobody.call("GET", "/health")
+            assert await VllmBackend().health(nobody) == Readiness.DOWN
+
+            async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+                await r.readuntil(b"\r\n\r\n")
+                w.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+                await asyncio.sleep(5)  # open: only parsing can end the call
+                w.close()
+
+            server, url = await serve(garbage)
+            try:
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await EngineEndpoint(url, session, 2.0, pool=pool).call("GET", "/health")
+            finally:
+                server.close()
+        finally:
+            pool.close()
+
+
+async def test_a_lean_call_to_a_black_hole_times_out_and_drops_the_connection() -> None:
+    dropped = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        await r.read()  # never answers; returns once the client gives up and closes
+        dropped.set()
+        w.close()
+
+    server, url = await serve(handler)
+    pool = EnginePool()
+    async with aiohttp.ClientSession() as session:
+        try:
+            ep = EngineEndpoint(url, session, 0.5, pool=pool)
+            with pytest.raises(TimeoutError):
+                await ep.call("GET", "/health")
+            async with asyncio.timeout(5):
+                await dropped.wait()
+            assert await VllmBackend().health(ep) == Readiness.DOWN
+        finally:
+            pool.close()
+            server.close()
