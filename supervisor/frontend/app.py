@@ -282,9 +282,11 @@ class Frontend:
 
             def emit_now(data: bytes) -> bool:
                 # Straight to the socket while the client keeps up; else False, and the
-                # relay waits on emit (which waits for the client).
+                # relay waits on emit (which waits for the client). Once the stream has
+                # begun, the relay writes through the connection's own method.
                 if not reply.started:
                     begin()
+                relay.emit_now = reply.write_now
                 return reply.write_now(data)
 
         relay = RequestRelay(
