@@ -187,56 +187,65 @@ class OpenAIStreamDecoder(StreamDecoder):
         self._counted = 0  # the engine's running completion_tokens at the last chunk
 
     def feed(self, data: bytes) -> Piece | None:
+        # (Read into locals and built once at the end: this runs for every token.)
         obj = loads_event(data)
         choices = obj.get("choices")
         if not isinstance(choices, list):
             raise MalformedStream(f"stream event has no choices list: {data[:80]!r}")
-        piece = Piece()
         usage = obj.get("usage")
+        prompt_tokens = running = None
         if isinstance(usage, dict):
-            piece.prompt_tokens = usage.get("prompt_tokens")
-            piece.completion_tokens = usage.get("completion_tokens")
+            prompt_tokens = usage.get("prompt_tokens")
+            running = usage.get("completion_tokens")  # the engine's count so far
         top_prompt_ids = obj.get("prompt_token_ids")
-        if isinstance(top_prompt_ids, list):
-            piece.prompt_token_ids = top_prompt_ids
+        prompt_ids = top_prompt_ids if isinstance(top_prompt_ids, list) else None
         if not choices:
-            return piece if usage or top_prompt_ids else None
+            if usage or top_prompt_ids:
+                return Piece(
+                    prompt_token_ids=prompt_ids,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=running,
+                )
+            return None
         ch = choices[0]
         if not isinstance(ch, dict):
             raise MalformedStream(f"stream choice is not an object: {data[:80]!r}")
+        extras = None
         if "delta" in ch or "message" in ch:  # a chunk, or a whole (non-streamed) answer
             delta = ch["delta"] if "delta" in ch else ch["message"]
             if not isinstance(delta, dict):
                 raise MalformedStream(f"stream delta is not an object: {data[:80]!r}")
             text = delta.get("content")
-            extras = {k: delta[k] for k in DELTA_EXTRAS if delta.get(k) is not None}
-            calls = extras.get("tool_calls")
+            extras = {k: delta[k] for k in DELTA_EXTRAS if delta.get(k) is not None} or None
+            calls = extras.get("tool_calls") if extras else None
             if "message" in ch and isinstance(calls, list):
                 # A whole message's calls have no index: their order is it.
-                extras["tool_calls"] = [
+                extras["tool_calls"] = [  # type: ignore[index]
                     {"index": i, **c} if isinstance(c, dict) else c for i, c in enumerate(calls)
                 ]
-            piece.delta = extras or None
         else:
             text = ch.get("text")
         if text is not None and not isinstance(text, str):
             raise MalformedStream(f"stream text is not a string: {data[:80]!r}")
-        piece.text = text or ""
+        text = text or ""
         ids = ch.get("token_ids")
-        running = piece.completion_tokens
+        n_tokens = 0
         if isinstance(ids, list):
-            piece.token_ids = ids
-        elif isinstance(running, int) and running >= self._counted:
-            piece.n_tokens = running - self._counted
-        elif piece.text or piece.delta:
-            piece.n_tokens = 1  # one event per token when the engine does not say otherwise
-        if isinstance(running, int):
-            self._counted = max(self._counted, running)
-        if isinstance(ch.get("prompt_token_ids"), list):
-            piece.prompt_token_ids = ch["prompt_token_ids"]
-        piece.finish_reason = ch.get("finish_reason")
-        if piece.finish_reason == "abort":
+            token_ids: list[int] | None = ids
+        else:
+            token_ids = None
+            if isinstance(running, int) and running >= self._counted:
+                n_tokens = running - self._counted
+            elif text or extras:
+                n_tokens = 1  # one event per token when the engine does not say otherwise
+        if isinstance(running, int) and running > self._counted:
+            self._counted = running
+        choice_prompt_ids = ch.get("prompt_token_ids")
+        if isinstance(choice_prompt_ids, list):
+            prompt_ids = choice_prompt_ids
+        finish = ch.get("finish_reason")
+        if finish == "abort":
             # The engine gave up on the request (e.g. vLLM's /sleep in mode "abort"): not an
             # answer the client asked for; the relay resumes it elsewhere.
             raise EngineReportedError("the engine aborted the request (finish_reason abort)")
-        return piece
+        return Piece(text, token_ids, n_tokens, finish, prompt_ids, prompt_tokens, running, extras)

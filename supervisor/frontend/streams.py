@@ -101,15 +101,15 @@ class ClientShape:
     def object(self) -> str:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
-    def _chunk(self, choice: dict[str, Any], **extra: Any) -> bytes:
-        if extra:
+    def _chunk(self, choice: dict[str, Any], failover: dict[str, Any] | None = None) -> bytes:
+        if failover:
             obj = {
                 "id": self.rid,
                 "object": self.object,
                 "created": self.created,
                 "model": self.model,
                 "choices": [choice],
-                **extra,
+                "failover": failover,
             }
             return b"data: " + orjson.dumps(obj) + b"\n\n"
         # Every chunk of a stream starts alike: that part is rendered once.
@@ -147,18 +147,19 @@ class ClientShape:
             delta: dict[str, Any] = {"content": text}
             if piece.delta:
                 delta.update(piece.delta)
-            choice: dict[str, Any] = {"index": 0, "delta": delta}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
         else:
-            choice = {"index": 0, "text": text}
-        choice["logprobs"] = None
-        choice["finish_reason"] = finish
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         if stop is not None:
             choice["stop_reason"] = stop
         if self.with_ids and piece.token_ids is not None:
             choice["token_ids"] = piece.token_ids
-        if failover:
-            return self._chunk(choice, failover=failover)
-        return self._chunk(choice)
+        return self._chunk(choice, failover)
 
     def usage_chunk(self, usage: dict[str, int]) -> bytes:
         obj = {
@@ -534,7 +535,15 @@ class RequestRelay:
                 st.error = e
             if out:  # what was taken into the answer reaches the client, come what may
                 data = out[0] if len(out) == 1 else b"".join(out)
-                if st.pending or not self._write_now(data):
+                # Straight to the client if it can take it now (not while this task is
+                # blocked writing to it), else queued for this task, which waits for it.
+                write_now = self.emit_now
+                if (
+                    st.pending
+                    or write_now is None
+                    or self.writing_since is not None
+                    or not write_now(data)
+                ):
                     st.pending.append(data)
             if st.error is None and sse.error is not None:
                 st.error = sse.error
@@ -569,13 +578,6 @@ class RequestRelay:
         self._take(backend, decoder, [body], [])  # (nothing is rendered: not streamed)
         if self.finish is None:
             raise MalformedStream(f"the engine's answer has no finish reason: {body[:80]!r}")
-
-    def _write_now(self, data: bytes) -> bool:
-        """Write to the client without waiting, if it can take it now (False: it goes
-        through :meth:`_send` instead)."""
-        if self.emit_now is None or self.writing_since is not None:
-            return False
-        return self.emit_now(data)
 
     def _take(
         self, backend: Backend, decoder: StreamDecoder, events: list[bytes], out: list[bytes]

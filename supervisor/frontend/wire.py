@@ -329,8 +329,12 @@ class EngineConnection(asyncio.Protocol):
             out.append(buf[pos:stop])
             pos = stop + 2
         self._cbuf = buf[pos:]
-        if out:
-            self._deliver(out[0] if len(out) == 1 else b"".join(out))
+        if out:  # (_deliver, inline: this runs for every read of a stream)
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if self.sink is not None:
+                self.sink(data)
+            else:
+                self._held.append(data)
 
     def _finish(self) -> None:
         self._state = "done"
