@@ -103,9 +103,10 @@ class ClientRequest:
         """How many tokens the request may generate in all: its ``max_tokens``, or for a
         completion without one the completions API's default (16); None for a chat
         request without one ("until the context ends")."""
-        if self.max_tokens is None and self.kind == "completion":
+        limit = self.max_tokens
+        if limit is None and self.kind == "completion":
             return COMPLETIONS_DEFAULT_MAX_TOKENS
-        return self.max_tokens
+        return limit
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -273,7 +273,8 @@ class Frontend:
 
         emit: Callable[[bytes], Awaitable[None]] | None = None
         emit_now: Callable[[bytes], bool] | None = None
-        if req.stream:  # (the writers are made only where they are used)
+        stream = req.stream
+        if stream:  # (the writers are made only where they are used)
 
             async def emit(data: bytes) -> None:
                 if not reply.started:
@@ -301,7 +302,7 @@ class Frontend:
             emit,
             emit_now,
         )
-        self._enter()
+        self.active += 1  # (until _leave)
         t0 = time.monotonic()
         outcome = "ok"
         try:
@@ -350,13 +351,13 @@ class Frontend:
                     request_id=rid,
                     model=body["model"],
                     kind=kind,
-                    stream=req.stream,
+                    stream=stream,
                     outcome=outcome,
                     migrations=relay.attempt,
                     tokens=relay.progress.completion_tokens,
                     ms=round((time.monotonic() - t0) * 1000, 1),
                 )
-        if not req.stream:
+        if not stream:
             failover = relay.failover_report()
             headers = [("X-Request-Id", rid)]
             if failover:
@@ -383,9 +384,6 @@ class Frontend:
         with contextlib.suppress(ConnectionError):
             # As vLLM ends a stream that failed: the error event, then [DONE].
             await reply.write(b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
-
-    def _enter(self) -> None:
-        self.active += 1
 
     def _leave(self) -> None:
         self.active -= 1

@@ -160,7 +160,10 @@ class Router:
         if eid not in self._gauges:
             self._gauge(eid)
         lease = Lease(target)
-        self.leases.setdefault(target.engine_id, set()).add(lease)
+        held = self.leases.get(eid)
+        if held is None:
+            held = self.leases[eid] = set()
+        held.add(lease)
         return lease
 
     async def _wait_for(
