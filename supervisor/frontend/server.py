@@ -370,7 +370,7 @@ class _Connection(asyncio.Protocol):
             if not chunked and len(buf) >= length:  # the body came with it (the usual case)
                 body = bytes(buf[:length])
                 del buf[:length]
-                self._start(Request(method, path, query, version, headers, body, False))
+                self._start(method, path, query, version, headers, body)
                 return
             head = self.head = _Head(method, path, query, version, headers, length, chunked)
         if head.chunked:
@@ -388,14 +388,21 @@ class _Connection(asyncio.Protocol):
             body = bytes(buf[: head.length])
             del buf[: head.length]
         self.head = None
-        self._start(
-            Request(head.method, head.path, head.query, head.version, head.headers, body, False)
-        )
+        self._start(head.method, head.path, head.query, head.version, head.headers, body)
 
-    def _start(self, request: Request) -> None:
+    def _start(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        version: str,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> None:
         """Run the handler for a request read whole."""
-        self.http10 = request.version == "1.0"
-        request.keep_alive = _wants_keep_alive(request.version, request.headers)
+        self.http10 = version == "1.0"
+        keep_alive = _wants_keep_alive(version, headers)
+        request = Request(method, path, query, version, headers, body, keep_alive)
         self.task = self.server.spawn(self._handle(request))
 
     def _framing(self, headers: dict[str, str]) -> tuple[int, bool]:
@@ -524,8 +531,8 @@ class _Connection(asyncio.Protocol):
             return False
         if t.get_write_buffer_size() > self.server.client_buffer:
             return False
-        if data:  # (frame(), inline: this runs for every upstream read)
-            t.write(data if self.http10 else b"%x\r\n%b\r\n" % (len(data), data))
+        if data:
+            t.write(self.frame(data))
         return True
 
     async def write_waiting(self, data: bytes) -> None:

@@ -6,9 +6,9 @@ sees it. Here the connection hands each read's body bytes to a plain callback (t
 decodes them and writes to its client there and then), so a read costs no task switch.
 
 Only what talking to an engine needs: a JSON body or none (the health probes' ``GET``), a
-response framed by
-``Content-Length``, ``Transfer-Encoding: chunked`` or the connection's end, keep-alive with
-a pool per engine. Anything else an engine sends is :class:`EngineProtocolError`.
+response framed by ``Content-Length``, ``Transfer-Encoding: chunked`` or the connection's
+end, keep-alive with a pool per engine. Anything else an engine sends is
+:class:`EngineProtocolError`.
 """
 
 from __future__ import annotations
@@ -329,12 +329,8 @@ class EngineConnection(asyncio.Protocol):
             out.append(buf[pos:stop])
             pos = stop + 2
         self._cbuf = buf[pos:]
-        if out:  # (_deliver, inline: this runs for every read of a stream)
-            data = out[0] if len(out) == 1 else b"".join(out)
-            if self.sink is not None:
-                self.sink(data)
-            else:
-                self._held.append(data)
+        if out:
+            self._deliver(out[0] if len(out) == 1 else b"".join(out))
 
     def _finish(self) -> None:
         self._state = "done"
