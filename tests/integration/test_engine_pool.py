@@ -299,6 +299,19 @@ async def test_a_lean_endpoint_answers_as_the_aiohttp_one_does(
         pool.close()
 
 
+@contextlib.asynccontextmanager
+async def lean_endpoint(handler: Handler, timeout: float = 2.0) -> AsyncIterator[EngineEndpoint]:
+    """An endpoint whose calls take the lean client, to a server running ``handler``."""
+    server, url = await serve(handler)
+    pool = EnginePool(connect_timeout=1)
+    async with aiohttp.ClientSession() as session:
+        try:
+            yield EngineEndpoint(url, session, timeout, pool=pool)
+        finally:
+            pool.close()
+            server.close()
+
+
 async def test_a_lean_get_carries_its_query_and_no_body() -> None:
     heads: list[bytes] = []
 
@@ -308,15 +321,8 @@ async def test_a_lean_get_carries_its_query_and_no_body() -> None:
         await w.drain()
         w.close()
 
-    server, url = await serve(handler)
-    pool = EnginePool()
-    async with aiohttp.ClientSession() as session:
-        try:
-            ep = EngineEndpoint(url, session, 2.0, pool=pool)
-            assert await ep.call("GET", "/sleep", params={"level": "2", "x": "a b"}) == (200, b"ok")
-        finally:
-            pool.close()
-            server.close()
+    async with lean_endpoint(handler) as ep:
+        assert await ep.call("GET", "/sleep", params={"level": "2", "x": "a b"}) == (200, b"ok")
     assert heads[0].startswith(b"GET /sleep?level=2&x=a+b HTTP/1.1\r\n")
     assert b"content-length" not in heads[0].lower()
 
@@ -329,21 +335,18 @@ async def test_lean_endpoint_failures_are_the_aiohttp_errors_plugins_catch() -> 
             with pytest.raises(aiohttp.ClientConnectionError):
                 await nobody.call("GET", "/health")
             assert await VllmBackend().health(nobody) == Readiness.DOWN
-
-            async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-                await r.readuntil(b"\r\n\r\n")
-                w.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
-                await asyncio.sleep(5)  # open: only parsing can end the call
-                w.close()
-
-            server, url = await serve(garbage)
-            try:
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await EngineEndpoint(url, session, 2.0, pool=pool).call("GET", "/health")
-            finally:
-                server.close()
         finally:
             pool.close()
+
+    async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await asyncio.sleep(5)  # open: only parsing can end the call
+        w.close()
+
+    async with lean_endpoint(garbage) as ep:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await ep.call("GET", "/health")
 
 
 async def test_a_lean_call_to_a_black_hole_times_out_and_drops_the_connection() -> None:
@@ -355,16 +358,9 @@ async def test_a_lean_call_to_a_black_hole_times_out_and_drops_the_connection() 
         dropped.set()
         w.close()
 
-    server, url = await serve(handler)
-    pool = EnginePool()
-    async with aiohttp.ClientSession() as session:
-        try:
-            ep = EngineEndpoint(url, session, 0.5, pool=pool)
-            with pytest.raises(TimeoutError):
-                await ep.call("GET", "/health")
-            async with asyncio.timeout(5):
-                await dropped.wait()
-            assert await VllmBackend().health(ep) == Readiness.DOWN
-        finally:
-            pool.close()
-            server.close()
+    async with lean_endpoint(handler, timeout=0.5) as ep:
+        with pytest.raises(TimeoutError):
+            await ep.call("GET", "/health")
+        async with asyncio.timeout(5):
+            await dropped.wait()
+        assert await VllmBackend().health(ep) == Readiness.DOWN
