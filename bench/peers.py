@@ -47,6 +47,7 @@ import anyio
 
 from bench.failover import pct
 from bench.frontend import stream
+from supervisor.config import HealthConfig
 from supervisor.procfs import process_tree, read_stat
 from supervisor.testing.cluster import FAST_SIM_ARGS, free_port, sim_slot, start_supervisor
 from supervisor.testing.gpuledger import LEDGER_ENV
@@ -300,7 +301,12 @@ async def run(
     sup = await start_supervisor(
         work,
         slots,
-        health={"probe_interval": 0.5},  # the default, not the tests' fast probing
+        # The daemon's own probing (the tests' faster probes time out after 0.25 s, which
+        # a simulated engine carrying 1,000 streams on two cores can take to answer).
+        health={
+            "probe_interval": HealthConfig.probe_interval,
+            "probe_timeout": HealthConfig.probe_timeout,
+        },
         frontend={"max_inflight_per_engine": cap, "max_queue": cap},
         log_level=log_level,
     )
