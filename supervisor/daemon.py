@@ -681,6 +681,10 @@ class Supervisor:
         if not fcfg.enabled:
             return None
         self.frontend = Frontend(self.cfg, self.directory, self.metrics, sessions, self.api_key)
+        # An engine whose answers keep reaching clients is busy, not dead, when it is too
+        # slow to answer a probe.
+        answered = self.frontend.router.answered_at
+        self.judge.answered_at = lambda engine_id: answered.get(engine_id, 0.0)
         refused = self.metrics.client_connections_refused
         guard = ConnectionGuard(
             "frontend",

@@ -31,6 +31,7 @@ from supervisor.upstream import iter_sse_data
 
 DeadCallback = Callable[[Engine, str, str, float], Awaitable[None]]
 
+_TIMED_OUT = "timeout"  # how a probe's answer begins when the engine did not answer in time
 # What a probe should see for an engine in each judged state.
 _EXPECTED = {
     EngineState.ACTIVE: {Readiness.READY},
@@ -49,6 +50,9 @@ class HealthJudge:
         # Suspects: engine id -> {request id: when its stream stalled}.
         self.suspects: dict[str, dict[str, float]] = {}
         self._probe_now: dict[str, anyio.Event] = {}
+        # When an engine's answers last reached the frontend's relay (monotonic; 0: never).
+        # Set by the daemon when it runs a frontend.
+        self.answered_at: Callable[[str], float] = lambda engine_id: 0.0
         self.log = logging.get(component="health")  # engine and slot bound per event
 
     def _suspicion(self, engine_id: str) -> dict[str, float]:
@@ -181,6 +185,7 @@ class HealthJudge:
         failures = 0
         first_failure_at = 0.0
         last_reason = ""
+        busy_said = -1e9  # when a busy engine's timed-out probe was last logged
         while engine.id not in self.dead and engine.state not in (
             EngineState.STOPPED,
             EngineState.FAILED,
@@ -198,12 +203,27 @@ class HealthJudge:
             if expected is None:
                 failures = 0
                 continue
-            started = time.time()
+            started, began = time.time(), time.monotonic()
             state_before = engine.state
             answer = await self._probe(engine, backend, ep)
             if engine.state is not state_before:
                 continue  # it changed state while we probed (woken, stopped): judge anew
             if answer in expected:
+                failures = 0
+                continue
+            if answer.startswith(_TIMED_OUT) and self.answered_at(engine.id) >= began:
+                # Too slow to answer the probe, but its answers kept reaching clients
+                # meanwhile: busy (a flood of streams), not dead. Stopped, wedged or hung,
+                # it would have sent nothing.
+                if failures or began - busy_said > 60:  # (said once a minute at most)
+                    busy_said = began
+                    self.log.info(
+                        "probe timed out while the engine answers requests: busy, not counted",
+                        engine=engine.id,
+                        slot=engine.slot,
+                        answer=answer,
+                        failures_forgotten=failures,
+                    )
                 failures = 0
                 continue
             if failures == 0:
@@ -238,7 +258,9 @@ class HealthJudge:
         with anyio.move_on_after(self.cfg.probe_timeout):
             try:
                 return (await backend.health(ep)).value
-            except (aiohttp.ClientError, TimeoutError) as e:
+            except TimeoutError:  # (aiohttp's timeouts are TimeoutErrors too)
+                return f"{_TIMED_OUT} after {self.cfg.probe_timeout}s"
+            except aiohttp.ClientError as e:
                 return f"error {type(e).__name__}"
             except Exception as e:  # a plugin bug must not take the daemon down
                 self.metrics.plugin_errors.labels(backend.name, "health").inc()
@@ -249,4 +271,4 @@ class HealthJudge:
                     error=repr(e),
                 )
                 return f"plugin error {type(e).__name__}"
-        return f"timeout after {self.cfg.probe_timeout}s"
+        return f"{_TIMED_OUT} after {self.cfg.probe_timeout}s"

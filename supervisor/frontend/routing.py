@@ -103,6 +103,9 @@ class Router:
         # first on every engine they could use, and only there.
         self.moving: list[tuple[str, AbstractSet[str]]] = []
         self.leases: dict[str, set[Lease]] = {}  # per engine, the requests it serves
+        # Per engine, when its answers last brought the relay anything (monotonic): an
+        # engine that streams to clients is alive, however slow its health route.
+        self.answered_at: dict[str, float] = {}
         self.waiting = 0
         self.draining = False
         self._freed = anyio.Event()

@@ -504,9 +504,11 @@ class RequestRelay:
             if conn.status != 200:
                 self._bad_status(conn.status, conn.reason, await conn.read_all(2000))
             if up.whole:
-                self._take_whole(lease.target.backend, decoder, await conn.read_whole(_WHOLE_LIMIT))
+                body = await conn.read_whole(_WHOLE_LIMIT)
+                self.router.answered_at[lease.target.engine_id] = time.monotonic()
+                self._take_whole(lease.target.backend, decoder, body)
             else:
-                await self._pump(conn, lease.target.backend, decoder)
+                await self._pump(conn, lease.target, decoder)
         except EngineReportedError as e:  # this request failed there; the engine may be fine
             raise UpstreamBroken(str(e)) from e
         except (MalformedStream, EngineProtocolError) as e:  # garbage: the engine is broken
@@ -516,16 +518,17 @@ class RequestRelay:
         finally:
             pool.release(conn)  # kept if its answer was read whole, else closed (an abort)
 
-    async def _pump(self, conn: EngineConnection, backend: Backend, decoder: StreamDecoder) -> None:
+    async def _pump(self, conn: EngineConnection, target: Target, decoder: StreamDecoder) -> None:
         """Relay the answer as it arrives. Each read is decoded in the connection's
         callback and written to the client there and then; this task only steps in to
         write what cannot go at once (the first write, a client that is not keeping up:
         the engine's connection is paused meanwhile) and to end the stream."""
         st = _Pump(asyncio.get_running_loop())
         sse = SseSplitter()
+        backend, engine_id, answered_at = target.backend, target.engine_id, self.router.answered_at
 
         def on_body(chunk: bytes) -> None:
-            self.last_event = time.monotonic()
+            self.last_event = answered_at[engine_id] = time.monotonic()
             if st.complete or st.error is not None:
                 return  # read to the end, so the connection is kept for reuse
             out: list[bytes] = []

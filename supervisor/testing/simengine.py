@@ -77,6 +77,9 @@ class Faults:
     fail_health: bool = False  # /health answers 503
     error_500: bool = False  # inference routes answer 500
     gpu_lost: bool = False  # the GPU fell off the bus: generation and /health hang
+    # /health answers only after this many seconds; generation goes on (an API server too
+    # busy to answer a health check promptly, as under a flood of streams)
+    slow_health: float | None = None
 
     def update(self, values: dict[str, Any]) -> None:
         names = {f.name for f in fields(self)}
@@ -86,6 +89,11 @@ class Faults:
             if key in ("fail_health", "error_500", "gpu_lost"):
                 if not isinstance(value, bool):
                     raise ValueError(f"fault {key!r} takes true or false")
+            elif key == "slow_health":
+                if value is not None and (
+                    not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0
+                ):
+                    raise ValueError(f"fault {key!r} takes seconds >= 0 or null")
             elif value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"fault {key!r} takes a token count >= 0 or null")
             setattr(self, key, value)
@@ -773,6 +781,7 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
     s.add_argument("--sim-stall-one-request-after", type=int, default=None)
     s.add_argument("--sim-core-dead-after-tokens", type=int, default=None)
     s.add_argument("--sim-fail-health", action="store_true")
+    s.add_argument("--sim-slow-health", type=float, default=None, metavar="SECONDS")
     s.add_argument("--sim-error-500", action="store_true")
     return p
 
@@ -792,6 +801,7 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         stall_one_request_after=ns.sim_stall_one_request_after,
         core_dead_after_tokens=ns.sim_core_dead_after_tokens,
         fail_health=ns.sim_fail_health,
+        slow_health=ns.sim_slow_health,
         error_500=ns.sim_error_500,
     )
     return SimOptions(

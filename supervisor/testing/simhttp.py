@@ -487,6 +487,8 @@ class Api:
     async def health(self, request: web.Request) -> web.Response:
         if self.opts.faults.gpu_lost:
             await asyncio.Event().wait()  # the health check's CUDA call never returns
+        if self.opts.faults.slow_health:
+            await asyncio.sleep(self.opts.faults.slow_health)
         if self.engine.core_dead.is_set():
             return web.Response(status=503)
         if self.opts.faults.fail_health or not self.engine.loaded.is_set():

@@ -420,6 +420,12 @@ async def test_fault_malformed_sse_and_500_and_health(
             assert r.status == 503
         status, body = await post(session, url + "/sim/faults", {"explode": True})
         assert status == 400 and "unknown fault" in body["error"]["message"]
+        status, body = await post(session, url + "/sim/faults", {"slow_health": "soon"})
+        assert status == 400 and "seconds" in body["error"]["message"]
+        await post(session, url + "/sim/faults", {"fail_health": False, "slow_health": 0.3})
+        t0 = time.monotonic()
+        async with session.get(url + "/health") as r:
+            assert r.status == 200 and time.monotonic() - t0 >= 0.3
 
 
 async def test_sigterm_drains_in_flight_then_exits_zero(
