@@ -295,10 +295,7 @@ class TextlessTokens:
 
     def admit(self, piece: Piece) -> Piece | None:
         """The piece to pass on (joined with the tokens held before it), or None: held."""
-        # (has_tokens and not shows_something, spelled out: this runs for every token)
-        if (piece.token_ids or piece.n_tokens > 0) and not (
-            piece.text or piece.delta or piece.finish_reason
-        ):
+        if piece.has_tokens and not piece.shows_something:
             self.held.append(piece)
             return None
         if not self.held:

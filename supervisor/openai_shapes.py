@@ -216,13 +216,14 @@ class OpenAIStreamDecoder(StreamDecoder):
             if not isinstance(delta, dict):
                 raise MalformedStream(f"stream delta is not an object: {data[:80]!r}")
             text = delta.get("content")
-            extras = {k: delta[k] for k in DELTA_EXTRAS if delta.get(k) is not None} or None
-            calls = extras.get("tool_calls") if extras else None
+            found = {k: delta[k] for k in DELTA_EXTRAS if delta.get(k) is not None}
+            calls = found.get("tool_calls")
             if "message" in ch and isinstance(calls, list):
                 # A whole message's calls have no index: their order is it.
-                extras["tool_calls"] = [  # type: ignore[index]
+                found["tool_calls"] = [
                     {"index": i, **c} if isinstance(c, dict) else c for i, c in enumerate(calls)
                 ]
+            extras = found or None
         else:
             text = ch.get("text")
         if text is not None and not isinstance(text, str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -24,7 +24,7 @@ class Sessions:
     control: aiohttp.ClientSession  # sleep, wake, abort: the plugins' control calls
     cluster: aiohttp.ClientSession  # etcd and peer supervisors' admin APIs
     # The health probes' GETs, through the relay's lean client but a pool of their own.
-    probe_pool: EnginePool = field(default_factory=lambda: EnginePool(max_idle_per_engine=8))
+    probe_pool: EnginePool
 
 
 @asynccontextmanager

@@ -679,7 +679,7 @@ class RequestRelay:
         if self.prompt_tokens is None and self.progress.prompt_token_ids is not None:
             self.prompt_tokens = len(self.progress.prompt_token_ids)
         finish = piece.finish_reason
-        if finish is None and self.budget == self.progress.completion_tokens:  # none left
+        if finish is None and self._budget_left() == 0:
             finish = "length"
         if self.stops.stops:
             match = self.stops.scan(self.progress.text, final=finish is not None)

@@ -124,15 +124,14 @@ class EngineConnection(asyncio.Protocol):
         fields = "".join(
             [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "content-type"]
         )
-        if body is None:
-            head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{fields}\r\n"
-            self.transport.write(head.encode("latin-1"))
-            return
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{fields}\r\n"
+        content = (
+            ""
+            if body is None
+            else f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         )
-        self.transport.write(head.encode("latin-1") + body)
+        head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{content}{fields}\r\n"
+        data = head.encode("latin-1")
+        self.transport.write(data if body is None else data + body)
 
     async def head(self) -> int:
         assert self._head_fut is not None
