@@ -41,31 +41,42 @@ if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
 
 
+_WITHIN = 1e9  # seconds (about 31 years): how far from now a time given to the API may be
+
+
 def _when(body: dict[str, Any], relative: str = "after", absolute: str = "at") -> float | None:
     """A wall time from ``body[absolute]`` (Unix seconds or ISO 8601) or ``body[relative]``
-    (seconds from now); None when neither is given."""
+    (seconds from now); None when neither is given. Either must lie within ``_WITHIN`` of
+    now: a time further off is a mistake, and one past the platform's ``time_t`` cannot
+    even be logged."""
     if body.get(relative) is not None and body.get(absolute) is not None:
         raise web.HTTPBadRequest(reason=f"give '{relative}' or '{absolute}', not both")
     rel, at = body.get(relative), body.get(absolute)
     if rel is not None:
-        if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not 0 <= rel < 1e9:
+        if isinstance(rel, bool) or not isinstance(rel, (int, float)) or not 0 <= rel < _WITHIN:
             raise web.HTTPBadRequest(reason=f"'{relative}' must be seconds (a number >= 0)")
         return time.time() + float(rel)
     if at is None:
         return None
+    when: float | None = None
     if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at):
-        return float(at)
-    if isinstance(at, str) and len(at) < 64:
+        when = float(at)
+    elif isinstance(at, str) and len(at) < 64:
         try:
             parsed = datetime.fromisoformat(at)
             if parsed.tzinfo is None:
                 parsed = parsed.astimezone()  # local time, as an operator writes it
-            return parsed.timestamp()
+            when = parsed.timestamp()
         except (ValueError, OverflowError, OSError):
             pass
-    raise web.HTTPBadRequest(
-        reason=f"'{absolute}' must be Unix seconds or an ISO 8601 time like 2026-12-05T03:00:00Z"
-    )
+    if when is None:
+        raise web.HTTPBadRequest(
+            reason=f"'{absolute}' must be Unix seconds or an ISO 8601 time like "
+            "2026-12-05T03:00:00Z"
+        )
+    if abs(when - time.time()) >= _WITHIN:
+        raise web.HTTPBadRequest(reason=f"'{absolute}' is more than 31 years from now")
+    return when
 
 
 def _error(status: int, message: str) -> web.Response:
