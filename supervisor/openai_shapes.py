@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from supervisor.backends import (
     BackendError,
     EngineReportedError,
@@ -176,6 +178,8 @@ def token_continuation(
     return UpstreamRequest(COMPLETIONS_PATH, body, request_id, inexact=inexact)
 
 
+# Compiled where a build is present (supervisor.native); plugins subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class OpenAIStreamDecoder(StreamDecoder):
     """Decodes ``text_completion`` and ``chat.completion.chunk`` events, and a whole
     ``text_completion`` or ``chat.completion`` answer as one event (vLLM extensions
@@ -197,6 +201,11 @@ class OpenAIStreamDecoder(StreamDecoder):
         if isinstance(usage, dict):
             prompt_tokens = usage.get("prompt_tokens")
             running = usage.get("completion_tokens")  # the engine's count so far
+            # (type(), not isinstance: a JSON true is no count.)
+            if (prompt_tokens is not None and type(prompt_tokens) is not int) or (
+                running is not None and type(running) is not int
+            ):
+                raise MalformedStream(f"stream usage counts are not integers: {data[:80]!r}")
         top_prompt_ids = obj.get("prompt_token_ids")
         prompt_ids = top_prompt_ids if isinstance(top_prompt_ids, list) else None
         if not choices:
@@ -245,6 +254,8 @@ class OpenAIStreamDecoder(StreamDecoder):
         if isinstance(choice_prompt_ids, list):
             prompt_ids = choice_prompt_ids
         finish = ch.get("finish_reason")
+        if finish is not None and not isinstance(finish, str):
+            raise MalformedStream(f"stream finish_reason is not a string: {data[:80]!r}")
         if finish == "abort":
             # The engine gave up on the request (e.g. vLLM's /sleep in mode "abort"): not an
             # answer the client asked for; the relay resumes it elsewhere.

@@ -313,19 +313,19 @@ class Frontend:
             if not reply.started:
                 return self._unavailable(reply, str(e))
             return await self._stream_error(reply, 503, str(e))
-        except UpstreamClientError as e:
-            outcome = f"engine_refused:{e.status}"
+        except UpstreamClientError as refused:
+            outcome = f"engine_refused:{refused.status}"
             if not reply.started:
-                return reply.send(e.status, error_body(e.status, str(e)))
-            return await self._stream_error(reply, e.status, str(e))
-        except MigrationFailed as e:
+                return reply.send(refused.status, error_body(refused.status, str(refused)))
+            return await self._stream_error(reply, refused.status, str(refused))
+        except MigrationFailed as failed:
             outcome = "migration_failed"
             if not reply.started:
-                message = f"the request could not be completed: {e}"
+                message = f"the request could not be completed: {failed}"
                 return reply.send(502, error_body(502, message))
-            return await self._stream_error(reply, 502, str(e))
-        except ClientGone as e:
-            outcome = f"client_gone: {e}"
+            return await self._stream_error(reply, 502, str(failed))
+        except ClientGone as gone:
+            outcome = f"client_gone: {gone}"
             self.metrics.cancellations.labels(kind).inc()
             with anyio.CancelScope(shield=True):
                 await relay.abort_upstream()
@@ -336,9 +336,9 @@ class Frontend:
             with anyio.CancelScope(shield=True):
                 await relay.abort_upstream()
             raise
-        except Exception as e:  # a bug: contained, logged with its traceback, 500 to the client
-            outcome = f"error: {type(e).__name__}"
-            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=e)
+        except Exception as bug:  # a bug: contained, logged with its traceback, 500 to the client
+            outcome = f"error: {type(bug).__name__}"
+            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
             if not reply.started:
                 message = "internal error in the supervisor; see its log"
                 return reply.send(500, error_body(500, message))

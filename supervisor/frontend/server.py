@@ -586,10 +586,12 @@ class FrontendServer:
     async def listen(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self.loop = loop
-        self._server = await loop.create_server(
+        self._server = server = await loop.create_server(
             lambda: _Connection(self), host, port, reuse_address=True
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        # (Read untyped: uvloop's sockets are a list where the stubs say tuple, and the
+        # compiled module checks what the stubs say.)
+        self.port = cast(Any, server).sockets[0].getsockname()[1]
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = self.loop.create_task(coro)

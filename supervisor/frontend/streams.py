@@ -95,7 +95,12 @@ class ClientShape:
     model: str
     created: int
     with_ids: bool = False
-    _head: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    # Every chunk of a stream starts alike: that part is rendered once, on first use.
+    # (Set in __post_init__: a dataclass field with init=False is left unset when compiled.)
+    _head: bytes | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._head = None
 
     @property
     def object(self) -> str:
@@ -112,7 +117,6 @@ class ClientShape:
                 "failover": failover,
             }
             return b"data: " + orjson.dumps(obj) + b"\n\n"
-        # Every chunk of a stream starts alike: that part is rendered once.
         if self._head is None:
             head = orjson.dumps(
                 {
@@ -415,14 +419,16 @@ class RequestRelay:
             )
         except BackendError as e:
             raise MigrationFailed(str(e)) from e
-        except Exception as e:
+        except Exception as bug:
             if whole:
                 hook = "whole_request"
             else:
                 hook = "first_request" if self.attempt == 0 else "continuation"
             self.metrics.plugin_errors.labels(backend.name, hook).inc()
-            self.log.error(f"backend {hook} hook raised", error=repr(e), exc_info=e)
-            raise MigrationFailed(f"the {backend.name} backend failed to build the request") from e
+            self.log.error(f"backend {hook} hook raised", error=repr(bug), exc_info=bug)
+            raise MigrationFailed(
+                f"the {backend.name} backend failed to build the request"
+            ) from bug
 
     def _mode(self, backend: object) -> str:
         if self.progress.completion_tokens == 0 or self.whole:
@@ -498,8 +504,8 @@ class RequestRelay:
             conn = await pool.request(lease.target.url, up.path, up.headers, orjson.dumps(up.body))
         except EngineConnectionError as e:
             raise UpstreamBroken(f"connection failed: {e}") from e
-        except EngineProtocolError as e:
-            raise UpstreamBroken(f"not HTTP: {e}", engine_fault="garbage") from e
+        except EngineProtocolError as garbage:
+            raise UpstreamBroken(f"not HTTP: {garbage}", engine_fault="garbage") from garbage
         try:
             if conn.status != 200:
                 self._bad_status(conn.status, conn.reason, await conn.read_all(2000))
@@ -509,10 +515,10 @@ class RequestRelay:
                 self._take_whole(lease.target.backend, decoder, body)
             else:
                 await self._pump(conn, lease.target, decoder)
-        except EngineReportedError as e:  # this request failed there; the engine may be fine
-            raise UpstreamBroken(str(e)) from e
-        except (MalformedStream, EngineProtocolError) as e:  # garbage: the engine is broken
-            raise UpstreamBroken(str(e), engine_fault="garbage") from e
+        except EngineReportedError as refused:  # this request failed there; the engine may be fine
+            raise UpstreamBroken(str(refused)) from refused
+        except (MalformedStream, EngineProtocolError) as broken:  # garbage: the engine is broken
+            raise UpstreamBroken(str(broken), engine_fault="garbage") from broken
         except EngineConnectionError as e:
             raise UpstreamBroken(f"connection failed: {e}") from e
         finally:
@@ -588,7 +594,9 @@ class RequestRelay:
         """Decode one read's events into the answer, appending what the client is to get
         to ``out``. True once nothing more is needed from this stream."""
         for data in events:
-            if self.finish is not None:
+            # (Asked of finished_at, not of finish: narrowing finish here would outlive the
+            # _on_piece call below that sets it, and compiled code checks narrowed types.)
+            if self.finished_at:
                 # The answer is complete; only the prompt's size may still come, in the
                 # engine's usage chunk (engines that return no prompt ids say it only
                 # there). The watchdog gives this a second at most.
@@ -606,12 +614,12 @@ class RequestRelay:
             rendered = self._on_piece(piece)
             if rendered is not None:
                 out.append(rendered)
-            if self.finish is not None:
-                self.finished_at = time.monotonic()
-                if self.prompt_tokens is not None or self.stop_reason is not None:
-                    # Nothing else after the finish is needed; after a stop string (the
-                    # engine's generation goes on), leaving also aborts it.
-                    return True
+            if self.finished_at and (
+                self.prompt_tokens is not None or self.stop_reason is not None
+            ):
+                # Nothing else after the finish is needed; after a stop string (the
+                # engine's generation goes on), leaving also aborts it.
+                return True
         return False
 
     def _usage_from(self, decoder: StreamDecoder, data: bytes) -> bool:
@@ -693,6 +701,7 @@ class RequestRelay:
             self.emitted += len(text)
         if finish is not None:
             self.finish = finish
+            self.finished_at = time.monotonic()
         if self.emit is None or not (text or finish or piece.token_ids or piece.delta):
             return None
         failover = None
@@ -738,6 +747,6 @@ class RequestRelay:
                 await backend.abort(ep, up.request_id)
             except (BackendError, aiohttp.ClientError, TimeoutError) as e:
                 self.log.warning("explicit abort failed", error=str(e))
-            except Exception as e:  # a plugin bug: counted and logged, the unwinding goes on
+            except Exception as bug:  # a plugin bug: counted and logged, the unwinding goes on
                 self.metrics.plugin_errors.labels(backend.name, "abort").inc()
-                self.log.error("backend abort hook raised", error=repr(e), exc_info=e)
+                self.log.error("backend abort hook raised", error=repr(bug), exc_info=bug)

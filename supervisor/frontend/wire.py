@@ -19,19 +19,15 @@ from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
+from supervisor.frontend.wire_errors import EngineConnectionError, EngineProtocolError
+
+__all__ = ["EngineConnection", "EngineConnectionError", "EnginePool", "EngineProtocolError"]
+
 # Idle connections are kept for less than engines' own keep-alive timeout (uvicorn, under
 # vLLM, SGLang and trtllm-serve, closes them after 5 s): reusing one the engine is closing
 # would fail a request for nothing.
 IDLE_FOR = 2.0
 MAX_HEAD = 64 * 1024  # a response's status line and headers
-
-
-class EngineProtocolError(Exception):
-    """The engine's answer is not HTTP/1.1 as a client can read it."""
-
-
-class EngineConnectionError(ConnectionError):
-    """The connection failed, or ended before the answer did."""
 
 
 Sink = Callable[[bytes], None]
@@ -434,8 +430,8 @@ class EnginePool:
             raise EngineConnectionError(
                 f"no connection to {host}:{port} within {self.connect_timeout:g}s"
             ) from e
-        except OSError as e:
-            raise EngineConnectionError(f"cannot connect to {host}:{port}: {e}") from e
+        except OSError as err:
+            raise EngineConnectionError(f"cannot connect to {host}:{port}: {err}") from err
         self.opened += 1
         return proto
 
