@@ -318,6 +318,7 @@ async def run(
         ) as session:
             async with session.get(sup.admin_url + "/status") as r:
                 st = await r.json()
+            out["relay"] = st.get("relay")  # compiled or pure Python (supervisor.native)
             engine = {
                 s["name"]: next(e["url"] for e in st["engines"] if e["id"] == s["active"])
                 for s in st["slots"]
@@ -501,6 +502,7 @@ def markdown(r: dict[str, Any]) -> str:
     rows.append(
         f"Routers: {', '.join(v for v in r['routers'].values() if not v.startswith('skipped'))}"
         f". Failovers in the frontend during the run: {r.get('frontend_failovers', '?')}."
+        f" The frontend's relay: {r.get('relay', 'not reported')}."
     )
     separate = [
         f"{name} {x['added_itl_ms_separate_phases']['p50']:+.3f} / "

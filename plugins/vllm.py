@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+from mypy_extensions import mypyc_attr
+
 from supervisor.backends import (
     Backend,
     BackendError,
@@ -59,6 +61,8 @@ DIALECT = Dialect(
 WAKE_TAGS = ("weights", "kv_cache")
 
 
+# Compiled where a build is present (supervisor.native); other backends subclass it.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class VllmBackend(Backend):
     """vLLM's OpenAI server with sleep mode (``/sleep``, ``/wake_up``, ``/is_sleeping``)."""
 

@@ -2,7 +2,11 @@
 # Sets up everything the demo and the tests need on a fresh Debian machine, then returns:
 #   - etcd-server, nats-server and prometheus from Debian's packages, when missing;
 #   - a virtual environment in .venv with this package, its dev tools (pinned by
-#     constraints.txt) and the example third-party backend of tests/example_plugin. Re-running is cheap: each step is skipped when already done.
+#     constraints.txt) and the example third-party backend of tests/example_plugin;
+#   - the relay's hot modules compiled with mypyc (scripts/build_native.py; a C compiler and
+#     Python's headers come from Debian's packages when missing). FAILOVER_NATIVE=0 skips
+#     this and leaves the relay pure Python.
+# Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +32,12 @@ have nats-server || apt_pkgs+=(nats-server)
 have prometheus || apt_pkgs+=(prometheus)  # with promtool: alert rules and a real scrape
 "$PY" -m venv --help >/dev/null 2>&1 && "$PY" -c 'import ensurepip' 2>/dev/null \
     || apt_pkgs+=(python3-venv)
+if [ "${FAILOVER_NATIVE:-1}" != 0 ]; then
+    have gcc || apt_pkgs+=(gcc)
+    "$PY" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || apt_pkgs+=("python$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')-dev")
+fi
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1; then
         say "installing from Debian's packages: ${apt_pkgs[*]}"
@@ -50,3 +60,6 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]' -e tests/example_plugin
     echo "$want" > "$stamp"
 fi
+
+# The relay compiled (about a minute, only when a source it reads has changed).
+.venv/bin/python scripts/build_native.py

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from aiohttp import web
 
-from supervisor import __version__, confdiff, rollout, statefile
+from supervisor import __version__, confdiff, native, rollout, statefile
 from supervisor import log as logging
 from supervisor.admin import AdminApi
 from supervisor.backends import Backend, load_backend
@@ -505,6 +505,7 @@ class Supervisor:
         return {
             "node": self.cfg.node,
             "version": __version__,
+            "relay": native.STATUS,
             "ready": self.ready.is_set(),
             "stopping": self.stopping.is_set(),
             "paused": (
@@ -530,6 +531,7 @@ class Supervisor:
         self.log.info(
             "starting",
             version=__version__,
+            relay=native.STATUS,  # compiled or pure Python, and why
             slots=[s.name for s in self.cfg.slots],
             state_dir=str(self.cfg.state_dir),
         )
