@@ -212,7 +212,8 @@ class Progress:
         return out
 
 
-@dataclass(slots=True)  # not frozen: a frozen init costs ~4x, and one or two are built per request
+# Not frozen: a frozen init costs ~4x, and one or two are built per request.
+@dataclass(slots=True, init=False)
 class UpstreamRequest:
     """One piece of a request as sent to an engine: streamed, so that it can migrate with
     what it generated so far; or, for a short non-streaming request, ``whole`` (one
@@ -222,11 +223,29 @@ class UpstreamRequest:
     path: str
     body: dict[str, Any]
     request_id: str
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str]
     # What this request cannot honour of the client's (a continuation's limits, e.g. a
     # seeded sample or presence penalties): reported to the client, never hidden.
     inexact: tuple[str, ...] = ()
     whole: bool = False  # the engine answers in one body, not a stream of events
+
+    # (A written __init__: one that dataclass generates is interpreted even when the class
+    # is compiled, and one or two are built per request.)
+    def __init__(
+        self,
+        path: str,
+        body: dict[str, Any],
+        request_id: str,
+        headers: dict[str, str] | None = None,
+        inexact: tuple[str, ...] = (),
+        whole: bool = False,
+    ) -> None:
+        self.path = path
+        self.body = body
+        self.request_id = request_id
+        self.headers = {} if headers is None else headers
+        self.inexact = inexact
+        self.whole = whole
 
     def as_whole(self) -> UpstreamRequest:
         """This request with its answer asked for whole: ``stream`` false and no
@@ -236,7 +255,7 @@ class UpstreamRequest:
         return UpstreamRequest(self.path, body, self.request_id, self.headers, self.inexact, True)
 
 
-@dataclass(slots=True)  # one per event: slots make it cheaper to build and read
+@dataclass(slots=True, init=False)  # one per event: slots make it cheaper to build and read
 class Piece:
     """What one upstream stream event means, in engine-neutral terms."""
 
@@ -250,6 +269,28 @@ class Piece:
     # Chat delta fields other than role and content (tool_calls, reasoning_content, ...),
     # passed to the client as the engine sent them.
     delta: dict[str, Any] | None = None
+
+    # (A written __init__: one that dataclass generates is interpreted even when the class
+    # is compiled, and one is built per token.)
+    def __init__(
+        self,
+        text: str = "",
+        token_ids: list[int] | None = None,
+        n_tokens: int = 0,
+        finish_reason: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        delta: dict[str, Any] | None = None,
+    ) -> None:
+        self.text = text
+        self.token_ids = token_ids
+        self.n_tokens = n_tokens
+        self.finish_reason = finish_reason
+        self.prompt_token_ids = prompt_token_ids
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.delta = delta
 
     @property
     def has_tokens(self) -> bool:
@@ -283,7 +324,7 @@ class Piece:
         return out
 
 
-@dataclass
+@dataclass(init=False)
 class TextlessTokens:
     """Tokens whose text has not come yet: a byte-level tokenizer splits a character over
     several tokens, and engines send no text until it is whole. Such tokens count as sent
@@ -291,7 +332,10 @@ class TextlessTokens:
     (resumed from there, vLLM's detokenizer starts with the whole prompt's text; from the
     text, the partial character is lost)."""
 
-    held: list[Piece] = field(default_factory=list)
+    held: list[Piece]
+
+    def __init__(self, held: list[Piece] | None = None) -> None:  # (see Piece.__init__)
+        self.held = [] if held is None else held
 
     def admit(self, piece: Piece) -> Piece | None:
         """The piece to pass on (joined with the tokens held before it), or None: held."""

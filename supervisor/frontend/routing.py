@@ -63,7 +63,38 @@ class Rejected(Exception):
         self.reason = reason
 
 
-@dataclass(eq=False)  # compared and hashed by identity: each lease is one request's
+class EngineWait:
+    """The relay's wait on one engine: ended at a deadline (a whole answer's stall limit)
+    or at once through the lease (the engine declared dead, the request moved, its stream
+    stalled). The waiting task gets ``CancelledError``; :meth:`ended_it` tells this ending
+    from any other cancellation. What ``asyncio.Timeout`` does here, without its states:
+    it is interpreted Python on 3.11, and every request waits once."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], when: float | None
+    ) -> None:
+        self.task = task
+        self.cancelling = task.cancelling()  # cancellations already asked of the task
+        self.ended = False
+        self.handle = loop.call_at(when, self.end_now) if when is not None else None
+
+    def end_now(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.task.cancel()
+
+    def close(self) -> None:
+        """The wait is over (however it ended): the deadline no longer applies."""
+        if self.handle is not None:
+            self.handle.cancel()
+
+    def ended_it(self) -> bool:
+        """Asked once, on ``CancelledError``: whether this wait's ending raised it (and
+        not also a cancellation from outside, which must go on)."""
+        return self.ended and self.task.uncancel() <= self.cancelling
+
+
+@dataclass(eq=False, init=False)  # compared and hashed by identity: one request's
 class Lease:
     """One request's hold on an engine; cancelled if the engine is declared dead (or the
     request is moved off it, or its stream stalls): the flags say why."""
@@ -73,16 +104,22 @@ class Lease:
     moved: bool = False  # a planned move took the request off a healthy engine
     may_return: bool = False  # ... that may serve it again (it only stopped for a while)
     cancelled: bool = False
-    # The deadline of the relay's wait on this engine, while it waits (an asyncio
-    # Timeout costs a fraction of a cancel scope, and a request enters one).
-    waiting: asyncio.Timeout | None = field(default=None, repr=False)
+    # The relay's wait on this engine, while it waits.
+    waiting: EngineWait | None = field(default=None, repr=False)
+
+    # (A written __init__: one that dataclass generates is interpreted even when the class
+    # is compiled, and one is built per request.)
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.engine_failed = self.moved = self.may_return = self.cancelled = False
+        self.waiting = None
 
     def cancel(self) -> None:
         """End the relay's wait on this engine now (or as soon as it starts waiting)."""
         self.cancelled = True
         self._end_wait()
 
-    def wait_in(self, waiting: asyncio.Timeout | None) -> None:
+    def wait_in(self, waiting: EngineWait | None) -> None:
         """The relay waits on this engine inside ``waiting`` (None: no longer); a lease
         cancelled before the wait began ends it at once."""
         self.waiting = waiting
@@ -90,8 +127,8 @@ class Lease:
             self._end_wait()
 
     def _end_wait(self) -> None:
-        if self.waiting is not None and not self.waiting.expired():
-            self.waiting.reschedule(-1.0)  # in the past: the wait ends at once
+        if self.waiting is not None:
+            self.waiting.end_now()
 
 
 class Router:

@@ -66,7 +66,7 @@ REASONS = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Request:
     """One parsed request. Header names are lower-case; a repeated field's values are
     joined with ``", "``; values are decoded as UTF-8 with undecodable bytes kept as
@@ -79,6 +79,26 @@ class Request:
     headers: dict[str, str]
     body: bytes
     keep_alive: bool
+
+    # (A written __init__: one that dataclass generates is interpreted even when the class
+    # is compiled, and one is built per request.)
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        version: str,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
 
 
 class HeadError(Exception):

@@ -36,7 +36,7 @@ from supervisor.backends import (
     StreamDecoder,
 )
 from supervisor.config import FrontendConfig, HealthConfig
-from supervisor.frontend.routing import Lease, Rejected, Router, Target
+from supervisor.frontend.routing import EngineWait, Lease, Rejected, Router, Target
 from supervisor.frontend.stops import NO_STOPS, StopStrings
 from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
 from supervisor.metrics import Metrics
@@ -86,7 +86,7 @@ class ClientGone(Exception):
     upstream. Never a reason to migrate, never the engine's fault."""
 
 
-@dataclass
+@dataclass(init=False)
 class ClientShape:
     """Renders pieces in the shape the client asked for."""
 
@@ -96,10 +96,18 @@ class ClientShape:
     created: int
     with_ids: bool = False
     # Every chunk of a stream starts alike: that part is rendered once, on first use.
-    # (Set in __post_init__: a dataclass field with init=False is left unset when compiled.)
-    _head: bytes | None = field(init=False, repr=False, compare=False)
+    _head: bytes | None = field(default=None, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    # (A written __init__: one that dataclass generates is interpreted even when the class
+    # is compiled, and one is built per request.)
+    def __init__(
+        self, kind: str, rid: str, model: str, created: int, with_ids: bool = False
+    ) -> None:
+        self.kind = kind
+        self.rid = rid
+        self.model = model
+        self.created = created
+        self.with_ids = with_ids
         self._head = None
 
     @property
@@ -456,29 +464,31 @@ class RequestRelay:
         self.stalled = False
         self.stalled_reason = ""
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None
         limit = 0.0
         if up.whole:
             # No token shows progress, so one deadline: as long as a stream of the same
             # length could have taken (one stall_timeout per token after the first).
             limit = self.first_token_timeout + (self.budget or 0) * self.stall_timeout
-            waiting = asyncio.Timeout(loop.time() + limit)  # or ended early by lease.cancel()
+            waiting = EngineWait(loop, task, loop.time() + limit)  # or ended by the lease
         else:
             # One watchdog per stream, not a deadline per event: the hot path stays lean.
             # A timer, not a task: a request costs no task (and no task group) beyond its own.
             step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
             self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
-            waiting = asyncio.Timeout(None)  # ended early by lease.cancel()
+            waiting = EngineWait(loop, task, None)  # ended by the lease
+        lease.wait_in(waiting)
         try:
-            async with waiting:
-                lease.wait_in(waiting)
-                await self._read(lease, up, decoder)
-        except TimeoutError:
-            if not waiting.expired():
+            await self._read(lease, up, decoder)
+        except asyncio.CancelledError:
+            if not waiting.ended_it():
                 raise
             if up.whole and not lease.cancelled:  # the deadline passed, not a cancel
                 self.stalled = True
                 self.stalled_reason = f"no answer for {limit:g}s (stalled)"
         finally:
+            waiting.close()
             lease.wait_in(None)
             if self._timer is not None:
                 self._timer.cancel()
