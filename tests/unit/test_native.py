@@ -145,3 +145,30 @@ def test_no_compiled_function_reuses_an_except_name_for_another_type() -> None:
                 f"{module}.{fn.name}: {n} {sorted(t)}" for n, t in kinds.items() if len(t) > 1
             ]
     assert found == []
+
+
+@needs_build
+def test_the_relay_tests_pass_in_pure_python_too() -> None:
+    # The suite runs the build; a node without a compiler runs the sources. The relay's own
+    # tests run once more here with the build set aside, so both stay true.
+    relay_tests = [
+        "tests/integration/test_frontend_server.py",
+        "tests/integration/test_whole_answers.py",
+        "tests/integration/test_relay_no_leaks.py",
+        "tests/integration/test_stall_judgement.py",
+    ]
+    env = dict(os.environ, **{native.PURE_ENV: "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *relay_tests],
+        cwd=native.ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    # ... and that environment does import the sources, not the build:
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=native.ROOT, env=env, capture_output=True, text=True
+    )
+    assert kinds(json.loads(probe.stdout)["files"]) == {"source"}
