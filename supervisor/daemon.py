@@ -403,6 +403,9 @@ class Supervisor:
 
     def _engines_changed(self) -> None:
         self.directory.notify()
+        if self.frontend is not None:
+            live = {eid for c in self.controllers.values() for eid in c.engines}
+            self.frontend.router.forget_gone(live)
         if self.cluster is not None:
             self.cluster.local_changed()
         self._state_dirty.set()  # saved by _save_state_loop, off the failover's path

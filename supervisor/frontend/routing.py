@@ -254,6 +254,24 @@ class Router:
             freed, self._freed = self._freed, anyio.Event()
             freed.set()
 
+    def forget_gone(self, live: AbstractSet[str]) -> None:
+        """Drop what is kept per engine for engines no longer in ``live`` (retired by a
+        failover or a rollout; engine ids are never reused), once none of their requests
+        is still held: over a long life, these were never pruned."""
+        known = (
+            (self.inflight.keys() | self.answered_at.keys() | self.context_lengths.keys())
+            | self._gauges.keys()
+            | self.leases.keys()
+        )
+        for eid in known - live:
+            if self.leases.get(eid):
+                continue  # requests still on it: pruned at a later change
+            self.inflight.pop(eid, None)
+            self.answered_at.pop(eid, None)
+            self.context_lengths.pop(eid, None)
+            self._gauges.pop(eid, None)
+            self.leases.pop(eid, None)
+
     def _gauge(self, engine_id: str) -> None:
         # The per-engine in-flight gauge reads the count when scraped: setting it on every
         # acquire and release took a lock twice per request for a value read once a scrape.

@@ -289,3 +289,24 @@ async def test_a_client_that_falls_behind_gets_every_token_in_order(
     got, waits = await answer(lambda: rng.random() > 0.5, 0.002)
     assert waits > 5  # the client fell behind many times
     assert got == want
+
+
+async def test_what_is_kept_per_engine_goes_with_the_engine() -> None:
+    # Engines come and go over a daemon's life (failovers, rollouts; ids are never reused):
+    # the router's per-engine counts, answer times and gauges go with them, once none of
+    # their requests is still held.
+    backend = VllmBackend()
+    targets = [Target(eid, "http://127.0.0.1:1", backend) for eid in ("a", "b", "c")]
+    router = Router(FrontendConfig(max_inflight_per_engine=1), Directory(targets), Metrics())
+    leases = [await router.acquire("sim-model") for _ in targets]
+    for lease in leases:
+        router.answered_at[lease.target.engine_id] = 1.0
+    router.release(leases[0])  # a: gone, nothing held
+    router.release(leases[1])  # b: live
+    router.forget_gone({"b"})  # c: gone, but a request is still on it
+    assert set(router.inflight) == set(router.answered_at) == {"b", "c"}
+    router.release(leases[2])
+    router.forget_gone({"b"})
+    for kept in (router.inflight, router.answered_at, router.leases, router._gauges):
+        assert set(kept) <= {"b"}, kept
+    assert set(router.inflight) == {"b"}
