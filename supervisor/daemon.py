@@ -538,6 +538,12 @@ class Supervisor:
             slots=[s.name for s in self.cfg.slots],
             state_dir=str(self.cfg.state_dir),
         )
+        if native.STALE:
+            self.log.warning(
+                "the relay's compiled build is older than its sources: running them as pure "
+                "Python (slower); scripts/build_native.py builds it again",
+                relay=native.STATUS,
+            )
         for warning in warnings(self.cfg):
             self.log.warning("risky setting", detail=warning)
         self.cfg.log_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ On import of the package, :func:`check` compares those digests with the sources 
 Where any differs (a source edited since the build), or ``FAILOVER_PURE_PYTHON`` is set,
 the compiled modules are set aside, all of them, and their sources are imported instead:
 a stale compiled module never runs, and a partly compiled relay never mixes two versions.
-:data:`STATUS` says which it is; the daemon logs it at start.
+:data:`STATUS` says which it is; the daemon logs it at start, with a warning when
+:data:`STALE` (a checkout updated without running the build again).
 """
 
 from __future__ import annotations
@@ -99,23 +100,26 @@ class _SourcesFirst(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source_of(fullname))
 
 
-def check() -> str:
-    """Decide, once per process, whether the compiled modules run; say which and why."""
+def check() -> tuple[str, bool]:
+    """Decide, once per process, whether the compiled modules run; say which and why, and
+    whether a build was set aside for being stale."""
     if not any(compiled_files(m) for m in MODULES):
-        return "pure Python (not compiled: scripts/build_native.py builds it)"
+        return "pure Python (not compiled: scripts/build_native.py builds it)", False
     reason = None
+    stale = False
     if os.environ.get(PURE_ENV):
         reason = f"{PURE_ENV} is set"
     else:
         changed = stale_sources()
         if changed:
+            stale = True
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             reason = f"the build is stale: {', '.join(changed[:3])}{more} changed since"
     if reason is None:
-        return f"compiled with mypyc ({len(MODULES)} modules)"
+        return f"compiled with mypyc ({len(MODULES)} modules)", False
     if not any(isinstance(f, _SourcesFirst) for f in sys.meta_path):
         sys.meta_path.insert(0, _SourcesFirst(MODULES))
-    return f"pure Python ({reason})"
+    return f"pure Python ({reason})", stale
 
 
-STATUS = check()
+STATUS, STALE = check()

@@ -25,7 +25,8 @@ needs_build = pytest.mark.skipif(
 PROBE = """
 import importlib, json, supervisor
 mods = {m: importlib.import_module(m).__file__ for m in supervisor.native.MODULES}
-print(json.dumps({"status": supervisor.native.STATUS, "files": mods}))
+native = supervisor.native
+print(json.dumps({"status": native.STATUS, "stale": native.STALE, "files": mods}))
 """
 
 
@@ -75,6 +76,7 @@ def test_a_source_changed_after_the_build_sets_the_whole_build_aside(tree: Path)
     stops = tree / "supervisor" / "frontend" / "stops.py"
     stops.write_text(stops.read_text() + "\n# changed after the build\n")
     got = imported(tree)
+    assert got["stale"] is True
     assert "stale" in str(got["status"]) and "supervisor/frontend/stops.py" in str(got["status"])
     # All of them, not only the changed one: compiled modules call each other natively.
     assert kinds(got["files"]) == {"source"}
@@ -91,7 +93,7 @@ def test_a_module_the_build_read_counts_too(tree: Path) -> None:
 @needs_build
 def test_the_environment_can_refuse_the_build(tree: Path) -> None:
     got = imported(tree, **{native.PURE_ENV: "1"})
-    assert native.PURE_ENV in str(got["status"])
+    assert native.PURE_ENV in str(got["status"]) and got["stale"] is False
     assert kinds(got["files"]) == {"source"}
 
 
