@@ -82,13 +82,17 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 async def node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[SupervisorProcess]:
+    work = tmp_path_factory.mktemp("real-vllm")
+    # vLLM leaves files in the temporary folder when it is killed (a vllm_dist_* file and
+    # its ZeroMQ sockets per engine): here they go with the test's own folder.
+    scratch = tmp_path_factory.mktemp("vllm-tmp")
     sup = await start_supervisor(
-        tmp_path_factory.mktemp("real-vllm"),
+        work,
         [real_slot()],
         health={"probe_interval": 0.5, "probe_timeout": 2.0, "load_timeout": 600},
         failover={"wake_timeout": 120, "stop_grace": 20},
         frontend={"migration_wait": 120},
-        env={"PATH": f"{VLLM_BIN}{os.pathsep}{os.environ['PATH']}"},
+        env={"PATH": f"{VLLM_BIN}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(scratch)},
         ready_timeout=600,
     )
     try:
