@@ -56,10 +56,10 @@ def project_imports(module: str) -> set[str]:
 
 
 def sources_read() -> list[Path]:
-    mods = set(native.MODULES)
+    mods = {*native.MODULES, native.__name__}  # (which modules are compiled is read too)
     for m in native.MODULES:
         mods |= project_imports(m)
-    return sorted({native.source_of(m) for m in mods} | {Path(native.__file__).resolve()})
+    return sorted(native.source_of(m) for m in mods)
 
 
 def missing_tools() -> str | None:
