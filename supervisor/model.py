@@ -130,23 +130,45 @@ class ClientRequest:
         return ClientRequest(self.kind, body)
 
 
-@dataclass
+# Progress's default ids: a new empty list each (None given means "some ids unknown").
+_FRESH_IDS: list[int] = []
+
+
+@dataclass(init=False)
 class Progress:
     """What the client has been sent so far, across all pieces of one request."""
 
-    token_ids: list[int] | None = field(default_factory=list)  # None: some ids were unknown
-    prompt_token_ids: list[int] | None = None
-    completion_tokens: int = 0
+    token_ids: list[int] | None  # None: some ids were unknown
+    prompt_token_ids: list[int] | None
+    completion_tokens: int
     # The context length of the engine the next piece goes to (its /v1/models
     # max_model_len), where known: a continuation of an unlimited chat request needs it.
-    context_length: int | None = None
+    context_length: int | None
     # Chat deltas besides content (tool calls, reasoning), as sent: a continuation cannot
     # carry them (the survivor's parsers start from scratch), so their presence matters.
-    reasoning: str = ""
-    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    reasoning: str
+    tool_calls: dict[int, dict[str, Any]]
     # The answer's text, kept as the pieces that came and joined when read: appending to
     # one string copies all of it for every token (quadratic over a long answer).
-    _parts: list[str] = field(default_factory=list, repr=False)
+    _parts: list[str] = field(repr=False)
+
+    # (A written __init__, as for Piece: one per request.)
+    def __init__(
+        self,
+        token_ids: list[int] | None = _FRESH_IDS,
+        prompt_token_ids: list[int] | None = None,
+        completion_tokens: int = 0,
+        context_length: int | None = None,
+        reasoning: str = "",
+        tool_calls: dict[int, dict[str, Any]] | None = None,
+    ) -> None:
+        self.token_ids = [] if token_ids is _FRESH_IDS else token_ids
+        self.prompt_token_ids = prompt_token_ids
+        self.completion_tokens = completion_tokens
+        self.context_length = context_length
+        self.reasoning = reasoning
+        self.tool_calls = {} if tool_calls is None else tool_calls
+        self._parts = []
 
     @property
     def text(self) -> str:

@@ -112,6 +112,39 @@ async def test_a_request_split_at_every_byte_is_the_same_request() -> None:
     assert echo.seen[0].body == b'{"x": 1}' and echo.seen[0].headers["x-thing"] == "a"
 
 
+async def test_a_reused_head_is_read_afresh_for_each_request() -> None:
+    """Parsed heads are kept and reused: a handler that changes its request's headers
+    changes nothing for the next request with the same head, a head refused once is refused
+    again, and many different heads keep a bounded number."""
+
+    class Meddler(Echo):
+        async def __call__(self, request: Request, reply: Reply) -> None:
+            request.headers["x-thing"] = "changed"
+            request.headers.pop("host")
+            await super().__call__(request, reply)
+
+    same = post("/same", b"abc", "X-Thing: a")
+    async with serving() as (server, echo):
+        server.handler = meddler = Meddler()
+        got = await exchange(server.port, same * 3 + post("/same", b"abcd", "X-Thing: a"))
+        assert got.count(b"HTTP/1.1 200 OK") == 4
+        assert [r.headers.get("x-thing") for r in meddler.seen] == ["changed"] * 4
+        server.handler = echo
+        await exchange(server.port, same, wait=0.3)
+        assert echo.seen[-1].headers["x-thing"] == "a" and echo.seen[-1].headers["host"] == "x"
+        assert [r.body for r in meddler.seen] == [b"abc"] * 3 + [b"abcd"]
+        for _ in range(2):
+            refused = await exchange(server.port, post("/big", b"x" * 2000))
+            assert refused.startswith(b"HTTP/1.1 413 ")
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        for i in range(1000):
+            writer.write(post("/many", b"", f"X-N: {i}"))
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readuntil(b"}")
+        writer.close()
+        assert 0 < len(server.heads) <= 256
+
+
 async def test_chunked_bodies_and_expect_continue() -> None:
     chunked = (
         b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
