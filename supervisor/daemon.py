@@ -68,6 +68,7 @@ class DaemonDirectory:
         self.sup = sup
         self._changed = anyio.Event()
         self._served: tuple[object, set[str]] = (None, set())
+        self._targets: dict[str, Target] = {}  # by engine id, see _target
 
     def models(self) -> list[str]:
         # From the config: known before the slots' engines have started.
@@ -101,11 +102,25 @@ class DaemonDirectory:
                 continue  # a group serves through its rank-0 member
             if cluster is not None and c.grouped and cluster.chosen(c.slot.name) != e.unit:
                 continue  # a group serves once the cluster has chosen it
-            out.append(Target(e.id, e.url, c.backend))
+            t = self._targets.get(e.id)
+            if t is None or t.backend is not c.backend:  # (an engine's url never changes)
+                t = self._target(e.id, e.url, c.backend)
+            out.append(t)
         if cluster is not None:
             for r in cluster.remote_targets(model):
-                out.append(Target(r["id"], r["url"], self.sup.backend_named(r["backend"])))
+                backend = self.sup.backend_named(r["backend"])
+                t = self._targets.get(r["id"])
+                if t is None or t.url != r["url"] or t.backend is not backend:
+                    t = self._target(r["id"], r["url"], backend)
+                out.append(t)
         return out
+
+    def _target(self, engine_id: str, url: str, backend: Backend) -> Target:
+        # Targets are kept and handed out again: candidates() runs for every request.
+        if len(self._targets) >= 1024:
+            self._targets.clear()  # engines come and go: this keeps only recent ones
+        t = self._targets[engine_id] = Target(engine_id, url, backend)
+        return t
 
     async def changed(self) -> None:
         await self._changed.wait()

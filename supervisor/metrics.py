@@ -4,9 +4,11 @@ conventions: ``failover_supervisor_`` prefix, ``_total`` counters, ``_seconds`` 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from supervisor.model import (
     CONTINUATION_MODES,
@@ -43,6 +45,40 @@ _DURATION_BUCKETS = (
 )
 # Detection takes microseconds when a process exit is seen at once.
 _DETECTION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, *_DURATION_BUCKETS)
+
+
+class TallyCounter(Collector):
+    """A counter kept as plain integers, one per label set, and read when scraped: for
+    events counted on every request, where a ``Counter`` child's ``inc()`` (interpreted,
+    and behind a lock) costs more than the rest of the count. The hot path adds to
+    :attr:`counts` itself: ``counts[labels] = counts.get(labels, 0) + 1``."""
+
+    _type = "counter"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name.removesuffix("_total")  # as prometheus_client keeps a counter's
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self.counts: dict[tuple[str, ...], int] = {}
+        registry.register(self)
+
+    def value(self, *labels: str) -> int:
+        return self.counts.get(labels, 0)
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for labels, n in list(self.counts.items()):  # (a copy: a scrape may run in a thread)
+            family.add_metric(labels, n)
+        yield family
 
 
 class Metrics:
@@ -158,10 +194,10 @@ class Metrics:
             registry=r,
         )
 
-        self.requests = Counter(
+        self.requests = TallyCounter(
             "failover_supervisor_frontend_requests_total",
             "Client requests answered by the frontend, by route and HTTP status.",
-            ["route", "status"],
+            ("route", "status"),
             registry=r,
         )
         self.rejections = Counter(

@@ -37,6 +37,7 @@ MODULES = (
     "supervisor.frontend.stops",
     "supervisor.openai_shapes",
     "supervisor.model",
+    "supervisor.jsonbody",
     "plugins.vllm",
 )
 # The group's shared library: supervisor/_native__mypyc.<abi>.so (mypyc adds the suffix).

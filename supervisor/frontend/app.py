@@ -25,7 +25,7 @@ from supervisor import log as logging
 from supervisor.auth import bearer_matches
 from supervisor.config import Config
 from supervisor.frontend.routing import EngineDirectory, Rejected, Router
-from supervisor.frontend.server import FrontendServer, Reply, Request
+from supervisor.frontend.server import REASONS, FrontendServer, Reply, Request
 from supervisor.frontend.streams import (
     ClientGone,
     ClientShape,
@@ -43,6 +43,8 @@ from supervisor.sessions import Sessions
 # What may wait in a client's socket buffer before the relay stops writing at once and
 # waits for the client to read (the engine's connection paused meanwhile).
 _CLIENT_BUFFER = 64 * 1024
+# The statuses answered, as the label's text (no str() per request).
+_STATUS_TEXT = {status: str(status) for status in REASONS}
 _RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Request ids need to be unique, not secret (nothing is authorised by one): a generator
 # seeded from the system's randomness, not a getrandom() call per request.
@@ -115,7 +117,7 @@ class Frontend:
         self.log = logging.get(component="frontend")
         # Asked once: the log level is set before the frontend is made (and not reloaded).
         self.logs_info = self.log.is_enabled_for(INFO)
-        self._counters: dict[tuple[str, int], Any] = {}
+        self._request_counts = metrics.requests.counts
 
     def server(self, guard: ConnectionGuard) -> FrontendServer:
         """The HTTP server that hands this frontend its requests."""
@@ -132,14 +134,10 @@ class Frontend:
 
     def _count(self, route: str, status: int) -> None:
         # Labels come from the route table, never from the client's path: the set of
-        # series must not grow with what clients send. Children are cached (labels()
-        # takes a lock and builds a tuple on every call).
-        child = self._counters.get((route, status))
-        if child is None:
-            child = self._counters[(route, status)] = self.metrics.requests.labels(
-                route, str(status)
-            )
-        child.inc()
+        # series must not grow with what clients send.
+        counts = self._request_counts
+        key = (route, _STATUS_TEXT.get(status) or str(status))
+        counts[key] = counts.get(key, 0) + 1
 
     async def handle(self, request: Request, reply: Reply) -> None:
         """Route one request, answer errors in OpenAI's shape, and count it."""

@@ -10,6 +10,7 @@ a timeout, or a drain means 503 with Retry-After, never a hang.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
@@ -63,6 +64,41 @@ class Rejected(Exception):
         self.reason = reason
 
 
+DEADLINE_GRAIN = 0.25  # seconds: how late Deadlines may end a wait
+
+
+class Deadlines:
+    """The deadlines of waits on engines, kept in buckets of ``DEADLINE_GRAIN`` seconds with
+    one timer per bucket: a wait costs a set insertion instead of a timer of its own (a
+    uvloop timer costs microseconds to make and to cancel, and every whole answer waits
+    under a deadline). A deadline ends its wait late by at most the grain, never early.
+    One per router: its timers belong to the router's event loop."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[float, set[EngineWait]] = {}
+
+    def __len__(self) -> int:
+        """How many waits are under a deadline now."""
+        return sum(len(b) for b in self._buckets.values())
+
+    def add(
+        self, loop: asyncio.AbstractEventLoop, wait: EngineWait, when: float
+    ) -> set[EngineWait]:
+        """End ``wait`` at loop time ``when`` (or up to the grain later); returns the bucket
+        it is in, to leave when it ends otherwise."""
+        at = math.ceil(when / DEADLINE_GRAIN) * DEADLINE_GRAIN
+        bucket = self._buckets.get(at)
+        if bucket is None:
+            bucket = self._buckets[at] = set()
+            loop.call_at(at, self._due, at)
+        bucket.add(wait)
+        return bucket
+
+    def _due(self, at: float) -> None:
+        for wait in self._buckets.pop(at, set()):
+            wait.end_now()
+
+
 class EngineWait:
     """The relay's wait on one engine: ended at a deadline (a whole answer's stall limit)
     or at once through the lease (the engine declared dead, the request moved, its stream
@@ -71,12 +107,20 @@ class EngineWait:
     it is interpreted Python on 3.11, and every request waits once."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], when: float | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+        when: float | None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.task = task
         self.cancelling = task.cancelling()  # cancellations already asked of the task
         self.ended = False
-        self.handle = loop.call_at(when, self.end_now) if when is not None else None
+        self.bucket: set[EngineWait] | None = None
+        if when is not None:
+            if deadlines is None:
+                deadlines = Deadlines()
+            self.bucket = deadlines.add(loop, self, when)
 
     def end_now(self) -> None:
         if not self.ended:
@@ -85,8 +129,9 @@ class EngineWait:
 
     def close(self) -> None:
         """The wait is over (however it ended): the deadline no longer applies."""
-        if self.handle is not None:
-            self.handle.cancel()
+        if self.bucket is not None:
+            self.bucket.discard(self)
+            self.bucket = None
 
     def ended_it(self) -> bool:
         """Asked once, on ``CancelledError``: whether this wait's ending raised it (and
@@ -147,6 +192,7 @@ class Router:
         self.draining = False
         self._freed = anyio.Event()
         self._gauges: dict[str, Any] = {}
+        self.deadlines = Deadlines()  # of the relay's waits on engines
 
     @property
     def migrations_waiting(self) -> int:

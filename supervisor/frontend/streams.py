@@ -471,7 +471,8 @@ class RequestRelay:
             # No token shows progress, so one deadline: as long as a stream of the same
             # length could have taken (one stall_timeout per token after the first).
             limit = self.first_token_timeout + (self.budget or 0) * self.stall_timeout
-            waiting = EngineWait(loop, task, loop.time() + limit)  # or ended by the lease
+            # (Or ended by the lease.)
+            waiting = EngineWait(loop, task, loop.time() + limit, self.router.deadlines)
         else:
             # One watchdog per stream, not a deadline per event: the hot path stays lean.
             # A timer, not a task: a request costs no task (and no task group) beyond its own.

@@ -4,6 +4,7 @@ simulated engine; the plugin is the real vLLM backend with one hook made to fail
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +18,14 @@ import pytest
 from plugins.vllm import VllmBackend
 from supervisor.backends import StreamDecoder
 from supervisor.config import FrontendConfig, HealthConfig
-from supervisor.frontend.routing import Rejected, Router, Target
+from supervisor.frontend.routing import (
+    DEADLINE_GRAIN,
+    Deadlines,
+    EngineWait,
+    Rejected,
+    Router,
+    Target,
+)
 from supervisor.frontend.streams import ClientGone, ClientShape, MigrationFailed, RequestRelay
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, EngineSpec, Piece, Progress, UpstreamRequest
@@ -310,3 +318,55 @@ async def test_what_is_kept_per_engine_goes_with_the_engine() -> None:
     for kept in (router.inflight, router.answered_at, router.leases, router._gauges):
         assert set(kept) <= {"b"}, kept
     assert set(router.inflight) == {"b"}
+
+
+async def test_a_deadline_ends_its_wait_never_early_and_an_ended_wait_leaves_it(
+    engine: tuple[str, Sessions],
+) -> None:
+    """Whole answers wait under a deadline kept in shared buckets: the deadline ends the
+    wait no sooner than asked, and a wait that ends otherwise (the answer came) leaves
+    nothing behind."""
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines()
+
+    async def wait(seconds: float, *, answered_after: float | None = None) -> float | None:
+        task = asyncio.current_task()
+        assert task is not None
+        asked_at = loop.time()
+        waiting = EngineWait(loop, task, asked_at + seconds, deadlines)
+        try:
+            await asyncio.sleep(60 if answered_after is None else answered_after)
+            return None
+        except asyncio.CancelledError:
+            assert waiting.ended_it()
+            return loop.time() - asked_at
+        finally:
+            waiting.close()
+
+    ended = await asyncio.gather(
+        wait(0.3), wait(0.55), *(wait(0.4, answered_after=0.05) for _ in range(50))
+    )
+    assert ended[2:] == [None] * 50, "a wait that ended in time was ended by its deadline"
+    assert 0.3 <= ended[0] < 0.3 + DEADLINE_GRAIN + 2, ended[0]
+    assert 0.55 <= ended[1] < 0.55 + DEADLINE_GRAIN + 2, ended[1]
+    assert len(deadlines) == 0
+
+    # Through the relay: a short non-streaming request is asked whole, under a deadline.
+    url, sessions = engine
+    router = Router(FrontendConfig(), Directory([Target("e0", url, VllmBackend())]), Metrics())
+    body = {"model": "sim-model", "prompt": "the river", "max_tokens": 4}
+    for _ in range(3):
+        relay = RequestRelay(
+            ClientRequest("completion", body),
+            "r1",
+            ClientShape("completion", "cmpl-r1", "sim-model", 0),
+            router,
+            sessions,
+            FrontendConfig(),
+            HealthConfig(),
+            Metrics(),
+            None,
+        )
+        await relay.run()
+        assert relay.whole and relay.progress.completion_tokens == 4
+    assert len(router.deadlines) == 0
