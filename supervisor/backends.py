@@ -22,6 +22,8 @@ from urllib.parse import urlencode
 import aiohttp
 import orjson
 
+# (Re-exported: part of the plugin contract, defined where the compiled relay reaches them.)
+from supervisor.events import loads_event as loads_event
 from supervisor.frontend.wire import EngineConnectionError, EnginePool, EngineProtocolError
 from supervisor.model import (
     ClientRequest,
@@ -33,27 +35,17 @@ from supervisor.model import (
     Readiness,
     UpstreamRequest,
 )
+from supervisor.stream_errors import BackendError as BackendError
+from supervisor.stream_errors import EngineReportedError as EngineReportedError
+from supervisor.stream_errors import MalformedStream as MalformedStream
 
 ENTRY_POINT_GROUP = "failover_supervisor.backends"
 # The largest answer a lean call reads (an engine's /metrics page is the largest expected).
 _ANSWER_LIMIT = 64 * 1024 * 1024
 
 
-class BackendError(RuntimeError):
-    """An engine call failed; the message says which call and what the engine answered."""
-
-
 class EngineOutOfMemory(BackendError):
     """The engine could not get GPU memory (wake or load). Retryable for a bounded time."""
-
-
-class MalformedStream(BackendError):
-    """The engine sent something that is not its stream format: a failure of that engine."""
-
-
-class EngineReportedError(BackendError):
-    """The engine ended one stream with an error of its own (an error event, an abort): that
-    request failed there, which says nothing about the engine's health."""
 
 
 @dataclass(frozen=True)
@@ -280,18 +272,6 @@ class StreamDecoder(ABC):
 
         Raises :class:`MalformedStream` for anything that is not this engine's format.
         """
-
-
-def loads_event(data: bytes) -> dict[str, Any]:
-    try:
-        obj = orjson.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MalformedStream(f"stream event is not JSON: {data[:80]!r}") from e
-    if not isinstance(obj, dict):
-        raise MalformedStream(f"stream event is not a JSON object: {data[:80]!r}")
-    if "error" in obj and "choices" not in obj:
-        raise EngineReportedError(f"engine reported an error mid-stream: {str(obj['error'])[:200]}")
-    return obj
 
 
 class Backend(ABC):

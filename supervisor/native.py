@@ -38,6 +38,7 @@ MODULES = (
     "supervisor.openai_shapes",
     "supervisor.model",
     "supervisor.jsonbody",
+    "supervisor.events",
     "plugins.vllm",
 )
 # The group's shared library: supervisor/_native__mypyc.<abi>.so (mypyc adds the suffix).

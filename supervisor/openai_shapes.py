@@ -9,14 +9,10 @@ from typing import Any
 
 from mypy_extensions import mypyc_attr
 
-from supervisor.backends import (
-    BackendError,
-    EngineReportedError,
-    MalformedStream,
-    StreamDecoder,
-    loads_event,
-)
+from supervisor.backends import StreamDecoder
+from supervisor.events import loads_event
 from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
+from supervisor.stream_errors import BackendError, EngineReportedError, MalformedStream
 
 COMPLETIONS_PATH = "/v1/completions"
 CHAT_PATH = "/v1/chat/completions"
