@@ -42,7 +42,7 @@ from supervisor.gpu import (
 )
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
-from supervisor.model import Engine, EngineState, FailoverRecord, Pause, RolloutProgress
+from supervisor.model import Engine, EngineState, FailoverRecord, Pause, RolloutProgress, Slot
 from supervisor.netguard import (
     ConnectionGuard,
     GuardedSite,
@@ -69,6 +69,8 @@ class DaemonDirectory:
         self._changed = anyio.Event()
         self._served: tuple[object, set[str]] = (None, set())
         self._targets: dict[str, Target] = {}  # by engine id, see _target
+        # Per model: (config, the (slot, engine) pairs serving it, their targets).
+        self._kept: dict[str, tuple[object, list[tuple[Slot, Engine]], list[Target]]] = {}
 
     def models(self) -> list[str]:
         # From the config: known before the slots' engines have started.
@@ -87,7 +89,26 @@ class DaemonDirectory:
         return cluster is not None and model in cluster.models()
 
     def candidates(self, model: str) -> list[Target]:
+        # Asked for every request. A node alone keeps each model's answer until an engine
+        # changes state (notify) or the config is reloaded, and checks on every use that
+        # each engine in it is still its slot's active one: one that stopped is never
+        # handed out, even before its change is heard of.
+        kept = self._kept.get(model)
+        if (
+            kept is not None
+            and kept[0] is self.sup.cfg
+            and self.sup.cluster is None
+            and all(s.active == e.id and e.state is EngineState.ACTIVE for s, e in kept[1])
+        ):
+            return kept[2]
+        out, serving = self._candidates(model)
+        if self.sup.cluster is None:
+            self._kept[model] = (self.sup.cfg, serving, out)
+        return out
+
+    def _candidates(self, model: str) -> tuple[list[Target], list[tuple[Slot, Engine]]]:
         out = []
+        serving = []
         cluster = self.sup.cluster
         demoted = cluster is not None and cluster.demoted
         for c in self.sup.controllers.values():
@@ -106,6 +127,7 @@ class DaemonDirectory:
             if t is None or t.backend is not c.backend:  # (an engine's url never changes)
                 t = self._target(e.id, e.url, c.backend)
             out.append(t)
+            serving.append((c.slot, e))
         if cluster is not None:
             for r in cluster.remote_targets(model):
                 backend = self.sup.backend_named(r["backend"])
@@ -113,7 +135,7 @@ class DaemonDirectory:
                 if t is None or t.url != r["url"] or t.backend is not backend:
                     t = self._target(r["id"], r["url"], backend)
                 out.append(t)
-        return out
+        return out, serving
 
     def _target(self, engine_id: str, url: str, backend: Backend) -> Target:
         # Targets are kept and handed out again: candidates() runs for every request.
@@ -126,6 +148,7 @@ class DaemonDirectory:
         await self._changed.wait()
 
     def notify(self) -> None:
+        self._kept.clear()
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
 
