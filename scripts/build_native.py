@@ -132,7 +132,7 @@ def build() -> None:
             shutil.copy2(so, dest)
         record = {
             "mypyc_group": native.GROUP,
-            "python": sys.version.split()[0],
+            "python": native.interpreter(),
             "sources": {str(p.relative_to(ROOT)): native.digest(p) for p in sources_read()},
         }
         tmp_manifest = native.MANIFEST.with_suffix(".tmp")

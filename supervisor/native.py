@@ -66,14 +66,24 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def interpreter() -> str:
+    """The running Python, as the build record names the one it compiled for."""
+    return f"{sys.version.split()[0]} at {os.path.realpath(sys.executable)}"
+
+
 def stale_sources(manifest: Path = MANIFEST) -> list[str]:
     """Sources (relative paths) changed since the build, or why the build cannot be used."""
     try:
-        recorded = json.loads(manifest.read_text())["sources"]
+        record = json.loads(manifest.read_text())
+        recorded = record["sources"]
     except FileNotFoundError:
         return ["no build record (_native.json)"]
     except (ValueError, KeyError, TypeError) as e:
         return [f"unreadable build record: {e!r}"]
+    if record.get("python") != interpreter():
+        # Compiled against another interpreter's headers (e.g. .venv made again from
+        # another Python): the same file name, but not the same build.
+        return [f"built for another Python ({record.get('python')})"]
     if not isinstance(recorded, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()
     ):

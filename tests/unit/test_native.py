@@ -98,6 +98,19 @@ def test_the_environment_can_refuse_the_build(tree: Path) -> None:
 
 
 @needs_build
+def test_a_build_for_another_python_is_a_stale_build(tree: Path) -> None:
+    # A .venv made again from another interpreter finds .so files of the same name.
+    manifest = tree / "supervisor" / native.MANIFEST.name
+    record = json.loads(manifest.read_text())
+    assert record["python"] == native.interpreter()
+    record["python"] = "3.11.0 at /opt/another/bin/python3.11"
+    manifest.write_text(json.dumps(record))
+    got = imported(tree)
+    assert got["stale"] is True and "built for another Python" in str(got["status"])
+    assert kinds(got["files"]) == {"source"}
+
+
+@needs_build
 @pytest.mark.parametrize("record", ["", "{not json", '{"sources": 3}', None])
 def test_a_missing_or_broken_build_record_is_a_stale_build(tree: Path, record: str | None) -> None:
     manifest = tree / "supervisor" / native.MANIFEST.name
