@@ -256,7 +256,13 @@ class _Connection(asyncio.Protocol):
         self.timer_at = 0.0  # when the timer fires (loop time)
         self.deadline = 0.0
         self.deadline_kind: str | None = None  # "head", "idle", "linger", or none
+        # The connection's handler task, from its first request on: it handles one request
+        # at a time and waits on ``wakeup`` for the next (waking a task costs a request
+        # less than making one, and a task is made per connection instead).
         self.task: asyncio.Task[None] | None = None
+        self.busy = False  # a request is being handled
+        self.queued: Request | None = None  # read whole, for the handler task to take
+        self.wakeup: asyncio.Future[None] | None = None
         self.reading_paused = False
         self.writable: asyncio.Event | None = None  # set while the client's buffer has room
         self.closed = False
@@ -281,7 +287,7 @@ class _Connection(asyncio.Protocol):
         if self.closed or self.lingering:
             return
         self.buf += data
-        if self.task is not None:  # a pipelined request waits for the current one
+        if self.busy:  # a pipelined request waits for the current one
             if len(self.buf) > _PIPELINE_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
                 self.reading_paused = True
@@ -354,12 +360,12 @@ class _Connection(asyncio.Protocol):
             self.timer = None
 
     def _head_too_slow(self) -> None:
-        if not self.closed and self.task is None and self.transport is not None:
+        if not self.closed and not self.busy and self.transport is not None:
             self._disarm()
             self.guard.time_out(self.transport)
 
     def _idle_too_long(self) -> None:
-        if not self.closed and self.task is None and not self.buf:
+        if not self.closed and not self.busy and not self.buf:
             self.close()
 
     # -- parsing ------------------------------------------------------------------------
@@ -444,8 +450,13 @@ class _Connection(asyncio.Protocol):
         """Run the handler for a request read whole."""
         self.http10 = version == "1.0"
         keep_alive = _wants_keep_alive(version, headers)
-        request = Request(method, path, query, version, headers, body, keep_alive)
-        self.task = self.server.spawn(self._handle(request))
+        self.busy = True
+        self.queued = Request(method, path, query, version, headers, body, keep_alive)
+        if self.task is None:
+            self.task = self.server.spawn(self._serve())
+        elif self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+        # (Else the handler task read this request itself, after its last one: it takes it.)
 
     def _framing(self, headers: dict[str, str]) -> tuple[int, bool]:
         """The body's length and whether it is chunked, from the head's fields."""
@@ -529,6 +540,21 @@ class _Connection(asyncio.Protocol):
             self.transport.write_eof()
 
     # -- the handler --------------------------------------------------------------------
+    async def _serve(self) -> None:
+        """The connection's handler task: each request in turn, while the connection lives
+        (it is cancelled when the connection ends, waiting or not)."""
+        while not self.closed:
+            request = self.queued
+            if request is None:
+                self.wakeup = self.loop.create_future()
+                try:
+                    await self.wakeup
+                finally:
+                    self.wakeup = None
+                continue
+            self.queued = None
+            await self._handle(request)
+
     async def _handle(self, request: Request) -> None:
         reply = Reply(self, request)
         try:
@@ -543,7 +569,7 @@ class _Connection(asyncio.Protocol):
                 reply.keep_alive = False
                 reply.send(500, self.server.error_body(500, "internal error in the supervisor"))
         finally:
-            self.task = None
+            self.busy = False
         if reply.streaming and not self.http10 and not self.closed:
             self.write(b"0\r\n\r\n")
         if not reply.started:  # a handler that answered nothing: the client is gone

@@ -145,6 +145,24 @@ async def test_a_reused_head_is_read_afresh_for_each_request() -> None:
         assert 0 < len(server.heads) <= 256
 
 
+async def test_a_connection_has_one_handler_task_and_it_ends_with_the_connection() -> None:
+    async with serving() as (server, echo):
+        conns = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+        for i in range(3):
+            for reader, writer in conns:
+                writer.write(post(f"/r{i}", b"x"))
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 OK")
+                await reader.readuntil(b"}")
+        assert len(server.tasks) == 2  # one per connection, waiting for its next request
+        for _, writer in conns:
+            writer.close()
+        await closed(server)
+        async with asyncio.timeout(1):
+            while server.tasks:
+                await asyncio.sleep(0.01)
+    assert [r.path for r in echo.seen] == ["/r0", "/r0", "/r1", "/r1", "/r2", "/r2"]
+
+
 async def test_chunked_bodies_and_expect_continue() -> None:
     chunked = (
         b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
