@@ -578,8 +578,9 @@ class Supervisor:
         )
         if native.STALE:
             self.log.warning(
-                "the relay's compiled build is older than its sources: running them as pure "
-                "Python (slower); scripts/build_native.py builds it again",
+                "the relay's compiled build does not fit this checkout or this Python: "
+                "running its sources as pure Python (slower); scripts/build_native.py builds "
+                "it again",
                 relay=native.STATUS,
             )
         for warning in warnings(self.cfg):

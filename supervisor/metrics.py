@@ -68,9 +68,6 @@ class TallyCounter(Collector):
         self.counts: dict[tuple[str, ...], int] = {}
         registry.register(self)
 
-    def value(self, *labels: str) -> int:
-        return self.counts.get(labels, 0)
-
     def describe(self) -> Iterable[CounterMetricFamily]:
         return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
 

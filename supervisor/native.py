@@ -72,7 +72,8 @@ def interpreter() -> str:
 
 
 def stale_sources(manifest: Path = MANIFEST) -> list[str]:
-    """Sources (relative paths) changed since the build, or why the build cannot be used."""
+    """Why the build cannot be used: the sources (relative paths) changed since it, or what
+    else is wrong with it; empty when it is fresh."""
     try:
         record = json.loads(manifest.read_text())
         recorded = record["sources"]
@@ -80,21 +81,21 @@ def stale_sources(manifest: Path = MANIFEST) -> list[str]:
         return ["no build record (_native.json)"]
     except (ValueError, KeyError, TypeError) as e:
         return [f"unreadable build record: {e!r}"]
-    if record.get("python") != interpreter():
-        # Compiled against another interpreter's headers (e.g. .venv made again from
-        # another Python): the same file name, but not the same build.
-        return [f"built for another Python ({record.get('python')})"]
     if not isinstance(recorded, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()
     ):
         return ["unreadable build record: no digests of sources"]
+    if record.get("python") != interpreter():
+        # Compiled against another interpreter's headers (e.g. .venv made again from
+        # another Python): the same file name, but not the same build.
+        return [f"built for another Python ({record.get('python')})"]
     changed = []
     for rel, sha in sorted(recorded.items()):
         try:
             if digest(ROOT / rel) != sha:
-                changed.append(rel)
+                changed.append(f"{rel} changed")
         except OSError:
-            changed.append(rel)
+            changed.append(f"{rel} cannot be read")
     return changed
 
 
@@ -126,7 +127,7 @@ def check() -> tuple[str, bool]:
         if changed:
             stale = True
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-            reason = f"the build is stale: {', '.join(changed[:3])}{more} changed since"
+            reason = f"the build is stale: {', '.join(changed[:3])}{more}"
     if reason is None:
         return f"compiled with mypyc ({len(MODULES)} modules)", False
     if not any(isinstance(f, _SourcesFirst) for f in sys.meta_path):

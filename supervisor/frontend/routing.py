@@ -81,18 +81,16 @@ class Deadlines:
         """How many waits are under a deadline now."""
         return sum(len(b) for b in self._buckets.values())
 
-    def add(
-        self, loop: asyncio.AbstractEventLoop, wait: EngineWait, when: float
-    ) -> set[EngineWait]:
-        """End ``wait`` at loop time ``when`` (or up to the grain later); returns the bucket
-        it is in, to leave when it ends otherwise."""
+    def add(self, loop: asyncio.AbstractEventLoop, wait: EngineWait, when: float) -> None:
+        """End ``wait`` at loop time ``when`` (or up to the grain later), unless it ends
+        otherwise first (:meth:`EngineWait.close` leaves its bucket)."""
         at = math.ceil(when / DEADLINE_GRAIN) * DEADLINE_GRAIN
         bucket = self._buckets.get(at)
         if bucket is None:
             bucket = self._buckets[at] = set()
             loop.call_at(at, self._due, at)
         bucket.add(wait)
-        return bucket
+        wait.bucket = bucket
 
     def _due(self, at: float) -> None:
         for wait in self._buckets.pop(at, set()):
@@ -106,21 +104,11 @@ class EngineWait:
     from any other cancellation. What ``asyncio.Timeout`` does here, without its states:
     it is interpreted Python on 3.11, and every request waits once."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        task: asyncio.Task[Any],
-        when: float | None,
-        deadlines: Deadlines | None = None,
-    ) -> None:
+    def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
         self.cancelling = task.cancelling()  # cancellations already asked of the task
         self.ended = False
-        self.bucket: set[EngineWait] | None = None
-        if when is not None:
-            if deadlines is None:
-                deadlines = Deadlines()
-            self.bucket = deadlines.add(loop, self, when)
+        self.bucket: set[EngineWait] | None = None  # its deadline's, if it has one (Deadlines)
 
     def end_now(self) -> None:
         if not self.ended:

@@ -471,14 +471,14 @@ class RequestRelay:
             # No token shows progress, so one deadline: as long as a stream of the same
             # length could have taken (one stall_timeout per token after the first).
             limit = self.first_token_timeout + (self.budget or 0) * self.stall_timeout
-            # (Or ended by the lease.)
-            waiting = EngineWait(loop, task, loop.time() + limit, self.router.deadlines)
+            waiting = EngineWait(task)  # or ended by the lease
+            self.router.deadlines.add(loop, waiting, loop.time() + limit)
         else:
             # One watchdog per stream, not a deadline per event: the hot path stays lean.
             # A timer, not a task: a request costs no task (and no task group) beyond its own.
             step = max(min(self.stall_timeout, self.first_token_timeout) / 4, 0.01)
             self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
-            waiting = EngineWait(loop, task, None)  # ended by the lease
+            waiting = EngineWait(task)  # ended by the lease
         lease.wait_in(waiting)
         try:
             await self._read(lease, up, decoder)

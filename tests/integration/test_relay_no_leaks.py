@@ -333,7 +333,8 @@ async def test_a_deadline_ends_its_wait_never_early_and_an_ended_wait_leaves_it(
         task = asyncio.current_task()
         assert task is not None
         asked_at = loop.time()
-        waiting = EngineWait(loop, task, asked_at + seconds, deadlines)
+        waiting = EngineWait(task)
+        deadlines.add(loop, waiting, asked_at + seconds)
         try:
             await asyncio.sleep(60 if answered_after is None else answered_after)
             return None
