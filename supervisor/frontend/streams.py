@@ -223,12 +223,15 @@ Emit = Callable[[bytes], Awaitable[None]]
 class _Pump:
     """What a relayed stream's read callback leaves for its task."""
 
-    __slots__ = ("_loop", "_waiter", "complete", "error", "pending")
+    __slots__ = ("_loop", "_waiter", "complete", "error", "held", "last_read", "pending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.complete = False  # the answer is whole (the rest is read only to reuse the link)
         self.error: Exception | None = None
         self.pending: list[bytes] = []  # for the client, in order, not yet written
+        self.last_read = 0.0  # when the engine's last read came (monotonic)
+        # Reading paused until this timer ends the coalescing window (None: not held).
+        self.held: asyncio.TimerHandle | None = None
         self._loop = loop
         self._waiter: asyncio.Future[None] | None = None
 
@@ -540,12 +543,24 @@ class RequestRelay:
         callback and written to the client there and then; this task only steps in to
         write what cannot go at once (the first write, a client that is not keeping up:
         the engine's connection is paused meanwhile) and to end the stream."""
-        st = _Pump(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        st = _Pump(loop)
         sse = SseSplitter()
         backend, engine_id, answered_at = target.backend, target.engine_id, self.router.answered_at
+        # Reads closer than half the window make the next one wait for the window's end.
+        window = self.cfg.coalesce_window
+        close_gap = window / 2
+
+        def release() -> None:  # the coalescing window is over: read what came meanwhile
+            st.held = None
+            # (Not while the client is behind or the stream is ending: this task resumes.)
+            if not st.pending and st.error is None and self.writing_since is None:
+                conn.resume()
 
         def on_body(chunk: bytes) -> None:
-            self.last_event = answered_at[engine_id] = time.monotonic()
+            now = time.monotonic()
+            gap, st.last_read = now - st.last_read, now
+            self.last_event = answered_at[engine_id] = now
             if st.complete or st.error is not None:
                 return  # read to the end, so the connection is kept for reuse
             out: list[bytes] = []
@@ -571,27 +586,38 @@ class RequestRelay:
             if st.pending or st.error is not None or self.stop_reason is not None:
                 conn.pause()
                 st.wake()
+            elif gap < close_gap and st.held is None and not st.complete:
+                # Tokens are coming faster than anyone reads them: let the next ones
+                # gather in the socket for a window, then take them in one read and write.
+                conn.pause()
+                st.held = loop.call_later(window, release)
 
         conn.on_end = st.wake
         conn.set_sink(on_body)
-        while True:
-            if st.pending:
-                data = b"".join(st.pending)
-                st.pending.clear()
-                await self._send(data)
-                conn.resume()
-                continue
-            if st.error is not None:
-                raise st.error
-            if self.stop_reason is not None:
-                return  # the engine generates on past the stop: leaving aborts it
-            if conn.error is not None:
-                raise conn.error
-            if conn.done:
-                if not st.complete:
-                    raise MalformedStream("stream ended without [DONE]")
-                return
-            await st.wait()
+        try:
+            while True:
+                if st.pending:
+                    data = b"".join(st.pending)
+                    st.pending.clear()
+                    await self._send(data)
+                    if st.held is None:
+                        conn.resume()
+                    continue
+                if st.error is not None:
+                    raise st.error
+                if self.stop_reason is not None:
+                    return  # the engine generates on past the stop: leaving aborts it
+                if conn.error is not None:
+                    raise conn.error
+                if conn.done:
+                    if not st.complete:
+                        raise MalformedStream("stream ended without [DONE]")
+                    return
+                await st.wait()
+        finally:
+            if st.held is not None:  # no timer may touch the connection once it is let go
+                st.held.cancel()
+                st.held = None
 
     def _take_whole(self, backend: Backend, decoder: StreamDecoder, body: bytes) -> None:
         """Take a whole answer (one body, decoded as one event) into the request."""

@@ -241,62 +241,89 @@ async def fast_engine(tmp_path: Path) -> AsyncIterator[tuple[str, Sessions]]:
         yield spec.url, sessions
 
 
+async def fast_answer(
+    url: str, sessions: Sessions, cfg: FrontendConfig, emit_now: Any, slow: float
+) -> tuple[str, int, int]:
+    """2,000 greedy tokens from the fast engine through a relay: the text the client got,
+    how many writes waited for it and how many went at once."""
+    body = {"model": "sim-model", "prompt": "the river", "max_tokens": 2000, "stream": True}
+    body["temperature"] = 0  # the simulator's greedy answer: the same every time
+    written: list[bytes] = []
+    waits = at_once = 0
+
+    async def emit(data: bytes) -> None:
+        nonlocal waits
+        waits += 1
+        await anyio.sleep(slow)
+        written.append(data)
+
+    def now(data: bytes) -> bool:
+        nonlocal at_once
+        if not emit_now():
+            return False
+        at_once += 1
+        written.append(data)
+        return True
+
+    router = Router(FrontendConfig(), Directory([Target("e0", url, VllmBackend())]), Metrics())
+    relay = RequestRelay(
+        ClientRequest("completion", body),
+        "r1",
+        ClientShape("completion", "cmpl-r1", "sim-model", 0),
+        router,
+        sessions,
+        cfg,
+        HealthConfig(stall_timeout=5),
+        Metrics(),
+        emit,
+        now,
+    )
+    with anyio.fail_after(30):
+        await relay.run()
+    text = ""
+    for chunk in written:
+        for event in chunk.split(b"\n\n"):
+            if event.startswith(b"data: "):
+                text += orjson.loads(event[6:])["choices"][0]["text"]
+    assert relay.progress.completion_tokens == 2000
+    return text, waits, at_once
+
+
+@pytest.mark.parametrize("window", [0.0, 0.001, 0.005])
 async def test_a_client_that_falls_behind_gets_every_token_in_order(
-    fast_engine: tuple[str, Sessions],
+    fast_engine: tuple[str, Sessions], window: float
 ) -> None:
     """The relay writes to the client at once while it keeps up (``emit_now``) and waits
     for it when it cannot (``emit``, the engine's connection paused meanwhile). With the
     client's buffer full at random moments, every wait slow and the engine as fast as it
     can go, the client still gets the answer whole, in order, nothing twice: the same
-    text as a relay that always waited."""
+    text as a relay that always waited. Reads held for a coalescing window (paused too)
+    mix with those waits and change nothing of it."""
     url, sessions = fast_engine
-    body = {"model": "sim-model", "prompt": "the river", "max_tokens": 2000, "stream": True}
-    body["temperature"] = 0  # the simulator's greedy answer: the same every time
-
-    async def answer(emit_now: Any, slow: float) -> tuple[str, int]:
-        written: list[bytes] = []
-        waits = 0
-
-        async def emit(data: bytes) -> None:
-            nonlocal waits
-            waits += 1
-            await anyio.sleep(slow)
-            written.append(data)
-
-        def now(data: bytes) -> bool:
-            if not emit_now():
-                return False
-            written.append(data)
-            return True
-
-        router = Router(FrontendConfig(), Directory([Target("e0", url, VllmBackend())]), Metrics())
-        relay = RequestRelay(
-            ClientRequest("completion", dict(body)),
-            "r1",
-            ClientShape("completion", "cmpl-r1", "sim-model", 0),
-            router,
-            sessions,
-            FrontendConfig(),
-            HealthConfig(stall_timeout=5),
-            Metrics(),
-            emit,
-            now,
-        )
-        with anyio.fail_after(30):
-            await relay.run()
-        text = ""
-        for chunk in written:
-            for event in chunk.split(b"\n\n"):
-                if event.startswith(b"data: "):
-                    text += orjson.loads(event[6:])["choices"][0]["text"]
-        assert relay.progress.completion_tokens == 2000
-        return text, waits
-
-    want, _ = await answer(lambda: False, 0.0)  # every write waited for
+    cfg = FrontendConfig(coalesce_window=window)
+    want, _, _ = await fast_answer(url, sessions, cfg, lambda: False, 0.0)  # every write waited
     rng = random.Random(3)
-    got, waits = await answer(lambda: rng.random() > 0.5, 0.002)
+    got, waits, _ = await fast_answer(url, sessions, cfg, lambda: rng.random() > 0.5, 0.002)
     assert waits > 5  # the client fell behind many times
     assert got == want
+
+
+async def test_a_fast_stream_is_read_in_windows_and_loses_nothing(
+    fast_engine: tuple[str, Sessions],
+) -> None:
+    """An engine streaming as fast as it can is read once per coalescing window, not once
+    per token or two: far fewer writes reach the client, with the same text."""
+    url, sessions = fast_engine
+    plain, _, plain_writes = await fast_answer(
+        url, sessions, FrontendConfig(coalesce_window=0), lambda: True, 0.0
+    )
+    held, _, held_writes = await fast_answer(
+        url, sessions, FrontendConfig(coalesce_window=0.02), lambda: True, 0.0
+    )
+    assert held == plain
+    # Read as it comes, 2,000 tokens take hundreds of reads (a few tokens each); in 20 ms
+    # windows the simulator's whole answer takes a few dozen at most.
+    assert held_writes * 4 < plain_writes, (held_writes, plain_writes)
 
 
 async def test_what_is_kept_per_engine_goes_with_the_engine() -> None:

@@ -37,6 +37,14 @@ def test_defaults_are_filled_in() -> None:
             "frontend.whole_upstream_max_tokens: must be an integer >= 0, got -1",
         ),
         (
+            {**GOOD, "frontend": {"coalesce_window": 0.5}},
+            "frontend.coalesce_window: must be at most 0.05 (seconds; tokens may wait this long)",
+        ),
+        (
+            {**GOOD, "frontend": {"coalesce_window": -0.001}},
+            "frontend.coalesce_window: must be a number >= 0, got -0.001",
+        ),
+        (
             {"slot": [{**GOOD["slot"][0], "backend": "nope"}]},
             "slot[0].backend: no backend named 'nope' (registered: ",
         ),
