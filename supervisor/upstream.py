@@ -8,68 +8,10 @@ import aiohttp
 
 from supervisor.backends import MalformedStream
 
-DONE = b"[DONE]"
+# The splitter runs for every read of a relayed stream: it lives in a compiled module.
+from supervisor.events import DONE, SseSplitter, _event_data
 
-
-class SseSplitter:
-    """Splits an SSE byte stream, fed as it arrives, into each event's ``data`` payload.
-
-    ``feed`` returns the payloads completed by one read (often several: a relay that
-    handles them together writes once per read, not once per event) and stops at
-    ``[DONE]`` (not returned; :attr:`done` says it came). A line that is not SSE ends the
-    stream: the events before it are returned, and :attr:`error` holds the
-    :class:`MalformedStream` for the caller to raise once it has handled them.
-    """
-
-    __slots__ = ("_buf", "done", "error")
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self.done = False
-        self.error: MalformedStream | None = None
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
-        # The common stream: each event one "data: " line. Its events are split in one
-        # call, and a count proves that nothing else is among them; anything else is read
-        # event by event below.
-        end = buf.rfind(b"\n\n")
-        if end > 0 and buf.startswith(b"data: "):
-            events = buf[:end]
-            datas = events[6:].split(b"\n\ndata: ")
-            # Every split took two newlines; any other newline (or CR) is another line.
-            if events.count(b"\n") == 2 * len(datas) - 2 and b"\r" not in events:
-                if DONE in datas:
-                    self.done, self._buf = True, b""
-                    return datas[: datas.index(DONE)]
-                self._buf = buf[end + 2 :]
-                return datas
-        out: list[bytes] = []
-        start = 0
-        while True:
-            end = buf.find(b"\n\n", start)
-            if end < 0:
-                break
-            event = buf[start:end]
-            start = end + 2
-            # The common event is one "data: ..." line: no need to split it into lines.
-            if event.startswith(b"data: ") and b"\n" not in event:
-                data: bytes | None = event[6:].rstrip(b"\r")
-            else:
-                try:
-                    data = _event_data(event)
-                except MalformedStream as e:
-                    self.error, self.done, self._buf = e, True, b""
-                    return out
-            if data is None:
-                continue
-            if data == DONE:
-                self.done = True
-                self._buf = b""
-                return out
-            out.append(data)
-        self._buf = buf[start:]
-        return out
+__all__ = ["DONE", "SseSplitter", "_event_data", "iter_sse_data"]
 
 
 async def iter_sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -87,16 +29,3 @@ async def iter_sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         if sse.done:
             return
     raise MalformedStream("stream ended without [DONE]")
-
-
-def _event_data(event: bytes) -> bytes | None:
-    parts = []
-    for line in event.split(b"\n"):
-        line = line.rstrip(b"\r")
-        if line.startswith(b"data:"):
-            # One space after the colon is not part of the value (the SSE rules); more are.
-            value = line[5:]
-            parts.append(value[1:] if value.startswith(b" ") else value)
-        elif line and not line.startswith((b":", b"event:", b"id:", b"retry:")):
-            raise MalformedStream(f"not an SSE line: {line[:80]!r}")
-    return b"\n".join(parts) if parts else None

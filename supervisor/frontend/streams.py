@@ -36,13 +36,13 @@ from supervisor.backends import (
     StreamDecoder,
 )
 from supervisor.config import FrontendConfig, HealthConfig
+from supervisor.events import SseSplitter
 from supervisor.frontend.routing import EngineWait, Lease, Rejected, Router, Target
 from supervisor.frontend.stops import NO_STOPS, StopStrings
 from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
 from supervisor.sessions import Sessions
-from supervisor.upstream import SseSplitter
 
 _PROCESS_TAG = secrets.token_hex(3)
 _TOOL_FIELDS = frozenset(("tools", "functions", "tool_choice"))
