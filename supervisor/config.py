@@ -108,8 +108,8 @@ class FrontendConfig:
     # less for the engine). If its engine fails, it starts again on another one, losing at
     # most this many tokens of generation time. 0: stream every request upstream.
     whole_upstream_max_tokens: int = 16
-    # A stream whose engine delivers reads less than half this apart (over ~2,000 tokens/s
-    # for that one stream) is read at most once per window: the tokens that came meanwhile
+    # A stream whose engine delivers reads less than half this apart on average (over
+    # ~2,000 tokens/s for that one stream) is read at most once per window: the tokens that came meanwhile
     # take one read and one write to the client instead of one each, a third to a half
     # less CPU per token at such rates. No token waits longer than the window (seconds);
     # a stream whose tokens come further apart, as a real decode step's do, is never

@@ -220,16 +220,23 @@ class ClientShape:
 Emit = Callable[[bytes], Awaitable[None]]
 
 
+# The weight of one read's gap in a stream's running average (about the last eight count).
+_GAP_WEIGHT = 0.125
+
+
 class _Pump:
     """What a relayed stream's read callback leaves for its task."""
 
-    __slots__ = ("_loop", "_waiter", "complete", "error", "held", "last_read", "pending")
+    __slots__ = ("_loop", "_waiter", "complete", "error", "gap", "held", "last_read", "pending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.complete = False  # the answer is whole (the rest is read only to reuse the link)
         self.error: Exception | None = None
         self.pending: list[bytes] = []  # for the client, in order, not yet written
-        self.last_read = 0.0  # when the engine's last read came (monotonic)
+        # When the engine's last read came, or reading last resumed (monotonic), and the
+        # running average of the gaps since (seconds): a stream's rate, not one burst's.
+        self.last_read = time.monotonic()
+        self.gap = 0.0
         # Reading paused until this timer ends the coalescing window (None: not held).
         self.held: asyncio.TimerHandle | None = None
         self._loop = loop
@@ -264,6 +271,7 @@ class RequestRelay:
     stalled = False
     stalled_reason = ""
     client_slow = False
+    held_windows = 0  # coalescing windows its reads waited for (FrontendConfig.coalesce_window)
     current: tuple[Lease, UpstreamRequest] | None = None
     _timer: asyncio.TimerHandle | None = None  # the stall watchdog's next check
     _log: Any = None
@@ -547,20 +555,22 @@ class RequestRelay:
         st = _Pump(loop)
         sse = SseSplitter()
         backend, engine_id, answered_at = target.backend, target.engine_id, self.router.answered_at
-        # Reads closer than half the window make the next one wait for the window's end.
-        window = self.cfg.coalesce_window
+        # A stream whose reads come less than half a window apart on average (a rate, so
+        # a slow stream's catch-up burst never counts) is read once per window.
+        window = st.gap = self.cfg.coalesce_window  # (a few fast reads bring it down)
         close_gap = window / 2
 
         def release() -> None:  # the coalescing window is over: read what came meanwhile
             st.held = None
+            st.last_read = time.monotonic()  # (the wait was ours, not a gap of the stream)
             # (Not while the client is behind or the stream is ending: this task resumes.)
             if not st.pending and st.error is None and self.writing_since is None:
                 conn.resume()
 
         def on_body(chunk: bytes) -> None:
             now = time.monotonic()
-            gap, st.last_read = now - st.last_read, now
-            self.last_event = answered_at[engine_id] = now
+            st.gap += (now - st.last_read - st.gap) * _GAP_WEIGHT
+            st.last_read = self.last_event = answered_at[engine_id] = now
             if st.complete or st.error is not None:
                 return  # read to the end, so the connection is kept for reuse
             out: list[bytes] = []
@@ -586,11 +596,12 @@ class RequestRelay:
             if st.pending or st.error is not None or self.stop_reason is not None:
                 conn.pause()
                 st.wake()
-            elif gap < close_gap and st.held is None and not st.complete:
+            elif st.gap < close_gap and st.held is None and not st.complete:
                 # Tokens are coming faster than anyone reads them: let the next ones
                 # gather in the socket for a window, then take them in one read and write.
                 conn.pause()
                 st.held = loop.call_later(window, release)
+                self.held_windows += 1
 
         conn.on_end = st.wake
         conn.set_sink(on_body)

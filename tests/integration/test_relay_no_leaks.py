@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +106,15 @@ async def engine(tmp_path: Path) -> AsyncIterator[tuple[str, Sessions]]:
 
 
 def relay_for(
-    router: Router, sessions: Sessions, emit: Any, *, cfg: FrontendConfig | None = None
+    router: Router,
+    sessions: Sessions,
+    emit: Any,
+    *,
+    cfg: FrontendConfig | None = None,
+    body: dict[str, Any] | None = None,
+    emit_now: Any = None,
 ) -> RequestRelay:
-    body = {"model": "sim-model", "prompt": "the river", "max_tokens": 30, "stream": True}
+    body = body or {"model": "sim-model", "prompt": "the river", "max_tokens": 30, "stream": True}
     return RequestRelay(
         ClientRequest("completion", body),
         "r1",
@@ -118,6 +125,7 @@ def relay_for(
         HealthConfig(stall_timeout=5),
         Metrics(),
         emit,
+        emit_now,
     )
 
 
@@ -241,12 +249,36 @@ async def fast_engine(tmp_path: Path) -> AsyncIterator[tuple[str, Sessions]]:
         yield spec.url, sessions
 
 
-async def fast_answer(
-    url: str, sessions: Sessions, cfg: FrontendConfig, emit_now: Any, slow: float
-) -> tuple[str, int, int]:
-    """2,000 greedy tokens from the fast engine through a relay: the text the client got,
-    how many writes waited for it and how many went at once."""
-    body = {"model": "sim-model", "prompt": "the river", "max_tokens": 2000, "stream": True}
+@pytest.fixture
+async def steady_engine(tmp_path: Path) -> AsyncIterator[tuple[str, Sessions]]:
+    """An engine that streams a token every 4 ms."""
+    spec = EngineSpec("e0", "sim-model", free_port())
+    sim = (*FAST_SIM_ARGS, "--sim-itl", "0.004", "--sim-ttft", "0")
+    async with (
+        open_sessions(8) as sessions,
+        running_engine(VllmBackend(), spec, tmp_path, sessions.probes, sim_args=sim),
+    ):
+        yield spec.url, sessions
+
+
+@dataclass
+class Answer:
+    text: str  # what the client got
+    waits: int  # writes that waited for the client
+    at_once: int  # writes that went at once
+    held_windows: int  # coalescing windows the relay's reads waited for
+
+
+async def relayed_answer(
+    url: str,
+    sessions: Sessions,
+    cfg: FrontendConfig,
+    emit_now: Any,
+    slow: float,
+    tokens: int = 2000,
+) -> Answer:
+    """A greedy answer from the engine at ``url`` through a relay."""
+    body = {"model": "sim-model", "prompt": "the river", "max_tokens": tokens, "stream": True}
     body["temperature"] = 0  # the simulator's greedy answer: the same every time
     written: list[bytes] = []
     waits = at_once = 0
@@ -266,18 +298,7 @@ async def fast_answer(
         return True
 
     router = Router(FrontendConfig(), Directory([Target("e0", url, VllmBackend())]), Metrics())
-    relay = RequestRelay(
-        ClientRequest("completion", body),
-        "r1",
-        ClientShape("completion", "cmpl-r1", "sim-model", 0),
-        router,
-        sessions,
-        cfg,
-        HealthConfig(stall_timeout=5),
-        Metrics(),
-        emit,
-        now,
-    )
+    relay = relay_for(router, sessions, emit, cfg=cfg, body=body, emit_now=now)
     with anyio.fail_after(30):
         await relay.run()
     text = ""
@@ -285,8 +306,8 @@ async def fast_answer(
         for event in chunk.split(b"\n\n"):
             if event.startswith(b"data: "):
                 text += orjson.loads(event[6:])["choices"][0]["text"]
-    assert relay.progress.completion_tokens == 2000
-    return text, waits, at_once
+    assert relay.progress.completion_tokens == tokens
+    return Answer(text, waits, at_once, relay.held_windows)
 
 
 @pytest.mark.parametrize("window", [0.0, 0.001, 0.005])
@@ -301,11 +322,11 @@ async def test_a_client_that_falls_behind_gets_every_token_in_order(
     mix with those waits and change nothing of it."""
     url, sessions = fast_engine
     cfg = FrontendConfig(coalesce_window=window)
-    want, _, _ = await fast_answer(url, sessions, cfg, lambda: False, 0.0)  # every write waited
+    want = await relayed_answer(url, sessions, cfg, lambda: False, 0.0)  # every write waited
     rng = random.Random(3)
-    got, waits, _ = await fast_answer(url, sessions, cfg, lambda: rng.random() > 0.5, 0.002)
-    assert waits > 5  # the client fell behind many times
-    assert got == want
+    got = await relayed_answer(url, sessions, cfg, lambda: rng.random() > 0.5, 0.002)
+    assert got.waits > 5  # the client fell behind many times
+    assert got.text == want.text
 
 
 async def test_a_fast_stream_is_read_in_windows_and_loses_nothing(
@@ -314,16 +335,27 @@ async def test_a_fast_stream_is_read_in_windows_and_loses_nothing(
     """An engine streaming as fast as it can is read once per coalescing window, not once
     per token or two: far fewer writes reach the client, with the same text."""
     url, sessions = fast_engine
-    plain, _, plain_writes = await fast_answer(
-        url, sessions, FrontendConfig(coalesce_window=0), lambda: True, 0.0
+    plain = await relayed_answer(url, sessions, FrontendConfig(coalesce_window=0), lambda: True, 0)
+    held = await relayed_answer(
+        url, sessions, FrontendConfig(coalesce_window=0.02), lambda: True, 0
     )
-    held, _, held_writes = await fast_answer(
-        url, sessions, FrontendConfig(coalesce_window=0.02), lambda: True, 0.0
-    )
-    assert held == plain
+    assert held.text == plain.text
+    assert plain.held_windows == 0 and held.held_windows > 0
     # Read as it comes, 2,000 tokens take hundreds of reads (a few tokens each); in 20 ms
     # windows the simulator's whole answer takes a few dozen at most.
-    assert held_writes * 4 < plain_writes, (held_writes, plain_writes)
+    assert held.at_once * 4 < plain.at_once, (held.at_once, plain.at_once)
+
+
+async def test_a_stream_slower_than_half_a_window_is_never_held(
+    steady_engine: tuple[str, Sessions],
+) -> None:
+    """A token every 4 ms, windows of 5 ms: the stream's reads come further apart than half
+    a window, so none waits for one, and every token reaches the client as it came."""
+    url, sessions = steady_engine
+    cfg = FrontendConfig(coalesce_window=0.005)
+    got = await relayed_answer(url, sessions, cfg, lambda: True, 0, tokens=80)
+    assert got.held_windows == 0
+    assert got.at_once >= 70  # (a late timer in the engine may put two tokens in one read)
 
 
 async def test_what_is_kept_per_engine_goes_with_the_engine() -> None:
@@ -384,17 +416,7 @@ async def test_a_deadline_ends_its_wait_never_early_and_an_ended_wait_leaves_it(
     router = Router(FrontendConfig(), Directory([Target("e0", url, VllmBackend())]), Metrics())
     body = {"model": "sim-model", "prompt": "the river", "max_tokens": 4}
     for _ in range(3):
-        relay = RequestRelay(
-            ClientRequest("completion", body),
-            "r1",
-            ClientShape("completion", "cmpl-r1", "sim-model", 0),
-            router,
-            sessions,
-            FrontendConfig(),
-            HealthConfig(),
-            Metrics(),
-            None,
-        )
+        relay = relay_for(router, sessions, None, cfg=FrontendConfig(), body=body)
         await relay.run()
         assert relay.whole and relay.progress.completion_tokens == 4
     assert len(router.deadlines) == 0
