@@ -109,11 +109,12 @@ class FrontendConfig:
     # most this many tokens of generation time. 0: stream every request upstream.
     whole_upstream_max_tokens: int = 16
     # A stream whose engine delivers reads less than half this apart on average (over
-    # ~2,000 tokens/s for that one stream) is read at most once per window: the tokens that came meanwhile
-    # take one read and one write to the client instead of one each, a third to a half
-    # less CPU per token at such rates. No token waits longer than the window (seconds);
-    # a stream whose tokens come further apart, as a real decode step's do, is never
-    # held. 0: read every stream as it comes.
+    # ~2,000 tokens/s for that one stream) is read at most once per window: the tokens
+    # that came meanwhile take one read and one write to the client instead of one each,
+    # a third to a half less CPU per token at such rates. No token waits much longer than
+    # the window (seconds; uvloop's timers count whole milliseconds); a stream whose tokens
+    # come further apart, as a real decode step's do, is never held. 0: read every stream
+    # as it comes.
     coalesce_window: float = 0.001
 
 
