@@ -5,6 +5,7 @@ simulated engine; the plugin is the real vLLM backend with one hook made to fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -237,28 +238,30 @@ async def test_a_waiting_migration_goes_before_new_requests_where_it_can_go() ->
         router.release(new)
 
 
-@pytest.fixture
-async def fast_engine(tmp_path: Path) -> AsyncIterator[tuple[str, Sessions]]:
-    """An engine that streams as fast as it can: reads come back to back."""
+@contextlib.asynccontextmanager
+async def engine_at(itl: str, tmp_path: Path) -> AsyncIterator[tuple[str, Sessions]]:
+    """A simulated engine that streams a token every ``itl`` seconds."""
     spec = EngineSpec("e0", "sim-model", free_port())
-    sim = (*FAST_SIM_ARGS, "--sim-itl", "0", "--sim-ttft", "0")
+    sim = (*FAST_SIM_ARGS, "--sim-itl", itl, "--sim-ttft", "0")
     async with (
         open_sessions(8) as sessions,
         running_engine(VllmBackend(), spec, tmp_path, sessions.probes, sim_args=sim),
     ):
         yield spec.url, sessions
+
+
+@pytest.fixture
+async def fast_engine(tmp_path: Path) -> AsyncIterator[tuple[str, Sessions]]:
+    """An engine that streams as fast as it can: reads come back to back."""
+    async with engine_at("0", tmp_path) as engine:
+        yield engine
 
 
 @pytest.fixture
 async def steady_engine(tmp_path: Path) -> AsyncIterator[tuple[str, Sessions]]:
     """An engine that streams a token every 4 ms."""
-    spec = EngineSpec("e0", "sim-model", free_port())
-    sim = (*FAST_SIM_ARGS, "--sim-itl", "0.004", "--sim-ttft", "0")
-    async with (
-        open_sessions(8) as sessions,
-        running_engine(VllmBackend(), spec, tmp_path, sessions.probes, sim_args=sim),
-    ):
-        yield spec.url, sessions
+    async with engine_at("0.004", tmp_path) as engine:
+        yield engine
 
 
 @dataclass
