@@ -238,11 +238,23 @@ class _Reader:
         return value
 
     def number(
-        self, key: str, default: float, *, minimum: float = 0.0, strict: bool = False
+        self,
+        key: str,
+        default: float,
+        *,
+        minimum: float = 0.0,
+        strict: bool = False,
+        maximum: float | None = None,
     ) -> float:
         want = f"a number {'>' if strict else '>='} {minimum:g}"
+        if maximum is not None:
+            want += f" and <= {maximum:g}"
         value = self._get(key, default, (int, float), want)
-        if value < minimum or (strict and value == minimum):
+        if (
+            value < minimum
+            or (strict and value == minimum)
+            or (maximum is not None and value > maximum)
+        ):
             self.problems.append(f"{self._key(key)}: must be {want}, got {value!r}")
             return default
         return float(value)
@@ -359,13 +371,10 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         keepalive_timeout=fe.number("keepalive_timeout", dfe.keepalive_timeout, strict=True),
         max_connections=fe.integer("max_connections", dfe.max_connections, minimum=0),
         max_json_depth=fe.integer("max_json_depth", dfe.max_json_depth, minimum=8),
-        coalesce_window=fe.number("coalesce_window", dfe.coalesce_window),
+        coalesce_window=fe.number(
+            "coalesce_window", dfe.coalesce_window, maximum=MAX_COALESCE_WINDOW
+        ),
     )
-    if frontend.coalesce_window > MAX_COALESCE_WINDOW:
-        problems.append(
-            f"frontend.coalesce_window: must be at most {MAX_COALESCE_WINDOW:g} (seconds; "
-            f"tokens may wait this long), got {frontend.coalesce_window!r}"
-        )
     fe.unknown()
 
     g = top.table("gpu")

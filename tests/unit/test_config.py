@@ -38,11 +38,11 @@ def test_defaults_are_filled_in() -> None:
         ),
         (
             {**GOOD, "frontend": {"coalesce_window": 0.5}},
-            "frontend.coalesce_window: must be at most 0.05 (seconds; tokens may wait this long)",
+            "frontend.coalesce_window: must be a number >= 0 and <= 0.05, got 0.5",
         ),
         (
             {**GOOD, "frontend": {"coalesce_window": -0.001}},
-            "frontend.coalesce_window: must be a number >= 0, got -0.001",
+            "frontend.coalesce_window: must be a number >= 0 and <= 0.05, got -0.001",
         ),
         (
             {"slot": [{**GOOD["slot"][0], "backend": "nope"}]},
