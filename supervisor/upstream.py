@@ -8,10 +8,8 @@ import aiohttp
 
 from supervisor.backends import MalformedStream
 
-# The splitter runs for every read of a relayed stream: it lives in a compiled module.
-from supervisor.events import DONE, SseSplitter, _event_data
-
-__all__ = ["DONE", "SseSplitter", "_event_data", "iter_sse_data"]
+# (The splitter lives in a compiled module: it runs for every read of a relayed stream.)
+from supervisor.events import SseSplitter
 
 
 async def iter_sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

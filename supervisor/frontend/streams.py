@@ -229,14 +229,15 @@ class _Pump:
 
     __slots__ = ("_loop", "_waiter", "complete", "error", "gap", "held", "last_read", "pending")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: float) -> None:
         self.complete = False  # the answer is whole (the rest is read only to reuse the link)
         self.error: Exception | None = None
         self.pending: list[bytes] = []  # for the client, in order, not yet written
         # When the engine's last read came, or reading last resumed (monotonic), and the
         # running average of the gaps since (seconds): a stream's rate, not one burst's.
+        # It starts at the coalescing window, so a few fast reads must bring it down.
         self.last_read = time.monotonic()
-        self.gap = 0.0
+        self.gap = window
         # Reading paused until this timer ends the coalescing window (None: not held).
         self.held: asyncio.TimerHandle | None = None
         self._loop = loop
@@ -552,13 +553,13 @@ class RequestRelay:
         write what cannot go at once (the first write, a client that is not keeping up:
         the engine's connection is paused meanwhile) and to end the stream."""
         loop = asyncio.get_running_loop()
-        st = _Pump(loop)
-        sse = SseSplitter()
-        backend, engine_id, answered_at = target.backend, target.engine_id, self.router.answered_at
         # A stream whose reads come less than half a window apart on average (a rate, so
         # a slow stream's catch-up burst never counts) is read once per window.
-        window = st.gap = self.cfg.coalesce_window  # (a few fast reads bring it down)
+        window = self.cfg.coalesce_window
         close_gap = window / 2
+        st = _Pump(loop, window)
+        sse = SseSplitter()
+        backend, engine_id, answered_at = target.backend, target.engine_id, self.router.answered_at
 
         def release() -> None:  # the coalescing window is over: read what came meanwhile
             st.held = None

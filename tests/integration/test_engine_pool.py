@@ -15,6 +15,7 @@ import pytest
 
 from plugins.vllm import VllmBackend
 from supervisor.backends import EngineEndpoint
+from supervisor.events import SseSplitter
 from supervisor.frontend.wire import (
     EngineConnection,
     EngineConnectionError,
@@ -23,7 +24,6 @@ from supervisor.frontend.wire import (
 )
 from supervisor.model import EngineSpec, Readiness
 from supervisor.testing.cluster import free_port, running_engine
-from supervisor.upstream import SseSplitter
 
 pytestmark = pytest.mark.anyio
 

@@ -9,7 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from supervisor.backends import MalformedStream
-from supervisor.upstream import DONE, SseSplitter, _event_data
+from supervisor.events import DONE, SseSplitter, _event_data
 
 
 def reference(stream: bytes) -> tuple[list[bytes], bool, bool]:
