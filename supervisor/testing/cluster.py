@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -186,13 +187,22 @@ async def running_engine(
         await anyio.to_thread.run_sync(stop, proc)
 
 
+# Ports this process handed out lately. A port is chosen free but bound only later (by a
+# daemon that starts after more ports were chosen), so "free right now" alone can give one
+# port twice: a node's admin port, chosen first, and then a slot's engine range.
+_HANDED_OUT: deque[int] = deque(maxlen=4096)
+
+
 def free_port_range(n: int, host: str = "127.0.0.1") -> int:
-    """A base port such that ``base .. base + n - 1`` are all free right now, chosen at
-    random below the ephemeral range."""
+    """A base port such that ``base .. base + n - 1`` are all free right now and none was
+    handed out lately by this process, chosen at random below the ephemeral range."""
     lo, hi = _non_ephemeral_range()
+    recent = set(_HANDED_OUT)
     for _ in range(500):
         base = random.randint(lo, hi - n)
-        if all(_bindable(host, p) for p in range(base, base + n)):
+        ports = range(base, base + n)
+        if recent.isdisjoint(ports) and all(_bindable(host, p) for p in ports):
+            _HANDED_OUT.extend(ports)
             return base
     raise RuntimeError(f"no range of {n} free ports found in {lo}-{hi}")
 
