@@ -20,7 +20,7 @@ of the machine falls on all of them. Per path:
   the direct ones' (so the engine's and the client's hiccups fall on both; the difference
   between the separate 64-stream phases, dominated by those hiccups, is kept in the JSON);
 - non-streaming: added latency p50 / p99 and proxy CPU per request (sequential requests,
-  after ten uncounted ones);
+  after ten uncounted ones; each round's 500 in five turns of 100 per path);
 - the most concurrent streams (of 250 / 500 / 1,000 at ITL 20 ms) completed with 0 errors.
 
 Tokens are counted from each stream's usage chunk. On a 2-core machine the engine, the
@@ -58,6 +58,7 @@ ENGINES = {  # model (served name) -> simulator timing
     "itl10": ("--sim-itl", "0.01", "--sim-ttft", "0.02"),
     "itl20": ("--sim-itl", "0.02", "--sim-ttft", "0.02", "--max-num-seqs", "2048"),
 }
+NS_SLICES = 5  # non-streaming requests per round: this many turns of each path (100 each)
 
 
 def progress(msg: str) -> None:
@@ -179,6 +180,17 @@ class Tally:
     ttfts: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     requests: int = 0
+
+    def absorb(self, other: Tally) -> None:
+        """Add ``other``'s counts and samples to this tally."""
+        self.tokens += other.tokens
+        self.errors += other.errors
+        self.wall += other.wall
+        self.cpu += other.cpu
+        self.requests += other.requests
+        self.gaps += other.gaps
+        self.ttfts += other.ttfts
+        self.latencies += other.latencies
 
 
 async def one_stream(
@@ -380,8 +392,15 @@ async def run(
                     # A few first, uncounted (connections opened again after the streams
                     # phases), so the count is of requests, not of one path's warm-up.
                     await non_streaming(session, p, "itl0", 10)
-                    t = await non_streaming(session, p, "itl0", 100 if quick else 500)
-                    per[p.name].setdefault("nonstream", []).append(t)
+                # In slices that take turns (the order rotating each slice): a slow spell of
+                # the machine, often longer than one path's turn, falls on all the paths.
+                tallies = {p.name: Tally() for p in order}
+                for i in range(NS_SLICES):
+                    for p in order[i % len(order) :] + order[: i % len(order)]:
+                        t = await non_streaming(session, p, "itl0", 20 if quick else 100)
+                        tallies[p.name].absorb(t)
+                for p in order:
+                    per[p.name].setdefault("nonstream", []).append(tallies[p.name])
                 progress(f"round {rnd + 1}/{rounds}: non-streaming done")
             levels = [250, 500, 1000]
             caps = {}
