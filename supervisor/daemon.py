@@ -29,7 +29,7 @@ from supervisor.coordination.cluster import ClusterCoordinator
 from supervisor.engines import EngineManager
 from supervisor.failover import HISTORY, FailoverError, SlotController
 from supervisor.frontend.app import Frontend
-from supervisor.frontend.routing import Target
+from supervisor.frontend.routing import KeptTargets, Target
 from supervisor.frontend.server import FrontendServer
 from supervisor.gpu import (
     GpuWatcher,
@@ -70,7 +70,7 @@ class DaemonDirectory:
         self._served: tuple[object, set[str]] = (None, set())
         self._targets: dict[str, Target] = {}  # by engine id, see _target
         # Per model: (config, the (slot, engine) pairs serving it, their targets).
-        self._kept: dict[str, tuple[object, list[tuple[Slot, Engine]], list[Target]]] = {}
+        self._kept: dict[str, KeptTargets] = {}  # per model, while no cluster
 
     def models(self) -> list[str]:
         # From the config: known before the slots' engines have started.
@@ -94,16 +94,11 @@ class DaemonDirectory:
         # each engine in it is still its slot's active one: one that stopped is never
         # handed out, even before its change is heard of.
         kept = self._kept.get(model)
-        if (
-            kept is not None
-            and kept[0] is self.sup.cfg
-            and self.sup.cluster is None
-            and all(s.active == e.id and e.state is EngineState.ACTIVE for s, e in kept[1])
-        ):
-            return kept[2]
+        if kept is not None and self.sup.cluster is None and kept.still_valid(self.sup.cfg):
+            return kept.targets
         out, serving = self._candidates(model)
         if self.sup.cluster is None:
-            self._kept[model] = (self.sup.cfg, serving, out)
+            self._kept[model] = KeptTargets(self.sup.cfg, serving, out)
         return out
 
     def _candidates(self, model: str) -> tuple[list[Target], list[tuple[Slot, Engine]]]:

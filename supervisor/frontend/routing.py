@@ -22,6 +22,7 @@ import anyio
 from supervisor.backends import Backend
 from supervisor.config import FrontendConfig
 from supervisor.metrics import Metrics
+from supervisor.model import Engine, EngineState, Slot
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,27 @@ class Target:
     engine_id: str
     url: str
     backend: Backend
+
+
+class KeptTargets:
+    """A model's candidates as a directory last worked them out, with the (slot, engine)
+    pairs they came from: handed out again while the config is the same one and each of
+    those engines is still its slot's active engine (checked on every use, so one that
+    stopped is never handed out, even before the directory hears of it)."""
+
+    def __init__(
+        self, cfg: object, serving: list[tuple[Slot, Engine]], targets: list[Target]
+    ) -> None:
+        self.cfg, self.serving, self.targets = cfg, serving, targets
+
+    def still_valid(self, cfg: object) -> bool:
+        # Compiled with the relay: it runs for every request.
+        if cfg is not self.cfg:
+            return False
+        for slot, engine in self.serving:
+            if slot.active != engine.id or engine.state is not EngineState.ACTIVE:
+                return False
+        return True
 
 
 class EngineDirectory(Protocol):
