@@ -82,12 +82,18 @@ class EngineLoad:
     kv_usage: float = 0.0
 
 
-@dataclass(frozen=True)
+# Not frozen, with a written __init__: one that dataclass generates is interpreted even
+# when the class is compiled, and a frozen one costs more; one is built per request.
+@dataclass(slots=True, init=False)
 class ClientRequest:
-    """An OpenAI-shaped request as the client sent it (``body`` is never modified)."""
+    """An OpenAI-shaped request as the client sent it (``body`` is never modified, and
+    neither field is replaced once it is built)."""
 
     kind: RequestKind
     body: dict[str, Any]
+
+    def __init__(self, kind: RequestKind, body: dict[str, Any]) -> None:
+        self.kind, self.body = kind, body
 
     @property
     def stream(self) -> bool:

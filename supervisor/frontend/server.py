@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 from supervisor import log as logging
@@ -223,7 +223,7 @@ class Reply:
         await self._conn.write_waiting(data)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class _Head:
     """A request head whose body is still arriving."""
 
@@ -234,9 +234,24 @@ class _Head:
     headers: dict[str, str]
     length: int
     chunked: bool
-    size: int = -1  # chunked: the current chunk's size; -1 before a size line
-    received: int = 0
-    parts: list[bytes] = field(default_factory=list)
+    size: int  # chunked: the current chunk's size; -1 before a size line
+    received: int
+    parts: list[bytes]
+
+    # (Written: a generated __init__ is interpreted even in a compiled class.)
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        version: str,
+        headers: dict[str, str],
+        length: int,
+        chunked: bool,
+    ) -> None:
+        self.method, self.path, self.query, self.version = method, path, query, version
+        self.headers, self.length, self.chunked = headers, length, chunked
+        self.size, self.received, self.parts = -1, 0, []
 
 
 Handler = Callable[[Request, Reply], Awaitable[None]]
