@@ -305,10 +305,13 @@ def spawn_supervisor(
     max_open_files: int | None = None,
     wrap: Callable[[list[str]], list[str]] | None = None,
     log_level: str = "info",
+    source: Path | None = None,
 ) -> SupervisorProcess:
     """Write a config for ``slots`` and start the real daemon on it (not waiting).
     ``max_open_files`` caps its open-file limit (soft and hard), as a small host would;
-    ``wrap`` rewrites the command line (e.g. to run it in a network namespace)."""
+    ``wrap`` rewrites the command line (e.g. to run it in a network namespace);
+    ``source`` runs the daemon from another checkout of the project (its own code, with
+    this interpreter and its packages)."""
     workdir.mkdir(parents=True, exist_ok=True)
     # The slots' ranges are chosen free but not yet bound: keep our own ports out of them.
     taken = {
@@ -351,6 +354,9 @@ def spawn_supervisor(
     path.write_text(render_config(cfg))
     out, err = workdir / "supervisor.out", workdir / "supervisor.err"
     child_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset_env}
+    if source is not None:
+        # ``python -m`` looks in its working directory first: there, before the install.
+        child_env["PYTHONPATH"] = str(source)
 
     def limit_files() -> None:
         if max_open_files is not None:
@@ -365,6 +371,7 @@ def spawn_supervisor(
             stderr=e,
             stdin=subprocess.DEVNULL,
             env=child_env,
+            cwd=source,
             preexec_fn=limit_files if max_open_files is not None else None,
         )
     return SupervisorProcess(proc, "", "", path, err, out)
