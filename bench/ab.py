@@ -72,7 +72,10 @@ def _git(*args: str) -> str:
 def checkout(rev: str, into: Path) -> str:
     """Check ``rev`` out into ``into`` (a detached worktree) and compile its relay; returns
     the commit's short name."""
-    commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    try:
+        commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except AbError as e:
+        raise AbError(f"{rev!r} is not a commit of this repository ({ROOT})") from e
     _git("worktree", "add", "--detach", "--force", str(into), commit)
     progress(f"base: {rev} ({commit[:10]}) checked out in {into}; compiling its relay...")
     build = into / "scripts" / "build_native.py"
