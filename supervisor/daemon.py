@@ -69,7 +69,6 @@ class DaemonDirectory:
         self._changed = anyio.Event()
         self._served: tuple[object, set[str]] = (None, set())
         self._targets: dict[str, Target] = {}  # by engine id, see _target
-        # Per model: (config, the (slot, engine) pairs serving it, their targets).
         self._kept: dict[str, KeptTargets] = {}  # per model, while no cluster
 
     def models(self) -> list[str]:
