@@ -15,7 +15,10 @@ of the machine falls on both; what counts is the ratio within each round.
 Phases: ``ns`` (sequential non-streaming requests of 8 tokens, engine at ITL 0; CPU per
 request), ``itl0`` (4 streams, engine at ITL 0) and ``itl10`` (64 streams, a token every
 10 ms; both CPU per token). Prints a line per round and at the end the median of each
-side and the median of the rounds' ratios base/this (above 1: this checkout spends less).
+side and the median of the rounds' ratios base/this (above 1: this checkout spends less)
+with their middle half. Run it once with the same revision on both sides (``HEAD`` and a
+clean working tree) to see the machine's noise floor: on a 2-core machine a median within
+a few percent of 1 is not a difference.
 """
 
 from __future__ import annotations
@@ -187,6 +190,11 @@ async def compare(base_rev: str, phase: str, rounds: int) -> dict[str, Any]:
             "base_median": round(statistics.median(base.per_round), 2),
             "ratio_base_over_this": [round(r, 3) for r in ratios],
             "median_ratio": round(statistics.median(ratios), 3),
+            # The middle half of the rounds' ratios: how far one round's can stray.
+            "ratio_quartiles": [
+                round(q, 3)
+                for q in (statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else ratios * 2)
+            ],
         }
     finally:
         for s in sides:
@@ -226,7 +234,9 @@ def main() -> int:
     print(
         f"{out['phase']}: this {out['this_median']} / base {out['base_median']} µs per "
         f"{out['unit']} (medians of {out['rounds']} rounds, {out['errors']} errors); "
-        f"base/this per round, median {out['median_ratio']} (above 1: this spends less)"
+        f"base/this per round, median {out['median_ratio']}, middle half "
+        f"{out['ratio_quartiles'][0]}-{out['ratio_quartiles'][1]} (above 1: this spends less; "
+        "the same revision on both sides is the noise floor)"
     )
     if ns.json:
         ns.json.write_text(json.dumps(out, indent=2))
