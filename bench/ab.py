@@ -37,14 +37,16 @@ from typing import Any
 import aiohttp
 import anyio
 
-from bench.peers import ENGINES, ProxyPath, Tally, non_streaming, progress, streams
-from supervisor.config import HealthConfig
-from supervisor.testing.cluster import (
-    FAST_SIM_ARGS,
-    SupervisorProcess,
-    sim_slot,
-    start_supervisor,
+from bench.peers import (
+    ProxyPath,
+    Tally,
+    engine_slot,
+    non_streaming,
+    progress,
+    start_relay_daemon,
+    streams,
 )
+from supervisor.testing.cluster import SupervisorProcess
 from supervisor.testing.gpuledger import LEDGER_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,24 +119,11 @@ class Side:
 
 
 async def start_side(name: str, model: str, work: Path, source: Path) -> Side:
-    slot = sim_slot(
-        model,
-        gpus=["0"],
-        sim_args=(*FAST_SIM_ARGS, *ENGINES[model]),
-        served_model_name=model,
-        shadows=0,
-    )
-    sup = await start_supervisor(
+    sup = await start_relay_daemon(
         work,
-        [slot],
-        # The daemon's own probing, as in bench.peers.
-        health={
-            "probe_interval": HealthConfig.probe_interval,
-            "probe_timeout": HealthConfig.probe_timeout,
-        },
-        frontend={"max_inflight_per_engine": 4096, "max_queue": 4096},
-        env={LEDGER_ENV: str(work / "gpu-ledger.json")},
+        [engine_slot(model, 0)],
         log_level="warning",
+        env={LEDGER_ENV: str(work / "gpu-ledger.json")},
         source=source,
     )
     return Side(name, sup, model)

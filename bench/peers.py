@@ -49,7 +49,13 @@ from bench.failover import pct
 from bench.frontend import stream
 from supervisor.config import HealthConfig
 from supervisor.procfs import process_tree, read_stat
-from supervisor.testing.cluster import FAST_SIM_ARGS, free_port, sim_slot, start_supervisor
+from supervisor.testing.cluster import (
+    FAST_SIM_ARGS,
+    SupervisorProcess,
+    free_port,
+    sim_slot,
+    start_supervisor,
+)
 from supervisor.testing.gpuledger import LEDGER_ENV
 
 ROUTERS = {"vllm-router": "vllm-router==0.1.17", "sglang-router": "sglang-router==0.3.2"}
@@ -119,6 +125,40 @@ async def wait_http(session: aiohttp.ClientSession, url: str, timeout: float = 6
             pass
         await anyio.sleep(0.2)
     raise TimeoutError(f"{url} did not answer 200 within {timeout:g}s")
+
+
+# -- the daemon -----------------------------------------------------------------------------
+def engine_slot(model: str, gpu: int) -> dict[str, object]:
+    """A slot of one simulated engine (no shadow) serving ``model``, with its timing from
+    :data:`ENGINES`."""
+    return sim_slot(
+        model,
+        gpus=[str(gpu)],
+        sim_args=(*FAST_SIM_ARGS, *ENGINES[model]),
+        served_model_name=model,
+        shadows=0,
+    )
+
+
+async def start_relay_daemon(
+    work: Path, slots: list[dict[str, object]], *, log_level: str, **kw: Any
+) -> SupervisorProcess:
+    """The daemon as the benchmarks relay through it (``kw`` goes to
+    :func:`start_supervisor`)."""
+    cap = 4096  # no admission limit of ours below the others'
+    return await start_supervisor(
+        work,
+        slots,
+        # The daemon's own probing (the tests' faster probes time out after 0.25 s, which
+        # a simulated engine carrying 1,000 streams on two cores can take to answer).
+        health={
+            "probe_interval": HealthConfig.probe_interval,
+            "probe_timeout": HealthConfig.probe_timeout,
+        },
+        frontend={"max_inflight_per_engine": cap, "max_queue": cap},
+        log_level=log_level,
+        **kw,
+    )
 
 
 # -- CPU accounting ------------------------------------------------------------------------
@@ -305,23 +345,8 @@ async def run(
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     os.environ[LEDGER_ENV] = str(work / "gpu-ledger.json")
     routers = install_routers() if with_routers else {n: "skipped: --no-routers" for n in ROUTERS}
-    slots = [
-        sim_slot(m, gpus=[str(i)], sim_args=(*FAST_SIM_ARGS, *a), served_model_name=m, shadows=0)
-        for i, (m, a) in enumerate(ENGINES.items())
-    ]
-    cap = 4096  # no admission limit of ours below the others'
-    sup = await start_supervisor(
-        work,
-        slots,
-        # The daemon's own probing (the tests' faster probes time out after 0.25 s, which
-        # a simulated engine carrying 1,000 streams on two cores can take to answer).
-        health={
-            "probe_interval": HealthConfig.probe_interval,
-            "probe_timeout": HealthConfig.probe_timeout,
-        },
-        frontend={"max_inflight_per_engine": cap, "max_queue": cap},
-        log_level=log_level,
-    )
+    slots = [engine_slot(m, i) for i, m in enumerate(ENGINES)]
+    sup = await start_relay_daemon(work, slots, log_level=log_level)
     procs: list[subprocess.Popen[bytes]] = []
     out: dict[str, Any] = {"rounds": rounds, "log_level": log_level, "routers": {}, "paths": {}}
     try:
