@@ -5,7 +5,7 @@ with it. Runs for every read and every token; compiled with the relay
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -26,7 +26,7 @@ def loads_event(data: bytes) -> dict[str, Any]:
     return obj
 
 
-DONE = b"[DONE]"
+DONE: Final = b"[DONE]"
 
 
 class SseSplitter:

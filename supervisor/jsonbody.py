@@ -52,3 +52,9 @@ def parse(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     if raw.count(b"[") + raw.count(b"{") > max_depth and depth_over(value, max_depth):
         raise BadJson(f"request body nests deeper than {max_depth} levels")
     return value
+
+
+def has_any_key(body: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    """Whether ``body`` holds any of ``keys`` (look-ups in a loop: compiled, a fraction of
+    what ``frozenset.isdisjoint`` costs, a method call that walks the whole body)."""
+    return any(key in body for key in keys)

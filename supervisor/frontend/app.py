@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from logging import INFO
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import orjson
@@ -33,7 +33,7 @@ from supervisor.frontend.streams import (
     RequestRelay,
     UpstreamClientError,
 )
-from supervisor.jsonbody import BadJson
+from supervisor.jsonbody import BadJson, has_any_key
 from supervisor.jsonbody import parse as parse_json
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, RequestKind
@@ -42,15 +42,18 @@ from supervisor.sessions import Sessions
 
 # What may wait in a client's socket buffer before the relay stops writing at once and
 # waits for the client to read (the engine's connection paused meanwhile).
-_CLIENT_BUFFER = 64 * 1024
+_CLIENT_BUFFER: Final = 64 * 1024
 # The statuses answered, as the label's text (no str() per request).
-_STATUS_TEXT = {status: str(status) for status in REASONS}
-_RID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_STATUS_TEXT: Final = {status: str(status) for status in REASONS}
+_RID_OK: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Request ids need to be unique, not secret (nothing is authorised by one): a generator
 # seeded from the system's randomness, not a getrandom() call per request.
-_RID_BITS = random.Random(os.urandom(32)).getrandbits
+_RID_BITS: Final = random.Random(os.urandom(32)).getrandbits
+# (A bound format, called from C: mypyc makes an f-string with a format spec into three
+# method calls.)
+_HEX128: Final = "{:032x}".format
 # Parameters whose meaning the relay cannot keep across a migration.
-UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+UNSUPPORTED: Final[dict[str, Callable[[Any], bool]]] = {
     "n": lambda v: v not in (None, 1),
     "best_of": lambda v: v not in (None, 1),
     "echo": lambda v: bool(v),
@@ -58,6 +61,7 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "top_logprobs": lambda v: bool(v),
     "suffix": lambda v: v is not None,
 }
+_UNSUPPORTED_KEYS: Final = tuple(UNSUPPORTED)
 
 
 class BadRequest(Exception):
@@ -90,7 +94,7 @@ def error_body(
     return orjson.dumps({"error": err})
 
 
-_ROUTES: dict[str, tuple[str, ...]] = {
+_ROUTES: Final[dict[str, tuple[str, ...]]] = {
     "/v1/completions": ("POST",),
     "/v1/chat/completions": ("POST",),
     "/v1/models": ("GET", "HEAD"),
@@ -234,7 +238,7 @@ class Frontend:
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise BadRequest("'stream_options' must be an object", param="stream_options")
-        if not UNSUPPORTED.keys().isdisjoint(body):  # (mostly none of them is there)
+        if has_any_key(body, _UNSUPPORTED_KEYS):  # (mostly none of them is there)
             for key, bad in UNSUPPORTED.items():
                 if bad(body.get(key)):
                     raise BadRequest(
@@ -251,7 +255,7 @@ class Frontend:
         body = self._body(request, kind)
         rid = request.headers.get("x-request-id", "")
         if not rid or not _RID_OK.match(rid):
-            rid = f"{_RID_BITS(128):032x}"  # 128 bits as uuid4, without a system call
+            rid = _HEX128(_RID_BITS(128))  # 128 bits as uuid4, without a system call
         req = ClientRequest(kind, body)
         shape = ClientShape(
             kind,

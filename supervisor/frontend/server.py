@@ -32,23 +32,23 @@ import contextlib
 import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from supervisor import log as logging
 from supervisor.netguard import ConnectionGuard
 
-_MAX_HEAD = 64 * 1024
-_MAX_FIELDS = 128
-_PIPELINE_LIMIT = 256 * 1024
-_KNOWN_HEADS = 256  # parsed request heads kept for reuse (each under _MAX_HEAD)
-_LINGER = 5.0  # seconds an unwanted body is read and dropped after a 413/400
-_TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_VISIBLE = bytes(range(0x21, 0x7F))
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+_MAX_HEAD: Final = 64 * 1024
+_MAX_FIELDS: Final = 128
+_PIPELINE_LIMIT: Final = 256 * 1024
+_KNOWN_HEADS: Final = 256  # parsed request heads kept for reuse (each under _MAX_HEAD)
+_LINGER: Final = 5.0  # seconds an unwanted body is read and dropped after a 413/400
+_TOKEN: Final = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_VISIBLE: Final = bytes(range(0x21, 0x7F))
+_HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 # Header fields, each a token (the bytes of _TOKEN), a colon, and no CR, LF or NUL after it.
-_FIELDS = re.compile(rb"(?:[" + re.escape(_TOKEN) + rb"]+:[^\r\n\0]*\r\n)*")
-_FIELD = re.compile(r"([^:]+):([^\r]*)\r\n")
-REASONS = {
+_FIELDS: Final = re.compile(rb"(?:[" + re.escape(_TOKEN) + rb"]+:[^\r\n\0]*\r\n)*")
+_FIELD: Final = re.compile(r"([^:]+):([^\r]*)\r\n")
+REASONS: Final = {
     100: "Continue",
     200: "OK",
     400: "Bad Request",

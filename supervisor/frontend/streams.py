@@ -20,7 +20,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import anyio
@@ -40,16 +40,19 @@ from supervisor.events import SseSplitter
 from supervisor.frontend.routing import EngineWait, Lease, Rejected, Router, Target
 from supervisor.frontend.stops import NO_STOPS, StopStrings
 from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
+from supervisor.jsonbody import has_any_key
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
 from supervisor.sessions import Sessions
 
-_PROCESS_TAG = secrets.token_hex(3)
-_TOOL_FIELDS = frozenset(("tools", "functions", "tool_choice"))
+# Engine-side ids end in a random tag per process and a counter, in hex: ``-1a2b3c1f``.
+# (Rendered by a C-level format per id: mypyc turns an f-string with a format spec into
+# three method calls.)
+_ENGINE_SUFFIXES: Final = map(("-" + secrets.token_hex(3) + "{:x}").format, itertools.count(1))
+_TOOL_FIELDS: Final = ("tools", "functions", "tool_choice")
 # A whole answer larger than this is garbage (a short answer with its prompt's token ids,
 # even for the longest contexts, is a few MiB).
-_WHOLE_LIMIT = 64 * 1024 * 1024
-_ENGINE_SEQ = itertools.count(1)
+_WHOLE_LIMIT: Final = 64 * 1024 * 1024
 
 
 class UpstreamBroken(Exception):
@@ -221,7 +224,7 @@ Emit = Callable[[bytes], Awaitable[None]]
 
 
 # The weight of one read's gap in a stream's running average (about the last eight count).
-_GAP_WEIGHT = 0.125
+_GAP_WEIGHT: Final = 0.125
 
 
 class _Pump:
@@ -299,7 +302,7 @@ class RequestRelay:
         # Engine-side ids are unique even when clients reuse an X-Request-Id: an engine
         # rejects a duplicate (SGLang) or an abort would hit both. A random tag per
         # process and a counter: unique across restarts, and no random bytes per request.
-        self.engine_rid = f"{rid}-{_PROCESS_TAG}{next(_ENGINE_SEQ):x}"
+        self.engine_rid = rid + next(_ENGINE_SUFFIXES)
         stops = req.stop_strings
         self.stops = (
             StopStrings(stops, include_in_output=bool(req.body.get("include_stop_str_in_output")))
@@ -314,7 +317,7 @@ class RequestRelay:
             and self.budget is not None
             and self.budget <= cfg.whole_upstream_max_tokens
             and not self.stops.stops
-            and _TOOL_FIELDS.isdisjoint(req.body)
+            and not has_any_key(req.body, _TOOL_FIELDS)
         )
         self.textless = TextlessTokens()
         self.router, self.sessions, self.cfg = router, sessions, cfg

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 from urllib.parse import urlsplit
 
 from supervisor.frontend.wire_errors import EngineConnectionError, EngineProtocolError
@@ -26,8 +26,8 @@ __all__ = ["EngineConnection", "EngineConnectionError", "EnginePool", "EnginePro
 # Idle connections are kept for less than engines' own keep-alive timeout (uvicorn, under
 # vLLM, SGLang and trtllm-serve, closes them after 5 s): reusing one the engine is closing
 # would fail a request for nothing.
-IDLE_FOR = 2.0
-MAX_HEAD = 64 * 1024  # a response's status line and headers
+IDLE_FOR: Final = 2.0
+MAX_HEAD: Final = 64 * 1024  # a response's status line and headers
 
 
 Sink = Callable[[bytes], None]
@@ -42,6 +42,10 @@ class EngineConnection(asyncio.Protocol):
 
     def __init__(self, key: tuple[str, int]) -> None:
         self.key = key
+        # Made inside the loop (the protocol factory runs there), and asked of it once:
+        # get_running_loop() costs a getpid() system call per request.
+        self._loop = asyncio.get_running_loop()
+        self._host_line = f"Host: {key[0]}:{key[1]}\r\n"
         self.transport: asyncio.Transport | None = None
         self.status = 0
         self.reason = ""
@@ -110,13 +114,12 @@ class EngineConnection(asyncio.Protocol):
     ) -> None:
         """Send a request: ``body`` is JSON (None: a request without a body)."""
         assert self.transport is not None and self._state == "idle"
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         self._head_fut, self._end_fut = loop.create_future(), loop.create_future()
         self._state, self._head_buf, self.received_any = "head", b"", False
         self.status, self.reason, self.sink, self._held = 0, "", None, []
         self._chunked, self._left, self._need = False, None, 0
         self._trailer, self._cbuf = False, b""
-        host, port = self.key
         fields = "".join(
             [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "content-type"]
         )
@@ -125,7 +128,7 @@ class EngineConnection(asyncio.Protocol):
             if body is None
             else f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         )
-        head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{content}{fields}\r\n"
+        head = f"{method} {path} HTTP/1.1\r\n{self._host_line}{content}{fields}\r\n"
         data = head.encode("latin-1")
         self.transport.write(data if body is None else data + body)
 
