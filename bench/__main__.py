@@ -6,8 +6,10 @@ Runs, one after another on this machine: failover detection after SIGKILL and SI
 (bench.failover), the frontend against direct access (bench.frontend), GPU fault signals
 (bench.gpu), node loss and heartbeat CPU (bench.cluster), the stall of a rolling upgrade
 next to a failover's (bench.operations), the relay next to vllm-router and sglang-router
-(bench.peers, its own table and plot). Every figure is a ratio or a
-distribution measured within the run. ``--quick`` takes fewer samples (a few minutes);
+(bench.peers, its own table and plot), and the instructions each of those proxies executes
+per request and per token (bench.instructions, under valgrind; left out, saying why, where
+valgrind is missing). Every figure is a ratio, a count or a distribution measured within
+the run. ``--quick`` takes fewer samples (a few minutes);
 the default takes about 15 minutes on 2 cores. Writes ``<out>/report.json``,
 ``<out>/report.md``, ``<out>/detection.png``, ``<out>/heartbeat_cpu.png`` and
 ``<out>/peers_cpu.png``.
@@ -27,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from bench import cluster, failover, frontend, gpu, node_load, operations, peers
+from bench import cluster, failover, frontend, gpu, instructions, node_load, operations, peers
 
 
 def _bar(i: int, n: int, name: str, started: float) -> None:
@@ -37,6 +39,13 @@ def _bar(i: int, n: int, name: str, started: float) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+async def _instructions() -> dict[str, Any]:
+    why = instructions.missing_tools()
+    if why:
+        return {"skipped": why}
+    return await instructions.run(400, 2000, True)
 
 
 async def run_all(quick: bool) -> dict[str, Any]:
@@ -50,6 +59,7 @@ async def run_all(quick: bool) -> dict[str, Any]:
         ("operations", lambda: operations.run(1 if quick else 3, 20)),
         # At full length even with --quick (about a minute): its ratios are the noisiest.
         ("peers", lambda: peers.run(3, False)),
+        ("instructions", _instructions),
         ("cluster", lambda: cluster.main(argparse.Namespace(
             trials=trials, engines="100,1000,5000", seconds=3.0 if quick else 10.0))),
     ]  # fmt: skip
@@ -150,6 +160,13 @@ def markdown(r: dict[str, Any]) -> str:
         out += (
             f"\n### The relay next to the Rust routers ({p['rounds']} interleaved rounds, "
             f"log level {p['log_level']})\n\n" + peers.markdown(p)
+        )
+    ins = r.get("instructions")
+    if ins is not None:
+        out += "\n### Instructions per request and per token (callgrind)\n\n" + (
+            f"Skipped: bench.instructions {ins['skipped']}.\n"
+            if "skipped" in ins
+            else instructions.markdown(ins) + "\n"
         )
     return out
 
