@@ -27,6 +27,10 @@ def loads_event(data: bytes) -> dict[str, Any]:
 
 
 DONE: Final = b"[DONE]"
+# Bytes looked for as ints: ``b"\r" in data`` first tries the needle as an integer and
+# formats (then drops) a TypeError for it, several times the cost of the search itself.
+_CR: Final = 13
+_LF: Final = 10
 
 
 class SseSplitter:
@@ -55,8 +59,11 @@ class SseSplitter:
         if end > 0 and buf.startswith(b"data: "):
             events = buf[:end]
             datas = events[6:].split(b"\n\ndata: ")
-            # Every split took two newlines; any other newline (or CR) is another line.
-            if events.count(b"\n") == 2 * len(datas) - 2 and b"\r" not in events:
+            # Every split took two newlines; any other newline (or CR) is another line. (One
+            # event, the usual read of a slow stream, has none: no count needed.)
+            if (
+                _LF not in events if len(datas) == 1 else events.count(b"\n") == 2 * len(datas) - 2
+            ) and _CR not in events:
                 if DONE in datas:
                     self.done, self._buf = True, b""
                     return datas[: datas.index(DONE)]
@@ -71,7 +78,7 @@ class SseSplitter:
             event = buf[start:end]
             start = end + 2
             # The common event is one "data: ..." line: no need to split it into lines.
-            if event.startswith(b"data: ") and b"\n" not in event:
+            if event.startswith(b"data: ") and _LF not in event:
                 data: bytes | None = event[6:].rstrip(b"\r")
             else:
                 try:
