@@ -280,6 +280,10 @@ class _Connection(asyncio.Protocol):
         self.wakeup: asyncio.Future[None] | None = None
         self.reading_paused = False
         self.writable: asyncio.Event | None = None  # set while the client's buffer has room
+        # Between pause_writing and resume_writing (the transport's own flow control, its
+        # high-water mark the client buffer): read per write, where asking the transport
+        # for its buffer's size would be a method call per token.
+        self.write_paused = False
         self.closed = False
         self.lingering = False
         self.http10 = False
@@ -316,11 +320,13 @@ class _Connection(asyncio.Protocol):
         return None
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         if self.writable is None:
             self.writable = asyncio.Event()
         self.writable.clear()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         if self.writable is not None:
             self.writable.set()
 
@@ -612,7 +618,7 @@ class _Connection(asyncio.Protocol):
         t = self.transport
         if self.closed or t is None or t.is_closing():
             return False
-        if t.get_write_buffer_size() > self.server.client_buffer:
+        if self.write_paused:  # more than the client buffer waits for the client
             return False
         if data:
             t.write(self.frame(data))
