@@ -278,7 +278,8 @@ class UpstreamRequest:
     def as_whole(self) -> UpstreamRequest:
         """This request with its answer asked for whole: ``stream`` false and no
         ``stream_options`` (engines reject those without a stream)."""
-        body = {k: v for k, v in self.body.items() if k != "stream_options"}
+        body = dict(self.body)  # (a copy of the table at once, then one key out)
+        body.pop("stream_options", None)
         body["stream"] = False
         return UpstreamRequest(self.path, body, self.request_id, self.headers, self.inexact, True)
 
