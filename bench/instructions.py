@@ -43,9 +43,11 @@ from bench.peers import (
     install_routers,
     non_streaming,
     progress,
+    relay_and_engines,
     router_argv,
     start_logged,
     start_relay_daemon,
+    stop_processes,
     streams,
     wait_http,
 )
@@ -139,11 +141,8 @@ async def run(requests: int, tokens: int, with_routers: bool) -> dict[str, Any]:
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=600)
         ) as session:
-            async with session.get(sup.admin_url + "/status") as r:
-                st = await r.json()
-            out["relay"] = st.get("relay")
-            slot = st["slots"][0]
-            engine = next(e["url"] for e in st["engines"] if e["id"] == slot["active"])
+            out["relay"], engines = await relay_and_engines(session, sup)
+            engine = engines[MODEL]
             path = ProxyPath("frontend", {MODEL: sup.frontend_url}, {MODEL: sup.proc.pid})
             progress("frontend: counting ...")
             out["paths"]["frontend"] = await count(session, path, frontend_out, requests, tokens)
@@ -173,13 +172,7 @@ async def run(requests: int, tokens: int, with_routers: bool) -> dict[str, Any]:
                     out["paths"][name]["note"] = "has child processes, not counted"
                 progress(f"{name}: {out['paths'][name]}")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs, 30)  # (under valgrind a router takes a while to exit)
         await anyio.to_thread.run_sync(sup.stop)
         shutil.rmtree(work, ignore_errors=True)
     return out

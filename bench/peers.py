@@ -114,6 +114,18 @@ def start_logged(argv: list[str], logfile: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM to each, then SIGKILL to any still running ``grace`` seconds later."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 async def wait_http(session: aiohttp.ClientSession, url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -159,6 +171,20 @@ async def start_relay_daemon(
         log_level=log_level,
         **kw,
     )
+
+
+async def relay_and_engines(
+    session: aiohttp.ClientSession, sup: SupervisorProcess
+) -> tuple[str | None, dict[str, str]]:
+    """How the daemon's relay runs (compiled or pure Python, from its status) and each
+    slot's active engine's URL, by slot name."""
+    async with session.get(sup.admin_url + "/status") as r:
+        st = await r.json()
+    engines = {
+        s["name"]: next(e["url"] for e in st["engines"] if e["id"] == s["active"])
+        for s in st["slots"]
+    }
+    return st.get("relay"), engines
 
 
 # -- CPU accounting ------------------------------------------------------------------------
@@ -353,13 +379,7 @@ async def run(
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
         ) as session:
-            async with session.get(sup.admin_url + "/status") as r:
-                st = await r.json()
-            out["relay"] = st.get("relay")  # compiled or pure Python (supervisor.native)
-            engine = {
-                s["name"]: next(e["url"] for e in st["engines"] if e["id"] == s["active"])
-                for s in st["slots"]
-            }
+            out["relay"], engine = await relay_and_engines(session, sup)
             paths = [
                 ProxyPath("direct", dict(engine)),
                 ProxyPath(
@@ -437,13 +457,7 @@ async def run(
             out["frontend_failovers"] = len(st.get("failovers") or [])
             out["paths"] = summarize(per, caps)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(procs, 10)
         await anyio.to_thread.run_sync(sup.stop)
     return out
 
