@@ -43,6 +43,7 @@ from bench.peers import (
     engine_slot,
     non_streaming,
     progress,
+    relay_and_engines,
     start_relay_daemon,
     streams,
 )
@@ -149,12 +150,13 @@ async def compare(base_rev: str, phase: str, rounds: int) -> dict[str, Any]:
         commit = await anyio.to_thread.run_sync(checkout, base_rev, base_tree)
         sides.append(await start_side("this", model, work / "this", ROOT))
         sides.append(await start_side("base", model, work / "base", base_tree))
-        for s in sides:
-            progress(f"{s.name}: relay {await relay_of(s)}")
         errors = 0
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=300)
         ) as session:
+            for s in sides:
+                relay, _ = await relay_and_engines(session, s.sup)
+                progress(f"{s.name}: relay {relay}")
             for s in sides:  # warm-up, uncounted
                 await one_round(session, s, phase)
             for rnd in range(rounds):
@@ -190,14 +192,6 @@ async def compare(base_rev: str, phase: str, rounds: int) -> dict[str, Any]:
             await anyio.to_thread.run_sync(s.sup.stop)
         await anyio.to_thread.run_sync(remove_checkout, base_tree)
         shutil.rmtree(work, ignore_errors=True)
-
-
-async def relay_of(side: Side) -> str:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(side.sup.admin_url + "/status") as r,
-    ):
-        return str((await r.json()).get("relay"))
 
 
 def unit(phase: str) -> str:
