@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 PLACEMENTS = ("paired", "pooled")
 ON_EXIT = ("stop", "leave")
@@ -62,6 +62,11 @@ class FailoverConfig:
     # false: let the leftovers exit on their own (some engines' workers tear down NCCL or
     # flush state first), killing them only at memory_release_timeout.
     kill_dead_group: bool = True
+
+
+# The keywords of gpu.xid_source and gpu.nvml; any other value must be a file path.
+XID_SOURCES: Final = ("auto", "kmsg", "journal", "none", "off")  # "off": the same as "none"
+NVML_MODES: Final = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,17 @@ class FrontendConfig:
     # come further apart, as a real decode step's do, is never held. 0: read every stream
     # as it comes.
     coalesce_window: float = 0.001
+    # A request's body must have arrived whole this long after its head (a body trickled
+    # a byte at a time would hold its connection, and its buffer, for ever): 408 past it.
+    body_timeout: float = 60.0
+    # Bytes of unfinished requests (partial bodies, pipelined requests) held for all client
+    # connections together; the connection that would go past it gets 503 and is closed.
+    # Bounds what held bodies can cost (each is also under max_body_bytes).
+    max_buffered_bytes: int = 256 * 1024 * 1024
+    # The longest server-sent event line an engine may send (one token's chunk, with
+    # logprobs, is a few KiB; a prompt's logprobs can be megabytes): past it the engine's
+    # stream is malformed, and the request moves to another engine.
+    max_event_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -236,6 +252,20 @@ class _Reader:
         if value == "" and not choices:
             self.problems.append(f"{self._key(key)}: must not be empty")
         return value
+
+    def keyword_or_path(self, key: str, default: str, keywords: tuple[str, ...]) -> str:
+        """One of ``keywords``, or a file path (which must contain a ``/``: ``./readings``
+        for one beside the daemon's working directory), so a misspelt keyword is an error
+        instead of a file the daemon creates and polls."""
+        value = self._get(key, default, (str,), "a string")
+        if value in keywords or "/" in value:
+            return str(value)
+        names = ", ".join(repr(k) for k in keywords)
+        self.problems.append(
+            f"{self._key(key)}: must be one of {names}, or a file path containing '/' "
+            f"(e.g. './{value}'), got {value!r}"
+        )
+        return default
 
     def number(
         self,
@@ -374,6 +404,11 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         coalesce_window=fe.number(
             "coalesce_window", dfe.coalesce_window, maximum=MAX_COALESCE_WINDOW
         ),
+        body_timeout=fe.number("body_timeout", dfe.body_timeout, strict=True),
+        max_buffered_bytes=fe.integer(
+            "max_buffered_bytes", dfe.max_buffered_bytes, minimum=1024 * 1024
+        ),
+        max_event_bytes=fe.integer("max_event_bytes", dfe.max_event_bytes, minimum=64 * 1024),
     )
     fe.unknown()
 
@@ -384,8 +419,8 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         problems.append('gpu.pci: values must be PCI bus ids like "0000:3b:00"')
         pci = {}
     gpu = GpuConfig(
-        xid_source=g.text("xid_source", dg.xid_source),
-        nvml=g.text("nvml", dg.nvml),
+        xid_source=g.keyword_or_path("xid_source", dg.xid_source, XID_SOURCES),
+        nvml=g.keyword_or_path("nvml", dg.nvml, NVML_MODES),
         poll_interval=g.number("poll_interval", dg.poll_interval, strict=True),
         pci=dict(pci),
     )

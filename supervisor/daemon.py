@@ -497,7 +497,7 @@ class Supervisor:
             lines = follow_kmsg
         elif g.xid_source == "journal":
             lines = follow_journal
-        elif g.xid_source not in ("auto", "none"):
+        elif g.xid_source not in ("auto", "none", "off"):
             path = Path(g.xid_source)
             lines = lambda: follow_file(path)  # noqa: E731
         readings: Any = None

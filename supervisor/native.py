@@ -29,6 +29,7 @@ from types import ModuleType
 
 # The modules compiled, in one mypyc group (calls between them are native calls).
 MODULES = (
+    "supervisor.frontend.h1",
     "supervisor.frontend.wire",
     "supervisor.frontend.server",
     "supervisor.frontend.streams",
