@@ -134,6 +134,8 @@ class Frontend:
             error_body=error_body,
             count_refused=lambda status: self._count("unmatched", status),
             client_buffer=_CLIENT_BUFFER,
+            body_timeout=self.fcfg.body_timeout,
+            max_buffered=self.fcfg.max_buffered_bytes,
         )
 
     def _count(self, route: str, status: int) -> None:

@@ -8,18 +8,27 @@ stream), keep-alive. Everything the OpenAI clients send is covered; what is not 
 with a clear status, never a stack trace:
 
 - a head over 64 KiB or with more than 128 fields: ``431``; a malformed head: ``400``;
-  a version other than HTTP/1.0 or 1.1: ``505``;
+  a version other than HTTP/1.0 or 1.1: ``505``; a method other than the usual seven:
+  ``501``;
 - a body over ``max_body_bytes`` (declared or counted): ``413``, then the rest of it is
   read and dropped for a few seconds so the client sees the answer instead of a reset;
-- ``Content-Length`` with ``Transfer-Encoding``, two different lengths, or a transfer
-  coding other than ``chunked``: ``400`` (the ambiguities request smuggling lives on);
-- ``Expect: 100-continue`` gets its ``100 Continue`` once the head is accepted.
+- ``Content-Length`` with ``Transfer-Encoding``, two ``Content-Length`` fields, a length
+  that is not ASCII digits, ``Transfer-Encoding`` in an HTTP/1.0 request, a malformed
+  chunk size, extension or trailer line: ``400``; a transfer coding other than
+  ``chunked``: ``501`` (the ambiguities request smuggling lives on: every rule is judged
+  on the bytes, by :mod:`supervisor.frontend.h1`, and is llhttp's or stricter);
+- an HTTP/1.1 request without ``Host``, or any request with two: ``400`` (RFC 9112 3.2);
+- ``Expect: 100-continue`` gets its ``100 Continue`` once the head is accepted (HTTP/1.1
+  only: an HTTP/1.0 client would take it for the answer).
 
 The guard's limits live here too (see :mod:`supervisor.netguard`): connections over the cap
 get a complete ``503`` and are closed; the first request head must be complete
 ``header_timeout`` seconds after the connection was accepted (``408``), a later head
-within ``header_timeout`` of its first byte; a kept-alive connection idle for
-``keepalive_timeout`` is closed. A client that goes away cancels its handler at once.
+within ``header_timeout`` of its first byte, and a body within ``body_timeout`` of its
+head (``408``); a kept-alive connection idle for ``keepalive_timeout`` is closed. The
+bytes of unfinished requests held for all connections together are capped
+(``max_buffered``): the connection that would pass the cap gets ``503`` and is closed. A
+client that goes away cancels its handler at once.
 
 One request per connection is handled at a time; a pipelined next request waits (and
 reading pauses once 256 KiB are waiting).
@@ -29,12 +38,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from supervisor import log as logging
+from supervisor.frontend import h1
 from supervisor.netguard import ConnectionGuard
 
 _MAX_HEAD: Final = 64 * 1024
@@ -42,12 +51,16 @@ _MAX_FIELDS: Final = 128
 _PIPELINE_LIMIT: Final = 256 * 1024
 _KNOWN_HEADS: Final = 256  # parsed request heads kept for reuse (each under _MAX_HEAD)
 _LINGER: Final = 5.0  # seconds an unwanted body is read and dropped after a 413/400
-_TOKEN: Final = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_VISIBLE: Final = bytes(range(0x21, 0x7F))
-_HEX: Final = frozenset(b"0123456789abcdefABCDEF")
-# Header fields, each a token (the bytes of _TOKEN), a colon, and no CR, LF or NUL after it.
-_FIELDS: Final = re.compile(rb"(?:[" + re.escape(_TOKEN) + rb"]+:[^\r\n\0]*\r\n)*")
-_FIELD: Final = re.compile(r"([^:]+):([^\r]*)\r\n")
+_VER: Final = b"0123456789."
+_MAX_TRAILER: Final = 8 * 1024  # a chunked body's trailer section
+# An origin-form target's bytes (RFC 3986's pchar, "/" and "?"): no space, no control byte,
+# none of the characters a URL must escape (llhttp refuses some of them).
+_TARGET: Final = (
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~%!$&'()*+,;=:@/?"
+)
+# The methods served (405/404 come from the routes); any other token is 501, as RFC 9110
+# says of a method the server does not know.
+_METHODS: Final = frozenset((b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"))
 REASONS: Final = {
     100: "Continue",
     200: "OK",
@@ -102,8 +115,8 @@ class Request:
         self.keep_alive = keep_alive
 
 
-# (method, path, query, version, headers, body length, chunked)
-_ParsedHead = tuple[str, str, str, str, dict[str, str], int, bool]
+# (method, path, query, version, headers, body length, chunked, keep-alive, expects 100)
+_ParsedHead = tuple[str, str, str, str, dict[str, str], int, bool, bool, bool]
 
 
 class HeadError(Exception):
@@ -112,45 +125,103 @@ class HeadError(Exception):
         self.status = status
 
 
-def parse_head(head: bytes) -> tuple[str, str, str, str, dict[str, str]]:
-    """``(method, path, query, version, headers)`` of a request head (without the blank
-    line that ends it), or :class:`HeadError`."""
+def parse_head(head: bytes) -> _ParsedHead:
+    """A request head (without the blank line that ends it) read by RFC 9112's grammar on
+    its bytes: ``(method, path, query, version, headers, body length, chunked, keep-alive,
+    expects 100-continue)``, or :class:`HeadError`. Header names come lower-case and a
+    repeated field's values joined with ``", "``; values are decoded as UTF-8 with
+    undecodable bytes kept as surrogates (a bad byte compares unequal instead of
+    raising). The framing is judged on the bytes alone."""
     eol = head.find(b"\r\n")
     first, block = (head, b"") if eol < 0 else (head[:eol], head[eol + 2 :] + b"\r\n")
     parts = first.split(b" ")
     # (x.translate(None, allowed) keeps only the bytes not allowed: b"" when all are.)
-    if len(parts) != 3 or not parts[0] or parts[0].translate(None, _TOKEN):
+    if len(parts) != 3 or not parts[0] or parts[0].translate(None, h1.TOKEN):
         raise HeadError(400, "malformed request line")
     method, target, proto = parts
-    if proto not in (b"HTTP/1.1", b"HTTP/1.0"):
-        if proto.startswith(b"HTTP/"):
-            raise HeadError(505, "only HTTP/1.1 and HTTP/1.0 are spoken here")
+    if proto == b"HTTP/1.1":
+        http11 = True
+    elif proto == b"HTTP/1.0":
+        http11 = False
+    elif (
+        len(proto) == 8
+        and proto.startswith(b"HTTP/")
+        and not proto[5:].translate(None, b"0123456789.")
+    ):
+        raise HeadError(505, "only HTTP/1.1 and HTTP/1.0 are spoken here")
+    else:
         raise HeadError(400, "malformed request line")
-    if not target.startswith(b"/") or target.translate(None, _VISIBLE):
+    if not target.startswith(b"/") or target.translate(None, _TARGET):
         raise HeadError(400, "malformed request target")
+    if method not in _METHODS:
+        raise HeadError(501, "method not implemented")
     headers: dict[str, str] = {}
+    hosts = 0
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    keep_alive = http11
+    expect_continue = False
     if block:
         if block.count(b"\n") > _MAX_FIELDS:
             raise HeadError(431, f"more than {_MAX_FIELDS} header fields")
-        # Every field checked at once (in C): a token, a colon, no CR, LF or NUL inside.
-        if _FIELDS.fullmatch(block) is None:
+        # Every field checked at once (in C): a token, a colon, a value without control
+        # bytes; no space before the colon, no folded line.
+        if h1.FIELD_LINES.fullmatch(block) is None:
             raise HeadError(400, "malformed header field")
-        for name, value in _FIELD.findall(block.decode("utf-8", "surrogateescape")):
-            key = name.lower()
-            text = value.strip(" \t")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        for name, value in h1.FIELD.findall(block):
+            key = name.lower()  # (bytes: ASCII letters only, as HTTP means)
+            if key == b"host":
+                hosts += 1
+            elif key == b"content-length":
+                lengths.append(value)
+            elif key == b"transfer-encoding":
+                codings.append(value)
+            elif key == b"connection":
+                tokens = {t.strip(b" \t") for t in value.lower().split(b",")}
+                keep_alive = b"close" not in tokens if http11 else b"keep-alive" in tokens
+            elif key == b"expect":
+                expect_continue = http11 and value.lower() == b"100-continue"
+            text = value.decode("utf-8", "surrogateescape")
+            k = key.decode("ascii")
+            headers[k] = f"{headers[k]}, {text}" if k in headers else text
+    if hosts > 1 or (http11 and not hosts):
+        raise HeadError(400, "an HTTP/1.1 request needs exactly one Host field")
+    length, chunked = _framing(http11, lengths, codings)
     path, _, query = target.decode("ascii").partition("?")
-    return method.decode("ascii"), path, query, proto[5:].decode("ascii"), headers
+    version = "1.1" if http11 else "1.0"
+    return (
+        method.decode("ascii"),
+        path,
+        query,
+        version,
+        headers,
+        length,
+        chunked,
+        keep_alive,
+        expect_continue,
+    )
 
 
-def _wants_keep_alive(version: str, headers: dict[str, str]) -> bool:
-    field = headers.get("connection")
-    if field is None:  # the common case: the version's default
-        return version == "1.1"
-    tokens = {t.strip().lower() for t in field.split(",")}
-    if version == "1.0":
-        return "keep-alive" in tokens
-    return "close" not in tokens
+def _framing(http11: bool, lengths: list[bytes], codings: list[bytes]) -> tuple[int, bool]:
+    """The body's length and whether it is chunked, from the head's framing fields."""
+    if codings:
+        if not http11:  # RFC 9112 6.1: its framing is faulty
+            raise HeadError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if lengths:
+            raise HeadError(400, "both Content-Length and Transfer-Encoding")
+        if len(codings) == 1 and h1.is_chunked(codings[0]):
+            return 0, True
+        if all(h1.is_token_list(c) for c in codings):
+            raise HeadError(501, "only the chunked transfer coding is accepted")
+        raise HeadError(400, "malformed Transfer-Encoding")
+    if not lengths:
+        return 0, False
+    if len(lengths) > 1:
+        raise HeadError(400, "more than one Content-Length")
+    length = h1.content_length(lengths[0])
+    if length < 0:
+        raise HeadError(400, "malformed Content-Length")
+    return length, False
 
 
 def render_head(status: int, headers: list[tuple[str, str]]) -> bytes:
@@ -234,8 +305,11 @@ class _Head:
     headers: dict[str, str]
     length: int
     chunked: bool
-    size: int  # chunked: the current chunk's size; -1 before a size line
-    received: int
+    keep_alive: bool
+    size: int  # chunked: the current chunk's size; -1 before a size line; -2 in trailers
+    received: int  # chunked: the sizes of the chunks so far
+    kept: int  # chunked: the bytes in parts
+    trailer: int  # chunked: the bytes of trailer lines so far
     parts: list[bytes]
 
     # (Written: a generated __init__ is interpreted even in a compiled class.)
@@ -248,10 +322,12 @@ class _Head:
         headers: dict[str, str],
         length: int,
         chunked: bool,
+        keep_alive: bool,
     ) -> None:
         self.method, self.path, self.query, self.version = method, path, query, version
         self.headers, self.length, self.chunked = headers, length, chunked
-        self.size, self.received, self.parts = -1, 0, []
+        self.keep_alive = keep_alive
+        self.size, self.received, self.kept, self.trailer, self.parts = -1, 0, 0, 0, []
 
 
 Handler = Callable[[Request, Reply], Awaitable[None]]
@@ -289,6 +365,7 @@ class _Connection(asyncio.Protocol):
         self.http10 = False
         self.head: _Head | None = None  # a parsed head waiting for its body
         self.head_timed = True  # a head deadline is armed (the first one from the accept)
+        self.held = 0  # bytes of unfinished requests counted in the server's buffered
 
     # -- transport callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -310,8 +387,24 @@ class _Connection(asyncio.Protocol):
             if len(self.buf) > _PIPELINE_LIMIT and self.transport is not None:
                 self.transport.pause_reading()
                 self.reading_paused = True
-            return
-        self._next()
+        else:
+            self._next()
+        if self.held or self.buf:  # (a whole request per read leaves nothing held)
+            self._account()
+
+    def _account(self) -> None:
+        """Count what this connection holds of unfinished requests in the server's total;
+        past the server's cap, refuse it (503) and drop what it held."""
+        head = self.head
+        held = len(self.buf) + (head.kept if head is not None else 0)
+        server = self.server
+        server.buffered += held - self.held
+        self.held = held
+        if held and server.buffered > server.max_buffered and not self.lingering:
+            self._refuse(503, "the server holds too many unfinished requests; try again")
+            self.head = None
+            server.buffered -= self.held
+            self.held = 0
 
     def eof_received(self) -> bool | None:
         # The client will send nothing more. HTTP clients do not half-close while they
@@ -333,6 +426,11 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._disarm()
+        if self.held:
+            self.server.buffered -= self.held
+            self.held = 0
+        self.buf.clear()
+        self.head = None
         if self.writable is not None:
             self.writable.set()  # a writer waiting on the client learns it is gone
         if not self.counted:
@@ -371,6 +469,11 @@ class _Connection(asyncio.Protocol):
             self._head_too_slow()
         elif kind == "idle":
             self._idle_too_long()
+        elif kind == "body":
+            if not self.busy and self.head is not None:
+                self._refuse(408, "the request body did not arrive within body_timeout")
+                self.head = None
+                self._account()
         else:
             self.close()
 
@@ -417,23 +520,27 @@ class _Connection(asyncio.Protocol):
                 except HeadError as e:
                     self._refuse(e.status, str(e))
                     return
-            method, path, query, version, fields, length, chunked = known
+            method, path, query, version, fields, length, chunked, keep_alive, expect = known
             headers = dict(fields)  # the handler's own: the parsed one is shared
-            self.deadline_kind = None  # the head is in; the body has no deadline of its own
             del buf[: end + 4]
-            if headers.get("expect", "").lower() == "100-continue":
+            if expect:
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if not chunked and len(buf) >= length:  # the body came with it (the usual case)
+                self.deadline_kind = None  # the head is in: its deadline no longer applies
                 body = bytes(buf[:length])
                 del buf[:length]
-                self._start(method, path, query, version, headers, body)
+                self._start(method, path, query, version, headers, body, keep_alive)
                 return
-            head = self.head = _Head(method, path, query, version, headers, length, chunked)
+            head = self.head = _Head(
+                method, path, query, version, headers, length, chunked, keep_alive
+            )
+            self._expect("body", self.server.body_timeout)
         if head.chunked:
             try:
                 whole = self._dechunk(head)
             except HeadError as e:
                 self._refuse(e.status, str(e))
+                self.head = None
                 return
             if whole is None:
                 return
@@ -444,15 +551,18 @@ class _Connection(asyncio.Protocol):
             body = bytes(buf[: head.length])
             del buf[: head.length]
         self.head = None
-        self._start(head.method, head.path, head.query, head.version, head.headers, body)
+        self.deadline_kind = None
+        self._start(
+            head.method, head.path, head.query, head.version, head.headers, body, head.keep_alive
+        )
 
     def _read_head(self, raw: bytes) -> _ParsedHead:
         """Parse and check a head, and keep it: a client sends the same head again and
         again on a kept-alive connection (only a body's length varies), and a look-up costs
         a tenth of a parse."""
-        method, path, query, version, headers = parse_head(raw)
-        length, chunked = self._framing(headers)
-        parsed = (method, path, query, version, headers, length, chunked)
+        parsed = parse_head(raw)
+        if parsed[5] > self.server.max_body:
+            raise HeadError(413, f"request body over {self.server.max_body} bytes")
         heads = self.server.heads
         if len(heads) >= _KNOWN_HEADS:
             heads.clear()  # many different heads: keeping them would only cost memory
@@ -467,10 +577,10 @@ class _Connection(asyncio.Protocol):
         version: str,
         headers: dict[str, str],
         body: bytes,
+        keep_alive: bool,
     ) -> None:
         """Run the handler for a request read whole."""
         self.http10 = version == "1.0"
-        keep_alive = _wants_keep_alive(version, headers)
         self.busy = True
         self.queued = Request(method, path, query, version, headers, body, keep_alive)
         if self.task is None:
@@ -479,34 +589,11 @@ class _Connection(asyncio.Protocol):
             self.wakeup.set_result(None)
         # (Else the handler task read this request itself, after its last one: it takes it.)
 
-    def _framing(self, headers: dict[str, str]) -> tuple[int, bool]:
-        """The body's length and whether it is chunked, from the head's fields."""
-        te = headers.get("transfer-encoding")
-        cl = headers.get("content-length")
-        if te is not None:
-            if cl is not None:
-                raise HeadError(400, "both Content-Length and Transfer-Encoding")
-            if te.strip().lower() != "chunked":
-                raise HeadError(400, "only the chunked transfer coding is accepted")
-            return 0, True
-        if cl is None:
-            return 0, False
-        value = cl.strip()
-        if "," in value:  # repeated fields, joined: all must say the same
-            values = {v.strip() for v in cl.split(",")}
-            if len(values) != 1:
-                raise HeadError(400, "conflicting Content-Length values")
-            value = values.pop()
-        if not value.isdigit() or len(value) > 18:
-            raise HeadError(400, "malformed Content-Length")
-        length = int(value)
-        if length > self.server.max_body:
-            raise HeadError(413, f"request body over {self.server.max_body} bytes")
-        return length, False
-
     def _dechunk(self, head: _Head) -> bytes | None:
         """Take the chunks that arrived off the buffer; the whole body once its last chunk
-        (and trailer) is in, else None. :class:`HeadError` if malformed or too large."""
+        (and trailer) is in, else None. :class:`HeadError` if malformed or too large: a
+        size line must be ``1*HEXDIG`` with well-formed extensions and each line must end
+        in CRLF (h1.chunk_size), each trailer line must be a field line."""
         buf = self.buf
         while True:
             if head.size >= 0:  # inside a chunk: its data, then CRLF
@@ -514,25 +601,37 @@ class _Connection(asyncio.Protocol):
                     return None
                 if buf[head.size : head.size + 2] != b"\r\n":
                     raise HeadError(400, "malformed chunk")
-                head.parts.append(bytes(buf[: head.size]))
+                part = bytes(buf[: head.size])
+                head.parts.append(part)
+                head.kept += len(part)
                 del buf[: head.size + 2]
                 head.size = -1
                 continue
             eol = buf.find(b"\r\n")
+            if head.size == -2:  # after the last chunk: trailer fields until a blank line
+                if eol < 0:
+                    if head.trailer + len(buf) > _MAX_TRAILER:
+                        raise HeadError(431, "chunked trailer over 8 KiB")
+                    return None
+                if eol == 0:
+                    del buf[:2]
+                    head.kept = 0
+                    return b"".join(head.parts)
+                head.trailer += eol + 2
+                if head.trailer > _MAX_TRAILER:
+                    raise HeadError(431, "chunked trailer over 8 KiB")
+                if not h1.trailer_line_ok(bytes(buf[:eol])):
+                    raise HeadError(400, "malformed trailer field")
+                del buf[: eol + 2]
+                continue
+            # Between chunks: a size line.
             if eol < 0:
                 if len(buf) > 1024:
                     raise HeadError(400, "malformed chunk size")
                 return None
-            if head.size == -2:  # after the last chunk: trailer fields until a blank line
-                del buf[: eol + 2]
-                if eol == 0:
-                    return b"".join(head.parts)
-                continue
-                # Between chunks: a size line (extensions ignored).
-            text = bytes(buf[:eol]).split(b";", 1)[0].strip(b" \t")
-            if not text or not set(text) <= _HEX:
+            size = h1.chunk_size(bytes(buf[:eol]))
+            if size < 0:
                 raise HeadError(400, "malformed chunk size")
-            size = int(text, 16)
             head.received += size
             if head.received > self.server.max_body:
                 raise HeadError(413, f"request body over {self.server.max_body} bytes")
@@ -657,9 +756,14 @@ class FrontendServer:
         error_body: Callable[[int, str], bytes],
         count_refused: Callable[[int], None] = lambda status: None,
         client_buffer: int = 64 * 1024,
+        body_timeout: float = 60.0,
+        max_buffered: int = 256 * 1024 * 1024,
     ) -> None:
         self.handler, self.guard = handler, guard
         self.max_body = max_body
+        self.body_timeout = body_timeout
+        self.max_buffered = max_buffered
+        self.buffered = 0  # bytes of unfinished requests held for all connections
         self.header_timeout, self.keepalive_timeout = header_timeout, keepalive_timeout
         self.error_body, self.count_refused = error_body, count_refused
         self.client_buffer = client_buffer

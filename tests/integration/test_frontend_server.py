@@ -180,19 +180,29 @@ async def test_chunked_bodies_and_expect_continue() -> None:
     [
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET / HTTP/2.0\r\n\r\n", 505),
-        (b"GET /\x01 HTTP/1.1\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nbad name: x\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000, 413),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n" + b"x" * 2048, 413),
-        (b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431),
-        (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000, 431),
+        (b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nbad name: x\r\n\r\n", 400),
+        (
+            (
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            ),
+            400,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 5000, 413),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n800\r\n"
+            + b"x" * 2048,
+            413,
+        ),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000, 431),
     ],
 )
 async def test_unreadable_requests_get_a_clear_status_and_a_closed_connection(
@@ -221,7 +231,9 @@ async def test_a_large_refused_body_still_gets_its_answer() -> None:
 async def test_http10_streams_end_with_the_connection_and_head_has_no_body() -> None:
     async with serving() as (server, _):
         got = await exchange(server.port, b"GET /stream HTTP/1.0\r\n\r\n")
-        head = await exchange(server.port, b"HEAD /x HTTP/1.1\r\nConnection: close\r\n\r\n")
+        head = await exchange(
+            server.port, b"HEAD /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
     assert got.endswith(b"\r\n\r\none\ntwo\nthree\n")  # no chunk framing for HTTP/1.0
     assert b"Transfer-Encoding" not in got
     assert head.endswith(b"\r\n\r\n") and b"Content-Length: " in head
