@@ -302,7 +302,7 @@ def _pause_end(p: dict[str, Any]) -> str:
 
 def span(seconds: float) -> str:
     """A duration as an operator reads it: 40 s, 12 min, 3 h 5 min, 2 days 4 h."""
-    s = max(0, round(seconds))
+    s = max(0, int(seconds))  # down: 599.7 s to go is "9 min", as a clock shows it
     if s < 120:
         return f"{s} s"
     m = s // 60
