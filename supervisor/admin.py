@@ -4,8 +4,9 @@
 - ``GET /metrics``: Prometheus text
 - ``POST /failover`` ``{"engine": ID}``: declare an engine dead now (as if it had failed)
 - ``POST /switchover`` ``{"slot": NAME, "to": SHADOW_ID?, "at": TIME?, "after": SECONDS?}``:
-  planned move to a shadow, its streams with it; with ``at`` (Unix time or ISO 8601) or
-  ``after``, scheduled (202), shown in ``/status``; ``POST /switchover/cancel`` ``{"slot"}``
+  planned move to a shadow, its streams with it; with ``at`` (Unix time or ISO 8601, not
+  past) or ``after``, scheduled (202), shown in ``/status``; ``POST /switchover/cancel``
+  ``{"slot"}``
 - ``POST /pause`` ``{"slot"?, "reason"?, "for"?: SECONDS, "until"?: TIME}``: maintenance mode
   for a slot or (no slot) the node: no automatic failover or relaunch; ``POST /resume``
 - ``POST /reload``: read the config file again (as SIGHUP does) and say what changed
