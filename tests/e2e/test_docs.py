@@ -8,9 +8,11 @@ Conventions, for whoever writes the docs:
   the rest linked), with ``failover-supervisor`` on PATH as the set-up links it (this
   checkout's code) and ``.venv`` the environment running the tests.
 - ``<!-- docs-test: skip (REASON) -->`` on the line before a block leaves it out, with the
-  reason: for root-only blocks (systemctl, /etc, apt, sudo), ones that install packages,
-  need a GPU or real engines, or run for long (the demo, the benchmarks; the demo has a
-  test of its own). The reason is required.
+  reason: for root-only blocks (systemctl, /etc, apt, sudo), ones that install packages or
+  run the set-up, need a GPU or real engines, or run for long (the demo, the benchmarks;
+  the demo has a test of its own). The reason is required. A block that runs the set-up
+  (``scripts/*.sh``), installs, or acts as root without the marker fails the test before
+  anything runs.
 - A command that serves until stopped (``failover-supervisor run``, ``failover-supervisor
   sim-engine``) is started in the background, as a reader starts it in a terminal of its
   own; the commands after it run once it is up (the daemon has printed ``ready``, a
@@ -55,6 +57,13 @@ MARKER = re.compile(r"<!--\s*docs-test:\s*(.*?)\s*-->")
 FENCE = re.compile(r"^```(\S*)\s*$")
 SERVES = re.compile(r"^(?:\w+=\S+\s+)*failover-supervisor\s+(run|sim-engine)\b")
 EXAMPLE_DAEMON = "failover-supervisor run --config examples/sim-single-node.toml"
+# What a block may not do unmarked: run the set-up or the suite, install, act as root. The
+# copy's .venv is the environment running these tests, so the set-up run from it would
+# reinstall the package into that environment, pointing it at the copy.
+CHANGES_MACHINE = re.compile(
+    r"scripts/(bootstrap|test|demo|real-engines|link_cli)\.sh|\bpip3? install\b|\bapt(-get)? "
+    r"|\bsudo(edit)?\b|\bsystemctl\b|\bjournalctl\b|(^|\s)/etc/|\.venv/bin/pip\b"
+)
 # A command that talks to a daemon: its admin API or frontend, by port or by CLI command.
 TALKS = re.compile(
     r":8470|:8080|failover-supervisor\s+(status|reload|pause|resume|switchover|rollout|drain)\b"
@@ -140,11 +149,21 @@ def expect(shown: str, got: str) -> list[str]:
 # -- the conventions, checked without running anything ---------------------------------
 
 
-def test_every_skipped_block_says_why_and_every_output_follows_a_command() -> None:
+def test_every_skipped_block_says_why_and_no_runnable_one_changes_the_machine() -> None:
     for path in DOCS:
         for b in blocks(path):
             if b.skip is not None:
                 assert b.lang in SHELLS and len(b.skip) > 10, b.where
+            elif b.lang in SHELLS:
+                refuse_machine_changes(b)
+
+
+def refuse_machine_changes(b: Block) -> None:
+    bad = [c for c in b.commands() if CHANGES_MACHINE.search(c)]
+    assert not bad, (
+        f"{b.where}: {bad[0]!r} would change this machine: mark the block "
+        "<!-- docs-test: skip (REASON) -->"
+    )
 
 
 def test_one_spelling_for_the_cli_and_the_benchmarks() -> None:
@@ -191,14 +210,22 @@ class Reader:
     def run(self, commands: list[str], where: str) -> str:
         # The failing command, named: bash's ERR trap sees it before -e ends the script.
         trap = "trap 'echo \"docs-test: exit $? from: $BASH_COMMAND\" >&2' ERR\n"
-        out = subprocess.run(
+        proc = subprocess.Popen(
             self.argv(trap + "\n".join(commands)),
             cwd=self.cwd,
             env=self.env,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=60,
+            start_new_session=True,  # on a timeout, all it started goes with it
         )
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"{where}: still running after 60 s\n{stderr[-3000:]}") from None
+        out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         assert out.returncode == 0, (
             f"{where}: exit {out.returncode}\n--- stdout\n{out.stdout[-3000:]}\n"
             f"--- stderr\n{out.stderr[-3000:]}\n{self.daemon_logs()}"
@@ -216,6 +243,7 @@ class Reader:
                 stdout=o,
                 stderr=e,
                 stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         bg = Background(command, proc, out, err)
         self.background.append(bg)
@@ -255,7 +283,7 @@ class Reader:
             try:
                 code = bg.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                bg.proc.kill()
+                os.killpg(bg.proc.pid, signal.SIGKILL)
                 code = bg.proc.wait()
             if code != 0:
                 bad.append(f"{bg.command!r} exited {code}:\n{bg.err.read_text()[-2000:]}")
@@ -267,13 +295,17 @@ def reader(tmp_path: Path) -> Iterator[Reader]:
     why = namespace_unavailable()
     if why:
         pytest.skip(f"the docs' fixed ports need a network namespace: {why}")
+    # A copy of the checkout (a few MB), so that what a block writes stays in it.
     cwd = tmp_path / "checkout"
     cwd.mkdir()
+    skip = shutil.ignore_patterns(".*", "__pycache__", "*.so", "*.egg-info")
     for entry in ROOT.iterdir():
-        if entry.name in ("examples", ".venv", ".git") or entry.name.startswith(".state"):
+        if entry.name.startswith(".") or entry.name.endswith(".egg-info"):
             continue
-        (cwd / entry.name).symlink_to(entry)
-    shutil.copytree(ROOT / "examples", cwd / "examples", ignore=shutil.ignore_patterns(".state"))
+        if entry.is_dir():
+            shutil.copytree(entry, cwd / entry.name, ignore=skip, symlinks=True)
+        else:
+            shutil.copy2(entry, cwd / entry.name)
     (cwd / ".venv").symlink_to(sys.prefix)  # the environment the set-up made: this one
     # The set-up's link (scripts/link_cli.sh), in a directory of the reader's PATH.
     bin_dir = tmp_path / "bin"
@@ -314,6 +346,8 @@ RUNNABLE = [p for p in DOCS if any(b.skip is None for b in shell_blocks(p))]
 @pytest.mark.parametrize("path", RUNNABLE, ids=[str(p.relative_to(ROOT)) for p in RUNNABLE])
 def test_the_shell_blocks_work_as_printed(path: Path, reader: Reader) -> None:
     todo = [b for b in shell_blocks(path) if b.skip is None]
+    for b in todo:  # before anything runs
+        refuse_machine_changes(b)
     commands = [c for b in todo for c in b.commands()]
     runs_one = any(SERVES.match(c) and "run" in c.split() for c in commands)
     if not runs_one and any(TALKS.search(c) for c in commands):
