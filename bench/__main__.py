@@ -1,6 +1,6 @@
 """Every benchmark in one run: JSON, a markdown table and PNG plots.
 
-    python -m bench [--quick] [--out bench-report]
+    .venv/bin/python -m bench [--quick] [--out bench-report]
 
 Runs, one after another on this machine: failover detection after SIGKILL and SIGSTOP
 (bench.failover), the frontend against direct access (bench.frontend), GPU fault signals

@@ -1,10 +1,10 @@
 """The relay's CPU in this checkout against another revision's, side by side, in one run.
 
-    python -m bench.ab [BASE] [--phase ns|itl0|itl10] [--rounds 16] [--json FILE]
+    .venv/bin/python -m bench.ab [BASE] [--phase ns|itl0|itl10] [--rounds 16] [--json FILE]
 
 For a change to the relay whose effect is a few percent: on a 2-core machine the CPU a
 daemon spends per token or per request moves by more than that from one minute to the
-next, so two runs made one after the other (or two phases of ``python -m bench.peers``)
+next, so two runs made one after the other (or two phases of ``.venv/bin/python -m bench.peers``)
 cannot show it. Here two daemons run at once, each with a simulated engine of its own:
 ``this`` runs the working tree, ``base`` runs revision ``BASE`` (default ``HEAD``: the
 working tree's uncommitted changes against the last commit), checked out into a temporary
@@ -200,7 +200,8 @@ def unit(phase: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m bench.ab", description=__doc__.split("\n\n")[0] if __doc__ else None
+        prog=".venv/bin/python -m bench.ab",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     ap.add_argument("base", nargs="?", default="HEAD", help="git revision to compare against")
     ap.add_argument("--phase", choices=sorted(PHASES), default="ns")

@@ -1,6 +1,7 @@
 """Multi-node numbers: node-loss detection and the CPU cost of heartbeats.
 
-    python -m bench.cluster [--trials 20] [--engines 100,1000,5000] [--seconds 10] [--json F]
+    .venv/bin/python -m bench.cluster [--trials 20] [--engines 100,1000,5000] [--seconds 10]
+        [--json F]
 
 Node loss: a real etcd, a real nats-server, one observing supervisor ("node-b") and, per
 trial, a fresh supervisor "node-a-N" that is SIGKILLed (with its engine). Detection is from

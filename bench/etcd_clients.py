@@ -1,6 +1,6 @@
 """Compare etcd clients against a real etcd: the numbers behind docs/coordination.md.
 
-    python -m bench.etcd_clients [gateway] [aetcd] [etcd3]   # default: gateway aetcd
+    .venv/bin/python -m bench.etcd_clients [gateway] [aetcd] [etcd3]   # default: gateway aetcd
 
 It starts its own etcd on free loopback ports and measures, per client, one after another in
 the same run: put latency (p50/p99), transaction latency, how long a watch takes to deliver

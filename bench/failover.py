@@ -1,6 +1,6 @@
 """SIGKILL an active engine N times and measure the supervisor's part of each failover.
 
-    python -m bench.failover [--kills 50] [--wake-time 0.05] [--json FILE]
+    .venv/bin/python -m bench.failover [--kills 50] [--wake-time 0.05] [--json FILE]
 
 Per kill: detection latency (SIGKILL sent -> engine declared dead) and the failover's
 overhead beyond the engine's own wake (SIGKILL -> promoted, minus the wake step; and minus

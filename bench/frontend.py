@@ -1,6 +1,6 @@
 """The frontend's cost, measured against going to the engine directly, in one run.
 
-    python -m bench.frontend [--streams 32] [--tokens 300] [--migrations 20] [--json FILE]
+    .venv/bin/python -m bench.frontend [--streams 32] [--tokens 300] [--migrations 20] [--json FILE]
 
 1. Streaming throughput through the frontend / direct to the engine, at two loads: a
    realistic inter-token latency (10 ms, many streams), and the engine as fast as it can go

@@ -1,6 +1,6 @@
 """How much sooner a GPU-fault failover happens through the kernel log than through probes.
 
-    python -m bench.gpu [--rounds 5] [--json FILE]
+    .venv/bin/python -m bench.gpu [--rounds 5] [--json FILE]
 
 Each round the active engine's GPU "falls off the bus": the simulated engine hangs, its
 /health included, as a real one does. With the XID path the driver's line

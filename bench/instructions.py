@@ -1,7 +1,8 @@
 """Instructions per request and per token, counted by callgrind, for the frontend's relay
 next to the Rust routers.
 
-    python -m bench.instructions [--requests 400] [--tokens 2000] [--no-routers] [--json F]
+    .venv/bin/python -m bench.instructions [--requests 400] [--tokens 2000] [--no-routers]
+        [--json F]
 
 CPU time per request on a small shared machine moves by 15 % or more from one run to the
 next, with the machine's other tenants and with what the client and the engine evict from

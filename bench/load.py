@@ -1,6 +1,6 @@
 """A load client for the frontend, with a token-exactness check against the simulator.
 
-    python -m bench.load --url http://127.0.0.1:8080 [--clients 16] [--requests 20]
+    .venv/bin/python -m bench.load --url http://127.0.0.1:8080 [--clients 16] [--requests 20]
                          [--max-tokens 64] [--seed 1] [--json FILE]
 
 Each client sends its requests one after another, a seeded mix of completion and chat,

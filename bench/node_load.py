@@ -1,6 +1,6 @@
 """Many concurrent streams through one node: the daemon's own traffic must not notice.
 
-    python -m bench.node_load [--streams 1000] [--tokens 30] [--itl 0.2] [--json FILE]
+    .venv/bin/python -m bench.node_load [--streams 1000] [--tokens 30] [--itl 0.2] [--json FILE]
 
 One supervisor with two simulated slots (active engine + paired shadow each, room for every
 stream), then ``--streams`` streamed completions at once through its frontend. Reports:

@@ -1,6 +1,6 @@
 """The client-visible stall of a planned move next to an unplanned failover's, in one run.
 
-    python -m bench.operations [--rounds 3] [--streams 20] [--json FILE]
+    .venv/bin/python -m bench.operations [--rounds 3] [--streams 20] [--json FILE]
 
 One daemon, one slot of simulated vLLM engines (10 ms between tokens, a pooled shadow on a
 GPU of its own, 0.5 ms of prefill per prompt token). Each round runs ``--streams`` streams

@@ -1,6 +1,7 @@
 """The frontend's relay next to the Rust routers, one engine behind every path, in one run.
 
-    python -m bench.peers [--rounds 3] [--quick] [--json FILE] [--plot FILE] [--no-routers]
+    .venv/bin/python -m bench.peers [--rounds 3] [--quick] [--json FILE] [--plot FILE]
+        [--no-routers]
 
 Paths: ``direct`` (the client talks to the engine), ``frontend`` (this daemon's relay),
 ``vllm-router`` and ``sglang-router`` (PyPI, pinned below; installed by this benchmark

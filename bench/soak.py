@@ -1,6 +1,6 @@
 """Chaos soak: load against a 3-node cluster while faults are injected at random.
 
-    python -m bench.soak [--minutes 15] [--seed 7] [--json report.json]
+    .venv/bin/python -m bench.soak [--minutes 15] [--seed 7] [--json report.json]
 
 Real etcd (3 members) and nats-server; three supervisor nodes on loopback. Each node serves
 one slot of the model with a paired shadow, and keeps a pooled shadow of the next node's

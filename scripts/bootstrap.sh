@@ -5,7 +5,9 @@
 #     constraints.txt) and the example third-party backend of tests/example_plugin;
 #   - the relay's hot modules compiled with mypyc (scripts/build_native.py; a C compiler and
 #     Python's headers come from Debian's packages when missing). FAILOVER_NATIVE=0 skips
-#     this and leaves the relay pure Python.
+#     this and leaves the relay pure Python;
+#   - the failover-supervisor command on PATH: a link to .venv/bin/failover-supervisor in
+#     /usr/local/bin (as root) or ~/.local/bin, as pipx does (scripts/link_cli.sh).
 # Re-running is cheap: each step is skipped when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,3 +81,6 @@ fi
 
 # The relay compiled (about a minute, only when a source it reads has changed).
 .venv/bin/python scripts/build_native.py
+
+# The CLI on PATH, so that `failover-supervisor ...` works as the docs print it.
+bash scripts/link_cli.sh

@@ -4,8 +4,9 @@
 - ``GET /metrics``: Prometheus text
 - ``POST /failover`` ``{"engine": ID}``: declare an engine dead now (as if it had failed)
 - ``POST /switchover`` ``{"slot": NAME, "to": SHADOW_ID?, "at": TIME?, "after": SECONDS?}``:
-  planned move to a shadow, its streams with it; with ``at`` (Unix time or ISO 8601) or
-  ``after``, scheduled (202), shown in ``/status``; ``POST /switchover/cancel`` ``{"slot"}``
+  planned move to a shadow, its streams with it; with ``at`` (Unix time or ISO 8601, not
+  past) or ``after``, scheduled (202), shown in ``/status``; ``POST /switchover/cancel``
+  ``{"slot"}``
 - ``POST /pause`` ``{"slot"?, "reason"?, "for"?: SECONDS, "until"?: TIME}``: maintenance mode
   for a slot or (no slot) the node: no automatic failover or relaunch; ``POST /resume``
 - ``POST /reload``: read the config file again (as SIGHUP does) and say what changed
@@ -36,19 +37,23 @@ from supervisor.failover import FailoverError, SlotController
 from supervisor.jsonbody import BadJson
 from supervisor.jsonbody import parse as parse_json
 from supervisor.model import Engine
+from supervisor.operate import span
 
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
 
 
 _WITHIN = 1e9  # seconds (about 31 years): how far from now a time given to the API may be
+# How far in the past a time may be and still mean "now" (a client's clock and latency; Unix
+# seconds from `date +%s` are up to a second old).
+_PAST_SLACK = 5.0
 
 
 def _when(body: dict[str, Any], relative: str = "after", absolute: str = "at") -> float | None:
     """A wall time from ``body[absolute]`` (Unix seconds or ISO 8601) or ``body[relative]``
     (seconds from now); None when neither is given. Either must lie within ``_WITHIN`` of
     now: a time further off is a mistake, and one past the platform's ``time_t`` cannot
-    even be logged."""
+    even be logged. An absolute time already past (by more than ``_PAST_SLACK``) is refused."""
     if body.get(relative) is not None and body.get(absolute) is not None:
         raise web.HTTPBadRequest(reason=f"give '{relative}' or '{absolute}', not both")
     rel, at = body.get(relative), body.get(absolute)
@@ -74,8 +79,17 @@ def _when(body: dict[str, Any], relative: str = "after", absolute: str = "at") -
             reason=f"'{absolute}' must be Unix seconds or an ISO 8601 time like "
             "2026-12-05T03:00:00Z"
         )
-    if abs(when - time.time()) >= _WITHIN:
+    now = time.time()
+    if abs(when - now) >= _WITHIN:
         raise web.HTTPBadRequest(reason=f"'{absolute}' is more than 31 years from now")
+    if when < now - _PAST_SLACK:
+        # A past time is a typo or a stale script, not "now": acting at once would be a
+        # surprise, and saying "scheduled" for a past time, a lie.
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+        raise web.HTTPBadRequest(
+            reason=f"'{absolute}' ({stamp}) is {span(now - when)} in the past: give a later "
+            f"time, or leave '{absolute}' out"
+        )
     return when
 
 
@@ -115,7 +129,11 @@ class AdminApi:
             ):
                 return _error(403, f"cross-origin calls are refused (Origin: {origin[:100]})")
             if request.content_type != "application/json":
-                return _error(415, "POST bodies must be sent as 'Content-Type: application/json'")
+                return _error(
+                    415,
+                    "POST bodies must be sent as 'Content-Type: application/json' "
+                    "(curl: -H 'Content-Type: application/json')",
+                )
         try:
             return await handler(request)  # type: ignore[no-any-return]
         except web.HTTPException as e:

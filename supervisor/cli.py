@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from supervisor import __version__
+from supervisor.operate import at_time
 
 
 def _err(msg: str) -> None:
@@ -27,6 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from supervisor.testing.simengine import main as sim_main
 
         return sim_main(args[1:])
+    from supervisor.config import Config, FrontendConfig
+
     parser = argparse.ArgumentParser(
         prog="failover-supervisor",
         description="Keeps LLM inference engines serving through failures.",
@@ -52,14 +52,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar=("OLD", "NEW"),
         help="show what reloading NEW over a daemon running OLD would do",
     )
-    st = sub.add_parser("status", help="show a running supervisor's slots and engines")
-    st.add_argument("--admin", default="http://127.0.0.1:8470", help="admin API URL")
-    st.add_argument("--json", action="store_true", help="print the raw JSON")
+    # Every command that talks to the admin API takes the same two options.
     admin_parent = argparse.ArgumentParser(add_help=False)
-    admin_parent.add_argument("--admin", default="http://127.0.0.1:8470", help="admin API URL")
+    admin_parent.add_argument(
+        "--admin",
+        default=f"http://{Config.admin_host}:{Config.admin_port}",
+        help="admin API URL (default: %(default)s)",
+    )
     admin_parent.add_argument(
         "--token-file", default="", help="file holding the admin token, if one is configured"
     )
+    st = sub.add_parser(
+        "status",
+        parents=[admin_parent],
+        help="show a running supervisor's slots, engines, pauses, schedules and rollouts",
+    )
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
     sub.add_parser(
         "reload", parents=[admin_parent], help="make a running supervisor read its config again"
     )
@@ -79,7 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     so.add_argument("slot")
     so.add_argument("--to", help="the shadow's engine id (default: the first asleep)")
     when = so.add_mutually_exclusive_group()
-    when.add_argument("--at", help="when: Unix seconds or ISO 8601 (e.g. 2026-12-05T03:00)")
+    when.add_argument(
+        "--at",
+        type=at_time,
+        metavar="TIME",
+        help="when, in local time: a time of day (03:00, the next one), a date and time "
+        "(ISO 8601: 2027-01-15T03:00) or Unix seconds; not in the past",
+    )
     when.add_argument("--after", type=float, help="when: seconds from now")
     when.add_argument("--cancel", action="store_true", help="cancel the scheduled switchover")
     ro = sub.add_parser(
@@ -89,6 +103,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ro.add_argument("slots", nargs="*", help="slots (default: every slot whose spec changed)")
     ro.add_argument("--no-reload", action="store_true", help="do not reload the config file first")
+    dr = sub.add_parser(
+        "drain",
+        parents=[admin_parent],
+        help="stop an engine gracefully: its streams finish or move (an active one's slot "
+        "switches over to a shadow first)",
+    )
+    dr.add_argument("engine", help="the engine's id (failover-supervisor status lists them)")
+    dr.add_argument(
+        "--limit",
+        type=float,
+        metavar="SECONDS",
+        help="how long its streams may take to finish before the rest move "
+        "(default: failover.drain_limit)",
+    )
     sub.add_parser("sim-engine", help="run a simulated engine (vllm, sglang, trtllm dialects)")
     demo = sub.add_parser("demo", help="watch a failover on simulated engines (no servers)")
     demo.add_argument(
@@ -97,6 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="leave the supervisor running afterwards (Ctrl-C to stop)",
     )
     demo.add_argument("--tokens", type=int, default=400, help="length of the demo stream")
+    demo.add_argument(
+        "--port",
+        type=int,
+        help=f"the frontend's port (default {FrontendConfig.port}, or a free one when it is taken)",
+    )
+    demo.add_argument(
+        "--admin-port",
+        type=int,
+        help=f"the admin API's port (default {Config.admin_port}, or a free one when it is taken)",
+    )
     sub.add_parser("backends", help="list the backend plugins found through entry points")
     sub.add_parser("dialect-doc", help="print the Dialect field reference (docs/dialect.md)")
     sub.add_parser("metrics-doc", help="print the metrics reference (docs/metrics.md)")
@@ -110,12 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             _err("check-config needs a CONFIG (or --diff OLD NEW)")
             return 2
         return _check(ns.config)
-    if ns.command in ("reload", "pause", "resume", "switchover", "rollout"):
+    if ns.command in ("reload", "pause", "resume", "switchover", "rollout", "drain"):
         from supervisor import operate
 
         return int(getattr(operate, ns.command.replace("-", "_"))(ns))
     if ns.command == "status":
-        return _status(ns.admin, ns.json)
+        from supervisor import operate
+
+        return int(operate.status(ns))
     if ns.command == "demo":
         from supervisor.demo import run_demo
 
@@ -250,47 +290,3 @@ def _leaf_errors(e: BaseException) -> list[BaseException]:
     if isinstance(e, BaseExceptionGroup):
         return [leaf for sub in e.exceptions for leaf in _leaf_errors(sub)]
     return [e]
-
-
-def _status(admin: str, raw: bool) -> int:
-    try:
-        with urllib.request.urlopen(admin.rstrip("/") + "/status", timeout=5) as r:
-            st = json.loads(r.read())
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        _err(f"cannot reach the admin API at {admin}: {e}")
-        return 1
-    if raw:
-        print(json.dumps(st, indent=2))
-        return 0
-    print(f"node {st['node']}  ready={st['ready']}  uptime {st['uptime_s']:.0f}s")
-    print(f"\n{'SLOT':16} {'MODEL':24} {'EPOCH':>5}  {'ACTIVE':16} STATE")
-    for s in st["slots"]:
-        state = f"degraded: {s['degraded_reason']}" if s["degraded"] else "serving"
-        print(f"{s['name']:16} {s['model']:24} {s['epoch']:>5}  {s['active'] or '-':16} {state}")
-    print(f"\n{'ENGINE':16} {'SLOT':16} {'ROLE':7} {'STATE':10} {'PID':>8}  {'URL':24} GPUS")
-    for eng in st["engines"]:
-        print(
-            f"{eng['id']:16} {eng['slot']:16} {eng['role']:7} {eng['state']:10} "
-            f"{eng['pid'] or '-':>8}  {eng['url']:24} {','.join(eng['gpus'])}"
-        )
-    cl = st.get("cluster")
-    if cl:
-        etcd = "reachable" if cl["etcd_reachable"] else "UNREACHABLE"
-        nats = {True: "connected", False: "DISCONNECTED", None: "not used"}[cl["nats_connected"]]
-        print(
-            f"\ncluster {cl['name']}  leader {cl['leader'] or '-'}"
-            f"{' (this node)' if cl['is_leader'] else ''}  etcd {etcd}  nats {nats}"
-        )
-        peers = "  ".join(f"{n}={state}" for n, state in cl["peers"].items()) or "none"
-        print(f"peers: {peers}")
-        for name, rec in cl["slots"].items():
-            print(f"  slot {name}: epoch {rec['epoch']}, {rec['active'] or '-'} ({rec['reason']})")
-    if st["failovers"]:
-        print(f"\n{'SLOT':16} {'RESULT':9} {'FAILED':16} {'PROMOTED':16} STEPS (ms)   REASON")
-        for f in st["failovers"][:10]:
-            steps = " ".join(f"{k}={v * 1000:.0f}" for k, v in f["steps"].items())
-            print(
-                f"{f['slot']:16} {f['result']:9} {f['failed_engine'] or '-':16} "
-                f"{f['promoted_engine'] or '-':16} {steps:12} {f['reason']}"
-            )
-    return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -23,7 +24,7 @@ import anyio
 
 from supervisor import log
 from supervisor.backends import EngineEndpoint, load_backend
-from supervisor.config import parse
+from supervisor.config import Config, FrontendConfig, parse
 from supervisor.daemon import Supervisor
 from supervisor.model import ClientRequest, Progress
 from supervisor.testing.cluster import free_port, free_port_range
@@ -39,7 +40,9 @@ def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def demo_config(work: Path) -> dict[str, object]:
+def demo_config(
+    work: Path, port: int | None = None, admin_port: int | None = None
+) -> dict[str, object]:
     def slot(name: str, gpu: str) -> dict[str, object]:
         return {
             "name": name,
@@ -56,7 +59,8 @@ def demo_config(work: Path) -> dict[str, object]:
 
     return {
         "node": {"name": "demo-node", "state_dir": str(work)},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": admin_port or free_port()},
+        "frontend": {"host": "127.0.0.1", "port": port or free_port()},
         "health": {"probe_interval": 0.2, "probe_timeout": 0.5},
         "failover": {"relaunch_backoff": 0.5, "stop_grace": 3},
         "slot": [slot("chat", "0"), slot("code", "1")],
@@ -68,8 +72,8 @@ def expected_tokens(n: int) -> list[int]:
     return generate(SimTokenizer().encode(PROMPT), n)
 
 
-async def _demo(tokens: int, keep: bool, work: Path) -> int:
-    cfg = parse(demo_config(work))
+async def _demo(tokens: int, keep: bool, work: Path, port: int, admin_port: int) -> int:
+    cfg = parse(demo_config(work, port, admin_port))
     sup = Supervisor(cfg)
     say(f"failover-supervisor demo — logs and engine output in {work}")
     say("starting: each slot's shadow loads and goes to sleep, then its active engine loads")
@@ -96,6 +100,7 @@ async def _demo(tokens: int, keep: bool, work: Path) -> int:
         code = await _stream_through_failover(sup, ctl, tokens)
         if keep and code == 0:
             say()
+            say(f"frontend: {sup.frontend_url}")
             say(f"admin: {sup.admin_url}")
             for c in sup.controllers.values():
                 act = c.active_engine()
@@ -194,15 +199,54 @@ async def _stream_through_failover(sup: Supervisor, ctl: object, tokens: int) ->
     return 0 if exact else 1
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the daemon binds
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _port(chosen: int | None, default: int, what: str, flag: str) -> int | None:
+    """The port for ``what``: the one chosen with ``flag`` (None and said in one line when
+    it is taken), else ``default``, else, when that one is taken (by the README's own
+    daemon, say), a free one, said in one line."""
+    if chosen is not None:
+        if _bindable(chosen):
+            return chosen
+        print(
+            f"demo: port {chosen} ({what}) is in use; choose another with {flag}", file=sys.stderr
+        )
+        return None
+    if _bindable(default):
+        return default
+    port = free_port()
+    say(f"port {default} ({what}) is in use: the demo takes {port} instead (choose with {flag})")
+    return port
+
+
 def run_demo(ns: argparse.Namespace) -> int:
+    port = _port(ns.port, FrontendConfig.port, "the frontend", "--port")
+    admin_port = _port(ns.admin_port, Config.admin_port, "the admin API", "--admin-port")
+    if port is None or admin_port is None:
+        return 2
     work = Path(tempfile.mkdtemp(prefix="failover-demo-"))
     os.environ[LEDGER_ENV] = str(work / "gpu-ledger.json")
     logfile = open(work / "supervisor.log", "a")  # noqa: SIM115 - open for the whole run
     log.configure("info", json=True, file=logfile)
     try:
-        return anyio.run(_demo, ns.tokens, ns.keep, work)
+        return anyio.run(_demo, ns.tokens, ns.keep, work, port, admin_port)
     except KeyboardInterrupt:
         return 130
+    except (OSError, ExceptionGroup) as e:  # a port taken between the check and the bind
+        leaves = e.exceptions if isinstance(e, ExceptionGroup) else (e,)
+        if not all(isinstance(x, OSError) for x in leaves):
+            raise
+        for x in leaves:
+            print(f"demo: cannot start: {x}", file=sys.stderr)
+        return 1
     except TimeoutError:
         print(f"demo: timed out; see the logs in {work}", file=sys.stderr)
         return 1

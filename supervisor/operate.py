@@ -1,15 +1,19 @@
-"""The operator commands of the CLI (reload, pause, resume, switchover, rollout): each one
-admin API call, its answer said in a line or two; a rollout's progress is followed until
-it ends. Exit status: 0 done, 1 refused or failed, 2 the admin API cannot be reached."""
+"""The CLI's commands that talk to the admin API (status, reload, pause, resume,
+switchover, rollout, drain): each one admin API call, its answer said in a line or two; a
+rollout's progress is followed until it ends. Exit status: 0 done, 1 refused or failed, 2 the
+admin API cannot be reached (or a bad argument)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime, timedelta
+from datetime import time as time_of_day
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +130,8 @@ def switchover(ns: argparse.Namespace) -> int:
     body: dict[str, Any] = {"slot": ns.slot}
     if ns.to:
         body["to"] = ns.to
-    if ns.at:
-        body["at"] = float(ns.at) if ns.at.replace(".", "", 1).isdigit() else ns.at
+    if ns.at is not None:
+        body["at"] = ns.at
     if ns.after is not None:
         body["after"] = ns.after
     status, answer = _call(ns, "/switchover", body)
@@ -182,6 +186,169 @@ def rollout(ns: argparse.Namespace) -> int:
         else:
             print(f"slot {n}: {r['result']}" + (f" ({r['reason']})" if r["reason"] else ""))
     return 0 if len(ours) == len(names) and all(r["result"] == "done" for r in ours.values()) else 1
+
+
+@_guarded
+def drain(ns: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"engine": ns.engine}
+    if ns.limit is not None:
+        body["limit"] = ns.limit
+    status, answer = _call(ns, "/drain", body)
+    if status != 200:
+        _say_error(answer)
+        return 1
+    print(f"drained {ns.engine}: stopped, its streams finished or moved")
+    _, st = _call(ns, "/status")
+    gone = next((e for e in st.get("retired_engines", []) if e["id"] == ns.engine), None)
+    slot = next((s for s in st["slots"] if gone and s["name"] == gone["slot"]), None)
+    if slot is not None:
+        print(f"slot {slot['name']}: active {slot['active'] or '-'} at epoch {slot['epoch']}")
+    return 0
+
+
+@_guarded
+def status(ns: argparse.Namespace) -> int:
+    code, st = _call(ns, "/status")
+    if code != 200:
+        _say_error(st)
+        return 1
+    if ns.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"node {st['node']}  ready={st['ready']}  uptime {st['uptime_s']:.0f}s")
+    node_pause = st.get("paused")
+    if node_pause:
+        print(f"node paused {_pause_end(node_pause)}: {node_pause['reason']}")
+    print(f"\n{'SLOT':16} {'MODEL':24} {'EPOCH':>5} {'GEN':>4}  {'ACTIVE':16} STATE")
+    for s in st["slots"]:
+        state = f"degraded: {s['degraded_reason']}" if s["degraded"] else "serving"
+        print(
+            f"{s['name']:16} {s['model']:24} {s['epoch']:>5} {s.get('generation', 0):>4}  "
+            f"{s['active'] or '-':16} {state}"
+        )
+    # What an operator set in motion or left behind, one line each (the node's own pause
+    # is said above, not again for every slot it covers).
+    notes = [n for s in st["slots"] for n in _slot_notes(s, node_pause)]
+    if notes:
+        print()
+        for n in notes:
+            print(n)
+    print(
+        f"\n{'ENGINE':16} {'SLOT':16} {'ROLE':7} {'STATE':10} {'PID':>8} {'GEN':>4}  "
+        f"{'URL':24} GPUS"
+    )
+    for eng in st["engines"]:
+        print(
+            f"{eng['id']:16} {eng['slot']:16} {eng['role']:7} {eng['state']:10} "
+            f"{eng['pid'] or '-':>8} {eng.get('generation', 0):>4}  {eng['url']:24} "
+            f"{','.join(eng['gpus'])}"
+        )
+    cl = st.get("cluster")
+    if cl:
+        etcd = "reachable" if cl["etcd_reachable"] else "UNREACHABLE"
+        nats = {True: "connected", False: "DISCONNECTED", None: "not used"}[cl["nats_connected"]]
+        print(
+            f"\ncluster {cl['name']}  leader {cl['leader'] or '-'}"
+            f"{' (this node)' if cl['is_leader'] else ''}  etcd {etcd}  nats {nats}"
+        )
+        peers = "  ".join(f"{n}={state}" for n, state in cl["peers"].items()) or "none"
+        print(f"peers: {peers}")
+        for name, rec in cl["slots"].items():
+            print(f"  slot {name}: epoch {rec['epoch']}, {rec['active'] or '-'} ({rec['reason']})")
+    if st["failovers"]:
+        print(f"\n{'SLOT':16} {'RESULT':9} {'FAILED':16} {'PROMOTED':16} STEPS (ms)   REASON")
+        for f in st["failovers"][:10]:
+            steps = " ".join(f"{k}={v * 1000:.0f}" for k, v in f["steps"].items())
+            print(
+                f"{f['slot']:16} {f['result']:9} {f['failed_engine'] or '-':16} "
+                f"{f['promoted_engine'] or '-':16} {steps:12} {f['reason']}"
+            )
+    return 0
+
+
+def _slot_notes(s: dict[str, Any], node_pause: dict[str, Any] | None) -> list[str]:
+    name = s["name"]
+    notes = []
+    pause = s.get("paused")
+    if pause and pause != node_pause:
+        notes.append(f"slot {name}: paused {_pause_end(pause)}: {pause['reason']}")
+    plan = s.get("scheduled_switchover")
+    if plan:
+        to = plan["to"] or "the first shadow asleep"
+        notes.append(
+            f"slot {name}: switchover to {to} scheduled for {_clock(plan['at'])} "
+            f"(in {span(plan['at'] - time.time())})"
+        )
+    if s.get("rollout_pending"):
+        keys = ", ".join(s["rollout_pending"])
+        notes.append(f"slot {name}: rollout pending ({keys}): failover-supervisor rollout")
+    r = s.get("rollout")
+    if r:
+        gens = f"generation {r['from_generation']} -> {r['to_generation']}"
+        if r["result"] == "in_progress":
+            notes.append(f"slot {name}: rollout in progress ({gens}): {r['step']}")
+        else:
+            why = f" ({r['reason']})" if r["reason"] else ""
+            at = _clock(r["finished_at"] or r["started_at"])
+            notes.append(f"slot {name}: last rollout {r['result']}{why} at {at} ({gens})")
+    return notes
+
+
+def _pause_end(p: dict[str, Any]) -> str:
+    if p.get("until") is None:
+        return "until resumed"
+    return f"until {_clock(p['until'])} (in {span(p['until'] - time.time())})"
+
+
+def span(seconds: float) -> str:
+    """A duration as an operator reads it: 40 s, 12 min, 3 h 5 min, 2 days 4 h."""
+    s = max(0, int(seconds))  # down: 599.7 s to go is "9 min", as a clock shows it
+    if s < 120:
+        return f"{s} s"
+    m = s // 60
+    if m < 120:
+        return f"{m} min"
+    h, m = divmod(m, 60)
+    if h < 48:
+        return f"{h} h {m} min" if m else f"{h} h"
+    d, h = divmod(h, 24)
+    return f"{d} days {h} h" if h else f"{d} days"
+
+
+def at_time(text: str) -> float:
+    """``--at``, read in this machine's local time: a time of day (``03:00``: the next one),
+    a date and time in ISO 8601 (``2027-01-15T03:00``, with an offset if wanted) or Unix
+    seconds. Whether it is in the past is the admin API's to say (one rule for every
+    client)."""
+    t = text.strip()
+    try:
+        secs = float(t)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(secs):
+            return secs
+        raise argparse.ArgumentTypeError(f"not a time: {text!r}")
+    try:
+        of_day = time_of_day.fromisoformat(t)
+    except ValueError:
+        pass
+    else:
+        now = datetime.now().astimezone()
+        when = datetime.combine(now.date(), of_day)
+        when = when.astimezone() if when.tzinfo is None else when
+        if when <= now:
+            when = datetime.combine(now.date() + timedelta(days=1), of_day)
+            when = when.astimezone() if when.tzinfo is None else when
+        return when.timestamp()
+    try:
+        parsed = datetime.fromisoformat(t)
+        return (parsed.astimezone() if parsed.tzinfo is None else parsed).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: give a time of day (03:00), a date and time "
+            "(2027-01-15T03:00) or Unix seconds"
+        ) from None
 
 
 def _clock(t: float) -> str:

@@ -480,3 +480,93 @@ async def test_rollout_under_the_load_client_loses_no_request(daemon: Any) -> No
     )
     assert {e["generation"] for e in st["engines"]} == {1}
     assert slot_of(st)["shadows_configured"] == 1
+
+
+async def test_status_shows_what_an_operator_set_in_motion(daemon: Any, tmp_path: Path) -> None:
+    """``status`` says at a glance what the JSON holds: pauses with their reason and end,
+    a scheduled switchover, a pending rollout, each engine's generation; every admin
+    command takes ``--admin`` and ``--token-file``; a switchover ``--at`` a past time is
+    refused (by the API, for every client) instead of firing at once as "scheduled"."""
+    token = tmp_path / "admin-token"
+    token.write_text("s3cret\n")
+    admin: Admin = await daemon(sim_slot("s"), admin={"token_file": str(token)})
+    auth = ("--admin", admin.sup.admin_url, "--token-file", str(token))
+
+    async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "supervisor", *args]
+        return await anyio.to_thread.run_sync(
+            lambda: subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        )
+
+    st = await admin.status()
+    shadow = next(e["id"] for e in st["engines"] if e["role"] == "shadow")
+    epoch = slot_of(st)["epoch"]
+    out = await cli("pause", "--for", "3600", "--reason", "driver upgrade", *auth)
+    assert out.returncode == 0, out
+    out = await cli("pause", "s", *auth)
+    assert out.returncode == 0, out
+    out = await cli("switchover", "s", "--after", "600", "--to", shadow, *auth)
+    assert out.returncode == 0 and "scheduled for" in out.stdout, out
+    rewrite(admin, lambda c: c["slot"][0].update(env={"ROLLOUT_MARK": "2"}))
+    out = await cli("reload", *auth)
+    assert out.returncode == 0 and "to roll out: s" in out.stdout, out
+
+    out = await cli("status", *auth)
+    assert out.returncode == 0, out
+    lines = out.stdout.splitlines()
+    assert any(
+        line.startswith("node paused until ") and "(in 59 min): driver upgrade" in line
+        for line in lines
+    ), out.stdout
+    assert "slot s: paused until resumed: maintenance" in lines, out.stdout
+    assert any(
+        line.startswith(f"slot s: switchover to {shadow} scheduled for ") and "(in 9 min)" in line
+        for line in lines
+    ), out.stdout
+    assert "slot s: rollout pending (env): failover-supervisor rollout" in lines, out.stdout
+    header = next(line for line in lines if line.startswith("ENGINE"))
+    assert header.split()[5] == "GEN", header
+    for e in st["engines"]:
+        row = next(line for line in lines if line.startswith(e["id"] + " "))
+        assert row.split()[5] == "0", row  # generation 0 until a rollout
+
+    # A past time: refused with the time and how far back it is; nothing was scheduled.
+    past = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() - 86400))
+    out = await cli("switchover", "s", "--at", past, *auth)
+    assert out.returncode == 1, out
+    assert "in the past: give a later time" in out.stderr and "24 h" in out.stderr, out
+    assert "Traceback" not in out.stderr
+    plan = slot_of(await admin.status())["scheduled_switchover"]
+    assert plan is not None and plan["to"] == shadow and plan["in_s"] > 500, plan
+    out = await cli("switchover", "s", "--at", "tomorrow-ish", *auth)
+    assert out.returncode == 2 and "is not a time" in out.stderr, out
+    # A time of day is the next one: never in the past.
+    out = await cli("switchover", "s", "--at", time.strftime("%H:%M"), "--to", shadow, *auth)
+    assert out.returncode == 0 and "scheduled for" in out.stdout, out
+    in_s = slot_of(await admin.status())["scheduled_switchover"]["in_s"]
+    assert 86400 - 120 < in_s <= 86400, in_s
+    # The API directly, for a switchover and for a pause's end.
+    headers = {"Authorization": "Bearer s3cret"}
+    for path, body in (
+        ("/switchover", {"slot": "s", "at": time.time() - 60}),
+        ("/pause", {"until": time.time() - 60}),
+    ):
+        async with admin.session.post(admin.sup.admin_url + path, json=body, headers=headers) as r:
+            answer = await r.json()
+            assert r.status == 400 and "in the past" in answer["error"]["message"], answer
+    assert slot_of(await admin.status())["epoch"] == epoch
+
+    # drain, with the same options; it names what serves the slot afterwards.
+    out = await cli("switchover", "s", "--cancel", *auth)
+    assert out.returncode == 0, out
+    for args in (("resume", "s"), ("resume",)):
+        out = await cli(*args, *auth)
+        assert out.returncode == 0, out
+    active = slot_of(await admin.status())["active"]
+    out = await cli("drain", active, "--limit", "1", *auth)
+    assert out.returncode == 0 and f"drained {active}" in out.stdout, out
+    assert f"slot s: active {shadow} at epoch {epoch + 1}" in out.stdout, out
+    out = await cli("drain", "nope", *auth)
+    assert out.returncode == 1 and "no engine 'nope'" in out.stderr, out
+    out = await cli("drain", active, "--admin", admin.sup.admin_url)  # no token
+    assert out.returncode == 1 and "Authorization: Bearer" in out.stderr, out

@@ -125,7 +125,8 @@ def test_shipped_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = (ROOT / "systemd" / "failover-supervisor.service").read_text()
     # verify checks that ExecStart's program exists: point it at this checkout's command.
     exe = Path(sys.executable).with_name("failover-supervisor")
-    unit = unit.replace("/opt/failover-supervisor/.venv/bin/failover-supervisor", str(exe))
+    assert "\nExecStart=failover-supervisor run " in unit  # the command as the docs spell it
+    unit = unit.replace("ExecStart=failover-supervisor", f"ExecStart={exe}")
     target = tmp_path / "failover-supervisor.service"
     target.write_text(unit)
     out = subprocess.run(

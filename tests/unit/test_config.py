@@ -148,7 +148,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
 
 def test_status_cli_without_a_daemon_says_so() -> None:
     out = run_cli("status", "--admin", "http://127.0.0.1:9")
-    assert out.returncode == 1 and "cannot reach the admin API" in out.stderr
+    assert out.returncode == 2 and "cannot reach the admin API" in out.stderr
 
 
 def test_a_real_engine_must_be_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
