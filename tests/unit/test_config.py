@@ -74,6 +74,18 @@ def test_defaults_are_filled_in() -> None:
             "failover.shadow_sleep_level: must be an integer >= 1 and <= 2, got 3",
         ),
         ({**GOOD, "nodes": {}}, "nodes: unknown key"),
+        # A keyword or a path: a misspelt keyword was taken as a file the daemon created.
+        (
+            {**GOOD, "gpu": {"xid_source": "kmesg"}},
+            "gpu.xid_source: must be one of 'auto', 'kmsg', 'journal', 'none', 'off', or a "
+            "file path containing '/' (e.g. './kmesg'), got 'kmesg'",
+        ),
+        ({**GOOD, "gpu": {"nvml": "yes"}}, "gpu.nvml: must be one of 'auto', 'on', 'off', or"),
+        (
+            {**GOOD, "frontend": {"max_buffered_bytes": 10}},
+            "frontend.max_buffered_bytes: must be an integer >= 1048576",
+        ),
+        ({**GOOD, "frontend": {"body_timeout": 0}}, "frontend.body_timeout: must be a number > 0"),
     ],
 )
 def test_every_error_names_the_key_and_the_fix(data: dict, expected: str) -> None:
@@ -103,6 +115,12 @@ def test_all_problems_are_reported_at_once() -> None:
     with pytest.raises(ConfigError) as e:
         parse({"health": {"probe_timeout": -1}, "slot": [{"name": "a", "shadows": -1}]})
     assert len(e.value.problems) >= 4
+
+
+def test_keywords_and_paths_are_told_apart() -> None:
+    gpu = parse({**GOOD, "gpu": {"xid_source": "off", "nvml": "./readings.json"}}).gpu
+    assert (gpu.xid_source, gpu.nvml) == ("off", "./readings.json")
+    assert parse({**GOOD, "gpu": {"xid_source": "/var/log/xid.log"}}).gpu.xid_source.startswith("/")
 
 
 def test_example_config_is_valid() -> None:
