@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from supervisor.frontend.routing import (
     DEADLINE_GRAIN,
     Deadlines,
     EngineWait,
+    Lease,
     Rejected,
     Router,
     Target,
@@ -170,6 +172,47 @@ async def test_every_way_out_releases_the_engine_place(
     assert not scope.cancelled_caught, "the relay hung"
     assert router.inflight.get("e0", 0) == 0, f"{step}: the engine place leaked"
     assert router.leases.get("e0", set()) == set()
+
+
+class BrokenForMoves(Router):
+    """A router with a bug in its bookkeeping of moving streams."""
+
+    async def acquire(
+        self, model: str, *, exclude: AbstractSet[str] = frozenset(), wait: float | None = None
+    ) -> Lease:
+        if wait is not None:
+            raise ValueError("list.remove(x): x not in list")
+        return await super().acquire(model, exclude=exclude, wait=wait)
+
+
+async def test_a_bug_routing_a_moving_stream_ends_it_as_a_failed_migration(
+    engine: tuple[str, Sessions],
+) -> None:
+    # The client's answer has begun: it gets a clean migration failure (the frontend sends
+    # it as an error event), not the 500 of an unexpected exception.
+    url, sessions = engine
+    router = BrokenForMoves(
+        FrontendConfig(), Directory([Target("e0", url, VllmBackend())]), Metrics()
+    )
+    written: list[bytes] = []
+
+    async def emit(data: bytes) -> None:
+        written.append(data)
+        if len(written) == 4:
+            router.engine_failed("e0")  # the stream breaks: it moves
+
+    relay = relay_for(router, sessions, emit)
+    with anyio.fail_after(10), pytest.raises(MigrationFailed, match="internal error"):
+        await relay.run()
+    assert relay.attempt == 1
+    assert router.inflight["e0"] == 0
+    counted = [
+        (sample.labels["result"], sample.value)
+        for family in relay.metrics.migrations.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.value
+    ]
+    assert counted == [("failed", 1.0)]
 
 
 async def test_a_failed_client_write_ends_the_request_and_is_never_a_migration(
