@@ -4,6 +4,12 @@ free, engines appear and vanish, and waits end by success, timeout, cancellation
 Each wait leaves nothing behind, raises nothing but what :meth:`Router.acquire` documents,
 and no new request takes a place a moving stream may use while that stream waits.
 
+What broke a list of ``(model, exclude)`` tuples removed by equality: B begins waiting
+while A and D, with equal exclusions, re-wait after a wake that helps none; B is woken
+first by the next free place, takes it, removes A's equal entry instead of its own, and
+adds the engine to its set (its stream breaks there later), so its left-over entry no
+longer equals anyone's: the last of A and D to end found nothing to remove (ValueError).
+
 The directory is a fake of the router's own interface (:class:`EngineDirectory`); the
 router and its waits are the real ones."""
 
