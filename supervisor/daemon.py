@@ -683,6 +683,12 @@ class Supervisor:
                     scope.cancel()
                 for ctl in self.controllers.values():
                     ctl.begin_stop()
+                # A cancelled rollout may be half-way through launching an engine (the
+                # spawn is shielded): the slots' task groups, where its exit is watched,
+                # stay open until it is over.
+                with anyio.move_on_after(self.cfg.failover.stop_grace + 10):
+                    while self._rollouts:
+                        await anyio.sleep(0.05)
                 if self.frontend is not None:
                     await self.frontend.drain()
                 # Nothing scheduled (a relaunch waiting on its backoff, a shadow loading)
