@@ -24,7 +24,9 @@ migrations from the nodes' metrics, and the invariants:
 - no two engines serving one slot for longer than the policy allows (keep-serving: the
   3 s partition plus the step-down after it), from every node's ``/status`` sampled from
   outside throughout (``ActiveWatch``); the longest such window is in the report;
-- no engine process left behind after the soak.
+- no engine process left behind after the soak;
+- no traceback in any node's log (read before a lost node's log is started afresh, and at
+  the end), and every node still running at the end stops with exit status 0 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class Soak:
     rng: random.Random = field(init=False)
     faults: Counter[str] = field(default_factory=Counter)
     fault_log: list[tuple[float, str, str]] = field(default_factory=list)
+    tracebacks: list[str] = field(default_factory=list)  # "node: the log line", a few
+    unclean_exits: list[str] = field(default_factory=list)  # nodes whose stop was not 0
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -168,6 +172,7 @@ class Soak:
         if kind == "node-loss":
             st = await node.status()
             node.kill([e["pid"] for e in st["engines"] if e["pid"]])
+            self.read_tracebacks(node)  # (its restart starts its log afresh)
             await anyio.sleep(5)
             await self.start_node(node, nodes.index(node), ports)
             return f"{node.name} (back after 5 s)"
@@ -227,6 +232,22 @@ class Soak:
                 pass
             await anyio.sleep(0.25)
 
+    def read_tracebacks(self, node: ClusterNode) -> None:
+        """Note the lines of ``node``'s log that hold a traceback: a bug, contained or not."""
+        for line in node.logs().splitlines():
+            if "Traceback" in line:
+                self.tracebacks.append(f"{node.name}: {line[:600]}")
+
+    async def stop_nodes(self, nodes: list[ClusterNode]) -> None:
+        """SIGTERM to every node still running: each must stop with status 0."""
+        for n in nodes:
+            if n.sup is None or n.sup.proc.poll() is not None:
+                continue  # lost by the last fault, not yet back
+            code = await anyio.to_thread.run_sync(n.sup.stop)
+            if code != 0:
+                self.unclean_exits.append(f"{n.name}: exit status {code}")
+            self.read_tracebacks(n)
+
     # -- the run ---------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         etcd = EtcdCluster(self.workdir / "etcd", size=3).start()
@@ -254,6 +275,7 @@ class Soak:
                     outer.cancel_scope.cancel()
                 metrics_after = await self.counters(nodes, session)
                 history = await slot_history(etcd.endpoints, session)
+                await self.stop_nodes(nodes)
         finally:
             for n in nodes:
                 await anyio.to_thread.run_sync(n.close)
@@ -356,11 +378,15 @@ class Soak:
                 # Policy keep-serving: a node partitioned for 3 s serves on meanwhile and
                 # steps down within seconds of healing; nothing longer is allowed.
                 "double_active_within_bound": longest <= DOUBLE_ACTIVE_BOUND_S,
+                "no_traceback_in_node_logs": not self.tracebacks,
+                "every_node_stopped_cleanly": not self.unclean_exits,
             },
             "longest_double_active_ms": round(longest * 1000),
             "double_active_windows": len(watch.windows()) if watch is not None else 0,
             "double_promotions": double,
             "leaked_processes": leaked,
+            "tracebacks": self.tracebacks[:10],
+            "unclean_exits": self.unclean_exits,
         }
 
 

@@ -155,11 +155,11 @@ class DaemonDirectory:
         ctl, engine = found
         if kind == "stall":
             ep = ctl.endpoint(engine)
-            ctl.tg.start_soon(
-                self.sup.judge.stream_stalled, engine, ctl.backend, ep, request_id, reason
-            )
+            judge = self.sup.judge.stream_stalled
+            ctl.spawn(judge, engine, ctl.backend, ep, request_id, reason, why=f"judge {engine.id}")
         else:
-            ctl.tg.start_soon(self.sup.judge.declare_dead, engine, "stream", reason, time.time())
+            dead = self.sup.judge.declare_dead
+            ctl.spawn(dead, engine, "stream", reason, time.time(), why=f"judge {engine.id}")
 
 
 class Supervisor:
@@ -378,15 +378,22 @@ class Supervisor:
                 raise FailoverError(
                     f"slot {n} already runs its config's spec; change it and reload first"
                 )
+        if self.stopping.is_set():
+            raise FailoverError("the supervisor is shutting down")
         first = self.controllers[names[0]]
         assert first.pending is not None
         progress = rollout.begin(first, first.pending, first.pending_changes)
-        self._tg.start_soon(self._roll_slots, names, progress)
+        # Known to the shutdown from now, not once the task runs: a stop that comes in
+        # between cancels it before it launches anything.
+        scope = anyio.CancelScope()
+        self._rollouts.add(scope)
+        self._tg.start_soon(self._roll_slots, names, progress, scope)
         return [progress]
 
-    async def _roll_slots(self, names: list[str], first: RolloutProgress) -> None:
-        with anyio.CancelScope() as scope:
-            self._rollouts.add(scope)
+    async def _roll_slots(
+        self, names: list[str], first: RolloutProgress, scope: anyio.CancelScope
+    ) -> None:
+        with scope:
             try:
                 await self._roll_each(names, first)
             finally:
@@ -676,6 +683,12 @@ class Supervisor:
                     scope.cancel()
                 for ctl in self.controllers.values():
                     ctl.begin_stop()
+                # A cancelled rollout may be half-way through launching an engine (the
+                # spawn is shielded): the slots' task groups, where its exit is watched,
+                # stay open until it is over.
+                with anyio.move_on_after(self.cfg.failover.stop_grace + 10):
+                    while self._rollouts:
+                        await anyio.sleep(0.05)
                 if self.frontend is not None:
                     await self.frontend.drain()
                 # Nothing scheduled (a relaunch waiting on its backoff, a shadow loading)

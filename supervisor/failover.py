@@ -18,7 +18,7 @@ import itertools
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -182,9 +182,25 @@ class SlotController:
         metrics.set_slot_phase(self.slot.name, self.phase.value)
         metrics.init_slot(self.slot.name, backend.name)
 
-    @property
-    def tg(self) -> TaskGroup:
+    def spawn(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: object, why: str) -> bool:
+        """Start ``fn(*args)`` in the slot's background work (:meth:`run`): every task of
+        the slot starts here, whoever asks (a cluster decision, a request, a timer).
+
+        Once the slot stops (:meth:`begin_stop`), nothing starts: refused, logged, False.
+        By then :meth:`close` ends that work, and what a refused task was for is done by
+        the stop itself: :meth:`stop_all` stops every engine still running (a failed one
+        too), and nothing is relaunched, woken or promoted any more."""
+        if self.stopped:
+            self.log.info(f"not started, the slot is stopping: {why}")
+            return False
         assert self._tg is not None, "SlotController.run() has not started"
+        self._tg.start_soon(fn, *args)
+        return True
+
+    def _watchers(self) -> TaskGroup:
+        """Where the engine manager watches the slot's processes: the slot's background
+        work, open until :meth:`close` (nothing is launched or adopted once it stops)."""
+        assert self._tg is not None and not self.stopped
         return self._tg
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
@@ -417,16 +433,24 @@ class SlotController:
         cmd = self.manager.command(engine, self.backend, self.scfg.simulate, self.scfg.sim_args)
         for gpu in engine.spec.gpus:
             self.metrics.engine_gpu.labels(engine.slot, engine.id, gpu).set(1)
+        if self.stopped:  # (nothing starts while the slot stops, see spawn)
+            raise FailoverError(f"engine {engine.id} not started: the supervisor is shutting down")
         try:
-            await self.manager.launch(self.tg, engine, cmd)
+            await self.manager.launch(self._watchers(), engine, cmd)
         except OSError as e:
             self.set_state(engine, EngineState.FAILED, f"cannot start {cmd.argv[0]}: {e}")
-            self.tg.start_soon(self._retire, engine)
+            self.spawn(self._retire, engine, why=f"retire {engine.id}, which did not start")
             raise FailoverError(
                 f"cannot start engine {engine.id} ({cmd.argv[0]}): {e.strerror or e}"
             ) from e
         self.set_state(engine, EngineState.LOADING)
-        self.tg.start_soon(self.judge.probe_loop, engine, self.backend, self.endpoint(engine))
+        self.spawn(
+            self.judge.probe_loop,
+            engine,
+            self.backend,
+            self.endpoint(engine),
+            why=f"probe {engine.id}",
+        )
 
     async def _wait_health(
         self,
@@ -566,12 +590,18 @@ class SlotController:
                 signal_group(engine.pid or 0, signal.SIGKILL)  # ours, but not usable
                 continue
             self.engines[engine.id] = engine
-            self.manager.adopt(self.tg, engine)
+            self.manager.adopt(self._watchers(), engine)
             self.set_state(engine, state, "adopted from an earlier supervisor")
             if state is EngineState.ACTIVE:
                 self.slot.active = engine.id
                 self._set_degraded("")
-            self.tg.start_soon(self.judge.probe_loop, engine, self.backend, self.endpoint(engine))
+            self.spawn(
+                self.judge.probe_loop,
+                engine,
+                self.backend,
+                self.endpoint(engine),
+                why=f"probe {engine.id}",
+            )
             adopted += 1
         numbers = [
             int(e.id.rsplit("-", 1)[1])
@@ -631,7 +661,7 @@ class SlotController:
                 if engine.state not in _ENDED:
                     self.set_state(engine, EngineState.FAILED, f"did not come up: {e}")
                     self.manager.kill_now(engine)
-                self.tg.start_soon(self._retire, engine)
+                self.spawn(self._retire, engine, why=f"retire {engine.id}")
                 return False
             try:
                 epoch = await self._claim_cold(engine)
@@ -642,7 +672,7 @@ class SlotController:
                 self.set_state(engine, EngineState.DRAINING, "not claimed: etcd unreachable")
                 await self.manager.stop(engine, self.cfg.failover.stop_grace)
                 self.set_state(engine, EngineState.STOPPED, "not claimed: etcd unreachable")
-                self.tg.start_soon(self._retire, engine)
+                self.spawn(self._retire, engine, why=f"retire {engine.id}")
                 return False
             if epoch is None:
                 self._go(Event.SERVED_ELSEWHERE, f"another node serves the slot; {engine.id} stops")
@@ -650,7 +680,7 @@ class SlotController:
                 await self.manager.stop(engine, self.cfg.failover.stop_grace)
                 self.set_state(engine, EngineState.STOPPED, "fenced: slot served elsewhere")
                 self._set_degraded("")
-                self.tg.start_soon(self._retire, engine)
+                self.spawn(self._retire, engine, why=f"retire {engine.id}")
                 return False
             self._promote_state(engine, epoch)
             self._go(Event.ACTIVE_READY, f"{engine.id} loaded and ready", epoch=epoch)
@@ -687,14 +717,15 @@ class SlotController:
             if engine.state not in _ENDED:
                 self.set_state(engine, EngineState.FAILED, f"did not come up as a shadow: {e}")
                 self.manager.kill_now(engine)
-            self.tg.start_soon(self._retire, engine)
+            self.spawn(self._retire, engine, why=f"retire {engine.id}")
             raise
         if (p := self.paused()) is not None:
             self.log.info(
                 f"{engine.id} loaded and asleep; paused, so nothing is promoted: {p.reason}"
             )
         elif self._go(Event.SHADOW_READY, f"{engine.id} loaded and asleep") == "promote_shadow":
-            self.tg.start_soon(self._recover_locked, "a shadow is ready for a degraded slot")
+            why = "a shadow is ready for a degraded slot"
+            self.spawn(self._recover_locked, why, why=f"recover: {why}")
         return engine
 
     async def _load_and_sleep(self, engine: Engine) -> None:
@@ -843,8 +874,8 @@ class SlotController:
         self.set_state(engine, EngineState.FAILED, f"{source}: {reason}")
         if source != "exit" or self.cfg.failover.kill_dead_group:
             self.manager.kill_now(engine)  # a hung or stopped engine must not linger
-        if self.phase is not Phase.STOPPED:
-            self.tg.start_soon(self._retire, engine)
+        if self.phase is not Phase.STOPPED:  # (stop_all stops what is left of it)
+            self.spawn(self._retire, engine, why=f"retire {engine.id}, which failed")
         if not was_active:
             self.kick_replenish()
             return
@@ -980,7 +1011,7 @@ class SlotController:
         """A shadow that did not wake is of no use: failed, killed, its place freed."""
         self.set_state(shadow, EngineState.FAILED, f"wake failed: {e}")
         self.manager.kill_now(shadow)
-        self.tg.start_soon(self._retire, shadow)
+        self.spawn(self._retire, shadow, why=f"retire {shadow.id}, which did not wake")
 
     async def _wake(self, shadow: Engine) -> None:
         """Wake through the plugin; an OOM is retried for ``wake_oom_retry`` seconds."""
@@ -1059,7 +1090,7 @@ class SlotController:
         """etcd answers again: a promotion it refused meanwhile is tried now."""
         if self._waiting_for_etcd and self._tg is not None and not self.stopped:
             self._waiting_for_etcd = False
-            self.tg.start_soon(self.recover, "etcd is reachable again")
+            self.spawn(self.recover, "etcd is reachable again", why="recover: etcd is back")
             self.kick_replenish()  # a slot without shadows restarts its engine cold
 
     # -- cluster decisions ---------------------------------------------------------------
@@ -1110,7 +1141,7 @@ class SlotController:
             await self.manager.stop(engine, self.cfg.failover.stop_grace)
             self.set_state(engine, EngineState.STOPPED, f"fenced at epoch {epoch}")
             self._set_degraded("")
-        self.tg.start_soon(self._retire, engine)
+        self.spawn(self._retire, engine, why=f"retire {engine.id}")
 
     # -- maintenance mode ----------------------------------------------------------------
     def paused(self) -> Pause | None:
@@ -1140,7 +1171,8 @@ class SlotController:
         else:
             self.log.info("resumed: automatic failover and relaunch are on again")
             if self.slot.active is None and self.phase is Phase.DEGRADED and self.ready.is_set():
-                self.tg.start_soon(self.recover, "resumed with the active engine lost")
+                why = "resumed with the active engine lost"
+                self.spawn(self.recover, why, why=f"recover: {why}")
             self.kick_replenish()
         self.on_change()
 
@@ -1221,7 +1253,7 @@ class SlotController:
             with Step(record, "drain"):
                 await self.manager.stop(old, self.cfg.failover.stop_grace)
             self.set_state(old, EngineState.STOPPED, kind)
-            self.tg.start_soon(self._retire, old)
+            self.spawn(self._retire, old, why=f"retire {old.id}")
         # put the chosen shadow first
         self.engines = {
             target.id: target,
@@ -1293,7 +1325,7 @@ class SlotController:
             with Step(record, "stop_old"):
                 await self.manager.stop(old, self.cfg.failover.stop_grace)
             self.set_state(old, EngineState.STOPPED, record.kind)
-            self.tg.start_soon(self._retire, old)
+            self.spawn(self._retire, old, why=f"retire {old.id}")
         finally:
             record.finished_at = time.time()
             result = record.result if record.result in ("promoted", "error") else "degraded"
@@ -1306,7 +1338,7 @@ class SlotController:
         self.set_state(engine, EngineState.DRAINING, "woken for a switch that did not happen")
         await self.manager.stop(engine, self.cfg.failover.stop_grace)
         self.set_state(engine, EngineState.STOPPED, "woken for a switch that did not happen")
-        self.tg.start_soon(self._retire, engine)
+        self.spawn(self._retire, engine, why=f"retire {engine.id}")
 
     def schedule_switchover(self, at: float, to: str | None) -> ScheduledSwitchover:
         """A switchover at wall time ``at`` (replacing one already scheduled); the target
@@ -1314,8 +1346,9 @@ class SlotController:
         self._check_target(to)
         self.cancel_scheduled("replaced by a new schedule")
         plan = ScheduledSwitchover(at, to, time.time())
+        if not self.spawn(self._scheduled_switchover, plan, why="a scheduled switchover"):
+            raise FailoverError("the supervisor is shutting down")
         self.scheduled = plan
-        self.tg.start_soon(self._scheduled_switchover, plan)
         self.log.info(
             f"switchover scheduled for {time.strftime('%H:%M:%S', time.localtime(at))}",
             to=to,
@@ -1389,7 +1422,7 @@ class SlotController:
         self.set_state(engine, EngineState.DRAINING, "drain requested")
         await self.manager.stop(engine, self.cfg.failover.stop_grace)
         self.set_state(engine, EngineState.STOPPED, "drained")
-        self.tg.start_soon(self._retire, engine)
+        self.spawn(self._retire, engine, why=f"retire {engine.id}")
 
     async def stop_all(self) -> None:
         """Stop every engine of the slot still running (after :meth:`close`)."""

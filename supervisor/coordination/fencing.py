@@ -229,8 +229,14 @@ class SlotFencing(ClusterState):
                 ctl._update_gauges()
 
     async def _act(self, slot: str, action: Any) -> None:
+        """Carry out the cluster's word on one slot (a promotion here, a step-down). One
+        that raises is a bug: logged with its traceback and contained, not the end of the
+        coordinator (and with it of the daemon and every other slot); the next reconcile
+        looks at the slot again."""
         try:
             await action
+        except Exception as e:
+            self.log.error("the cluster's action on the slot failed", slot=slot, exc_info=e)
         finally:
             self._acting.discard(slot)
             self._kick()

@@ -186,14 +186,24 @@ class Lease:
             self.waiting.end_now()
 
 
+class MoveWait:
+    """A moving stream's wait for a place (see :attr:`Router.moving`): one object per wait,
+    compared and hashed by identity, so that ending one wait can never take away another's
+    entry (two streams may wait for the same model with equal exclusions). The engines it
+    may not use are copied when the wait begins: the relay keeps adding to its own set."""
+
+    def __init__(self, model: str, exclude: frozenset[str]) -> None:
+        self.model, self.exclude = model, exclude
+
+
 class Router:
     def __init__(self, cfg: FrontendConfig, directory: EngineDirectory, metrics: Metrics) -> None:
         self.cfg, self.directory, self.metrics = cfg, directory, metrics
         self.inflight: dict[str, int] = {}
         self.context_lengths: dict[str, int | None] = {}  # per engine, asked once
-        # Moving streams waiting for a place, as (model, engines they may not use): they go
-        # first on every engine they could use, and only there.
-        self.moving: list[tuple[str, AbstractSet[str]]] = []
+        # Moving streams waiting for a place: they go first on every engine they could use,
+        # and only there.
+        self.moving: set[MoveWait] = set()
         self.leases: dict[str, set[Lease]] = {}  # per engine, the requests it serves
         # Per engine, when its answers last brought the relay anything (monotonic): an
         # engine that streams to clients is alive, however slow its health route.
@@ -209,7 +219,7 @@ class Router:
         return len(self.moving)
 
     def _kept_for_moving(self, model: str, engine_id: str) -> bool:
-        return any(m == model and engine_id not in ex for m, ex in self.moving)
+        return any(w.model == model and engine_id not in w.exclude for w in self.moving)
 
     def _pick(self, model: str, exclude: AbstractSet[str], migrating: bool) -> Target | None:
         best: Target | None = None
@@ -266,9 +276,11 @@ class Router:
         self, model: str, exclude: AbstractSet[str], timeout: float, migrating: bool = False
     ) -> Target:
         self.waiting += 1
-        me = (model, exclude)
-        if migrating:
-            self.moving.append(me)
+        me: MoveWait | None = None
+        if migrating:  # (only a moving stream pays for its entry)
+            exclude = frozenset(exclude)
+            me = MoveWait(model, exclude)
+            self.moving.add(me)
         self.metrics.queued.set(self.waiting)
         deadline = time.monotonic() + timeout
         try:
@@ -288,8 +300,8 @@ class Router:
                     return target
         finally:
             self.waiting -= 1
-            if migrating:
-                self.moving.remove(me)
+            if me is not None:
+                self.moving.discard(me)
             self.metrics.queued.set(self.waiting)
         if self.directory.candidates(model):
             raise Rejected("saturated", f"all engines for {model!r} stayed busy for {timeout:g}s")

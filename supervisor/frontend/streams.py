@@ -348,6 +348,16 @@ class RequestRelay:
                 if self.attempt:
                     self.metrics.migrations.labels("failed", self._mode(None)).inc()
                 raise
+            except Exception as bug:
+                if not self.attempt:
+                    raise
+                # A bug in routing a moving stream: the client, whose answer has begun, gets
+                # a clean migration failure (an error event), the log the traceback.
+                self.metrics.migrations.labels("failed", self._mode(None)).inc()
+                self.log.error("routing a moving stream failed", exc_info=bug)
+                raise MigrationFailed(
+                    "the supervisor could not route the moving stream (an internal error)"
+                ) from bug
             backend = lease.target.backend
             # The lease is released on every way out of this block, whatever is raised.
             try:

@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from supervisor.coordination.etcd import EtcdClient
-from supervisor.testing.cluster import ActiveWatch, EtcdCluster, NatsServer
+from supervisor.engines import group_alive
+from supervisor.testing.cluster import FAST_SIM_ARGS, ActiveWatch, EtcdCluster, NatsServer
 from tests.cluster.conftest import (
     Node,
     assert_epochs_unique,
@@ -694,3 +695,29 @@ async def test_a_hand_over_made_without_etcd_reaches_the_leader_later(
         what="node-b's shadow promoted by the leader",
     )
     assert slot_record(st, "chat")["active"].startswith("node-b.")
+
+
+async def test_sigterm_while_a_cluster_ordered_promotion_wakes_stops_cleanly(
+    make_node: Callable[[str], Node],
+) -> None:
+    # The leader makes node-b's shadow the slot's active engine; node-b is told to stop
+    # while that shadow still wakes (5 s). Its stop ends the wake: the daemon must stop as
+    # on any other day (exit 0, no traceback), stop the slot once, and leave no engine.
+    slow_wake = [*FAST_SIM_ARGS, "--sim-wake-time", "5"]
+    a, b = await active_and_pooled_shadow(make_node, sim_args=slow_wake)
+    assert b.sup is not None
+    a.kill([e["pid"] for e in engines_of(await a.status())])
+    st = await b.wait(
+        lambda s: any(e["state"] == "waking" for e in engines_of(s)),
+        what="node-b's shadow waking for the cluster",
+    )
+    pids = [e["pid"] for e in engines_of(st) if e["pid"]]
+    assert pids
+    b.sup.proc.send_signal(signal.SIGTERM)
+    rc = await anyio.to_thread.run_sync(lambda: b.sup.proc.wait(timeout=40) if b.sup else None)
+    logs = b.logs()
+    assert rc == 0, logs[-6000:]
+    assert "Traceback" not in logs, logs[-6000:]
+    assert "promotes" in logs and "the supervisor is shutting down" in logs, logs[-6000:]
+    assert len([ln for ln in logs.splitlines() if "-> stopped on stop" in ln]) == 1, logs[-6000:]
+    assert [p for p in pids if group_alive(p)] == [], logs[-6000:]

@@ -18,8 +18,20 @@ async def run_soak(tmp_path: Path, seconds: float, seed: int) -> dict[str, objec
     return report
 
 
+INVARIANTS = {
+    "no_failed_request",
+    "no_lost_or_repeated_token",
+    "no_slot_promoted_twice_for_one_epoch",
+    "no_leaked_engine_process",
+    "double_active_within_bound",
+    "no_traceback_in_node_logs",
+    "every_node_stopped_cleanly",
+}
+
+
 def check(report: dict, min_faults: int) -> None:  # type: ignore[type-arg]
     shown = json.dumps({k: v for k, v in report.items() if k != "fault_log"}, indent=1)
+    assert set(report["invariants"]) == INVARIANTS, shown  # none dropped, none unchecked
     assert all(report["invariants"].values()), shown
     assert sum(report["faults"].values()) >= min_faults, shown
     assert report["phases"]["STANDARD"]["succeeded"] > 0, shown

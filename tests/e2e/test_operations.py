@@ -570,3 +570,27 @@ async def test_status_shows_what_an_operator_set_in_motion(daemon: Any, tmp_path
     assert out.returncode == 1 and "no engine 'nope'" in out.stderr, out
     out = await cli("drain", active, "--admin", admin.sup.admin_url)  # no token
     assert out.returncode == 1 and "Authorization: Bearer" in out.stderr, out
+
+
+async def test_sigterm_during_a_rollout_stops_cleanly(daemon: Any) -> None:
+    # The rollout is launching its new shadow (3 s to load) when the daemon is told to stop:
+    # the rollout ends as interrupted, nothing of the slot starts any more, and the daemon
+    # exits 0 with every engine stopped.
+    admin: Admin = await daemon(pooled())
+    rewrite(admin, lambda c: c["slot"][0].update(sim_args=[*SIM, "--sim-load-time", "3"]))
+    code, answer = await admin.post("/reload", {})
+    assert code == 200, answer
+    code, answer = await admin.post("/rollout", {})
+    assert code in (200, 202), answer
+    st = await admin.wait(
+        lambda s: any(e["generation"] == 1 and e["state"] == "loading" for e in s["engines"]),
+        what="the new spec's shadow loading",
+    )
+    pids = [e["pid"] for e in st["engines"] if e["pid"]]
+    admin.sup.proc.send_signal(signal.SIGTERM)
+    code = await anyio.to_thread.run_sync(lambda: admin.sup.proc.wait(timeout=40))
+    logs = admin.sup.logs()
+    assert code == 0, logs[-4000:]
+    assert "Traceback" not in logs, logs[-4000:]
+    assert len([ln for ln in logs.splitlines() if "-> stopped on stop" in ln]) == 1, logs[-4000:]
+    assert [p for p in pids if not gone(p)] == [], logs[-4000:]

@@ -172,6 +172,48 @@ async def test_every_way_out_releases_the_engine_place(
     assert router.leases.get("e0", set()) == set()
 
 
+class BrokenDirectory(Directory):
+    """A directory with a bug that shows once ``broken`` is set (the router is compiled
+    in production, and a compiled class takes no subclass: the bug comes from here)."""
+
+    broken = False
+
+    def candidates(self, model: str) -> list[Target]:
+        if self.broken:
+            raise ValueError("list.remove(x): x not in list")
+        return super().candidates(model)
+
+
+async def test_a_bug_routing_a_moving_stream_ends_it_as_a_failed_migration(
+    engine: tuple[str, Sessions],
+) -> None:
+    # The client's answer has begun: it gets a clean migration failure (the frontend sends
+    # it as an error event), not the 500 of an unexpected exception.
+    url, sessions = engine
+    directory = BrokenDirectory([Target("e0", url, VllmBackend())])
+    router = Router(FrontendConfig(), directory, Metrics())
+    written: list[bytes] = []
+
+    async def emit(data: bytes) -> None:
+        written.append(data)
+        if len(written) == 4:
+            directory.broken = True
+            router.engine_failed("e0")  # the stream breaks: it moves, into the bug
+
+    relay = relay_for(router, sessions, emit)
+    with anyio.fail_after(10), pytest.raises(MigrationFailed, match="internal error"):
+        await relay.run()
+    assert relay.attempt == 1
+    assert router.inflight["e0"] == 0
+    counted = [
+        (sample.labels["result"], sample.value)
+        for family in relay.metrics.migrations.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.value
+    ]
+    assert counted == [("failed", 1.0)]
+
+
 async def test_a_failed_client_write_ends_the_request_and_is_never_a_migration(
     engine: tuple[str, Sessions],
 ) -> None:
