@@ -46,7 +46,6 @@ from supervisor.coordination.membership import Membership
 from supervisor.coordination.peers import FORGET_AFTER, PeerView
 from supervisor.coordination.view import ClusterView, SlotRecord
 from supervisor.coordination.viewsync import ViewSync
-from supervisor.model import EngineState
 
 
 class ClusterCoordinator(Membership, PeerView, SlotFencing, LeaderDecisions, ViewSync):
@@ -93,27 +92,20 @@ class ClusterCoordinator(Membership, PeerView, SlotFencing, LeaderDecisions, Vie
 
     def remote_targets(self, model: str) -> list[dict[str, Any]]:
         """Engines on other nodes that serve ``model`` now: each slot's chosen unit (its
-        rank-0 member for a group), active, on a node not known dead."""
+        rank-0 member for a group), active, on a node not known dead. Read from the view's
+        index of serving engines: the cost is in the answer's size, not the cluster's."""
         out = []
-        for slot, rec in self.view.slots.items():
-            if rec.active is None:
-                continue
-            for eid, e in self.view.engines.items():
-                if (
-                    e.get("unit") == rec.active
-                    and e.get("slot") == slot
-                    and e.get("model") == model
-                    and e.get("node") != self.node
-                    and int(e.get("rank", 0)) == 0
-                    and e.get("serves", True)
-                    and e.get("state") == EngineState.ACTIVE.value
-                    and self.peer_state(str(e.get("node"))) != "dead"
-                ):
-                    out.append({"id": eid, **e})
+        for eid, e in self.view.serving.get(model, {}).items():
+            node = str(e.get("node"))
+            if node != self.node and self.peer_state(node) != "dead":
+                out.append({"id": eid, **e})
         return out
 
     def models(self) -> set[str]:
-        return {str(e.get("model")) for e in self.view.engines.values()}
+        return set(self.view.models)
+
+    def has_model(self, model: str) -> bool:
+        return model in self.view.models
 
     def chosen(self, slot: str) -> str | None:
         rec = self.view.slots.get(slot)

@@ -9,6 +9,7 @@ import time
 import aiohttp
 import anyio
 
+from supervisor.coordination.nats import ring_predecessors
 from supervisor.coordination.state import ClusterState
 from supervisor.model import EngineState
 
@@ -119,14 +120,29 @@ class PeerView(ClusterState):
             why=why,
             silent_s=round(time.monotonic() - last, 3) if last else None,
         )
-        gone = [eid for eid, e in self.view.engines.items() if e.get("node") == node]
+        gone = sorted(self.view.by_node.get(node, ()))
         self.on_peer_dead(gone)
-        self._kick()
+        self._peer_changed(node)
+
+    def _judge_peers(self) -> None:
+        """Hear the peers this node judges: every node when it leads, else its ring
+        predecessors (worked out again only when the membership or the leader changes)."""
+        if self.beats is None:
+            return
+        leading = self.view.leader(excluding=self.dead) == self.node
+        key = (id(self.view), self.view.membership, leading)
+        if key == self._judging:
+            return
+        self._judging = key
+        if leading:
+            self.beats.judge(None)
+        elif self.loaded.is_set():
+            self.beats.judge(ring_predecessors(self.view.nodes, self.node))
 
     def _revive(self, node: str) -> None:
         if self.dead.pop(node, None) is not None:
             self.log.info("peer back", peer=node)
-            self._kick()
+            self._peer_changed(node)
 
     def _update_peer_gauges(self) -> None:
         counts = {"alive": 0, "suspect": 0, "dead": 0}
