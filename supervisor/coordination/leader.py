@@ -18,6 +18,8 @@ from supervisor.model import EngineState
 LEAD_SLICE = 0.005
 # How often a slot left alone for its node's pause is looked at again (the pause may end).
 PAUSE_RECHECK = 1.0
+# Promotions the leader has in flight at once (a lost node's slots, each its own key).
+PROMOTIONS_AT_ONCE = 16
 
 
 class LeaderDecisions(ClusterState):
@@ -71,18 +73,46 @@ class LeaderDecisions(ClusterState):
 
     async def _lead_each(self, todo: set[str]) -> None:
         """Decide on each slot in ``todo``, yielding to the loop every few milliseconds so
-        that keep-alives, beats and requests never wait on a long pass."""
+        that keep-alives, beats and requests never wait on a long pass. Promotions run
+        side by side (each is one transaction on its own slot's key): a lost node's slots
+        move together, not one etcd round trip after another."""
         began = time.perf_counter()
-        for slot in sorted(todo):
-            if slot in self._acting:
-                self._lead_later.add(slot)  # looked at again once the action is over
-            else:
-                await self._lead(slot)
-            if time.perf_counter() - began > LEAD_SLICE:
-                await anyio.lowlevel.checkpoint()
-                began = time.perf_counter()
-            if not self.is_leader:
-                return
+        limit = anyio.CapacityLimiter(PROMOTIONS_AT_ONCE)
+        async with anyio.create_task_group() as tg:
+            self._promotions = (tg, limit)
+            try:
+                for slot in sorted(todo):
+                    if slot in self._acting:
+                        self._lead_later.add(slot)  # looked at again once the action is over
+                    else:
+                        await self._lead(slot)
+                    if time.perf_counter() - began > LEAD_SLICE:
+                        await anyio.lowlevel.checkpoint()
+                        began = time.perf_counter()
+                        if not self.is_leader:
+                            break  # deposed meanwhile
+            finally:
+                self._promotions = None
+
+    async def _promote_soon(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> None:
+        """Promote in the pass's task group (at most PROMOTIONS_AT_ONCE at a time), or at
+        once outside a pass."""
+        if self._promotions is None:
+            await self._promote(slot, rec, unit, why)
+            return
+        tg, limit = self._promotions
+        self._acting.add(slot)
+        tg.start_soon(self._promote_in_turn, slot, rec, unit, why, limit)
+
+    async def _promote_in_turn(
+        self, slot: str, rec: SlotRecord | None, unit: str, why: str, limit: Any
+    ) -> None:
+        try:
+            async with limit:
+                await self._promote(slot, rec, unit, why)
+        finally:
+            self._acting.discard(slot)
+            self.view.touched_slots.add(slot)  # looked at again in the next pass
 
     def _say(self, slot: str, decision: str, **kw: Any) -> None:
         """Log a leader decision once per change (the loop runs several times a second)."""
@@ -134,13 +164,13 @@ class LeaderDecisions(ClusterState):
             unit = self._complete_unit(slot, EngineState.ACTIVE)
             if unit is None:
                 return
-            await self._promote(slot, None, unit, "group started: every member is up")
+            await self._promote_soon(slot, None, unit, "group started: every member is up")
             return
         unit = self._complete_unit(slot, EngineState.SLEEPING, exclude=rec.active)
         if unit is None:
             self._say(slot, "cannot fail over: no sleeping shadow on a live node", why=why)
             return
-        await self._promote(slot, rec, unit, why)
+        await self._promote_soon(slot, rec, unit, why)
 
     def _complete_unit(
         self, slot: str, state: EngineState, exclude: str | None = None

@@ -82,6 +82,7 @@ class Heartbeats:
         self.interval, self.suspect_after = interval, suspect_after
         self.snapshot, self.on_change = snapshot, on_change
         self.peers: dict[str, PeerBeats] = {}
+        self.suspects: set[str] = set()  # the peers now suspect (kept with their flags)
         self.connected = False
         self._connected_since = 0.0
         self._seq = 0
@@ -117,7 +118,7 @@ class Heartbeats:
         self._judged = judged
         if judged is not None:
             for node in [n for n in self.peers if n not in judged]:
-                del self.peers[node]
+                self.forget(node)
         changed, self._judged_changed = self._judged_changed, anyio.Event()
         changed.set()
 
@@ -261,6 +262,7 @@ class Heartbeats:
         p.admin = str(beat.get("admin", ""))
         if p.suspect:
             p.suspect = False
+            self.suspects.discard(node)
             self.log.info("peer heard again", peer=node)
             self.on_change(node, False)
 
@@ -292,6 +294,7 @@ class Heartbeats:
             since = max(p.last_at, self._connected_since)
             if not p.suspect and now - since > limit:
                 p.suspect = True
+                self.suspects.add(p.node)
                 self.log.warning(
                     "peer suspect: heartbeats missed",
                     peer=p.node,
@@ -302,3 +305,4 @@ class Heartbeats:
 
     def forget(self, node: str) -> None:
         self.peers.pop(node, None)
+        self.suspects.discard(node)

@@ -79,6 +79,7 @@ class ClusterState:
         self._first_seen: dict[tuple[str, int], float] = {}  # (slot, epoch) -> monotonic
         self._said: dict[str, str] = {}  # slot -> the leader's last logged decision
         self._acting: set[str] = set()  # slots with a promotion / step-down under way
+        self._promotions: tuple[Any, Any] | None = None  # (task group, limit) of a pass
         self._lead_later: set[str] = set()  # slots the leader skipped while they acted
         self._revisit: dict[str, float] = {}  # slot -> when the leader looks again (monotonic)
         self._judging: tuple[int, int, bool] | None = None  # see PeerView._judge_peers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class ClusterView:
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     slots: dict[str, SlotRecord] = field(default_factory=dict)
     election: dict[str, int] = field(default_factory=dict)  # node -> create revision
+    candidates: list[tuple[int, str]] = field(default_factory=list)  # (create rev, node), sorted
     paused: dict[str, dict[str, Any]] = field(default_factory=dict)  # node -> its pauses
     revision: int = 0
     by_slot: dict[str, set[str]] = field(default_factory=dict)  # slot -> engine ids
@@ -113,10 +115,12 @@ class ClusterView:
             self._set_engine(name, value)
             return problem
         if kind == "election":
-            if deleted:
-                self.election.pop(name, None)
-            else:
+            old_rev = self.election.pop(name, None)
+            if old_rev is not None:
+                self.candidates.remove((old_rev, name))
+            if not deleted:
                 self.election[name] = kv.create_revision
+                bisect.insort(self.candidates, (kv.create_revision, name))
             self.all_touched = True  # the leader may be another node now
             return None
         table = {"nodes": self.nodes, "paused": self.paused}.get(kind)
@@ -221,8 +225,10 @@ class ClusterView:
 
     def leader(self, excluding: Collection[str] = ()) -> str | None:
         """The candidate with the lowest create revision, passing over ``excluding``."""
-        live = {n: r for n, r in self.election.items() if n not in excluding}
-        return min(live, key=lambda n: live[n]) if live else None
+        for _, node in self.candidates:
+            if node not in excluding:
+                return node
+        return None
 
     def slot_engines(self, slot: str) -> list[dict[str, Any]]:
         return [self.engines[eid] for eid in self.by_slot.get(slot, ())]

@@ -85,16 +85,18 @@ def test_a_request_costs_the_same_beside_300_nodes_as_beside_one() -> None:
 
 def as_leader(c: ClusterCoordinator) -> None:
     c.etcd_ok = True
-    c.view.election[c.node] = 1
+    put(c, f"election/{c.node}", c.node, 1)
 
 
 @pytest.mark.anyio
 async def test_a_leader_pass_over_1000_nodes_never_holds_the_loop_50ms() -> None:
     """A whole pass (leadership just won: every slot) over 1,000 nodes of 8 slots each,
-    100 of them dead with no shadow anywhere. Measured as the loop's lag under a 5 ms
-    ticker: an invariant about blocking (keep-alives, beats and requests share this loop),
-    not a speed; the 50 ms bound is ten times the slice the leader works in, so a loaded
-    machine does not trip it, while one pass without a yield takes seconds."""
+    100 of them dead with no shadow anywhere. An invariant about blocking (keep-alives,
+    beats and requests share this loop), not a speed: a 5 ms ticker measures the CPU time
+    this thread spent between two of its ticks, which is what held the loop (wall time
+    would also count the machine's other processes taking the core, which no code here
+    can prevent). The 50 ms bound is ten times the slice the leader works in; one pass
+    without a yield takes seconds."""
     c = coordinator()
     as_leader(c)
     fleet(c, 900)
@@ -110,9 +112,9 @@ async def test_a_leader_pass_over_1000_nodes_never_holds_the_loop_50ms() -> None
     async def ticker() -> None:
         nonlocal worst
         while not done.is_set():
-            before = time.perf_counter()
+            before = time.thread_time()
             await anyio.sleep(0.005)
-            worst = max(worst, time.perf_counter() - before - 0.005)
+            worst = max(worst, time.thread_time() - before)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
