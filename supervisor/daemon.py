@@ -541,7 +541,7 @@ class Supervisor:
                 return c, c.engines[engine_id]
         return None
 
-    def status(self) -> dict[str, Any]:
+    def status(self, full_cluster: bool = False) -> dict[str, Any]:
         return {
             "node": self.cfg.node,
             "version": __version__,
@@ -560,7 +560,7 @@ class Supervisor:
             "retired_engines": [e.as_dict() for c in self.controllers.values() for e in c.retired],
             "failovers": [r.as_dict() for r in self.history],
             "gpus": self.gpu.snapshot(),
-            "cluster": self.cluster.status() if self.cluster is not None else None,
+            "cluster": self.cluster.status(full_cluster) if self.cluster is not None else None,
         }
 
     def stop(self) -> None:

@@ -47,6 +47,9 @@ from supervisor.coordination.peers import FORGET_AFTER, PeerView
 from supervisor.coordination.view import ClusterView, SlotRecord
 from supervisor.coordination.viewsync import ViewSync
 
+# Slots past which /status summarises the cluster unless asked for it whole.
+STATUS_DETAIL = 256
+
 
 class ClusterCoordinator(Membership, PeerView, SlotFencing, LeaderDecisions, ViewSync):
     """One node's part of the cluster (see the module docstring): its membership, its view
@@ -67,28 +70,52 @@ class ClusterCoordinator(Membership, PeerView, SlotFencing, LeaderDecisions, Vie
                 tg.start_soon(self.beats.run)
                 tg.start_soon(self._nats_gauge)
 
-    def status(self) -> dict[str, Any]:
-        return {
+    def status(self, full: bool = False) -> dict[str, Any]:
+        """The cluster as this node sees it. Past STATUS_DETAIL slots (a fleet) it is
+        summarised unless ``full``: counts, and in detail only the peers not alive and
+        the slots that are this node's or unserved (every slot of 1,000 nodes would be
+        a megabyte per call)."""
+        nodes = set(self.view.nodes) | set(self.dead)
+        peers = {n: self.peer_state(n) for n in sorted(nodes) if n != self.node}
+        slots = self.view.slots
+        summarise = not full and len(slots) > STATUS_DETAIL
+        shown = sorted(slots)
+        if summarise:
+            shown = sorted(
+                {s for s in self.controllers if s in slots}
+                | {s for s, r in slots.items() if r.active is None}
+            )
+        out: dict[str, Any] = {
             "name": self.cl.name,
             "leader": self.leader,
             "is_leader": self.is_leader,
             "etcd_reachable": self.etcd_ok,
             "nats_connected": self.beats.connected if self.beats else None,
             "lease": f"{self.lease:x}" if self.lease else None,
-            "peers": {
-                n: self.peer_state(n)
-                for n in sorted(set(self.view.nodes) | set(self.dead))
-                if n != self.node
-            },
+            "peers": {n: st for n, st in peers.items() if not summarise or st != "alive"},
             "slots": {
-                s: {"epoch": r.epoch, "active": r.active, "by": r.by, "reason": r.reason}
-                for s, r in sorted(self.view.slots.items())
+                s: {
+                    "epoch": slots[s].epoch,
+                    "active": slots[s].active,
+                    "by": slots[s].by,
+                    "reason": slots[s].reason,
+                }
+                for s in shown
             },
             "pending_claims": sorted(self._pending),
             "policy": self.cl.etcd_unreachable,
             "demoted": self.demoted,
             "paused": dict(self.view.paused),
         }
+        if summarise:
+            states = list(peers.values())
+            out["summary"] = {
+                "slots": len(slots),
+                "slots_served": sum(1 for r in slots.values() if r.active is not None),
+                "peers": {st: states.count(st) for st in ("alive", "suspect", "dead")},
+                "detail": "GET /status?cluster=full for every peer and slot",
+            }
+        return out
 
     def remote_targets(self, model: str) -> list[dict[str, Any]]:
         """Engines on other nodes that serve ``model`` now: each slot's chosen unit (its

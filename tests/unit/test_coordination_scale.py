@@ -163,3 +163,25 @@ def test_the_indexes_follow_engines_and_slots_through_every_change() -> None:
     assert v.active_on["v0001-m"] == 8 and v.models == {"m": 24}
     v.drop_slot("v0000-m-s0")
     assert v.named["v0001-m"] == {f"v0001-m-s{i}" for i in range(8)}
+
+
+def test_status_of_a_fleet_is_summarised_unless_asked_whole() -> None:
+    """Past STATUS_DETAIL slots, /status's cluster section has counts and the slots and
+    peers worth a look (unserved slots, peers not alive); ``?cluster=full`` has them all."""
+    from supervisor.coordination.cluster import STATUS_DETAIL
+
+    c = coordinator()
+    fleet(c, 3)
+    assert len(c.status()["slots"]) == 24 and "summary" not in c.status()  # a few nodes
+    fleet(c, STATUS_DETAIL // ENGINES + 1, "m")
+    put(c, "slots/v0001-other-s2", {"epoch": 2, "active": None, "nodes": []}, 90_000)
+    c.view.apply("nodes/v0002-other", KeyValue(b"", b"", 1, 1, 1, 0), True)
+    c.dead["v0002-other"] = 0.0  # its lease gone, confirmed dead
+    c.loaded.set()
+    st = c.status()
+    assert list(st["slots"]) == ["v0001-other-s2"] and st["peers"] == {"v0002-other": "dead"}
+    assert st["summary"]["slots"] == len(c.view.slots) > STATUS_DETAIL
+    assert st["summary"]["slots_served"] == len(c.view.slots) - 1
+    whole = c.status(full=True)
+    assert len(whole["slots"]) == len(c.view.slots) and "summary" not in whole
+    assert len(orjson.dumps(st)) < len(orjson.dumps(whole)) / 20
