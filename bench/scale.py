@@ -20,6 +20,8 @@ it reports:
 - node loss: a virtual node stops (its keep-alives and beats end, as when it dies); each of
   its 8 slots has a sleeping shadow on another virtual node; from its last keep-alive to
   the leader's promotion of each slot, p50 / max, against lease TTL + 0.5 s.
+- leader loss: the leading daemon is SIGKILLed (its engines too); seconds until the other
+  says it leads.
 
 Then the log-log slope of each figure against N (least squares over the measured N > 0),
 and where the machine could not host N (a size left out of ``--nodes``, or one that failed)
@@ -35,6 +37,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -339,6 +342,25 @@ async def node_loss(
     return [t - last for t in moved.values()] + [math.inf] * (ENGINES - len(moved))
 
 
+async def leader_loss(http: aiohttp.ClientSession, sups: list[SupervisorProcess]) -> float:
+    """The leader (node-a) is SIGKILLed with its engines: seconds until node-b says it
+    leads (its election key is the lowest once node-a's lease is gone)."""
+    async with http.get(sups[0].admin_url + "/status") as r:
+        pids = [e["pid"] for e in (await r.json())["engines"] if e["pid"]]
+    killed = time.monotonic()
+    sups[0].proc.kill()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    await anyio.to_thread.run_sync(sups[0].proc.wait)
+    with anyio.fail_after(ClusterConfig().lease_ttl + 20):
+        while True:
+            async with http.get(sups[1].admin_url + "/status") as r:
+                if (await r.json())["cluster"]["is_leader"]:
+                    return round(time.monotonic() - killed, 3)
+            await anyio.sleep(0.05)
+
+
 async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     etcd = EtcdCluster(work / f"etcd-{n}").start()
     nats_server = NatsServer(work).start()
@@ -398,6 +420,7 @@ async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, An
                     "max": round(losses[-1], 3),
                     "bound": d.lease_ttl + 0.5,
                 }
+            out["leader_loss_s"] = await leader_loss(http, sups)
     finally:
         await fleet.close()
         for sup in sups:
@@ -478,12 +501,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     rows = [
         "| N | CPU/request | leader idle CPU | etcd req/s | etcd out/s | NATS in/s | NATS out/s "
-        "| deliveries/beat | node loss p50 / max |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| deliveries/beat | node loss p50 / max | leader loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in r["sizes"]:
         if "failed" in s:
-            rows.append(f"| {s['nodes']} | {s['failed'][:100]} |||||||")
+            rows.append(f"| {s['nodes']} | {s['failed'][:100]} ||||||||")
             if "cpu_us_per_request" not in s:
                 continue
         nl = s.get("node_loss_s")
@@ -492,7 +515,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {s['nodes']} | {s['cpu_us_per_request']} µs | {s['leader_idle_cpu_percent']} % "
             f"| {s['etcd_requests_per_s']} | {s['etcd_bytes_out_per_s'] / 1e3:.1f} kB "
             f"| {s['in_msgs_per_s']} | {s['out_msgs_per_s']} | {s['deliveries_per_message']} "
-            f"| {loss} |"
+            f"| {loss} | {s.get('leader_loss_s', '—')} s |"
         )
     rows += ["", "| figure | log-log slope | at 1,000 nodes |", "|---|---|---|"]
     for f, row in r["fit"].items():

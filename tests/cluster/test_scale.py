@@ -1,6 +1,7 @@
 """The scale bench in small (N = 50 virtual nodes of 8 engines beside two full daemons,
 real etcd and nats-server): beats are not delivered all-to-all, etcd's load per node does
-not grow with the fleet, and a lost node's slots are promoted within the lease's bound.
+not grow with the fleet, and a lost node's slots are promoted (a lost leader replaced)
+within the lease's bound.
 The full sweep is ``python -m bench.scale``."""
 
 from __future__ import annotations
@@ -34,3 +35,5 @@ async def test_a_fleet_of_50_virtual_nodes(tmp_path: Path) -> None:
     # (it is the lease that decides, not speed); a missed promotion is infinite.
     loss = r["node_loss_s"]
     assert loss["n"] == 2 * ENGINES and loss["max"] <= ttl + 1.5, loss
+    # The leader's loss: the next election key leads once its lease is gone.
+    assert r["leader_loss_s"] <= ttl + 1.5, r
