@@ -22,6 +22,8 @@ async def test_a_fleet_of_50_virtual_nodes(tmp_path: Path) -> None:
     args = argparse.Namespace(seconds=3.0, requests=100, losses=2, per_process=50)
     r = await one_size(50, args, tmp_path)
     print(r)
+    # Otherwise the machine could not keep the virtual nodes' leases (too loaded to judge).
+    assert r["leases_lost"] == 0, r
     # Each beat reaches the leader, its ring watchers and its sender: never all 52 nodes.
     assert r["deliveries_per_message"] <= WATCHERS + 2, r
     assert r["slow_consumers"] == 0
