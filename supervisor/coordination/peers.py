@@ -140,7 +140,7 @@ class PeerView(ClusterState):
         if self.beats is None:
             return
         leading = self.view.leader(excluding=self.dead) == self.node
-        key = (id(self.view), self.view.membership, leading)
+        key = (self.view.membership, leading)
         if key == self._judging:
             return
         self._judging = key

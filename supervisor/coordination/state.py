@@ -82,7 +82,7 @@ class ClusterState:
         self._promotions: tuple[Any, Any] | None = None  # (task group, limit) of a pass
         self._lead_later: set[str] = set()  # slots the leader skipped while they acted
         self._revisit: dict[str, float] = {}  # slot -> when the leader looks again (monotonic)
-        self._judging: tuple[int, int, bool] | None = None  # see PeerView._judge_peers
+        self._judging: tuple[int, bool] | None = None  # see PeerView._judge_peers
         self._known: set[str] = set()  # every peer seen (forgotten FORGET_AFTER after death)
         self._publish_lock = anyio.Lock()  # the lease loop and the publish loop both publish
         self.log = logging.get(node=self.node, component="cluster")

@@ -36,6 +36,7 @@ class ViewSync(ClusterState):
                         if i % YIELD_EVERY == YIELD_EVERY - 1:
                             await anyio.lowlevel.checkpoint()  # not yet in use: safe
                     self.view = view
+                    self._judging = None  # whose beats to hear: worked out afresh
                     start = rev + 1
                     self._after_view_change()
                     self.loaded.set()
