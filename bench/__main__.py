@@ -29,7 +29,17 @@ from typing import Any
 
 import anyio
 
-from bench import cluster, failover, frontend, gpu, instructions, node_load, operations, peers
+from bench import (
+    cluster,
+    failover,
+    frontend,
+    gpu,
+    instructions,
+    node_load,
+    operations,
+    peers,
+    scale,
+)
 
 
 def _bar(i: int, n: int, name: str, started: float) -> None:
@@ -62,6 +72,9 @@ async def run_all(quick: bool) -> dict[str, Any]:
         ("instructions", _instructions),
         ("cluster", lambda: cluster.main(argparse.Namespace(
             trials=trials, engines="100,1000,5000", seconds=3.0 if quick else 10.0))),
+        ("scale", lambda: scale.main(argparse.Namespace(
+            nodes="10,30,100" if quick else "10,30,100,300,1000", seconds=3.0 if quick else 5.0,
+            requests=200 if quick else 400, losses=1 if quick else 3, per_process=100))),
     ]  # fmt: skip
     out: dict[str, Any] = {"quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.monotonic()
@@ -155,6 +168,10 @@ def markdown(r: dict[str, Any]) -> str:
             )
         )
     out = "\n".join(rows) + "\n"
+    if "scale" in r:
+        out += "\n### A fleet: N virtual nodes of 8 engines (bench.scale)\n\n" + scale.markdown(
+            r["scale"]
+        )
     if "peers" in r:
         p = r["peers"]
         out += (
@@ -214,6 +231,8 @@ def plots(r: dict[str, Any], out: Path) -> list[Path]:
     plt.close(fig)
     if "peers" in r:
         made.append(peers.plot(r["peers"], out / "peers_cpu.png"))
+    if "scale" in r:
+        made.append(scale.plot(r["scale"], out / "scale.png"))
     return made
 
 

@@ -154,7 +154,7 @@ class AdminApi:
         return body
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.sup.status())
+        return web.json_response(self.sup.status(request.query.get("cluster") == "full"))
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.sup.metrics.registry)

@@ -69,7 +69,8 @@ class DaemonDirectory:
         self._changed = anyio.Event()
         self._served: tuple[object, set[str]] = (None, set())
         self._targets: dict[str, Target] = {}  # by engine id, see _target
-        self._kept: dict[str, KeptTargets] = {}  # per model, while no cluster
+        self._kept: dict[str, KeptTargets] = {}  # per model
+        self._kept_generation = -1  # the cluster view's generation they were worked out at
 
     def models(self) -> list[str]:
         # From the config: known before the slots' engines have started.
@@ -85,19 +86,23 @@ class DaemonDirectory:
         if model in self._served[1]:
             return True
         cluster = self.sup.cluster
-        return cluster is not None and model in cluster.models()
+        return cluster is not None and cluster.has_model(model)
 
     def candidates(self, model: str) -> list[Target]:
-        # Asked for every request. A node alone keeps each model's answer until an engine
-        # changes state (notify) or the config is reloaded, and checks on every use that
-        # each engine in it is still its slot's active one: one that stopped is never
-        # handed out, even before its change is heard of.
+        # Asked for every request. Each model's answer is kept until an engine changes
+        # state (notify), the config is reloaded or (in a cluster) the coordinator's view
+        # moves on, and checked on every use that each local engine in it is still its
+        # slot's active one: one that stopped is never handed out, even before its change
+        # is heard of. So a request costs the same in a cluster of any size.
+        cluster = self.sup.cluster
+        if cluster is not None and cluster.generation != self._kept_generation:
+            self._kept.clear()
+            self._kept_generation = cluster.generation
         kept = self._kept.get(model)
-        if kept is not None and self.sup.cluster is None and kept.still_valid(self.sup.cfg):
+        if kept is not None and kept.still_valid(self.sup.cfg):
             return kept.targets
         out, serving = self._candidates(model)
-        if self.sup.cluster is None:
-            self._kept[model] = KeptTargets(self.sup.cfg, serving, out)
+        self._kept[model] = KeptTargets(self.sup.cfg, serving, out)
         return out
 
     def _candidates(self, model: str) -> tuple[list[Target], list[tuple[Slot, Engine]]]:
@@ -543,7 +548,7 @@ class Supervisor:
                 return c, c.engines[engine_id]
         return None
 
-    def status(self) -> dict[str, Any]:
+    def status(self, full_cluster: bool = False) -> dict[str, Any]:
         return {
             "node": self.cfg.node,
             "version": __version__,
@@ -562,7 +567,7 @@ class Supervisor:
             "retired_engines": [e.as_dict() for c in self.controllers.values() for e in c.retired],
             "failovers": [r.as_dict() for r in self.history],
             "gpus": self.gpu.snapshot(),
-            "cluster": self.cluster.status() if self.cluster is not None else None,
+            "cluster": self.cluster.status(full_cluster) if self.cluster is not None else None,
         }
 
     def stop(self) -> None:

@@ -46,7 +46,9 @@ from supervisor.coordination.membership import Membership
 from supervisor.coordination.peers import FORGET_AFTER, PeerView
 from supervisor.coordination.view import ClusterView, SlotRecord
 from supervisor.coordination.viewsync import ViewSync
-from supervisor.model import EngineState
+
+# Slots past which /status summarises the cluster unless asked for it whole.
+STATUS_DETAIL = 256
 
 
 class ClusterCoordinator(Membership, PeerView, SlotFencing, LeaderDecisions, ViewSync):
@@ -68,52 +70,69 @@ class ClusterCoordinator(Membership, PeerView, SlotFencing, LeaderDecisions, Vie
                 tg.start_soon(self.beats.run)
                 tg.start_soon(self._nats_gauge)
 
-    def status(self) -> dict[str, Any]:
-        return {
+    def status(self, full: bool = False) -> dict[str, Any]:
+        """The cluster as this node sees it. Past STATUS_DETAIL slots (a fleet) it is
+        summarised unless ``full``: counts, and in detail only the peers not alive and
+        the slots that are this node's or unserved (every slot of 1,000 nodes would be
+        a megabyte per call)."""
+        nodes = set(self.view.nodes) | set(self.dead)
+        peers = {n: self.peer_state(n) for n in sorted(nodes) if n != self.node}
+        slots = self.view.slots
+        summarise = not full and len(slots) > STATUS_DETAIL
+        shown = sorted(slots)
+        if summarise:
+            shown = sorted(
+                {s for s in self.controllers if s in slots}
+                | {s for s, r in slots.items() if r.active is None}
+            )
+        out: dict[str, Any] = {
             "name": self.cl.name,
             "leader": self.leader,
             "is_leader": self.is_leader,
             "etcd_reachable": self.etcd_ok,
             "nats_connected": self.beats.connected if self.beats else None,
             "lease": f"{self.lease:x}" if self.lease else None,
-            "peers": {
-                n: self.peer_state(n)
-                for n in sorted(set(self.view.nodes) | set(self.dead))
-                if n != self.node
-            },
+            "peers": {n: st for n, st in peers.items() if not summarise or st != "alive"},
             "slots": {
-                s: {"epoch": r.epoch, "active": r.active, "by": r.by, "reason": r.reason}
-                for s, r in sorted(self.view.slots.items())
+                s: {
+                    "epoch": slots[s].epoch,
+                    "active": slots[s].active,
+                    "by": slots[s].by,
+                    "reason": slots[s].reason,
+                }
+                for s in shown
             },
             "pending_claims": sorted(self._pending),
             "policy": self.cl.etcd_unreachable,
             "demoted": self.demoted,
             "paused": dict(self.view.paused),
         }
+        if summarise:
+            states = list(peers.values())
+            out["summary"] = {
+                "slots": len(slots),
+                "slots_served": sum(1 for r in slots.values() if r.active is not None),
+                "peers": {st: states.count(st) for st in ("alive", "suspect", "dead")},
+                "detail": "GET /status?cluster=full for every peer and slot",
+            }
+        return out
 
     def remote_targets(self, model: str) -> list[dict[str, Any]]:
         """Engines on other nodes that serve ``model`` now: each slot's chosen unit (its
-        rank-0 member for a group), active, on a node not known dead."""
+        rank-0 member for a group), active, on a node not known dead. Read from the view's
+        index of serving engines: the cost is in the answer's size, not the cluster's."""
         out = []
-        for slot, rec in self.view.slots.items():
-            if rec.active is None:
-                continue
-            for eid, e in self.view.engines.items():
-                if (
-                    e.get("unit") == rec.active
-                    and e.get("slot") == slot
-                    and e.get("model") == model
-                    and e.get("node") != self.node
-                    and int(e.get("rank", 0)) == 0
-                    and e.get("serves", True)
-                    and e.get("state") == EngineState.ACTIVE.value
-                    and self.peer_state(str(e.get("node"))) != "dead"
-                ):
-                    out.append({"id": eid, **e})
+        for eid, e in self.view.serving.get(model, {}).items():
+            node = str(e.get("node"))
+            if node != self.node and self.peer_state(node) != "dead":
+                out.append({"id": eid, **e})
         return out
 
     def models(self) -> set[str]:
-        return {str(e.get("model")) for e in self.view.engines.values()}
+        return set(self.view.models)
+
+    def has_model(self, model: str) -> bool:
+        return model in self.view.models
 
     def chosen(self, slot: str) -> str | None:
         rec = self.view.slots.get(slot)

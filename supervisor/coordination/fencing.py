@@ -115,7 +115,7 @@ class SlotFencing(ClusterState):
             return False
         if res.succeeded:
             new.mod_revision = res.revision
-            self.view.slots[slot] = new
+            self.view.set_slot(slot, new)
             self.metrics.cluster_promotions.labels(slot, "committed").inc()
             self.log.info(
                 "epoch committed in etcd",
@@ -133,7 +133,7 @@ class SlotFencing(ClusterState):
         except EtcdError:
             return self.view.slots.get(slot)
         if kv is None:
-            self.view.slots.pop(slot, None)
+            self.view.drop_slot(slot)
             return None
         try:
             rec = SlotRecord.parse(kv)
@@ -141,9 +141,9 @@ class SlotFencing(ClusterState):
             # Writes conditioned on an absent key fail while it is there: nothing is
             # promoted over a key nobody can read. It needs fixing by hand.
             self._bad_key(f"slots/{slot}: {e}")
-            self.view.slots.pop(slot, None)
+            self.view.drop_slot(slot)
             return None
-        self.view.slots[slot] = rec
+        self.view.set_slot(slot, rec)
         return rec
 
     async def _flush_pending(self) -> None:

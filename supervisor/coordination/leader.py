@@ -8,10 +8,18 @@ import time
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from supervisor.coordination.state import ClusterState
 from supervisor.coordination.view import SlotRecord
 from supervisor.model import EngineState
+
+# The longest the leader works through slots before letting the loop run other tasks.
+LEAD_SLICE = 0.005
+# How often a slot left alone for its node's pause is looked at again (the pause may end).
+PAUSE_RECHECK = 1.0
+# Promotions the leader has in flight at once (a lost node's slots, each its own key).
+PROMOTIONS_AT_ONCE = 16
 
 
 class LeaderDecisions(ClusterState):
@@ -28,18 +36,83 @@ class LeaderDecisions(ClusterState):
         return self.etcd_ok and self.leader == self.node
 
     async def _decide_loop(self, tg: Any) -> None:
+        leading = False
         while True:
             with anyio.move_on_after(self.cl.heartbeat_interval):
                 await self._changed.wait()
             self.metrics.cluster_leader.set(1 if self.is_leader else 0)
+            self._judge_peers()
             self._reconcile(tg)
-            if self.is_leader:
-                for slot in sorted(self._slots()):
-                    if slot not in self._acting:
-                        await self._lead(slot)
+            todo = self._to_look_at(everything=not leading)
+            leading = self.is_leader
+            if leading:
+                await self._lead_each(todo)
 
-    def _slots(self) -> set[str]:
-        return set(self.view.slots) | {str(e.get("slot")) for e in self.view.engines.values()}
+    def _to_look_at(self, everything: bool) -> set[str]:
+        """The slots to decide on in this pass: those a change touched since the last one
+        (a slot's key or its engines; a node's key, pause or liveness touches the slots
+        its engines are in), those whose wait is due, and those skipped while an action
+        ran. Every slot when leadership is new or the view was read afresh."""
+        view = self.view
+        if everything or view.all_touched:
+            todo = set(view.slots) | set(view.by_slot)
+        else:
+            todo = set(view.touched_slots)
+            for node in view.touched_nodes:
+                todo |= view.slots_of(node)
+            now = time.monotonic()
+            for slot in [s for s, due in self._revisit.items() if due <= now]:
+                del self._revisit[slot]
+                todo.add(slot)
+            todo |= self._lead_later
+        view.all_touched = False
+        view.touched_slots.clear()
+        view.touched_nodes.clear()
+        self._lead_later.clear()
+        return todo
+
+    async def _lead_each(self, todo: set[str]) -> None:
+        """Decide on each slot in ``todo``, yielding to the loop every few milliseconds so
+        that keep-alives, beats and requests never wait on a long pass. Promotions run
+        side by side (each is one transaction on its own slot's key): a lost node's slots
+        move together, not one etcd round trip after another."""
+        began = time.perf_counter()
+        limit = anyio.CapacityLimiter(PROMOTIONS_AT_ONCE)
+        async with anyio.create_task_group() as tg:
+            self._promotions = (tg, limit)
+            try:
+                for slot in sorted(todo):
+                    if slot in self._acting:
+                        self._lead_later.add(slot)  # looked at again once the action is over
+                    else:
+                        await self._lead(slot)
+                    if time.perf_counter() - began > LEAD_SLICE:
+                        await anyio.lowlevel.checkpoint()
+                        began = time.perf_counter()
+                        if not self.is_leader:
+                            break  # deposed meanwhile
+            finally:
+                self._promotions = None
+
+    async def _promote_soon(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> None:
+        """Promote in the pass's task group (at most PROMOTIONS_AT_ONCE at a time), or at
+        once outside a pass."""
+        if self._promotions is None:
+            await self._promote(slot, rec, unit, why)
+            return
+        tg, limit = self._promotions
+        self._acting.add(slot)
+        tg.start_soon(self._promote_in_turn, slot, rec, unit, why, limit)
+
+    async def _promote_in_turn(
+        self, slot: str, rec: SlotRecord | None, unit: str, why: str, limit: Any
+    ) -> None:
+        try:
+            async with limit:
+                await self._promote(slot, rec, unit, why)
+        finally:
+            self._acting.discard(slot)
+            self.view.touched_slots.add(slot)  # looked at again in the next pass
 
     def _say(self, slot: str, decision: str, **kw: Any) -> None:
         """Log a leader decision once per change (the loop runs several times a second)."""
@@ -65,10 +138,13 @@ class LeaderDecisions(ClusterState):
             seen = self._first_seen.setdefault((slot, rec.epoch), time.monotonic())
             waking = in_progress and not failed and not owner_dead
             if waking and time.monotonic() - seen < self.cfg.failover.wake_timeout:
+                self._revisit[slot] = seen + self.cfg.failover.wake_timeout
                 self._say(slot, "waiting for the chosen unit to wake", unit=rec.active)
                 return
             paused = sorted(n for n in owners if self.view.is_paused(n, slot, time.time()))
             if paused:
+                # A pause ends by its own clock, not by a change in etcd: look again.
+                self._revisit[slot] = time.monotonic() + PAUSE_RECHECK
                 self._say(slot, "not moving the slot: its node is paused", nodes=paused)
                 return
             if not grouped and not owner_dead:
@@ -88,13 +164,13 @@ class LeaderDecisions(ClusterState):
             unit = self._complete_unit(slot, EngineState.ACTIVE)
             if unit is None:
                 return
-            await self._promote(slot, None, unit, "group started: every member is up")
+            await self._promote_soon(slot, None, unit, "group started: every member is up")
             return
         unit = self._complete_unit(slot, EngineState.SLEEPING, exclude=rec.active)
         if unit is None:
             self._say(slot, "cannot fail over: no sleeping shadow on a live node", why=why)
             return
-        await self._promote(slot, rec, unit, why)
+        await self._promote_soon(slot, rec, unit, why)
 
     def _complete_unit(
         self, slot: str, state: EngineState, exclude: str | None = None
@@ -102,13 +178,10 @@ class LeaderDecisions(ClusterState):
         """A unit of ``slot`` whose members are all in ``state`` on live nodes; the least
         busy node first."""
         units: dict[str, list[dict[str, Any]]] = {}
-        for e in self.view.engines.values():
-            if e.get("slot") == slot and e.get("unit") != exclude:
+        for e in self.view.slot_engines(slot):
+            if e.get("unit") != exclude:
                 units.setdefault(str(e.get("unit")), []).append(e)
-        busy: dict[str, int] = {}
-        for e in self.view.engines.values():
-            if e.get("state") == EngineState.ACTIVE.value:
-                busy[str(e.get("node"))] = busy.get(str(e.get("node")), 0) + 1
+        busy = self.view.active_on
         ok = [
             (sum(busy.get(str(m.get("node")), 0) for m in ms), u)
             for u, ms in units.items()

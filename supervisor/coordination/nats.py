@@ -1,6 +1,11 @@
 """Heartbeats over NATS: each node publishes its engines' state a few times a second, and
 notices peers that go quiet.
 
+A node hears only the peers it judges (:meth:`Heartbeats.judge`): the leader hears every
+node, every other node its few predecessors on a ring of the nodes' names, and each node
+its own beats (they tell it whether its own link works). So the server delivers each beat
+a bounded number of times, however large the cluster.
+
 A missed beat only makes a peer *suspect*; the coordinator confirms death another way (lease
 expiry, direct probe). While this node itself is cut off from NATS nobody is suspected, so a
 NATS outage never causes a failover on its own. Connection is retried forever with backoff.
@@ -10,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +30,20 @@ from supervisor import log as logging
 
 def subject(cluster: str, node: str = "*") -> str:
     return f"failover-supervisor.{cluster}.heartbeat.{node}"
+
+
+# How many nodes judge each node besides the leader: its successors on the ring.
+WATCHERS = 2
+
+
+def ring_predecessors(nodes: Collection[str], node: str, count: int = WATCHERS) -> set[str]:
+    """The ``count`` nodes before ``node`` on the ring of ``nodes``' names (sorted, wrapping
+    round): the peers ``node`` judges. Every node is so judged by its ``count`` successors,
+    and all of them agree on who those are from the same membership."""
+    ring = sorted(set(nodes) | {node})
+    i = ring.index(node)
+    n = len(ring)
+    return {ring[(i - j) % n] for j in range(1, min(count, n - 1) + 1)}
 
 
 @dataclass
@@ -63,6 +82,7 @@ class Heartbeats:
         self.interval, self.suspect_after = interval, suspect_after
         self.snapshot, self.on_change = snapshot, on_change
         self.peers: dict[str, PeerBeats] = {}
+        self.suspects: set[str] = set()  # the peers now suspect (kept with their flags)
         self.connected = False
         self._connected_since = 0.0
         self._seq = 0
@@ -72,6 +92,11 @@ class Heartbeats:
         self._own_last = 0.0
         self._own_silent = False
         self._nc: NatsClient | None = None
+        # The peers this node judges (None: every one, as the leader does), and the
+        # subscriptions that bring their beats (one per peer, or one wildcard).
+        self._judged: frozenset[str] | None = None
+        self._judged_changed = anyio.Event()
+        self._subs: dict[str, Any] = {}
         self.sent = 0
         self.received = 0
         self.log = logging.get(node=node, component="heartbeats")
@@ -83,6 +108,43 @@ class Heartbeats:
     def heard_recently(self, node: str) -> bool:
         p = self.peers.get(node)
         return p is not None and not p.suspect and p.last_at > 0
+
+    def judge(self, nodes: Collection[str] | None) -> None:
+        """Hear (and suspect) only ``nodes`` from now on; None: every node. Beats of a
+        peer no longer judged are forgotten, so it is never suspected for the silence."""
+        judged = None if nodes is None else frozenset(nodes) - {self.node}
+        if judged == self._judged:
+            return
+        self._judged = judged
+        if judged is not None:
+            for node in [n for n in self.peers if n not in judged]:
+                self.forget(node)
+        changed, self._judged_changed = self._judged_changed, anyio.Event()
+        changed.set()
+
+    def subjects(self) -> set[str]:
+        """The subjects this node subscribes to: its own, and its judged peers'."""
+        if self._judged is None:
+            return {subject(self.cluster)}
+        return {subject(self.cluster, n) for n in self._judged | {self.node}}
+
+    async def _subscribe(self, nc: NatsClient) -> None:
+        """Bring the subscriptions to what :meth:`judge` last asked (new ones first, so
+        our own beats keep coming back throughout)."""
+        want = self.subjects()
+        for subj in sorted(want - set(self._subs)):
+            self._subs[subj] = await nc.subscribe(subj, cb=self._on_beat)
+        for subj in sorted(set(self._subs) - want):
+            try:
+                await self._subs.pop(subj).unsubscribe()
+            except Exception as e:  # the connection broke: it is made again anyway
+                self.log.debug("unsubscribe failed", error=str(e) or repr(e))
+
+    async def _follow_judged(self, nc: NatsClient) -> None:
+        while True:
+            changed = self._judged_changed
+            await self._subscribe(nc)
+            await changed.wait()
 
     async def run(self) -> None:
         backoff = 0.1
@@ -113,8 +175,10 @@ class Heartbeats:
             backoff = 0.1
             await self._reconnected()
             try:
-                await nc.subscribe(subject(self.cluster), cb=self._on_beat)
+                self._subs = {}  # a fresh connection has none
+                await self._subscribe(nc)
                 async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._follow_judged, nc)
                     tg.start_soon(self._publish_loop, nc)
                     tg.start_soon(self._suspect_loop)
                     await self._wait_closed(nc)
@@ -177,6 +241,8 @@ class Heartbeats:
                 self._own_silent = False
                 self.log.info("our own beats come back again: our NATS link works")
             return
+        if self._judged is not None and node not in self._judged:
+            return  # a subscription on its way out
         self.received += 1
         p = self.peers.get(node)
         if p is None:
@@ -196,6 +262,7 @@ class Heartbeats:
         p.admin = str(beat.get("admin", ""))
         if p.suspect:
             p.suspect = False
+            self.suspects.discard(node)
             self.log.info("peer heard again", peer=node)
             self.on_change(node, False)
 
@@ -227,6 +294,7 @@ class Heartbeats:
             since = max(p.last_at, self._connected_since)
             if not p.suspect and now - since > limit:
                 p.suspect = True
+                self.suspects.add(p.node)
                 self.log.warning(
                     "peer suspect: heartbeats missed",
                     peer=p.node,
@@ -237,3 +305,4 @@ class Heartbeats:
 
     def forget(self, node: str) -> None:
         self.peers.pop(node, None)
+        self.suspects.discard(node)

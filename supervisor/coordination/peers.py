@@ -9,6 +9,7 @@ import time
 import aiohttp
 import anyio
 
+from supervisor.coordination.nats import ring_predecessors
 from supervisor.coordination.state import ClusterState
 from supervisor.model import EngineState
 
@@ -55,13 +56,20 @@ class PeerView(ClusterState):
     async def _probe_loop(self) -> None:
         """Confirm the death of peers whose lease is gone; probe suspects' admin APIs (for
         the log: a live lease keeps a silent peer alive however its probe ends)."""
+        gauged = 0.0
         while True:
             await anyio.sleep(self.cl.heartbeat_interval / 2)
             self._known |= set(self.view.nodes)
             if self.beats is not None:
                 self._known |= set(self.beats.peers)
             self._forget_old(time.monotonic())
-            for node in sorted(self._known - {self.node}):
+            # Only the peers with something to look at: lease gone, suspect, or failing
+            # probes (set operations, not a Python loop over every peer of a large fleet).
+            look = self._known - self.view.nodes.keys() - self.dead.keys()
+            if self.beats is not None:
+                look |= self.beats.suspects
+            look |= self._probe_failures.keys()
+            for node in sorted(look - {self.node}):
                 if node in self.dead:
                     continue
                 lease_gone = node not in self.view.nodes and self.loaded.is_set() and self.etcd_ok
@@ -84,7 +92,9 @@ class PeerView(ClusterState):
                         )
                 else:
                     self._probe_failures.pop(node, None)
-            self._update_peer_gauges()
+            if time.monotonic() - gauged >= 1.0:  # every peer's state: once a second is enough
+                gauged = time.monotonic()
+                self._update_peer_gauges()
 
     def _forget_old(self, now: float) -> None:
         """What is kept per peer and per epoch must not grow for ever: a node dead for
@@ -96,9 +106,10 @@ class PeerView(ClusterState):
                 self._probe_failures.pop(node, None)
                 if self.beats is not None:
                     self.beats.forget(node)
-        current = {(name, rec.epoch) for name, rec in self.view.slots.items()}
-        for key in [k for k in self._first_seen if k not in current]:
-            del self._first_seen[key]
+        for key in list(self._first_seen):  # (not a walk over every slot of the fleet)
+            rec = self.view.slots.get(key[0])
+            if rec is None or rec.epoch != key[1]:
+                del self._first_seen[key]
 
     async def _probe(self, url: str) -> bool:
         try:
@@ -119,14 +130,29 @@ class PeerView(ClusterState):
             why=why,
             silent_s=round(time.monotonic() - last, 3) if last else None,
         )
-        gone = [eid for eid, e in self.view.engines.items() if e.get("node") == node]
+        gone = sorted(self.view.by_node.get(node, ()))
         self.on_peer_dead(gone)
-        self._kick()
+        self._peer_changed(node)
+
+    def _judge_peers(self) -> None:
+        """Hear the peers this node judges: every node when it leads, else its ring
+        predecessors (worked out again only when the membership or the leader changes)."""
+        if self.beats is None:
+            return
+        leading = self.view.leader(excluding=self.dead) == self.node
+        key = (self.view.membership, leading)
+        if key == self._judging:
+            return
+        self._judging = key
+        if leading:
+            self.beats.judge(None)
+        elif self.loaded.is_set():
+            self.beats.judge(ring_predecessors(self.view.nodes, self.node))
 
     def _revive(self, node: str) -> None:
         if self.dead.pop(node, None) is not None:
             self.log.info("peer back", peer=node)
-            self._kick()
+            self._peer_changed(node)
 
     def _update_peer_gauges(self) -> None:
         counts = {"alive": 0, "suspect": 0, "dead": 0}

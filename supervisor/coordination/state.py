@@ -70,6 +70,7 @@ class ClusterState:
         self._published: dict[bytes, bytes] = {}
         self._dirty = anyio.Event()
         self._changed = anyio.Event()
+        self.generation = 0  # counts changes to the view and to peers' states
         self._pending: dict[str, SlotRecord] = {}  # claims made while etcd was unreachable
         # ... and the slot's record as it was before the first of them: the deferred claim
         # is written only if nobody wrote the slot since (compare-and-set on it).
@@ -78,6 +79,10 @@ class ClusterState:
         self._first_seen: dict[tuple[str, int], float] = {}  # (slot, epoch) -> monotonic
         self._said: dict[str, str] = {}  # slot -> the leader's last logged decision
         self._acting: set[str] = set()  # slots with a promotion / step-down under way
+        self._promotions: tuple[Any, Any] | None = None  # (task group, limit) of a pass
+        self._lead_later: set[str] = set()  # slots the leader skipped while they acted
+        self._revisit: dict[str, float] = {}  # slot -> when the leader looks again (monotonic)
+        self._judging: tuple[int, bool] | None = None  # see PeerView._judge_peers
         self._known: set[str] = set()  # every peer seen (forgotten FORGET_AFTER after death)
         self._publish_lock = anyio.Lock()  # the lease loop and the publish loop both publish
         self.log = logging.get(node=self.node, component="cluster")
@@ -90,15 +95,24 @@ class ClusterState:
                 interval=self.cl.heartbeat_interval,
                 suspect_after=self.cl.suspect_after,
                 snapshot=self._beat,
-                on_change=lambda node, suspect: self._kick(),
+                on_change=lambda node, suspect: self._peer_changed(node),
             )
+            self.beats.judge(())  # nobody until the view says who (see _judge_peers)
 
     def key(self, *parts: str) -> bytes:
         return self.root + "/".join(parts).encode()
 
     def _kick(self) -> None:
+        # Whatever wakes the leader may change who serves what: the directory's kept
+        # answers are worked out again at the next request.
+        self.generation += 1
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+
+    def _peer_changed(self, node: str) -> None:
+        """A peer's liveness changed: the leader looks at its slots again."""
+        self.view.touched_nodes.add(node)
+        self._kick()
 
     def _bad_key(self, problem: str | None) -> None:
         if problem is not None:
@@ -134,6 +148,9 @@ class ClusterState:
         raise NotImplementedError  # fencing
 
     def _revive(self, node: str) -> None:
+        raise NotImplementedError  # peers
+
+    def _judge_peers(self) -> None:
         raise NotImplementedError  # peers
 
     def _unit_serving(self, slot: str, unit: str) -> bool:

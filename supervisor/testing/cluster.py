@@ -561,6 +561,7 @@ class NatsServer:
 
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
+        self.monitor_port = free_port()  # /varz: messages in and out, slow consumers
         self.log_path = workdir / "nats.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -568,10 +569,22 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def varz_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}/varz"
+
     def start(self) -> NatsServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                ["nats-server", "-a", "127.0.0.1", "-p", str(self.port)],
+                [
+                    "nats-server",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-m",
+                    str(self.monitor_port),
+                ],
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

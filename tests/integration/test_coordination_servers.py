@@ -20,7 +20,7 @@ from supervisor.coordination.etcd import (
     prefix_end,
     put_op,
 )
-from supervisor.coordination.nats import Heartbeats
+from supervisor.coordination.nats import WATCHERS, Heartbeats, ring_predecessors
 from supervisor.testing.cluster import EtcdCluster, NatsServer, free_port
 
 pytestmark = [pytest.mark.anyio]
@@ -137,6 +137,54 @@ async def test_heartbeats_see_peers_and_a_silent_one_becomes_suspect(tmp_path: P
                 while not a.is_suspect("b"):
                     await anyio.sleep(0.02)
             assert changes == [("b", True)]
+            outer.cancel_scope.cancel()
+    finally:
+        server.stop()
+
+
+async def test_each_beat_reaches_the_leader_and_its_watchers_not_every_node(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """Twelve nodes: the leader hears every one, every other node its ring predecessors
+    only; the server (its own /varz) delivers each beat at most WATCHERS + 2 times (the
+    leader, the watchers, the sender's own copy), not to all twelve. A node that stops is
+    suspected by the leader and by its watchers."""
+    server = NatsServer(tmp_path).start()
+    names = [f"n{i:02d}" for i in range(12)]
+    beats = {
+        n: Heartbeats([server.url], "t", n, interval=0.05, suspect_after=3, snapshot=dict)
+        for n in names
+    }
+    beats["n00"].judge(None)  # the leader
+    for n in names[1:]:
+        beats[n].judge(ring_predecessors(names, n))
+
+    async def varz() -> tuple[int, int]:
+        async with session.get(server.varz_url) as r:
+            d = await r.json()
+        return int(d["in_msgs"]), int(d["out_msgs"])
+
+    try:
+        async with anyio.create_task_group() as outer:
+            for n in names:
+                if n != "n05":
+                    outer.start_soon(beats[n].run)
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(beats["n05"].run)
+                with anyio.fail_after(10):
+                    while len(beats["n00"].peers) < 11 or not beats["n07"].heard_recently("n05"):
+                        await anyio.sleep(0.02)
+                in0, out0 = await varz()
+                await anyio.sleep(1.0)
+                in1, out1 = await varz()
+                inner.cancel_scope.cancel()  # n05 stops
+            assert in1 - in0 > 100  # 12 nodes x 20 beats a second
+            assert (out1 - out0) / (in1 - in0) <= WATCHERS + 2, (in1 - in0, out1 - out0)
+            assert set(beats["n09"].peers) == {"n07", "n08"}
+            with anyio.fail_after(5):
+                while not all(beats[n].is_suspect("n05") for n in ("n00", "n06", "n07")):
+                    await anyio.sleep(0.02)
+            assert "n05" not in beats["n09"].peers  # not one of its judges
             outer.cancel_scope.cancel()
     finally:
         server.stop()

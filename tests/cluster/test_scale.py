@@ -1,0 +1,41 @@
+"""The scale bench in small (N = 50 virtual nodes of 8 engines beside two full daemons,
+real etcd and nats-server): beats are not delivered all-to-all, etcd's load per node does
+not grow with the fleet, and a lost node's slots are promoted (a lost leader replaced)
+within the lease's bound.
+The full sweep is ``python -m bench.scale``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from bench.scale import ENGINES, one_size
+from supervisor.config import ClusterConfig
+from supervisor.coordination.nats import WATCHERS
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+
+async def test_a_fleet_of_50_virtual_nodes(tmp_path: Path) -> None:
+    args = argparse.Namespace(seconds=3.0, requests=100, losses=2, per_process=50)
+    r = await one_size(50, args, tmp_path)
+    print(r)
+    # Otherwise the machine could not keep the virtual nodes' leases (too loaded to judge).
+    assert r["leases_lost"] == 0, r
+    # Each beat reaches the leader, its ring watchers and its sender: never all 52 nodes.
+    assert r["deliveries_per_message"] <= WATCHERS + 2, r
+    assert r["slow_consumers"] == 0
+    # Per node and second: a third-TTL keep-alive, the guard's one-key read (half-TTL), and
+    # the daemons' own few calls; a scan of the prefix per node would be hundreds of keys.
+    ttl = ClusterConfig().lease_ttl
+    assert r["etcd_requests_per_s"] <= 50 * (3 / ttl + 2 / ttl) + 20, r
+    assert r["etcd_bytes_out_per_s"] <= 50 * 1000, r
+    # A lost node's slots move once its lease is gone: TTL after its last keep-alive, plus
+    # the leader's decision. The bound has a second of slack for a loaded test machine
+    # (it is the lease that decides, not speed); a missed promotion is infinite.
+    loss = r["node_loss_s"]
+    assert loss["n"] == 2 * ENGINES and loss["max"] <= ttl + 1.5, loss
+    # The leader's loss: the next election key leads once its lease is gone.
+    assert r["leader_loss_s"] <= ttl + 1.5, r
