@@ -1,6 +1,6 @@
 """A fleet on one machine: what a cluster of N nodes costs its daemons, etcd and NATS.
 
-    python -m bench.scale [--nodes 10,30,100,300,1000] [--seconds 5] [--requests 300]
+    .venv/bin/python -m bench.scale [--nodes 10,30,100,300,1000] [--seconds 5] [--requests 300]
                           [--losses 3] [--per-process 100] [--json F]
 
 One real etcd and one real nats-server; two full daemons (``node-a`` starts first and
