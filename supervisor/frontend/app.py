@@ -375,24 +375,40 @@ class Frontend:
             self._leave()
             if self.fcfg.access_log and self.logs_info:
                 first = relay.served_by
-                self.log.info(
-                    "request",
-                    request_id=rid,
-                    model=body["model"],
-                    kind=kind,
-                    stream=stream,
-                    outcome=outcome,
-                    migrations=relay.attempt,
-                    tokens=relay.progress.completion_tokens,
-                    ms=round((time.monotonic() - t0) * 1000, 1),
-                    # (One engine's id as it is: no list, no join, for most requests.)
-                    engine=_engine_ids(relay.engines())
+                # (One engine's id as it is, for most requests: no list, no join.)
+                engine = (
+                    _engine_ids(relay.engines())
                     if relay.moved_to or first is None
-                    else first.engine_id,
-                    node=",".join([t.node for t in relay.engines()])
-                    if first is not None and first.node
-                    else None,
+                    else first.engine_id
                 )
+                ms = round((time.monotonic() - t0) * 1000, 1)
+                if first is not None and first.node:  # a cluster: the nodes too
+                    self.log.info(
+                        "request",
+                        request_id=rid,
+                        model=body["model"],
+                        kind=kind,
+                        stream=stream,
+                        outcome=outcome,
+                        migrations=relay.attempt,
+                        tokens=relay.progress.completion_tokens,
+                        ms=ms,
+                        engine=engine,
+                        node=",".join([t.node for t in relay.engines()]),
+                    )
+                else:
+                    self.log.info(
+                        "request",
+                        request_id=rid,
+                        model=body["model"],
+                        kind=kind,
+                        stream=stream,
+                        outcome=outcome,
+                        migrations=relay.attempt,
+                        tokens=relay.progress.completion_tokens,
+                        ms=ms,
+                        engine=engine,
+                    )
         if not stream:
             failover = relay.failover_report()
             headers = [("X-Request-Id", rid)]
@@ -488,11 +504,11 @@ class Frontend:
                 await fw.once(lease, reply, head)
             finally:
                 self.router.release(lease)  # (a second release of a lease is harmless)
-        except Rejected as e:
-            outcome = f"rejected:{e.reason}"
-            self.metrics.rejections.labels(e.reason).inc()
+        except Rejected as rejected:
+            outcome = f"rejected:{rejected.reason}"
+            self.metrics.rejections.labels(rejected.reason).inc()
             if not reply.started:
-                self._unavailable(reply, str(e))
+                self._unavailable(reply, str(rejected))
         except EngineGone as gone:
             outcome = "engine_failed"
             if not reply.started:
@@ -500,8 +516,8 @@ class Frontend:
                 reply.send(502, error_body(502, message), headers=head())
         except StreamBroken as broken:
             outcome = f"stream_broken: {broken}"
-        except ConnectionError as e:  # the client went away (its write failed)
-            outcome = f"client_gone: {e}"
+        except ConnectionError as gone_client:  # the client went away (its write failed)
+            outcome = f"client_gone: {gone_client}"
             self.metrics.cancellations.labels(label).inc()
         except anyio.get_cancelled_exc_class():
             outcome = "cancelled"
@@ -515,6 +531,9 @@ class Frontend:
         finally:
             self._leave()
             if self.fcfg.access_log and self.logs_info:
+                fields: dict[str, Any] = {"engine": _engine_ids(fw.engines)}
+                if fw.engines and fw.engines[0].node:  # a cluster: the nodes too
+                    fields["node"] = ",".join([t.node for t in fw.engines])
                 self.log.info(
                     "request",
                     request_id=rid,
@@ -523,10 +542,7 @@ class Frontend:
                     stream=fw.streamed,
                     outcome=outcome,
                     ms=round((time.monotonic() - t0) * 1000, 1),
-                    engine=_engine_ids(fw.engines),
-                    node=",".join([t.node for t in fw.engines])
-                    if fw.engines and fw.engines[0].node
-                    else None,
+                    **fields,
                 )
         return None
 
