@@ -118,8 +118,8 @@ async def test_unknown_routes_and_models(cluster: Cluster, session: aiohttp.Clie
         assert r.status == 404 and "X-Failover-Engine" not in r.headers
     async with session.get(cluster.url + "/v1/embeddings") as r:
         assert r.status == 405 and r.headers["Allow"] == "POST"
-    bad = {"data": b"{nope", "headers": {"Content-Type": "application/json"}}
-    async with session.post(cluster.url + "/v1/embeddings", **bad) as r:
+    json_type = {"Content-Type": "application/json"}
+    async with session.post(cluster.url + "/v1/embeddings", data=b"{nope", headers=json_type) as r:
         assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
     metrics = await cluster.metrics()
     assert 'route="/v1/*",status="404"' in metrics
@@ -199,3 +199,39 @@ async def test_the_engine_header_names_every_engine_of_a_migrated_completion(
             assert header == victim["id"]
         else:
             assert header == f"{victim['id']},{survivor}"
+
+
+async def test_forwarded_routes_share_auth_and_admission(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The API key guards every forwarded route; an engine busy with a forwarded stream is
+    full for everyone (503 with Retry-After at once, with no queue); the engine header is
+    off by default."""
+    key = tmp_path / "api-key"
+    key.write_text("client-secret\n")
+    sup = await start_supervisor(
+        tmp_path,
+        [sim_slot("s", shadows=0, sim_args=(*FAST_SIM_ARGS, "--sim-itl", "0.05"))],
+        frontend={"api_key_file": str(key), "max_inflight_per_engine": 1, "max_queue": 0},
+    )
+    auth = {"Authorization": "Bearer client-secret"}
+    try:
+        url = sup.frontend_url
+        async with session.post(url + "/tokenize", json={"prompt": "the river"}) as r:
+            assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
+        async with session.post(url + "/tokenize", json={"prompt": "x"}, headers=auth) as r:
+            assert r.status == 200 and "X-Failover-Engine" not in r.headers
+        body = {**ASK, "max_output_tokens": 40, "stream": True}
+        async with session.post(url + "/v1/responses", json=body, headers=auth) as stream:
+            assert stream.status == 200
+            await stream.content.readline()  # the stream is under way: the engine is full
+            emb = {"model": "sim-model", "input": "x"}
+            async with session.post(url + "/v1/embeddings", json=emb, headers=auth) as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "1"
+                assert (await r.json())["error"]["code"] == "unavailable"
+            rest = await stream.read()
+        assert b"response.completed" in rest
+        async with session.post(url + "/v1/embeddings", json=emb, headers=auth) as r:
+            assert r.status == 200
+    finally:
+        assert await anyio.to_thread.run_sync(sup.stop) == 0, sup.logs()[-3000:]
