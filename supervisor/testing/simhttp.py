@@ -1228,10 +1228,15 @@ def build_app(api: Api) -> web.Application:
     if api.opts.disagg == "prefill":
         r.add_post("/sim/prefill", api.sim_prefill)
     if d == "vllm":
-        r.add_post("/tokenize", api.tokenize)
-        r.add_post("/detokenize", api.detokenize)
-        r.add_post("/v1/embeddings", api.embeddings)
-        r.add_post("/v1/responses", api.responses)
+        served = {
+            "/tokenize": api.tokenize,
+            "/detokenize": api.detokenize,
+            "/v1/embeddings": api.embeddings,
+            "/v1/responses": api.responses,
+        }
+        for path in facts.other_routes:  # the dialect's own list (plugins/vllm.py)
+            if path in served:
+                r.add_post(path, served[path])
         r.add_get("/version", api.version)
         if facts.family and api.opts.gms_control_routes:  # the standalone GMS recipe
             r.add_post("/engine/control/sleep", api.gms_sleep)
