@@ -121,8 +121,22 @@ async def test_unknown_routes_and_models(cluster: Cluster, session: aiohttp.Clie
     json_type = {"Content-Type": "application/json"}
     async with session.post(cluster.url + "/v1/embeddings", data=b"{nope", headers=json_type) as r:
         assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
+    for model, status in (("no-such-model", 404), ("sim-model", 404)):
+        # An audio upload names its model in the form: the frontend's 404 for a model no
+        # engine serves; the engine's own 404 for the route (the simulator has no audio).
+        form = aiohttp.FormData()
+        form.add_field("model", model)
+        form.add_field("file", b"RIFF....WAVE", filename="a.wav", content_type="audio/wav")
+        async with session.post(cluster.url + "/v1/audio/transcriptions", data=form) as r:
+            answer = await r.json()
+            assert r.status == status
+            if model == "sim-model":
+                assert answer == {"detail": "Not Found"} and "X-Failover-Engine" in r.headers
+            else:
+                assert answer["error"]["code"] == "model_not_found"
     metrics = await cluster.metrics()
     assert 'route="/v1/*",status="404"' in metrics
+    assert 'route="/v1/audio/transcriptions",status="404"' in metrics
 
 
 async def test_a_whole_answer_is_asked_again_when_its_engine_dies(
