@@ -56,6 +56,9 @@ DIALECT = Dialect(
     request_id_field="request_id",
     openai_token_ids=True,
     openai_error_shape="wrapped",
+    # Served by vLLM's OpenAI server as well (embeddings and the other pooling routes only
+    # from a pooling model; /tokenize and /detokenize even while asleep).
+    other_routes=("/tokenize", "/detokenize", "/v1/embeddings", "/v1/responses"),
 )
 
 WAKE_TAGS = ("weights", "kv_cache")

@@ -140,6 +140,11 @@ class Dialect:
         "flags every engine of the dialect is launched with (SGLang: incremental output)",
         default=(),
     )
+    other_routes: tuple[str, ...] = _doc(
+        "routes besides completions and chat that the engine serves to clients (the "
+        "frontend forwards any route; the simulator mounts these)",
+        default=(),
+    )
     request_fields: Mapping[str, frozenset[str]] = _doc(
         "per route, the only body fields the engine takes (it answers 400 to others, as "
         "trtllm-serve does); empty: unknown fields are ignored",

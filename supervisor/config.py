@@ -132,6 +132,10 @@ class FrontendConfig:
     # logprobs, is a few KiB; a prompt's logprobs can be megabytes): past it the engine's
     # stream is malformed, and the request moves to another engine.
     max_event_bytes: int = 16 * 1024 * 1024
+    # Name the engine that served (X-Failover-Engine, and X-Failover-Node in a cluster) in
+    # each answer. Off by default: engine ids and node names are the fleet's topology,
+    # which clients need not see; the access log names them either way.
+    engine_header: bool = False
 
 
 @dataclass(frozen=True)
@@ -386,6 +390,7 @@ def parse(data: dict[str, Any], *, base_dir: Path | None = None) -> Config:
         queue_timeout=fe.number("queue_timeout", dfe.queue_timeout),
         migration_limit=fe.integer("migration_limit", dfe.migration_limit, minimum=0),
         access_log=fe.flag("access_log", dfe.access_log),
+        engine_header=fe.flag("engine_header", dfe.engine_header),
         whole_upstream_max_tokens=fe.integer(
             "whole_upstream_max_tokens", dfe.whole_upstream_max_tokens, minimum=0
         ),

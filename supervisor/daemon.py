@@ -124,7 +124,7 @@ class DaemonDirectory:
                 continue  # a group serves once the cluster has chosen it
             t = self._targets.get(e.id)
             if t is None or t.backend is not c.backend:  # (an engine's url never changes)
-                t = self._target(e.id, e.url, c.backend)
+                t = self._target(e.id, e.url, c.backend, self._node)
             out.append(t)
             serving.append((c.slot, e))
         if cluster is not None:
@@ -132,15 +132,20 @@ class DaemonDirectory:
                 backend = self.sup.backend_named(r["backend"])
                 t = self._targets.get(r["id"])
                 if t is None or t.url != r["url"] or t.backend is not backend:
-                    t = self._target(r["id"], r["url"], backend)
+                    t = self._target(r["id"], r["url"], backend, str(r.get("node", "")))
                 out.append(t)
         return out, serving
 
-    def _target(self, engine_id: str, url: str, backend: Backend) -> Target:
+    @property
+    def _node(self) -> str:
+        cfg = self.sup.cfg
+        return cfg.node if cfg.cluster.enabled else ""
+
+    def _target(self, engine_id: str, url: str, backend: Backend, node: str) -> Target:
         # Targets are kept and handed out again: candidates() runs for every request.
         if len(self._targets) >= 1024:
             self._targets.clear()  # engines come and go: this keeps only recent ones
-        t = self._targets[engine_id] = Target(engine_id, url, backend)
+        t = self._targets[engine_id] = Target(engine_id, url, backend, node)
         return t
 
     async def changed(self) -> None:

@@ -24,7 +24,15 @@ import orjson
 from supervisor import log as logging
 from supervisor.auth import bearer_matches
 from supervisor.config import Config
-from supervisor.frontend.routing import EngineDirectory, Rejected, Router
+from supervisor.frontend.forward import (
+    OTHER_V1,
+    EngineGone,
+    Forwarding,
+    StreamBroken,
+    form_model,
+    label_for,
+)
+from supervisor.frontend.routing import EngineDirectory, Rejected, Router, Target
 from supervisor.frontend.server import REASONS, FrontendServer, Reply, Request
 from supervisor.frontend.streams import (
     ClientGone,
@@ -152,10 +160,14 @@ class Frontend:
         route = path if allowed is not None else "unmatched"
         try:
             if allowed is None:
-                raise BadRequest(f"no route {method} {path[:200]}", status=404)
-            if method not in allowed:
+                label = label_for(path)
+                if label is None:
+                    raise BadRequest(f"no route {method} {path[:200]}", status=404)
+                route = label
+                await self._forward(request, reply, label)
+            elif method not in allowed:
                 raise BadRequest(f"{method[:20]} is not allowed on {path}", status=405)
-            if (
+            elif (
                 self.api_key is not None
                 and path.startswith("/v1/")
                 and not bearer_matches(request.headers.get("authorization", ""), self.api_key)
@@ -209,16 +221,7 @@ class Frontend:
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' (a string) is required", param="model")
         if not self.directory.has_model(model):
-            if not self.ready:  # another node's model may not be known yet
-                raise BadRequest(
-                    "the supervisor is starting; retry shortly", status=503, code="unavailable"
-                )
-            raise BadRequest(
-                f"The model `{model}` does not exist.",
-                param="model",
-                status=404,
-                code="model_not_found",
-            )
+            raise self._no_such_model(model)
         if kind == "chat":
             _check_messages(body.get("messages"))
         else:
@@ -250,6 +253,25 @@ class Frontend:
                     )
         return body
 
+    def _no_such_model(self, model: str) -> BadRequest:
+        if not self.ready:  # another node's model may not be known yet
+            return BadRequest(
+                "the supervisor is starting; retry shortly", status=503, code="unavailable"
+            )
+        return BadRequest(
+            f"The model `{model}` does not exist.",
+            param="model",
+            status=404,
+            code="model_not_found",
+        )
+
+    def _engine_fields(self, engines: list[Target]) -> list[tuple[str, str]]:
+        """The headers that name the engines a request went to, in order."""
+        fields = [("X-Failover-Engine", ",".join([t.engine_id for t in engines]))]
+        if any(t.node for t in engines):
+            fields.append(("X-Failover-Node", ",".join([t.node for t in engines])))
+        return fields
+
     async def _serve(self, request: Request, reply: Reply, kind: RequestKind) -> None:
         if self.router.draining:
             self.metrics.rejections.labels("draining").inc()
@@ -273,6 +295,8 @@ class Frontend:
                 ("Cache-Control", "no-cache"),
                 ("X-Request-Id", rid),
             ]
+            if self.fcfg.engine_header:  # (the engines so far: migrations come later)
+                head += self._engine_fields(relay.engines())
             reply.start(200, head, shape.role_chunk() if kind == "chat" else b"")
 
         emit: Callable[[bytes], Awaitable[None]] | None = None
@@ -350,20 +374,46 @@ class Frontend:
         finally:
             self._leave()
             if self.fcfg.access_log and self.logs_info:
-                self.log.info(
-                    "request",
-                    request_id=rid,
-                    model=body["model"],
-                    kind=kind,
-                    stream=stream,
-                    outcome=outcome,
-                    migrations=relay.attempt,
-                    tokens=relay.progress.completion_tokens,
-                    ms=round((time.monotonic() - t0) * 1000, 1),
+                first = relay.served_by
+                # (One engine's id as it is, for most requests: no list, no join.)
+                engine = (
+                    _engine_ids(relay.engines())
+                    if relay.moved_to or first is None
+                    else first.engine_id
                 )
+                ms = round((time.monotonic() - t0) * 1000, 1)
+                if first is not None and first.node:  # a cluster: the nodes too
+                    self.log.info(
+                        "request",
+                        request_id=rid,
+                        model=body["model"],
+                        kind=kind,
+                        stream=stream,
+                        outcome=outcome,
+                        migrations=relay.attempt,
+                        tokens=relay.progress.completion_tokens,
+                        ms=ms,
+                        engine=engine,
+                        node=",".join([t.node for t in relay.engines()]),
+                    )
+                else:
+                    self.log.info(
+                        "request",
+                        request_id=rid,
+                        model=body["model"],
+                        kind=kind,
+                        stream=stream,
+                        outcome=outcome,
+                        migrations=relay.attempt,
+                        tokens=relay.progress.completion_tokens,
+                        ms=ms,
+                        engine=engine,
+                    )
         if not stream:
             failover = relay.failover_report()
             headers = [("X-Request-Id", rid)]
+            if self.fcfg.engine_header:
+                headers += self._engine_fields(relay.engines())
             if failover:
                 headers.append(("X-Failover-Migrations", str(failover["migrations"])))
                 if failover["inexact"]:
@@ -378,6 +428,164 @@ class Frontend:
                 await reply.write(shape.usage_chunk(relay.usage()))
             await reply.write(b"data: [DONE]\n\n")
         return None
+
+    # -- every other route -------------------------------------------------------------
+    async def _forward(self, request: Request, reply: Reply, label: str) -> None:
+        """A route passed to an engine as it is (see :mod:`supervisor.frontend.forward`)."""
+        method = request.method
+        allowed = ("GET", "POST", "DELETE") if label == OTHER_V1 else ("POST",)
+        if method not in allowed:
+            message = f"{method[:20]} is not allowed on {request.path[:200]}"
+            return reply.send(
+                405, error_body(405, message), headers=[("Allow", ", ".join(allowed))]
+            )
+        if self.api_key is not None and not bearer_matches(
+            request.headers.get("authorization", ""), self.api_key
+        ):
+            return reply.send(
+                401, error_body(401, "Incorrect API key provided.", code="invalid_api_key")
+            )
+        if self.router.draining:
+            self.metrics.rejections.labels("draining").inc()
+            return self._unavailable(reply, "the supervisor is shutting down")
+        content_type = request.headers.get("content-type") or "application/json"
+        model = self._forwarded_model(request.body, content_type)
+        if model is None:
+            model = self._any_model()
+            if model is None:
+                return self._unavailable(reply, "no engine is serving any model right now")
+        rid = request.headers.get("x-request-id", "")
+        if not rid or not _RID_OK.match(rid):
+            rid = _HEX128(_RID_BITS(128))
+        target = request.path + ("?" + request.query if request.query else "")
+        fw = Forwarding(
+            self.router,
+            self.sessions.relay,
+            path=target,
+            method=method,
+            body=request.body if request.body or method == "POST" else None,
+            content_type=content_type,
+            headers={"X-Request-Id": rid},
+            first_byte_timeout=self.cfg.health.first_token_timeout,
+            # (Events are not tokens: a Responses stream's first ones come before its
+            # prefill. A dead engine ends the wait at once through its lease.)
+            stall_timeout=self.cfg.health.first_token_timeout,
+            client_write_timeout=self.fcfg.client_write_timeout,
+        )
+
+        def head() -> list[tuple[str, str]]:
+            fields = [("X-Request-Id", rid)]
+            if self.fcfg.engine_header:
+                fields += self._engine_fields(fw.engines)
+            return fields
+
+        self.active += 1
+        t0 = time.monotonic()
+        outcome = "ok"
+        try:
+            lease = await self.router.acquire(model)
+            try:
+                await fw.once(lease, reply, head)
+            except EngineGone as gone:
+                # Nothing reached the client: asked once more, of another engine (a shadow
+                # being woken included, for as long as a migration would wait for one).
+                failed = lease.target.engine_id
+                self.log.warning(
+                    "engine failed before answering; asking another",
+                    request_id=rid,
+                    route=label,
+                    engine=failed,
+                    reason=str(gone),
+                )
+                self.router.release(lease)
+                lease = await self.router.acquire(
+                    model, exclude=frozenset((failed,)), wait=self.fcfg.migration_wait
+                )
+                await fw.once(lease, reply, head)
+            finally:
+                self.router.release(lease)  # (a second release of a lease is harmless)
+        except Rejected as rejected:
+            outcome = f"rejected:{rejected.reason}"
+            self.metrics.rejections.labels(rejected.reason).inc()
+            if not reply.started:
+                self._unavailable(reply, str(rejected))
+        except EngineGone as gone:
+            outcome = "engine_failed"
+            if not reply.started:
+                message = f"the request could not be completed: {gone}"
+                reply.send(502, error_body(502, message), headers=head())
+        except StreamBroken as broken:
+            outcome = f"stream_broken: {broken}"
+        except ConnectionError as gone_client:  # the client went away (its write failed)
+            outcome = f"client_gone: {gone_client}"
+            self.metrics.cancellations.labels(label).inc()
+        except anyio.get_cancelled_exc_class():
+            outcome = "cancelled"
+            self.metrics.cancellations.labels(label).inc()
+            raise
+        except Exception as bug:  # a bug: contained, logged with its traceback, 500
+            outcome = f"error: {type(bug).__name__}"
+            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
+            if not reply.started:
+                reply.send(500, error_body(500, "internal error in the supervisor; see its log"))
+        finally:
+            self._leave()
+            if self.fcfg.access_log and self.logs_info:
+                fields: dict[str, Any] = {"engine": _engine_ids(fw.engines)}
+                if fw.engines and fw.engines[0].node:  # a cluster: the nodes too
+                    fields["node"] = ",".join([t.node for t in fw.engines])
+                self.log.info(
+                    "request",
+                    request_id=rid,
+                    model=model,
+                    route=label,
+                    stream=fw.streamed,
+                    outcome=outcome,
+                    ms=round((time.monotonic() - t0) * 1000, 1),
+                    **fields,
+                )
+        return None
+
+    def _forwarded_model(self, body: bytes, content_type: str) -> str | None:
+        """The model a forwarded body names (None: any engine will do); 400 for a JSON body
+        that is not an object or names a model that is not a string, 404 for a model no
+        engine serves. (Whether it streams is the engine's answer's to say.)"""
+        model: Any = None
+        ctype = content_type.lower()
+        if body and ctype.startswith("multipart/form-data"):
+            model = form_model(body)
+        elif body:
+            # JSON whatever it is labelled (curl -d says form-urlencoded); a body that is not
+            # JSON and not labelled so is the engine's to judge, on any engine.
+            try:
+                obj = parse_json(body, max_depth=self.fcfg.max_json_depth)
+            except BadJson as e:
+                if "json" in ctype:
+                    raise BadRequest(str(e)) from e
+                obj = {}
+            if not isinstance(obj, dict):
+                raise BadRequest("request body must be a JSON object")
+            model = obj.get("model")
+        if model is None:
+            return None
+        if not isinstance(model, str) or not model:
+            raise BadRequest("'model' must be a non-empty string", param="model")
+        if not self.directory.has_model(model):
+            raise self._no_such_model(model)
+        return model
+
+    def _any_model(self) -> str | None:
+        """For a request that names no model: the model whose least-loaded engine is the
+        least loaded of all (the first model when none has an engine now: it waits)."""
+        models = self.directory.models()
+        best: str | None = None
+        best_load = 0
+        for m in models:
+            for t in self.directory.candidates(m):
+                load = self.router.inflight.get(t.engine_id, 0)
+                if best is None or load < best_load:
+                    best, best_load = m, load
+        return best if best is not None else (models[0] if models else None)
 
     def _unavailable(self, reply: Reply, message: str) -> None:
         body = error_body(503, message, code="unavailable")
@@ -404,6 +612,10 @@ class Frontend:
                 await self._idle.wait()
         if self.active:
             self.log.warning("drain timeout: requests still in flight", inflight=self.active)
+
+
+def _engine_ids(engines: list[Target]) -> str:
+    return ",".join([t.engine_id for t in engines])
 
 
 def _check_prompt(prompt: Any) -> None:

@@ -32,6 +32,7 @@ class Target:
     engine_id: str
     url: str
     backend: Backend
+    node: str = ""  # the cluster node it runs on ("" without a cluster)
 
 
 class KeptTargets:

@@ -277,6 +277,8 @@ class RequestRelay:
     client_slow = False
     held_windows = 0  # coalescing windows its reads waited for (FrontendConfig.coalesce_window)
     current: tuple[Lease, UpstreamRequest] | None = None
+    served_by: Target | None = None  # the first engine the request went to
+    moved_to: tuple[Target, ...] = ()  # the engines each later attempt went to, in order
     _timer: asyncio.TimerHandle | None = None  # the stall watchdog's next check
     _log: Any = None
 
@@ -359,6 +361,10 @@ class RequestRelay:
                     "the supervisor could not route the moving stream (an internal error)"
                 ) from bug
             backend = lease.target.backend
+            if self.attempt == 0:
+                self.served_by = lease.target
+            else:
+                self.moved_to += (lease.target,)
             # The lease is released on every way out of this block, whatever is raised.
             try:
                 if self.attempt:
@@ -789,7 +795,15 @@ class RequestRelay:
         in docs/frontend.md): how many, and what could not be honoured across them."""
         if not self.attempt:
             return None
-        return {"migrations": self.attempt, "inexact": list(self.inexact)}
+        report: dict[str, Any] = {"migrations": self.attempt, "inexact": list(self.inexact)}
+        if self.cfg.engine_header:  # every engine so far: the head named only the first
+            report["engines"] = [t.engine_id for t in self.engines()]
+        return report
+
+    def engines(self) -> list[Target]:
+        """The engines the request was sent to, in order."""
+        first = [] if self.served_by is None else [self.served_by]
+        return first + list(self.moved_to)
 
     def usage(self) -> dict[str, int]:
         p = self.prompt_tokens or 0

@@ -49,6 +49,7 @@ class EngineConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.status = 0
         self.reason = ""
+        self.content_type = ""  # the answer's, as the engine sent it
         self.sink: Sink | None = None
         self.on_end: Callable[[], None] | None = None  # told when the answer ends or fails
         self.received_any = False  # any byte of the current response
@@ -110,14 +111,21 @@ class EngineConnection(asyncio.Protocol):
         )
 
     def send(
-        self, path: str, headers: dict[str, str], body: bytes | None, method: str = "POST"
+        self,
+        path: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        method: str = "POST",
+        content_type: str = "application/json",
     ) -> None:
-        """Send a request: ``body`` is JSON (None: a request without a body)."""
+        """Send a request: ``body`` is JSON unless ``content_type`` says otherwise (None: a
+        request without a body)."""
         assert self.transport is not None and self._state == "idle"
         loop = self._loop
         self._head_fut, self._end_fut = loop.create_future(), loop.create_future()
         self._state, self._head_buf, self.received_any = "head", b"", False
         self.status, self.reason, self.sink, self._held = 0, "", None, []
+        self.content_type = ""
         self._chunked, self._left, self._need = False, None, 0
         self._trailer, self._cbuf = False, b""
         fields = "".join(
@@ -126,7 +134,7 @@ class EngineConnection(asyncio.Protocol):
         content = (
             ""
             if body is None
-            else f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            else f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
         )
         head = f"{method} {path} HTTP/1.1\r\n{self._host_line}{content}{fields}\r\n"
         data = head.encode("latin-1")
@@ -242,6 +250,8 @@ class EngineConnection(asyncio.Protocol):
                 length = int(value)
             elif name == "connection" and value.lower() == "close":
                 self._reusable = False
+            elif name == "content-type":
+                self.content_type = value
         if not self._chunked:
             self._left = length
             if length is None:
@@ -387,13 +397,14 @@ class EnginePool:
         headers: dict[str, str],
         body: bytes | None,
         method: str = "POST",
+        content_type: str = "application/json",
     ) -> EngineConnection:
         """A connection with the request sent; its answer is read through it. A kept
         connection that turns out closed before any answer is replaced once by a new one."""
         key = self.key(url)
         conn = self._reused(key)
         if conn is not None:
-            conn.send(path, headers, body, method)
+            conn.send(path, headers, body, method, content_type)
             try:
                 await conn.head()
                 return conn
@@ -405,7 +416,7 @@ class EnginePool:
                 conn.close()
                 raise
         conn = await self._open(key)
-        conn.send(path, headers, body, method)
+        conn.send(path, headers, body, method, content_type)
         try:
             await conn.head()
         except BaseException:

@@ -42,6 +42,16 @@ REQUESTS: dict[str, tuple[str, str, Any]] = {
     "min_over_max": ("POST", "/v1/completions",
                      {"model": "m", "prompt": "the river", "max_tokens": 2, "min_tokens": 5}),
     "tokenize": ("POST", "/tokenize", {"model": "m", "prompt": "the river"}),
+    "detokenize": ("POST", "/detokenize", {"model": "m", "tokens": [5, 6, 7]}),
+    # Real vLLM serves embeddings only from a pooling model (--runner pooling, or
+    # --convert embed): record this one from such a server.
+    "embeddings": ("POST", "/v1/embeddings", {"model": "m", "input": ["the river", "x"]}),
+    "responses": ("POST", "/v1/responses",
+                  {"model": "m", "input": "Tell me of the harbor.", "max_output_tokens": 5,
+                   "temperature": 0}),
+    "responses_stream": ("POST", "/v1/responses",
+                         {"model": "m", "input": "Tell me of the harbor.",
+                          "max_output_tokens": 5, "temperature": 0, "stream": True}),
     "unknown_route": ("GET", "/no/such/route", None),
 }  # fmt: skip
 
@@ -90,6 +100,11 @@ def shape_of_stream(raw: bytes) -> dict[str, Any]:
     events = [line[len(b"data: ") :] for line in raw.splitlines() if line.startswith(b"data: ")]
     done = bool(events) and events[-1].strip() == b"[DONE]"
     objs = [json.loads(e) for e in events if e.strip() != b"[DONE]"]
+    if objs and all(isinstance(o, dict) and "type" in o for o in objs):
+        # Typed events (the Responses API): each type's last event, and the types in order.
+        by_type = {o["type"]: shape_of(o) for o in objs}
+        order = " > ".join(dict.fromkeys(o["type"] for o in objs))
+        return {"types": order, "by_type": by_type, "done": done}
     with_choices = [o for o in objs if o.get("choices")]
     finishing = [o for o in with_choices if o["choices"][0].get("finish_reason")]
     usage_only = [o for o in objs if not o.get("choices") and o.get("usage")]

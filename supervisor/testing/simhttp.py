@@ -10,10 +10,13 @@ otherwise), never a crash.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import math
 import os
 import signal
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,6 +39,7 @@ from supervisor.testing.simengine import (
 from supervisor.testing.simtokenizer import ChatMessage, apply_chat_template
 
 MAX_BODY = 32 * 1024 * 1024
+EMBEDDING_SIZE = 32  # the simulated embedding model's hidden size
 REASONING_TOKENS = 4  # a chat answer's reasoning, where a reasoning parser is on
 SYSTEM_FINGERPRINT = "simulated"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -480,6 +484,108 @@ class Api:
         except ValueError as e:
             raise ApiError(400, str(e)) from e
 
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """vLLM's ``/v1/embeddings``: one normalised vector per input, the same for the
+        same tokens on every engine (a function of the ids alone), in vLLM's shape."""
+        body = await self.read_json(request)
+        self.check_model(body)
+        self.check_serving()
+        inputs = body.get("input")
+        if isinstance(inputs, str) or (
+            isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs)
+        ):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs:
+            raise ApiError(400, "input must be a string, a list of strings or of token ids")
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise ApiError(400, "encoding_format must be 'float' or 'base64'")
+        if body.get("dimensions") is not None:
+            # As vLLM answers for a model without Matryoshka representations.
+            raise ApiError(
+                400,
+                f'Model "{self.opts.name}" does not support matryoshka representation, '
+                "changing output dimensions will lead to poor results.",
+            )
+        data: list[dict[str, Any]] = []
+        total = 0
+        for i, one in enumerate(inputs):
+            ids = self.prompt_ids(one)
+            if len(ids) > self.opts.max_model_len:
+                raise ApiError(
+                    400,
+                    f"This model's maximum context length is {self.opts.max_model_len} "
+                    f"tokens. However, you requested {len(ids)} tokens in the input for "
+                    "embedding generation. Please reduce the length of the input.",
+                )
+            total += len(ids)
+            vec = embedding_of(ids)
+            encoded: Any = (
+                base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+                if fmt == "base64"
+                else vec
+            )
+            data.append({"index": i, "object": "embedding", "embedding": encoded})
+        return web.json_response(
+            {
+                "id": f"embd-{self.engine.new_request_id()}",
+                "object": "list",
+                "created": int(time.time()),
+                "model": self.opts.name,
+                "data": data,
+                "usage": {
+                    "prompt_tokens": total,
+                    "total_tokens": total,
+                    "completion_tokens": 0,
+                    "prompt_tokens_details": None,
+                },
+            }
+        )
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's ``/v1/responses`` (the Responses API) for a plain text answer: whole, or
+        streamed as typed events (``event: <type>`` and ``data:`` lines, numbered by
+        ``sequence_number``, no ``[DONE]``), as vLLM's simple (non-harmony) path sends it."""
+        body = await self.read_json(request)
+        self.check_model(body)
+        self.check_serving()
+        ids = self.chat_prompt({"messages": _responses_messages(body)})
+        mt = body.get("max_output_tokens")
+        sreq = self.sampling({**body, "max_tokens": mt}, ids, default_max=None)
+        rid = body.get("request_id")
+        if rid is not None and not isinstance(rid, str):
+            raise ApiError(400, "request_id must be a string")
+        sreq.request_id = f"resp_{rid or self.engine.new_request_id()}"
+        shape = _ResponsesShape(sreq.request_id, self.opts.name, body, sreq.max_tokens, len(ids))
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ApiError(400, "stream must be true or false")
+        if not stream:
+            whole = [t async for t in self.engine.generate(sreq)]
+            return web.json_response(shape.response(whole, final=True))
+        resp = await self._sse_start(request)
+        toks: list[Token] = []
+        try:
+            async with contextlib.aclosing(self.engine.generate(sreq)) as gen:
+                for event in shape.opening():
+                    await self._send_typed(resp, event)
+                async for tok in gen:
+                    toks.append(tok)
+                    if tok.text:
+                        await self._send_typed(resp, shape.delta(tok.text))
+            for event in shape.closing(toks):
+                await self._send_typed(resp, event)
+        except EngineCoreDead as e:
+            with contextlib.suppress(ConnectionResetError):
+                await self._send_typed(resp, shape.error(str(e)))
+        except ConnectionResetError:
+            pass
+        return resp
+
+    async def _send_typed(self, resp: web.StreamResponse, event: dict[str, Any]) -> None:
+        data = json.dumps(event, separators=(",", ":"))
+        await resp.write(f"event: {event['type']}\ndata: {data}\n\n".encode())
+
     async def ok(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
@@ -900,6 +1006,186 @@ class _OpenAIShape:
         return d
 
 
+def embedding_of(ids: list[int]) -> list[float]:
+    """A unit vector that depends on the token ids alone (so every engine agrees)."""
+    vec = [0.0] * EMBEDDING_SIZE
+    for pos, tok in enumerate(ids):
+        for j in range(EMBEDDING_SIZE):
+            vec[j] += math.sin((tok + 1) * (j + 1) * 0.618 + pos * 0.1)
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]
+
+
+def _responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chat messages a Responses API request stands for: its ``instructions`` as a
+    system message, then its ``input`` (a string, or messages whose content is a string or
+    ``input_text`` parts)."""
+    out: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        out.append({"role": "system", "content": instructions})
+    given = body.get("input")
+    if isinstance(given, str):
+        return [*out, {"role": "user", "content": given}]
+    if not isinstance(given, list) or not given:
+        raise ApiError(400, "input must be a string or a non-empty list of messages")
+    for i, m in enumerate(given):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"input[{i}] must be a message with a role")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = [
+                p.get("text")
+                for p in content
+                if isinstance(p, dict) and p.get("type") in ("input_text", "output_text")
+            ]
+            if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+                raise ApiError(400, f"input[{i}].content: only text parts are served")
+            content = "".join(texts)  # type: ignore[arg-type]
+        if not isinstance(content, str):
+            raise ApiError(400, f"input[{i}].content must be a string or text parts")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+class _ResponsesShape:
+    """One Responses API answer: the response object and its stream's typed events."""
+
+    def __init__(
+        self, rid: str, model: str, body: dict[str, Any], max_tokens: int, prompt_tokens: int
+    ) -> None:
+        self.rid, self.model, self.body = rid, model, body
+        self.max_tokens, self.prompt_tokens = max_tokens, prompt_tokens
+        self.created = int(time.time())
+        self.item_id = f"msg_{rid[5:]}"
+        self.seq = -1
+        self.text = ""
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self.seq += 1
+        return {"type": kind, "sequence_number": self.seq, **fields}
+
+    def _message(self, text: str, status: str) -> dict[str, Any]:
+        content: list[dict[str, Any]] = (
+            [{"type": "output_text", "text": text, "annotations": [], "logprobs": None}]
+            if status == "completed"
+            else []
+        )
+        return {
+            "id": self.item_id,
+            "type": "message",
+            "role": "assistant",
+            "status": status,
+            "content": content,
+        }
+
+    def response(self, toks: list[Token] | None, *, final: bool) -> dict[str, Any]:
+        b = self.body
+        status = "in_progress"
+        output: list[dict[str, Any]] = []
+        usage: dict[str, Any] | None = None
+        if final and toks is not None:
+            last = toks[-1].finish_reason if toks else "length"
+            status = "incomplete" if last == "length" else "completed"
+            text = "".join(t.text for t in toks)
+            output = [self._message(text, "completed")]
+            usage = {
+                "input_tokens": self.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": len(toks),
+                "output_tokens_details": {"reasoning_tokens": 0, "tool_output_tokens": 0},
+                "total_tokens": self.prompt_tokens + len(toks),
+            }
+        return {
+            "id": self.rid,
+            "created_at": self.created,
+            "incomplete_details": None,
+            "instructions": b.get("instructions"),
+            "metadata": b.get("metadata"),
+            "model": self.model,
+            "object": "response",
+            "output": output,
+            "parallel_tool_calls": b.get("parallel_tool_calls", True),
+            "temperature": float(b.get("temperature", 1.0)),
+            "tool_choice": b.get("tool_choice", "auto"),
+            "tools": b.get("tools") or [],
+            "top_p": float(b.get("top_p", 1.0)),
+            "background": False,
+            "max_output_tokens": self.max_tokens,
+            "max_tool_calls": None,
+            "previous_response_id": None,
+            "prompt": None,
+            "reasoning": None,
+            "service_tier": "auto",
+            "status": status,
+            "text": None,
+            "top_logprobs": b.get("top_logprobs", 0),
+            "truncation": "disabled",
+            "usage": usage,
+            "user": None,
+        }
+
+    def opening(self) -> list[dict[str, Any]]:
+        initial = self.response(None, final=False)
+        return [
+            self._event("response.created", response=initial),
+            self._event("response.in_progress", response=initial),
+            self._event(
+                "response.output_item.added",
+                output_index=0,
+                item=self._message("", "in_progress"),
+            ),
+            self._event(
+                "response.content_part.added",
+                output_index=0,
+                item_id=self.item_id,
+                content_index=0,
+                part={"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+            ),
+        ]
+
+    def delta(self, text: str) -> dict[str, Any]:
+        self.text += text
+        return self._event(
+            "response.output_text.delta",
+            content_index=0,
+            output_index=0,
+            item_id=self.item_id,
+            delta=text,
+            logprobs=[],
+        )
+
+    def closing(self, toks: list[Token]) -> list[dict[str, Any]]:
+        text = "".join(t.text for t in toks)
+        part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+        return [
+            self._event(
+                "response.output_text.done",
+                item_id=self.item_id,
+                output_index=0,
+                content_index=0,
+                text=text,
+                logprobs=[],
+            ),
+            self._event(
+                "response.content_part.done",
+                item_id=self.item_id,
+                output_index=0,
+                content_index=0,
+                part=part,
+            ),
+            self._event(
+                "response.output_item.done",
+                output_index=0,
+                item=self._message(text, "completed"),
+            ),
+            self._event("response.completed", response=self.response(toks, final=True)),
+        ]
+
+    def error(self, message: str) -> dict[str, Any]:
+        return self._event("error", code="InternalServerError", message=message, param=None)
+
+
 def build_app(api: Api) -> web.Application:
     facts = api.facts
     d = facts.base
@@ -942,8 +1228,15 @@ def build_app(api: Api) -> web.Application:
     if api.opts.disagg == "prefill":
         r.add_post("/sim/prefill", api.sim_prefill)
     if d == "vllm":
-        r.add_post("/tokenize", api.tokenize)
-        r.add_post("/detokenize", api.detokenize)
+        served = {
+            "/tokenize": api.tokenize,
+            "/detokenize": api.detokenize,
+            "/v1/embeddings": api.embeddings,
+            "/v1/responses": api.responses,
+        }
+        for path in facts.other_routes:  # the dialect's own list (plugins/vllm.py)
+            if path in served:
+                r.add_post(path, served[path])
         r.add_get("/version", api.version)
         if facts.family and api.opts.gms_control_routes:  # the standalone GMS recipe
             r.add_post("/engine/control/sleep", api.gms_sleep)

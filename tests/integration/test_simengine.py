@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -578,3 +580,56 @@ async def test_engine_core_death_is_reported_in_band(
             assert r.status == 503
         status, err = await post(session, url + "/v1/completions", {**body, "stream": False})
         assert status == 500 and "EngineCore" in err["error"]["message"]
+
+
+async def test_vllm_embeddings_and_responses(sim: Sim, session: aiohttp.ClientSession) -> None:
+    """Embeddings are unit vectors of the token ids alone (float or base64 alike), as vLLM
+    shapes them; a Responses answer streams vLLM's typed events, numbered, ending with the
+    same response the whole answer gives; SGLang's dialect serves neither."""
+    async with sim("vllm") as (_, url):
+        ask = {"model": "sim-model", "input": ["the river", [5, 6, 7]]}
+        async with session.post(url + "/v1/embeddings", json=ask) as r:
+            assert r.status == 200
+            got = await r.json()
+        assert got["object"] == "list" and got["id"].startswith("embd-")
+        assert [d["object"] for d in got["data"]] == ["embedding", "embedding"]
+        vec = got["data"][0]["embedding"]
+        assert abs(sum(v * v for v in vec) - 1.0) < 1e-9
+        assert got["usage"]["completion_tokens"] == 0 and got["usage"]["prompt_tokens"] == 5
+        async with session.post(
+            url + "/v1/embeddings", json={**ask, "encoding_format": "base64"}
+        ) as r:
+            packed = base64.b64decode((await r.json())["data"][0]["embedding"])
+        assert list(struct.unpack(f"<{len(vec)}f", packed)) == [
+            struct.unpack("<f", struct.pack("<f", v))[0] for v in vec
+        ]
+        async with session.post(url + "/v1/embeddings", json={**ask, "dimensions": 8}) as r:
+            assert r.status == 400 and "matryoshka" in (await r.json())["error"]["message"]
+        body = {"model": "sim-model", "input": "hi", "max_output_tokens": 4, "temperature": 0}
+        async with session.post(url + "/v1/responses", json=body) as r:
+            whole = await r.json()
+        assert whole["object"] == "response" and whole["status"] == "incomplete"
+        assert whole["usage"]["output_tokens"] == 4
+        async with session.post(url + "/v1/responses", json={**body, "stream": True}) as r:
+            raw = await r.read()
+        blocks = [b for b in raw.decode().split("\n\n") if b]
+        kinds = [b.split("\n")[0].removeprefix("event: ") for b in blocks]
+        events = [json.loads(b.split("\n")[1].removeprefix("data: ")) for b in blocks]
+        assert [e["type"] for e in events] == kinds
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert kinds[:4] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ]
+        assert kinds[-4:] == [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ]
+        final = events[-1]["response"]
+        assert final["output"][0]["content"][0]["text"] == whole["output"][0]["content"][0]["text"]
+    async with sim("sglang") as (_, url), session.post(url + "/v1/embeddings", json=ask) as r:
+        assert r.status == 404

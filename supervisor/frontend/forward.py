@@ -1,0 +1,271 @@
+"""Every route but completions and chat, forwarded to an engine as it is.
+
+Embeddings, tokenizing, scoring, pooling, the Responses API, audio, and any other
+``/v1/*`` route: the client's body goes to an engine of the model it names (any engine
+without a model) under the same admission as completions, and the engine's answer comes
+back with its own status, content type and body. Nothing is parsed beyond the model
+(and, for the Responses API, the events' sequence numbers), so these routes cannot be
+resumed mid-answer the way completions are: a whole answer whose engine failed before
+answering is asked again of another engine, once; a stream that breaks ends with an error
+event in its route's shape. Not compiled: these routes are not the relay's hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from typing import Final
+
+import orjson
+
+from supervisor.frontend.routing import EngineWait, Lease, Router, Target
+from supervisor.frontend.server import Reply
+from supervisor.frontend.wire import (
+    EngineConnection,
+    EngineConnectionError,
+    EnginePool,
+    EngineProtocolError,
+)
+
+# Client path -> the label of its metrics (a fixed table: never the client's own path).
+ROUTES: Final[dict[str, str]] = {
+    path: path
+    for path in (
+        "/v1/embeddings",
+        "/tokenize",
+        "/detokenize",
+        "/v1/score",
+        "/score",
+        "/v1/rerank",
+        "/rerank",
+        "/v2/rerank",
+        "/pooling",
+        "/classify",
+        "/v1/responses",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    )
+}
+OTHER_V1: Final = "/v1/*"  # the label of any other /v1/ route (forwarded too)
+# What an answer may bring (a batch of embeddings is the largest expected).
+ANSWER_LIMIT: Final = 64 * 1024 * 1024
+# A stream's unsent bytes past which the engine's connection waits for the client.
+_CLIENT_BEHIND: Final = 256 * 1024
+_SEQUENCE: Final = re.compile(rb'"sequence_number":\s*(\d+)')
+_FORM_MODEL: Final = re.compile(
+    rb'Content-Disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,512})\r\n',
+    re.IGNORECASE,
+)
+
+
+def label_for(path: str) -> str | None:
+    """The metrics label of a forwarded route; None if ``path`` is not forwarded."""
+    known = ROUTES.get(path)
+    if known is not None:
+        return known
+    return OTHER_V1 if path.startswith("/v1/") else None
+
+
+def form_model(body: bytes) -> str | None:
+    """The ``model`` field of a multipart form (an audio upload), if it has one."""
+    m = _FORM_MODEL.search(body)
+    return m.group(1).decode("utf-8", "replace").strip() if m else None
+
+
+class EngineGone(Exception):
+    """The engine failed before its answer began: nothing reached the client."""
+
+
+class StreamBroken(Exception):
+    """The engine's answer broke after the client's had begun."""
+
+
+class Forwarding:
+    """One forwarded request, on one engine or two: the engines it went to, in order."""
+
+    def __init__(
+        self,
+        router: Router,
+        pool: EnginePool,
+        *,
+        path: str,
+        method: str,
+        body: bytes | None,
+        content_type: str,
+        headers: dict[str, str],
+        first_byte_timeout: float,
+        stall_timeout: float,
+        client_write_timeout: float,
+    ) -> None:
+        self.router, self.pool = router, pool
+        self.path, self.method, self.body = path, method, body
+        self.content_type, self.headers = content_type, headers
+        self.first_byte_timeout = first_byte_timeout
+        self.stall_timeout = stall_timeout
+        self.client_write_timeout = client_write_timeout
+        self.engines: list[Target] = []
+        self.streamed = False  # the answer was a stream of events
+        self.broken = ""  # why a stream ended early (it then ended with an error event)
+        self.waiting: EngineWait | None = None  # ended when health declares the engine dead
+
+    def _engine_ended(self) -> bool:
+        """Asked once per ``CancelledError``: whether the lease ended the wait (the engine
+        was declared dead, or moved off), not a cancellation from outside."""
+        return self.waiting is not None and self.waiting.ended_it()
+
+    async def once(
+        self, lease: Lease, reply: Reply, head: Callable[[], list[tuple[str, str]]]
+    ) -> None:
+        """Ask ``lease``'s engine and answer the client from it. :class:`EngineGone` when it
+        failed before its answer began (nothing was sent: the caller may ask another)."""
+        target = lease.target
+        self.engines.append(target)
+        task = asyncio.current_task()
+        assert task is not None
+        self.waiting = EngineWait(task)
+        lease.wait_in(self.waiting)
+        try:
+            await self._once(target, reply, head)
+        finally:
+            self.waiting.close()
+            lease.wait_in(None)
+
+    async def _once(
+        self, target: Target, reply: Reply, head: Callable[[], list[tuple[str, str]]]
+    ) -> None:
+        try:
+            async with asyncio.timeout(self.first_byte_timeout):
+                conn = await self.pool.request(
+                    target.url, self.path, self.headers, self.body, self.method, self.content_type
+                )
+        except TimeoutError as e:
+            raise EngineGone(f"no answer within {self.first_byte_timeout:g}s") from e
+        except (EngineConnectionError, EngineProtocolError) as e:
+            raise EngineGone(str(e)) from e
+        except asyncio.CancelledError as e:
+            if not self._engine_ended():
+                raise
+            raise EngineGone("the engine was declared dead or taken out of service") from e
+        try:
+            if conn.status == 200 and conn.content_type.startswith("text/event-stream"):
+                self.streamed = True
+                await self._stream(conn, reply, head(), target)
+                return
+            try:
+                async with asyncio.timeout(self.first_byte_timeout):
+                    body = await conn.read_whole(ANSWER_LIMIT)
+            except TimeoutError as e:
+                raise EngineGone(f"no whole answer within {self.first_byte_timeout:g}s") from e
+            except (EngineConnectionError, EngineProtocolError) as e:
+                raise EngineGone(str(e)) from e
+            except asyncio.CancelledError as e:
+                if not self._engine_ended():
+                    raise
+                raise EngineGone("the engine was declared dead or taken out of service") from e
+            self.router.answered_at[target.engine_id] = time.monotonic()
+            reply.send(
+                conn.status,
+                body,
+                content_type=conn.content_type or "application/json",
+                headers=head(),
+            )
+        finally:
+            self.pool.release(conn)  # kept if read whole, else closed (the engine aborts)
+
+    async def _stream(
+        self, conn: EngineConnection, reply: Reply, head: list[tuple[str, str]], target: Target
+    ) -> None:
+        """Pass the engine's events on as they come, whole events only; if the engine's
+        stream breaks, end the client's with an error event in the route's shape."""
+        loop = asyncio.get_running_loop()
+        parts: list[bytes] = []
+        waiting: list[asyncio.Future[None]] = []
+        queued = 0
+
+        def wake() -> None:
+            for fut in waiting:
+                if not fut.done():
+                    fut.set_result(None)
+            waiting.clear()
+
+        def sink(data: bytes) -> None:
+            nonlocal queued
+            parts.append(data)
+            queued += len(data)
+            if queued > _CLIENT_BEHIND:
+                conn.pause()  # the client is behind: the engine waits, not our memory
+            wake()
+
+        conn.on_end = wake
+        conn.set_sink(sink)
+        reply.start(
+            200, [("Content-Type", conn.content_type), ("Cache-Control", "no-cache"), *head]
+        )
+        held = b""  # the start of an event whose end has not come yet
+        last_seq = -1
+        while True:
+            if not parts and conn.error is None and not conn.done:
+                fut: asyncio.Future[None] = loop.create_future()
+                waiting.append(fut)
+                try:
+                    async with asyncio.timeout(self.stall_timeout):
+                        await fut
+                except TimeoutError:
+                    self.broken = f"no event for {self.stall_timeout:g}s (stalled)"
+                    break
+                except asyncio.CancelledError:
+                    if not self._engine_ended():
+                        raise
+                    self.broken = "the engine was declared dead or taken out of service"
+                    break
+            if parts:
+                data = held + b"".join(parts)
+                parts.clear()
+                queued = 0
+                end = data.rfind(b"\n\n")
+                whole, held = (data[: end + 2], data[end + 2 :]) if end >= 0 else (b"", data)
+                if len(held) > ANSWER_LIMIT:
+                    self.broken = "an event over the size limit"
+                    break
+                if whole:
+                    self.router.answered_at[target.engine_id] = time.monotonic()
+                    seqs = _SEQUENCE.findall(whole)
+                    if seqs:
+                        last_seq = int(seqs[-1])
+                    try:
+                        async with asyncio.timeout(self.client_write_timeout):
+                            await reply.write(whole)
+                    except TimeoutError as e:
+                        raise ConnectionResetError("the client read nothing (too slow)") from e
+                conn.resume()
+                continue
+            if conn.error is not None:
+                self.broken = f"the engine's stream broke: {conn.error}"
+                break
+            if conn.done:
+                if held.strip():  # the engine's last event, without its blank line
+                    await reply.write(held + b"\n\n")
+                return
+        # What was held of a broken event is dropped: the client never sees half of one.
+        await reply.write(error_event(self.path, self.broken, last_seq))
+        raise StreamBroken(self.broken)
+
+
+def error_event(path: str, message: str, last_seq: int) -> bytes:
+    """The event that ends a stream its engine broke: the Responses API's ``error`` event
+    (numbered after the last one sent) on ``/v1/responses``, else vLLM's in-band error and
+    ``[DONE]``, as the completions routes end a failed stream."""
+    text = f"the engine failed mid-answer ({message}); this route cannot be resumed"
+    if path == "/v1/responses":
+        event = {
+            "type": "error",
+            "code": "engine_failed",
+            "message": text,
+            "param": None,
+            "sequence_number": last_seq + 1,
+        }
+        return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+    err = {"error": {"message": text, "type": "server_error", "param": None, "code": 502}}
+    return b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n"
