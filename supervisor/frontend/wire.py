@@ -14,11 +14,20 @@ end, keep-alive with a pool per engine. Anything else an engine sends is
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from typing import Final, cast
 from urllib.parse import urlsplit
 
+from supervisor.frontend.h1 import (
+    FIELD,
+    FIELD_LINES,
+    chunk_size,
+    content_length,
+    is_chunked,
+    trailer_line_ok,
+)
 from supervisor.frontend.wire_errors import EngineConnectionError, EngineProtocolError
 
 __all__ = ["EngineConnection", "EngineConnectionError", "EnginePool", "EngineProtocolError"]
@@ -27,7 +36,17 @@ __all__ = ["EngineConnection", "EngineConnectionError", "EnginePool", "EnginePro
 # vLLM, SGLang and trtllm-serve, closes them after 5 s): reusing one the engine is closing
 # would fail a request for nothing.
 IDLE_FOR: Final = 2.0
-MAX_HEAD: Final = 64 * 1024  # a response's status line and headers
+MAX_HEAD: Final = 64 * 1024  # a response's status line and headers (and its trailers)
+MAX_INTERIM: Final = 16  # interim (1xx) answers before one answer
+MAX_LINE: Final = 1024  # a chunk size line, or one trailer line
+# The status line, by RFC 9112's grammar (the reason phrase may be left out, as llhttp
+# allows): version 1.0 or 1.1, a three-digit code, a reason without control bytes.
+_STATUS_LINE: Final = re.compile(
+    rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n"
+)
+_TC: Final = b"tTcC"  # first letters of the fields read here (Transfer-Encoding, C...)
+_ONE: Final = 0x31  # b"1"[0]
+_CR: Final = 0x0D
 
 
 Sink = Callable[[bytes], None]
@@ -54,13 +73,16 @@ class EngineConnection(asyncio.Protocol):
         self.received_any = False  # any byte of the current response
         self.idle_since = 0.0
         self._reusable = True
-        self._head_buf = b""
+        self._head_part = bytearray()  # a head cut across reads, gathered
+        self._interim = 0  # interim (1xx) answers before this one
+        self._bodiless = False  # an answer to HEAD: no body, whatever its fields say
         self._state = "idle"  # idle | head | body | done | closed
         self._held: list[bytes] = []  # body bytes that came before a sink
         self._chunked = False
         self._left: int | None = None  # body bytes still to come (Content-Length framing)
         self._need = 0  # chunked: bytes of the current chunk still to come; -1: its CRLF
         self._trailer = False
+        self._trailer_bytes = 0
         self._cbuf = b""
         self._head_fut: asyncio.Future[None] | None = None
         self._end_fut: asyncio.Future[None] | None = None
@@ -116,10 +138,12 @@ class EngineConnection(asyncio.Protocol):
         assert self.transport is not None and self._state == "idle"
         loop = self._loop
         self._head_fut, self._end_fut = loop.create_future(), loop.create_future()
-        self._state, self._head_buf, self.received_any = "head", b"", False
+        self._state, self.received_any = "head", False
+        self._interim, self._bodiless = 0, method == "HEAD"
+        self._head_part.clear()
         self.status, self.reason, self.sink, self._held = 0, "", None, []
         self._chunked, self._left, self._need = False, None, 0
-        self._trailer, self._cbuf = False, b""
+        self._trailer, self._cbuf, self._trailer_bytes = False, b"", 0
         fields = "".join(
             [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "content-type"]
         )
@@ -211,49 +235,108 @@ class EngineConnection(asyncio.Protocol):
 
     # -- parsing -----------------------------------------------------------------------------
     def _take_head(self, data: bytes) -> bytes:
-        buf = self._head_buf + data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD:
-                raise EngineProtocolError(f"response headers over {MAX_HEAD} bytes")
-            self._head_buf = buf
-            return b""
-        lines = buf[:end].decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise EngineProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
-        status = int(parts[1])
-        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
-            return self._take_head(buf[end + 4 :]) if len(buf) > end + 4 else b""
-        self.status, self.reason = status, parts[2] if len(parts) > 2 else ""
-        length: int | None = None
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise EngineProtocolError(f"not a header line: {line[:80]!r}")
-            if name[:1] not in "tTcC":  # none of the three fields read here: skip it
-                continue
-            name, value = name.strip().lower(), value.strip()
-            if name == "transfer-encoding":
-                self._chunked = value.lower().endswith("chunked")
-            elif name == "content-length":
-                if not value.isdigit():
-                    raise EngineProtocolError(f"bad Content-Length: {value[:40]!r}")
-                length = int(value)
-            elif name == "connection" and value.lower() == "close":
-                self._reusable = False
-        if not self._chunked:
-            self._left = length
-            if length is None:
-                self._reusable = False  # framed by the connection's end
-        self._state, self._head_buf = "body", b""
+        """Take a read while the head is awaited: the body bytes after the head, once it
+        has come (interim answers before it skipped)."""
+        part = self._head_part
+        if part:  # the head came cut across reads: gathered, and searched only where new
+            start = max(len(part) - 3, 0)
+            part.extend(data)
+            end = part.find(b"\r\n\r\n", start)
+            if end < 0:
+                _check_partial(part, start, 0)
+                return b""
+            buf = bytes(part)
+            part.clear()
+        else:
+            buf, end = data, data.find(b"\r\n\r\n")
+            if end < 0:
+                _check_partial(data, 0, 0)
+                part.extend(data)
+                return b""
+        pos = 0
+        # Interim answers (100 Continue, 103 Early Hints) come before the answer: skipped in
+        # a loop, a bounded number of them, each read where it lies (no copy of the rest).
+        while self._take_status(buf, pos, end):
+            pos = end + 4
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise EngineProtocolError(f"more than {MAX_INTERIM} interim (1xx) answers")
+            end = buf.find(b"\r\n\r\n", pos)
+            if end < 0:
+                _check_partial(buf, pos, pos)
+                part.extend(memoryview(buf)[pos:])
+                return b""
+        self._state = "body"
         assert self._head_fut is not None
         if not self._head_fut.done():
             self._head_fut.set_result(None)
-        rest = buf[end + 4 :]
+        rest = buf[end + 4 :] if end + 4 < len(buf) else b""
         if self._left == 0:
             self._finish()
+            if rest:
+                self._reusable = False  # bytes past the answer: not a clean connection
         return rest
+
+    def _take_status(self, buf: bytes, pos: int, end: int) -> bool:
+        """Read the head ``buf[pos:end]`` (its final blank line at ``end``) by RFC 9112's
+        grammar; True if it is an interim (1xx) answer, to be skipped."""
+        if end - pos > MAX_HEAD:
+            raise EngineProtocolError(f"response headers over {MAX_HEAD} bytes")
+        m = _STATUS_LINE.match(buf, pos, end + 2)
+        if m is None:
+            line = buf[pos : buf.find(b"\r\n", pos)]
+            raise EngineProtocolError(f"not an HTTP/1.1 status line: {line[:80]!r}")
+        fields_at = m.end()
+        if FIELD_LINES.fullmatch(buf, fields_at, end + 2) is None:
+            raise EngineProtocolError(f"malformed header line: {_bad_line(buf, fields_at)!r}")
+        code = m.group(2)
+        first = code[0]
+        if first == _ONE:
+            if code == b"101":  # a protocol switch: not one this client asked for
+                raise EngineProtocolError("the engine switched protocols (101)")
+            return True
+        self.status = int(code)
+        self.reason = m.group(3).decode("latin-1") if m.group(3) else ""
+        http10 = m.group(1) == b"0"
+        length = -1
+        coding: bytes | None = None
+        while fields_at < end + 2:
+            eol = buf.find(b"\r\n", fields_at)
+            # Only three fields are read here: the others are skipped unparsed.
+            if buf[fields_at] in _TC:
+                f = FIELD.match(buf, fields_at, eol + 2)
+                if f is not None:
+                    name, value = f.group(1).lower(), f.group(2)
+                    if name == b"transfer-encoding":
+                        if coding is not None or not is_chunked(value):
+                            raise EngineProtocolError(
+                                f"unsupported Transfer-Encoding: {value[:40]!r}"
+                            )
+                        coding = value
+                    elif name == b"content-length":
+                        if length >= 0 or content_length(value) < 0:
+                            raise EngineProtocolError(
+                                f"bad or repeated Content-Length: {value[:40]!r}"
+                            )
+                        length = content_length(value)
+                    elif name == b"connection" and _lists_close(value):
+                        self._reusable = False
+            fields_at = eol + 2
+        if coding is not None and (length >= 0 or http10):
+            # Both framings at once (or chunked from an HTTP/1.0 server, RFC 9112 6.1):
+            # another hop could read either; the answer cannot be trusted.
+            raise EngineProtocolError("Transfer-Encoding with Content-Length or HTTP/1.0")
+        if http10:
+            self._reusable = False  # not kept alive unless negotiated: never reused here
+        if self._bodiless or self.status == 204 or self.status == 304:
+            self._left = 0  # no body, whatever the fields say (RFC 9112 6.3)
+        elif coding is not None:
+            self._chunked = True
+        elif length >= 0:
+            self._left = length
+        else:
+            self._reusable = False  # framed by the connection's end
+        return False
 
     def _deliver(self, data: bytes) -> None:
         if self.sink is not None:
@@ -295,10 +378,12 @@ class EngineConnection(asyncio.Protocol):
                 pos += 2
                 self._need = 0
                 continue
-            end = buf.find(b"\r\n", pos)
+            end = buf.find(b"\r\n", pos, pos + MAX_LINE + 2)
             if end < 0:
-                if n - pos > 1024:
-                    raise EngineProtocolError("chunk size line too long")
+                if n - pos > MAX_LINE:
+                    raise EngineProtocolError("chunk size or trailer line too long")
+                if buf.find(b"\n", pos) >= 0:  # a bare LF: no CRLF will end this line
+                    raise EngineProtocolError("chunk size or trailer line ended by a bare LF")
                 break
             line = buf[pos:end]
             pos = end + 2
@@ -311,8 +396,15 @@ class EngineConnection(asyncio.Protocol):
                         self._reusable = False
                     self._finish()
                     return
-                continue  # a trailer field: not needed
-            size = _chunk_size(line)
+                # A trailer field: not needed, but it must be one (a request or an answer
+                # taken for trailer lines is how a hop is fooled), and they are bounded.
+                self._trailer_bytes += len(line) + 2
+                if self._trailer_bytes > MAX_HEAD or not trailer_line_ok(line):
+                    raise EngineProtocolError(f"malformed trailer: {line[:80]!r}")
+                continue
+            size = chunk_size(line)
+            if size < 0:
+                raise EngineProtocolError(f"malformed chunk size line: {line[:80]!r}")
             if size == 0:
                 self._trailer = True
                 continue
@@ -350,15 +442,29 @@ class EngineConnection(asyncio.Protocol):
             self.on_end()
 
 
-def _chunk_size(line: bytes) -> int:
-    """A chunk's size from its size line (extensions ignored)."""
-    try:
-        size = int(line, 16)
-    except ValueError:  # an extension (";name=value"), or garbage: ValueError again
-        size = int(line.split(b";", 1)[0].strip(), 16)
-    if size < 0:
-        raise EngineProtocolError("negative chunk size")
-    return size
+def _check_partial(buf: bytes | bytearray, start: int, head_at: int) -> None:
+    """A head not yet whole (it starts at ``head_at``, ``start`` is where the bytes not
+    yet looked at begin): too long already, or a line ended by a bare LF, which no CRLF
+    would ever end (refused now rather than waited on)."""
+    if len(buf) - head_at > MAX_HEAD:
+        raise EngineProtocolError(f"response headers over {MAX_HEAD} bytes")
+    lf = buf.find(b"\n", start)
+    while lf >= 0:
+        if lf == head_at or buf[lf - 1] != _CR:
+            raise EngineProtocolError("a response head line ended by a bare LF")
+        lf = buf.find(b"\n", lf + 1)
+
+
+def _bad_line(buf: bytes, at: int) -> bytes:
+    """The first of the field lines from ``at`` that is not one (for the error)."""
+    m = FIELD_LINES.match(buf, at)
+    start = m.end() if m is not None else at
+    return buf[start : buf.find(b"\r\n", start)][:80]
+
+
+def _lists_close(value: bytes) -> bool:
+    """Whether a ``Connection`` value lists ``close`` (ASCII, any case)."""
+    return any(part.strip(b" \t").lower() == b"close" for part in value.split(b","))
 
 
 class EnginePool:
