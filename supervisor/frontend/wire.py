@@ -310,7 +310,7 @@ class EngineConnection(asyncio.Protocol):
                     if name == b"transfer-encoding":
                         if coding is not None or not is_chunked(value):
                             raise EngineProtocolError(
-                                f"unsupported Transfer-Encoding: {value[:40]!r}"
+                                f"repeated or unsupported Transfer-Encoding: {value[:40]!r}"
                             )
                         coding = value
                     elif name == b"content-length":
