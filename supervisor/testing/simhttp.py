@@ -348,6 +348,9 @@ class Api:
                     if self.engine.malformed_due():
                         await resp.write(b'data: {"id": "garbage", "choices": [{"tex\n\n')
                         return resp
+                    if self.engine.endless_due():
+                        await self._endless_event(resp, b'data: {"choices": [{"text": "')
+                        return resp
                     n += 1
                     batch.append(tok)
                     if len(batch) >= self.opts.stream_interval or tok.finish_reason:
@@ -378,6 +381,15 @@ class Api:
         )
         await resp.prepare(request)
         return resp
+
+    async def _endless_event(self, resp: web.StreamResponse, start: bytes) -> None:
+        """An event line that never ends (the endless_event fault): its start, then bytes
+        as fast as the client takes them, until it hangs up (or 1 GiB, to end somewhere)."""
+        piece = b"x" * 65536
+        with contextlib.suppress(ConnectionError):
+            await resp.write(start)
+            for _ in range(16 * 1024):
+                await resp.write(piece)
 
     async def _send(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
         await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
@@ -604,6 +616,9 @@ class Api:
                 async for tok in gen:
                     if self.engine.malformed_due():
                         await resp.write(b'data: {"text": "garb\n\n')
+                        return resp
+                    if self.engine.endless_due():
+                        await self._endless_event(resp, b'data: {"text": "')
                         return resp
                     shape.add(tok)
                     if len(shape.new_ids) >= self.opts.stream_interval or tok.finish_reason:

@@ -13,14 +13,20 @@ test_differential_responses.py holds them all, with those refused all along.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import aiohttp
+import anyio
 import pytest
 
 from supervisor.events import SseSplitter
 from supervisor.frontend.wire import EngineConnection, EnginePool, EngineProtocolError
+from supervisor.testing.cluster import FAST_SIM_ARGS, sim_slot, start_supervisor
+from supervisor.upstream import iter_sse_data
 
 pytestmark = pytest.mark.anyio
 
@@ -355,3 +361,49 @@ async def test_an_endless_event_line_ends_the_stream_at_the_bound() -> None:
     finally:
         pool.close()
         server.close()
+
+
+# -- through the real daemon -------------------------------------------------------------------
+async def stream_text(session: aiohttp.ClientSession, url: str) -> str:
+    body = {"model": "sim-model", "prompt": "the river", "max_tokens": 40, "stream": True}
+    body["temperature"] = 0
+    text = []
+    async with session.post(url + "/v1/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for data in iter_sse_data(r):
+            text.append(json.loads(data)["choices"][0]["text"])
+    return "".join(text)
+
+
+@pytest.mark.e2e
+async def test_an_endless_event_line_migrates_the_request(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The active engine streams a few tokens, then one event line that never ends, as fast
+    as the relay reads it. The relay holds at most ``max_event_bytes`` of it (64 KiB
+    here), takes the stream as garbage (the engine is declared dead, as for any garbage)
+    and the request finishes on the shadow, its text whole. Before, the relay read on for
+    ever, each read copying all that came before."""
+    sup = await start_supervisor(
+        tmp_path,
+        [sim_slot("s", sim_args=FAST_SIM_ARGS)],
+        health={"stall_timeout": 1.0},
+        frontend={"max_event_bytes": 65536, "migration_wait": 10},
+    )
+    try:
+        unbroken = await stream_text(session, sup.frontend_url)
+        async with session.get(sup.admin_url + "/status") as r:
+            st = await r.json()
+        victim = next(e for e in st["engines"] if e["id"] == st["slots"][0]["active"])
+        async with session.post(
+            victim["url"] + "/sim/faults", json={"endless_event_after_tokens": 7}
+        ) as r:
+            assert r.status == 200
+        async with asyncio.timeout(20):
+            assert await stream_text(session, sup.frontend_url) == unbroken
+        async with session.get(sup.admin_url + "/status") as r:
+            failover = (await r.json())["failovers"][0]
+        assert failover["failed_engine"] == victim["id"]
+        assert "max_event_bytes" in failover["reason"], failover["reason"]
+    finally:
+        assert await anyio.to_thread.run_sync(sup.stop) == 0, sup.logs()[-3000:]
