@@ -383,13 +383,17 @@ class Api:
         return resp
 
     async def _endless_event(self, resp: web.StreamResponse, start: bytes) -> None:
-        """An event line that never ends (the endless_event fault): its start, then bytes
-        as fast as the client takes them, until it hangs up (or 1 GiB, to end somewhere)."""
-        piece = b"x" * 65536
+        """An event line that never ends (the endless_event faults): its start, then bytes
+        as fast as the client takes them, or 1 KiB per ``endless_event_pace`` seconds,
+        until it hangs up (or 1 GiB has gone, to end somewhere)."""
+        pace = self.opts.faults.endless_event_pace
+        piece = b"x" * (1024 if pace else 65536)
         with contextlib.suppress(ConnectionError):
             await resp.write(start)
-            for _ in range(16 * 1024):
+            for _ in range((1 << 30) // len(piece)):
                 await resp.write(piece)
+                if pace:
+                    await asyncio.sleep(pace)
 
     async def _send(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
         await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")

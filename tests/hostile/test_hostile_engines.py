@@ -407,3 +407,35 @@ async def test_an_endless_event_line_migrates_the_request(
         assert "max_event_bytes" in failover["reason"], failover["reason"]
     finally:
         assert await anyio.to_thread.run_sync(sup.stop) == 0, sup.logs()[-3000:]
+
+
+@pytest.mark.e2e
+async def test_an_event_line_that_grows_slowly_is_a_stall(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The same line, 1 KiB every 20 ms: far under the bound for as long as the test runs,
+    but no whole event, so no token, for ``stall_timeout``. The stream is stalled (every
+    read used to count as progress, so the request never ended); the judge's own test
+    generation gets the same line, the engine is declared dead, the shadow finishes."""
+    sup = await start_supervisor(
+        tmp_path,
+        [sim_slot("s", sim_args=FAST_SIM_ARGS)],
+        health={"stall_timeout": 1.0},
+        frontend={"migration_wait": 10},
+    )
+    try:
+        unbroken = await stream_text(session, sup.frontend_url)
+        async with session.get(sup.admin_url + "/status") as r:
+            st = await r.json()
+        victim = next(e for e in st["engines"] if e["id"] == st["slots"][0]["active"])
+        fault = {"endless_event_after_tokens": 7, "endless_event_pace": 0.02}
+        async with session.post(victim["url"] + "/sim/faults", json=fault) as r:
+            assert r.status == 200
+        async with asyncio.timeout(20):
+            assert await stream_text(session, sup.frontend_url) == unbroken
+        async with session.get(sup.admin_url + "/status") as r:
+            failover = (await r.json())["failovers"][0]
+        assert failover["failed_engine"] == victim["id"]
+        assert "stalled" in failover["reason"], failover["reason"]
+    finally:
+        assert await anyio.to_thread.run_sync(sup.stop) == 0, sup.logs()[-3000:]
