@@ -21,8 +21,8 @@ from typing import Final, cast
 from urllib.parse import urlsplit
 
 from supervisor.frontend.h1 import (
-    FIELD,
     FIELD_LINES,
+    TOKEN,
     chunk_size,
     content_length,
     is_chunked,
@@ -44,9 +44,21 @@ MAX_LINE: Final = 1024  # a chunk size line, or one trailer line
 _STATUS_LINE: Final = re.compile(
     rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n"
 )
-_TC: Final = b"tTcC"  # first letters of the fields read here (Transfer-Encoding, C...)
-_ONE: Final = 0x31  # b"1"[0]
+# Each byte's class in a head: a token byte, another byte a field value may hold (space,
+# tab, visible ASCII, obs-text), or neither (a control byte, DEL, CR, LF: 0).
+_TOKEN_BYTE: Final = 1
+_CLASS: Final = bytes(
+    _TOKEN_BYTE if c in TOKEN else 2 if c == 9 or 0x20 <= c <= 0x7E or c >= 0x80 else 0
+    for c in range(256)
+)
+_ZEROS: Final = 111 * 0x30  # three ASCII digits' codes, less their values
+_0: Final = 0x30  # the bytes b"0", b"1", b"9", b" ", b":", CR and LF, as ints
+_1: Final = 0x31
+_9: Final = 0x39
+_SP: Final = 0x20
+_COLON: Final = 0x3A
 _CR: Final = 0x0D
+_LF: Final = 0x0A
 
 
 Sink = Callable[[bytes], None]
@@ -282,61 +294,96 @@ class EngineConnection(asyncio.Protocol):
         grammar; True if it is an interim (1xx) answer, to be skipped."""
         if end - pos > MAX_HEAD:
             raise EngineProtocolError(f"response headers over {MAX_HEAD} bytes")
-        m = _STATUS_LINE.match(buf, pos, end + 2)
-        if m is None:
-            line = buf[pos : buf.find(b"\r\n", pos)]
-            raise EngineProtocolError(f"not an HTTP/1.1 status line: {line[:80]!r}")
-        fields_at = m.end()
-        if FIELD_LINES.fullmatch(buf, fields_at, end + 2) is None:
-            raise EngineProtocolError(f"malformed header line: {_bad_line(buf, fields_at)!r}")
-        code = m.group(2)
-        first = code[0]
-        if first == _ONE:
-            if code == b"101":  # a protocol switch: not one this client asked for
+        # Read a byte at a time against a table, compiled: this runs for every request,
+        # and a regular expression's steps (or a method call on a built-in, about a
+        # thousand instructions each) cost several times more. Every check below fails at
+        # the latest on the CR at ``end``: no index goes past it.
+        if not buf.startswith(b"HTTP/1.", pos):
+            raise EngineProtocolError(_malformed_head(buf, pos))
+        version = buf[pos + 7]
+        d1, d2, d3 = buf[pos + 9], buf[pos + 10], buf[pos + 11]
+        if (
+            (version != _0 and version != _1)
+            or buf[pos + 8] != _SP
+            or not _1 <= d1 <= _9
+            or not _0 <= d2 <= _9
+            or not _0 <= d3 <= _9
+        ):
+            raise EngineProtocolError(_malformed_head(buf, pos))
+        i = pos + 12
+        reason_at = i + 1
+        if buf[i] == _SP:
+            i += 1
+            while _CLASS[buf[i]]:  # the reason: any field-value byte
+                i += 1
+        if buf[i] != _CR or buf[i + 1] != _LF:
+            raise EngineProtocolError(_malformed_head(buf, pos))
+        status = d1 * 100 + d2 * 10 + d3 - _ZEROS
+        if status < 200:
+            if status == 101:  # a protocol switch: not one this client asked for
                 raise EngineProtocolError("the engine switched protocols (101)")
+            self._check_fields(buf, i + 2, end + 2)
             return True
-        self.status = int(code)
-        self.reason = m.group(3).decode("latin-1") if m.group(3) else ""
-        http10 = m.group(1) == b"0"
-        length = -1
-        coding: bytes | None = None
-        while fields_at < end + 2:
-            eol = buf.find(b"\r\n", fields_at)
-            # Only three fields are read here: the others are skipped unparsed.
-            if buf[fields_at] in _TC:
-                f = FIELD.match(buf, fields_at, eol + 2)
-                if f is not None:
-                    name, value = f.group(1).lower(), f.group(2)
-                    if name == b"transfer-encoding":
-                        if coding is not None or not is_chunked(value):
-                            raise EngineProtocolError(
-                                f"repeated or unsupported Transfer-Encoding: {value[:40]!r}"
-                            )
-                        coding = value
-                    elif name == b"content-length":
-                        if length >= 0 or content_length(value) < 0:
-                            raise EngineProtocolError(
-                                f"bad or repeated Content-Length: {value[:40]!r}"
-                            )
-                        length = content_length(value)
-                    elif name == b"connection" and _lists_close(value):
-                        self._reusable = False
-            fields_at = eol + 2
-        if coding is not None and (length >= 0 or http10):
+        self.status = status
+        self.reason = buf[reason_at:i].decode("latin-1") if reason_at < i else ""
+        http10 = version == _0
+        length, chunked = self._check_fields(buf, i + 2, end + 2)
+        if chunked and (length >= 0 or http10):
             # Both framings at once (or chunked from an HTTP/1.0 server, RFC 9112 6.1):
             # another hop could read either; the answer cannot be trusted.
             raise EngineProtocolError("Transfer-Encoding with Content-Length or HTTP/1.0")
         if http10:
             self._reusable = False  # not kept alive unless negotiated: never reused here
-        if self._bodiless or self.status == 204 or self.status == 304:
+        if self._bodiless or status == 204 or status == 304:
             self._left = 0  # no body, whatever the fields say (RFC 9112 6.3)
-        elif coding is not None:
+        elif chunked:
             self._chunked = True
         elif length >= 0:
             self._left = length
         else:
             self._reusable = False  # framed by the connection's end
         return False
+
+    def _check_fields(self, buf: bytes, i: int, stop: int) -> tuple[int, bool]:
+        """Check the field lines from ``i`` to ``stop`` (where the empty line is), each
+        ``token ":" value CRLF``; the Content-Length (-1: none) and whether the answer is
+        chunked. A ``Connection: close`` makes the connection non-reusable."""
+        length = -1
+        chunked = False
+        while i < stop:
+            start = i
+            while _CLASS[buf[i]] == _TOKEN_BYTE:
+                i += 1
+            colon = i
+            if colon == start or buf[colon] != _COLON:
+                raise EngineProtocolError(f"malformed header line: {_bad_line(buf, start)!r}")
+            i += 1
+            while _CLASS[buf[i]]:
+                i += 1
+            if buf[i] != _CR or buf[i + 1] != _LF:
+                raise EngineProtocolError(f"malformed header line: {_bad_line(buf, start)!r}")
+            eol = i
+            i += 2
+            size = colon - start  # only three fields are read here; their lengths differ
+            if size != 14 and size != 17 and size != 10:
+                continue
+            name = buf[start:colon].lower()
+            value = buf[colon + 1 : eol].strip(b" \t")
+            if name == b"transfer-encoding":
+                if chunked or not (value == b"chunked" or is_chunked(value)):
+                    raise EngineProtocolError(
+                        f"repeated or unsupported Transfer-Encoding: {value[:40]!r}"
+                    )
+                chunked = True
+            elif name == b"content-length":
+                if length >= 0:
+                    raise EngineProtocolError("two Content-Length fields")
+                length = content_length(value)
+                if length < 0:
+                    raise EngineProtocolError(f"bad Content-Length: {value[:40]!r}")
+            elif name == b"connection" and _lists_close(value):
+                self._reusable = False
+        return length, chunked
 
     def _deliver(self, data: bytes) -> None:
         if self.sink is not None:
@@ -378,8 +425,8 @@ class EngineConnection(asyncio.Protocol):
                 pos += 2
                 self._need = 0
                 continue
-            end = buf.find(b"\r\n", pos, pos + MAX_LINE + 2)
-            if end < 0:
+            end = buf.find(b"\r\n", pos)
+            if end < 0 or end - pos > MAX_LINE:
                 if n - pos > MAX_LINE:
                     raise EngineProtocolError("chunk size or trailer line too long")
                 if buf.find(b"\n", pos) >= 0:  # a bare LF: no CRLF will end this line
@@ -453,6 +500,15 @@ def _check_partial(buf: bytes | bytearray, start: int, head_at: int) -> None:
         if lf == head_at or buf[lf - 1] != _CR:
             raise EngineProtocolError("a response head line ended by a bare LF")
         lf = buf.find(b"\n", lf + 1)
+
+
+def _malformed_head(buf: bytes, pos: int) -> str:
+    """What is wrong with the head at ``pos``, which did not match (for the error)."""
+    m = _STATUS_LINE.match(buf, pos)
+    if m is None:
+        line = buf[pos : buf.find(b"\r\n", pos)]
+        return f"not an HTTP/1.1 status line: {line[:80]!r}"
+    return f"malformed header line: {_bad_line(buf, m.end())!r}"
 
 
 def _bad_line(buf: bytes, at: int) -> bytes:
