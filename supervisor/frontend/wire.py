@@ -117,8 +117,10 @@ class EngineConnection(asyncio.Protocol):
             elif self._state in ("idle", "done"):
                 # Bytes nobody asked for: the connection cannot be trusted with another.
                 self._reusable = False
-        except (EngineProtocolError, ValueError) as e:
-            self._fail(e if isinstance(e, EngineProtocolError) else EngineProtocolError(str(e)))
+        except (EngineProtocolError, ValueError, IndexError) as e:
+            # (ValueError, IndexError: never expected from the checks above, but an engine's
+            # bytes must end in a clear error, never in a traceback on the transport.)
+            self._fail(e if isinstance(e, EngineProtocolError) else EngineProtocolError(repr(e)))
             if self.transport is not None:
                 self.transport.close()
 
@@ -152,7 +154,8 @@ class EngineConnection(asyncio.Protocol):
         self._head_fut, self._end_fut = loop.create_future(), loop.create_future()
         self._state, self.received_any = "head", False
         self._interim, self._bodiless = 0, method == "HEAD"
-        self._head_part.clear()
+        if self._head_part:  # (only after an answer that failed mid-head)
+            self._head_part.clear()
         self.status, self.reason, self.sink, self._held = 0, "", None, []
         self._chunked, self._left, self._need = False, None, 0
         self._trailer, self._cbuf, self._trailer_bytes = False, b"", 0
