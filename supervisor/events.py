@@ -31,6 +31,10 @@ DONE: Final = b"[DONE]"
 # formats (then drops) a TypeError for it, several times the cost of the search itself.
 _CR: Final = 13
 _LF: Final = 10
+# Bytes of an unended event past which later reads are kept apart rather than joined to it
+# at once: below it, a read costs a copy of at most this much; above it, an event is
+# copied once, when it ends, however many reads it took.
+_REJOIN: Final = 16 * 1024
 
 
 class SseSplitter:
@@ -40,18 +44,44 @@ class SseSplitter:
     handles them together writes once per read, not once per event) and stops at
     ``[DONE]`` (not returned; :attr:`done` says it came). A line that is not SSE ends the
     stream: the events before it are returned, and :attr:`error` holds the
-    :class:`MalformedStream` for the caller to raise once it has handled them.
+    :class:`MalformedStream` for the caller to raise once it has handled them. So does an
+    event that grows past ``limit`` bytes without ending (an engine that never ends its
+    line would otherwise be held in memory without bound).
     """
 
-    __slots__ = ("_buf", "done", "error")
+    __slots__ = ("_buf", "_more", "_more_bytes", "done", "error", "limit")
 
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, limit: int) -> None:
+        self._buf = b""  # the start of an event not yet ended
+        # Later reads of a long one (see _REJOIN), none of which ends it: kept apart,
+        # joined once when one does.
+        self._more: list[bytes] = []
+        self._more_bytes = 0
+        self.limit = limit
         self.done = False
         self.error: MalformedStream | None = None
 
+    @property
+    def pending(self) -> bool:
+        """Bytes of an event not yet ended are held (a read that left some made no
+        progress of its own: a token is a whole event)."""
+        return bool(self._buf)
+
     def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
+        if not self._buf:
+            buf = chunk
+        elif len(self._buf) < _REJOIN:  # (the usual event cut by a read: joined at once)
+            buf = self._buf + chunk
+        else:
+            more = self._more
+            last = more[-1] if more else self._buf
+            if chunk.find(b"\n\n") < 0 and not (last[-1] == _LF and chunk[:1] == b"\n"):
+                return self._hold(chunk)  # still inside the same long event
+            more.insert(0, self._buf)
+            more.append(chunk)
+            buf = b"".join(more)
+            more.clear()
+            self._more_bytes = 0
         # The common stream: each event one "data: " line. Its events are split in one
         # call, and a count proves that nothing else is among them; anything else is read
         # event by event below.
@@ -68,6 +98,8 @@ class SseSplitter:
                     self.done, self._buf = True, b""
                     return datas[: datas.index(DONE)]
                 self._buf = buf[end + 2 :]
+                if len(self._buf) > self.limit:
+                    self._too_long()
                 return datas
         out: list[bytes] = []
         start = 0
@@ -94,7 +126,25 @@ class SseSplitter:
                 return out
             out.append(data)
         self._buf = buf[start:]
+        if len(self._buf) > self.limit:
+            self._too_long()
         return out
+
+    def _hold(self, chunk: bytes) -> list[bytes]:
+        if chunk:
+            self._more.append(chunk)
+            self._more_bytes += len(chunk)
+            if len(self._buf) + self._more_bytes > self.limit:
+                self._too_long()
+        return []
+
+    def _too_long(self) -> None:
+        self.error = MalformedStream(
+            f"an event over {self.limit} bytes (max_event_bytes) with no end: {self._buf[:80]!r}"
+        )
+        self.done, self._buf = True, b""
+        self._more.clear()
+        self._more_bytes = 0
 
 
 def _event_data(event: bytes) -> bytes | None:

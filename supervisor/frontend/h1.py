@@ -36,34 +36,54 @@ _CHUNK_EXT: Final = re.compile(
     b"(?:;" + _TOKEN_CLASS + b"+(?:=" + _TOKEN_CLASS + b"+|=" + _QUOTED + b")?)+"
 )
 MAX_SIZE_DIGITS: Final = 15  # a chunk size of up to 2**60 - 1: far past any body limit
+_0: Final = 0x30  # the bytes b"0", b"9", b"a", b"f", b"A", b"F" and b";", as ints
+_9: Final = 0x39
+_a: Final = 0x61
+_f: Final = 0x66
+_A: Final = 0x41
+_F: Final = 0x46
+_SEMICOLON: Final = 0x3B
 
 
 def content_length(value: bytes) -> int:
     """The length a ``Content-Length`` value (without surrounding whitespace) gives:
     ``1*DIGIT`` in ASCII, at most 18 digits; -1 if it is anything else (a list such as
     ``5, 5`` included)."""
-    if not value or len(value) > 18 or value.translate(None, DIGITS):
+    if not value or len(value) > 18:
         return -1
-    return int(value)
+    # Read digit by digit: compiled, a loop over a few bytes costs less than one method
+    # call (bytes.translate) or int() on bytes.
+    n = 0
+    for c in value:
+        if c < _0 or c > _9:
+            return -1
+        n = n * 10 + c - _0
+    return n
 
 
 def chunk_size(line: bytes) -> int:
     """The size a chunk's size line (without its CRLF) gives: ``1*HEXDIG`` then optional
     well-formed extensions, which are ignored; -1 if malformed (spaces, a sign, ``0x``,
     ``_``, a bare CR or LF, a control byte in an extension...)."""
-    # (x.translate(None, allowed) keeps only the bytes not allowed: b"" when all are.)
-    if line and len(line) <= MAX_SIZE_DIGITS and not line.translate(None, HEXDIGITS):
-        return int(line, 16)  # the usual line: digits only
-    size, semicolon, _ = line.partition(b";")
-    if (
-        not semicolon
-        or not size
-        or len(size) > MAX_SIZE_DIGITS
-        or size.translate(None, HEXDIGITS)
-        or _CHUNK_EXT.fullmatch(line, len(size)) is None
-    ):
+    n = 0
+    digits = 0
+    for c in line:  # (runs for every chunk, so every token: a loop, no call)
+        if _0 <= c <= _9:
+            n = n * 16 + c - _0
+        elif _a <= c <= _f:
+            n = n * 16 + c - _a + 10
+        elif _A <= c <= _F:
+            n = n * 16 + c - _A + 10
+        else:
+            break
+        digits += 1
+        if digits > MAX_SIZE_DIGITS:
+            return -1
+    if digits == len(line):  # the usual line: digits only
+        return n if digits else -1
+    if not digits or line[digits] != _SEMICOLON or _CHUNK_EXT.fullmatch(line, digits) is None:
         return -1
-    return int(size, 16)
+    return n
 
 
 def is_chunked(value: bytes) -> bool:

@@ -577,7 +577,7 @@ class RequestRelay:
         window = self.cfg.coalesce_window
         close_gap = window / 2
         st = _Pump(loop, window)
-        sse = SseSplitter()
+        sse = SseSplitter(self.cfg.max_event_bytes)
         backend, engine_id, answered_at = target.backend, target.engine_id, self.router.answered_at
 
         def release() -> None:  # the coalescing window is over: read what came meanwhile
@@ -590,12 +590,17 @@ class RequestRelay:
         def on_body(chunk: bytes) -> None:
             now = time.monotonic()
             st.gap += (now - st.last_read - st.gap) * _GAP_WEIGHT
-            st.last_read = self.last_event = answered_at[engine_id] = now
+            st.last_read = now
             if st.complete or st.error is not None:
                 return  # read to the end, so the connection is kept for reuse
+            events = sse.feed(chunk)
+            if events or not sse.pending:
+                # Progress is an event, not bytes of one: an engine that sends an endless
+                # line, however fast, is stalled to the watchdog (and to health).
+                self.last_event = answered_at[engine_id] = now
             out: list[bytes] = []
             try:
-                st.complete = self._take(backend, decoder, sse.feed(chunk), out)
+                st.complete = self._take(backend, decoder, events, out)
             except Exception as e:  # raised in this task, once what was taken is written
                 st.error = e
             if out:  # what was taken into the answer reaches the client, come what may

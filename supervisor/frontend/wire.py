@@ -14,11 +14,20 @@ end, keep-alive with a pool per engine. Anything else an engine sends is
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from typing import Final, cast
 from urllib.parse import urlsplit
 
+from supervisor.frontend.h1 import (
+    FIELD_LINES,
+    TOKEN,
+    chunk_size,
+    content_length,
+    is_chunked,
+    trailer_line_ok,
+)
 from supervisor.frontend.wire_errors import EngineConnectionError, EngineProtocolError
 
 __all__ = ["EngineConnection", "EngineConnectionError", "EnginePool", "EngineProtocolError"]
@@ -27,7 +36,29 @@ __all__ = ["EngineConnection", "EngineConnectionError", "EnginePool", "EnginePro
 # vLLM, SGLang and trtllm-serve, closes them after 5 s): reusing one the engine is closing
 # would fail a request for nothing.
 IDLE_FOR: Final = 2.0
-MAX_HEAD: Final = 64 * 1024  # a response's status line and headers
+MAX_HEAD: Final = 64 * 1024  # a response's status line and headers (and its trailers)
+MAX_INTERIM: Final = 16  # interim (1xx) answers before one answer
+MAX_LINE: Final = 1024  # a chunk size line, or one trailer line
+# The status line, by RFC 9112's grammar (the reason phrase may be left out, as llhttp
+# allows): version 1.0 or 1.1, a three-digit code, a reason without control bytes.
+_STATUS_LINE: Final = re.compile(
+    rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n"
+)
+# Each byte's class in a head: a token byte, another byte a field value may hold (space,
+# tab, visible ASCII, obs-text), or neither (a control byte, DEL, CR, LF: 0).
+_TOKEN_BYTE: Final = 1
+_CLASS: Final = bytes(
+    _TOKEN_BYTE if c in TOKEN else 2 if c == 9 or 0x20 <= c <= 0x7E or c >= 0x80 else 0
+    for c in range(256)
+)
+_ZEROS: Final = 111 * 0x30  # three ASCII digits' codes, less their values
+_0: Final = 0x30  # the bytes b"0", b"1", b"9", b" ", b":", CR and LF, as ints
+_1: Final = 0x31
+_9: Final = 0x39
+_SP: Final = 0x20
+_COLON: Final = 0x3A
+_CR: Final = 0x0D
+_LF: Final = 0x0A
 
 
 Sink = Callable[[bytes], None]
@@ -55,13 +86,16 @@ class EngineConnection(asyncio.Protocol):
         self.received_any = False  # any byte of the current response
         self.idle_since = 0.0
         self._reusable = True
-        self._head_buf = b""
+        self._head_part = bytearray()  # a head cut across reads, gathered
+        self._interim = 0  # interim (1xx) answers before this one
+        self._bodiless = False  # an answer to HEAD: no body, whatever its fields say
         self._state = "idle"  # idle | head | body | done | closed
         self._held: list[bytes] = []  # body bytes that came before a sink
         self._chunked = False
         self._left: int | None = None  # body bytes still to come (Content-Length framing)
         self._need = 0  # chunked: bytes of the current chunk still to come; -1: its CRLF
         self._trailer = False
+        self._trailer_bytes = 0
         self._cbuf = b""
         self._head_fut: asyncio.Future[None] | None = None
         self._end_fut: asyncio.Future[None] | None = None
@@ -84,8 +118,10 @@ class EngineConnection(asyncio.Protocol):
             elif self._state in ("idle", "done"):
                 # Bytes nobody asked for: the connection cannot be trusted with another.
                 self._reusable = False
-        except (EngineProtocolError, ValueError) as e:
-            self._fail(e if isinstance(e, EngineProtocolError) else EngineProtocolError(str(e)))
+        except (EngineProtocolError, ValueError, IndexError) as e:
+            # (ValueError, IndexError: never expected from the checks above, but an engine's
+            # bytes must end in a clear error, never in a traceback on the transport.)
+            self._fail(e if isinstance(e, EngineProtocolError) else EngineProtocolError(repr(e)))
             if self.transport is not None:
                 self.transport.close()
 
@@ -123,11 +159,14 @@ class EngineConnection(asyncio.Protocol):
         assert self.transport is not None and self._state == "idle"
         loop = self._loop
         self._head_fut, self._end_fut = loop.create_future(), loop.create_future()
-        self._state, self._head_buf, self.received_any = "head", b"", False
+        self._state, self.received_any = "head", False
+        self._interim, self._bodiless = 0, method == "HEAD"
+        if self._head_part:  # (only after an answer that failed mid-head)
+            self._head_part.clear()
         self.status, self.reason, self.sink, self._held = 0, "", None, []
         self.content_type = ""
         self._chunked, self._left, self._need = False, None, 0
-        self._trailer, self._cbuf = False, b""
+        self._trailer, self._cbuf, self._trailer_bytes = False, b"", 0
         fields = "".join(
             [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "content-type"]
         )
@@ -219,51 +258,145 @@ class EngineConnection(asyncio.Protocol):
 
     # -- parsing -----------------------------------------------------------------------------
     def _take_head(self, data: bytes) -> bytes:
-        buf = self._head_buf + data
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            if len(buf) > MAX_HEAD:
-                raise EngineProtocolError(f"response headers over {MAX_HEAD} bytes")
-            self._head_buf = buf
-            return b""
-        lines = buf[:end].decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise EngineProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
-        status = int(parts[1])
-        if 100 <= status < 200:  # an interim answer (100 Continue): the real one follows
-            return self._take_head(buf[end + 4 :]) if len(buf) > end + 4 else b""
-        self.status, self.reason = status, parts[2] if len(parts) > 2 else ""
-        length: int | None = None
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise EngineProtocolError(f"not a header line: {line[:80]!r}")
-            if name[:1] not in "tTcC":  # none of the three fields read here: skip it
-                continue
-            name, value = name.strip().lower(), value.strip()
-            if name == "transfer-encoding":
-                self._chunked = value.lower().endswith("chunked")
-            elif name == "content-length":
-                if not value.isdigit():
-                    raise EngineProtocolError(f"bad Content-Length: {value[:40]!r}")
-                length = int(value)
-            elif name == "connection" and value.lower() == "close":
-                self._reusable = False
-            elif name == "content-type":
-                self.content_type = value
-        if not self._chunked:
-            self._left = length
-            if length is None:
-                self._reusable = False  # framed by the connection's end
-        self._state, self._head_buf = "body", b""
+        """Take a read while the head is awaited: the body bytes after the head, once it
+        has come (interim answers before it skipped)."""
+        part = self._head_part
+        if part:  # the head came cut across reads: gathered, and searched only where new
+            start = max(len(part) - 3, 0)
+            part.extend(data)
+            end = part.find(b"\r\n\r\n", start)
+            if end < 0:
+                _check_partial(part, start, 0)
+                return b""
+            buf = bytes(part)
+            part.clear()
+        else:
+            buf, end = data, data.find(b"\r\n\r\n")
+            if end < 0:
+                _check_partial(data, 0, 0)
+                part.extend(data)
+                return b""
+        pos = 0
+        # Interim answers (100 Continue, 103 Early Hints) come before the answer: skipped in
+        # a loop, a bounded number of them, each read where it lies (no copy of the rest).
+        while self._take_status(buf, pos, end):
+            pos = end + 4
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise EngineProtocolError(f"more than {MAX_INTERIM} interim (1xx) answers")
+            end = buf.find(b"\r\n\r\n", pos)
+            if end < 0:
+                _check_partial(buf, pos, pos)
+                part.extend(memoryview(buf)[pos:])
+                return b""
+        self._state = "body"
         assert self._head_fut is not None
         if not self._head_fut.done():
             self._head_fut.set_result(None)
-        rest = buf[end + 4 :]
+        rest = buf[end + 4 :] if end + 4 < len(buf) else b""
         if self._left == 0:
             self._finish()
+            if rest:
+                self._reusable = False  # bytes past the answer: not a clean connection
         return rest
+
+    def _take_status(self, buf: bytes, pos: int, end: int) -> bool:
+        """Read the head ``buf[pos:end]`` (its final blank line at ``end``) by RFC 9112's
+        grammar; True if it is an interim (1xx) answer, to be skipped."""
+        if end - pos > MAX_HEAD:
+            raise EngineProtocolError(f"response headers over {MAX_HEAD} bytes")
+        # Read a byte at a time against a table, compiled: this runs for every request,
+        # and a regular expression's steps (or a method call on a built-in, about a
+        # thousand instructions each) cost several times more. Every check below fails at
+        # the latest on the CR at ``end``: no index goes past it.
+        if not buf.startswith(b"HTTP/1.", pos):
+            raise EngineProtocolError(_malformed_head(buf, pos))
+        version = buf[pos + 7]
+        d1, d2, d3 = buf[pos + 9], buf[pos + 10], buf[pos + 11]
+        if (
+            (version != _0 and version != _1)
+            or buf[pos + 8] != _SP
+            or not _1 <= d1 <= _9
+            or not _0 <= d2 <= _9
+            or not _0 <= d3 <= _9
+        ):
+            raise EngineProtocolError(_malformed_head(buf, pos))
+        i = pos + 12
+        reason_at = i + 1
+        if buf[i] == _SP:
+            i += 1
+            while _CLASS[buf[i]]:  # the reason: any field-value byte
+                i += 1
+        if buf[i] != _CR or buf[i + 1] != _LF:
+            raise EngineProtocolError(_malformed_head(buf, pos))
+        status = d1 * 100 + d2 * 10 + d3 - _ZEROS
+        if status < 200:
+            if status == 101:  # a protocol switch: not one this client asked for
+                raise EngineProtocolError("the engine switched protocols (101)")
+            self._check_fields(buf, i + 2, end + 2)
+            return True
+        self.status = status
+        self.reason = buf[reason_at:i].decode("latin-1") if reason_at < i else ""
+        http10 = version == _0
+        length, chunked = self._check_fields(buf, i + 2, end + 2)
+        if chunked and (length >= 0 or http10):
+            # Both framings at once (or chunked from an HTTP/1.0 server, RFC 9112 6.1):
+            # another hop could read either; the answer cannot be trusted.
+            raise EngineProtocolError("Transfer-Encoding with Content-Length or HTTP/1.0")
+        if http10:
+            self._reusable = False  # not kept alive unless negotiated: never reused here
+        if self._bodiless or status == 204 or status == 304:
+            self._left = 0  # no body, whatever the fields say (RFC 9112 6.3)
+        elif chunked:
+            self._chunked = True
+        elif length >= 0:
+            self._left = length
+        else:
+            self._reusable = False  # framed by the connection's end
+        return False
+
+    def _check_fields(self, buf: bytes, i: int, stop: int) -> tuple[int, bool]:
+        """Check the field lines from ``i`` to ``stop`` (where the empty line is), each
+        ``token ":" value CRLF``; the Content-Length (-1: none) and whether the answer is
+        chunked. A ``Connection: close`` makes the connection non-reusable."""
+        length = -1
+        chunked = False
+        while i < stop:
+            start = i
+            while _CLASS[buf[i]] == _TOKEN_BYTE:
+                i += 1
+            colon = i
+            if colon == start or buf[colon] != _COLON:
+                raise EngineProtocolError(f"malformed header line: {_bad_line(buf, start)!r}")
+            i += 1
+            while _CLASS[buf[i]]:
+                i += 1
+            if buf[i] != _CR or buf[i + 1] != _LF:
+                raise EngineProtocolError(f"malformed header line: {_bad_line(buf, start)!r}")
+            eol = i
+            i += 2
+            size = colon - start  # only four fields are read here; their lengths differ
+            if size != 14 and size != 17 and size != 10 and size != 12:
+                continue
+            name = buf[start:colon].lower()
+            value = buf[colon + 1 : eol].strip(b" \t")
+            if name == b"transfer-encoding":
+                if chunked or not (value == b"chunked" or is_chunked(value)):
+                    raise EngineProtocolError(
+                        f"repeated or unsupported Transfer-Encoding: {value[:40]!r}"
+                    )
+                chunked = True
+            elif name == b"content-length":
+                if length >= 0:
+                    raise EngineProtocolError("two Content-Length fields")
+                length = content_length(value)
+                if length < 0:
+                    raise EngineProtocolError(f"bad Content-Length: {value[:40]!r}")
+            elif name == b"connection" and _lists_close(value):
+                self._reusable = False
+            elif name == b"content-type":  # passed on to the client by forwarded routes
+                self.content_type = value.decode("latin-1")
+        return length, chunked
 
     def _deliver(self, data: bytes) -> None:
         if self.sink is not None:
@@ -306,9 +439,11 @@ class EngineConnection(asyncio.Protocol):
                 self._need = 0
                 continue
             end = buf.find(b"\r\n", pos)
-            if end < 0:
-                if n - pos > 1024:
-                    raise EngineProtocolError("chunk size line too long")
+            if end < 0 or end - pos > MAX_LINE:
+                if n - pos > MAX_LINE:
+                    raise EngineProtocolError("chunk size or trailer line too long")
+                if buf.find(b"\n", pos) >= 0:  # a bare LF: no CRLF will end this line
+                    raise EngineProtocolError("chunk size or trailer line ended by a bare LF")
                 break
             line = buf[pos:end]
             pos = end + 2
@@ -321,8 +456,15 @@ class EngineConnection(asyncio.Protocol):
                         self._reusable = False
                     self._finish()
                     return
-                continue  # a trailer field: not needed
-            size = _chunk_size(line)
+                # A trailer field: not needed, but it must be one (a request or an answer
+                # taken for trailer lines is how a hop is fooled), and they are bounded.
+                self._trailer_bytes += len(line) + 2
+                if self._trailer_bytes > MAX_HEAD or not trailer_line_ok(line):
+                    raise EngineProtocolError(f"malformed trailer: {line[:80]!r}")
+                continue
+            size = chunk_size(line)
+            if size < 0:
+                raise EngineProtocolError(f"malformed chunk size line: {line[:80]!r}")
             if size == 0:
                 self._trailer = True
                 continue
@@ -360,15 +502,38 @@ class EngineConnection(asyncio.Protocol):
             self.on_end()
 
 
-def _chunk_size(line: bytes) -> int:
-    """A chunk's size from its size line (extensions ignored)."""
-    try:
-        size = int(line, 16)
-    except ValueError:  # an extension (";name=value"), or garbage: ValueError again
-        size = int(line.split(b";", 1)[0].strip(), 16)
-    if size < 0:
-        raise EngineProtocolError("negative chunk size")
-    return size
+def _check_partial(buf: bytes | bytearray, start: int, head_at: int) -> None:
+    """A head not yet whole (it starts at ``head_at``, ``start`` is where the bytes not
+    yet looked at begin): too long already, or a line ended by a bare LF, which no CRLF
+    would ever end (refused now rather than waited on)."""
+    if len(buf) - head_at > MAX_HEAD:
+        raise EngineProtocolError(f"response headers over {MAX_HEAD} bytes")
+    lf = buf.find(b"\n", start)
+    while lf >= 0:
+        if lf == head_at or buf[lf - 1] != _CR:
+            raise EngineProtocolError("a response head line ended by a bare LF")
+        lf = buf.find(b"\n", lf + 1)
+
+
+def _malformed_head(buf: bytes, pos: int) -> str:
+    """What is wrong with the head at ``pos``, which did not match (for the error)."""
+    m = _STATUS_LINE.match(buf, pos)
+    if m is None:
+        line = buf[pos : buf.find(b"\r\n", pos)]
+        return f"not an HTTP/1.1 status line: {line[:80]!r}"
+    return f"malformed header line: {_bad_line(buf, m.end())!r}"
+
+
+def _bad_line(buf: bytes, at: int) -> bytes:
+    """The first of the field lines from ``at`` that is not one (for the error)."""
+    m = FIELD_LINES.match(buf, at)
+    start = m.end() if m is not None else at
+    return buf[start : buf.find(b"\r\n", start)][:80]
+
+
+def _lists_close(value: bytes) -> bool:
+    """Whether a ``Connection`` value lists ``close`` (ASCII, any case)."""
+    return any(part.strip(b" \t").lower() == b"close" for part in value.split(b","))
 
 
 class EnginePool:

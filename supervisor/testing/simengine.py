@@ -71,6 +71,10 @@ class Faults:
     # engine serves every other request: a stall that is not the engine's.
     stall_one_request_after: int | None = None
     malformed_after_tokens: int | None = None  # a stream gets a garbage event, then ends
+    # A stream gets an event line that never ends: bytes with no blank line after them, as
+    # fast as the client reads (or 1 KiB every endless_event_pace seconds), until it hangs up.
+    endless_event_after_tokens: int | None = None
+    endless_event_pace: float | None = None
     # The engine core dies, the API server lives on (vLLM's EngineDeadError): streams in
     # flight get an error event then [DONE], /health answers 503, new requests 500.
     core_dead_after_tokens: int | None = None
@@ -89,7 +93,7 @@ class Faults:
             if key in ("fail_health", "error_500", "gpu_lost"):
                 if not isinstance(value, bool):
                     raise ValueError(f"fault {key!r} takes true or false")
-            elif key == "slow_health":
+            elif key in ("slow_health", "endless_event_pace"):
                 if value is not None and (
                     not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0
                 ):
@@ -543,6 +547,10 @@ class SimEngine:
         m = self.opts.faults.malformed_after_tokens
         return m is not None and self.tokens_since_fault >= m
 
+    def endless_due(self) -> bool:
+        m = self.opts.faults.endless_event_after_tokens
+        return m is not None and self.tokens_since_fault >= m
+
     def set_faults(self, values: dict[str, Any]) -> None:
         self.opts.faults.update(values)
         self.tokens_since_fault = 0
@@ -778,6 +786,8 @@ def build_parser(dialect: str) -> argparse.ArgumentParser:
     s.add_argument("--sim-kill-after-tokens", type=int, default=None)
     s.add_argument("--sim-hang-after-tokens", type=int, default=None)
     s.add_argument("--sim-malformed-after-tokens", type=int, default=None)
+    s.add_argument("--sim-endless-event-after-tokens", type=int, default=None)
+    s.add_argument("--sim-endless-event-pace", type=float, default=None, metavar="SECONDS")
     s.add_argument("--sim-stall-one-request-after", type=int, default=None)
     s.add_argument("--sim-core-dead-after-tokens", type=int, default=None)
     s.add_argument("--sim-fail-health", action="store_true")
@@ -798,6 +808,8 @@ def parse_options(dialect: str, argv: Sequence[str]) -> SimOptions:
         kill_after_tokens=ns.sim_kill_after_tokens,
         hang_after_tokens=ns.sim_hang_after_tokens,
         malformed_after_tokens=ns.sim_malformed_after_tokens,
+        endless_event_after_tokens=ns.sim_endless_event_after_tokens,
+        endless_event_pace=ns.sim_endless_event_pace,
         stall_one_request_after=ns.sim_stall_one_request_after,
         core_dead_after_tokens=ns.sim_core_dead_after_tokens,
         fail_health=ns.sim_fail_health,

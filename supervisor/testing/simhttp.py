@@ -352,6 +352,9 @@ class Api:
                     if self.engine.malformed_due():
                         await resp.write(b'data: {"id": "garbage", "choices": [{"tex\n\n')
                         return resp
+                    if self.engine.endless_due():
+                        await self._endless_event(resp, b'data: {"choices": [{"text": "')
+                        return resp
                     n += 1
                     batch.append(tok)
                     if len(batch) >= self.opts.stream_interval or tok.finish_reason:
@@ -382,6 +385,19 @@ class Api:
         )
         await resp.prepare(request)
         return resp
+
+    async def _endless_event(self, resp: web.StreamResponse, start: bytes) -> None:
+        """An event line that never ends (the endless_event faults): its start, then bytes
+        as fast as the client takes them, or 1 KiB per ``endless_event_pace`` seconds,
+        until it hangs up (or 1 GiB has gone, to end somewhere)."""
+        pace = self.opts.faults.endless_event_pace
+        piece = b"x" * (1024 if pace else 65536)
+        with contextlib.suppress(ConnectionError):
+            await resp.write(start)
+            for _ in range((1 << 30) // len(piece)):
+                await resp.write(piece)
+                if pace:
+                    await asyncio.sleep(pace)
 
     async def _send(self, resp: web.StreamResponse, obj: dict[str, Any]) -> None:
         await resp.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
@@ -710,6 +726,9 @@ class Api:
                 async for tok in gen:
                     if self.engine.malformed_due():
                         await resp.write(b'data: {"text": "garb\n\n')
+                        return resp
+                    if self.engine.endless_due():
+                        await self._endless_event(resp, b'data: {"text": "')
                         return resp
                     shape.add(tok)
                     if len(shape.new_ids) >= self.opts.stream_interval or tok.finish_reason:

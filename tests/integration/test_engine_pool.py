@@ -15,6 +15,7 @@ import pytest
 
 from plugins.vllm import VllmBackend
 from supervisor.backends import EngineEndpoint
+from supervisor.config import FrontendConfig
 from supervisor.events import SseSplitter
 from supervisor.frontend.wire import (
     EngineConnection,
@@ -41,7 +42,7 @@ async def stream_text(pool: EnginePool, url: str) -> tuple[list[bytes], EngineCo
     conn = await pool.request(url, "/v1/completions", {}, BODY)
     assert conn.status == 200
     events: list[bytes] = []
-    sse = SseSplitter()
+    sse = SseSplitter(FrontendConfig.max_event_bytes)
     conn.set_sink(lambda b: events.extend(sse.feed(b)))
     await conn.ended()
     assert sse.done
