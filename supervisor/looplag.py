@@ -14,12 +14,15 @@ from typing import Any
 import anyio
 from prometheus_client import Histogram
 
-# 10 ms: a hold of the loop is seen to within one interval (a stall of D shows as a wake at
-# least D - 10 ms late). Each wake costs the process 60-150 µs of CPU on this 2-core test
-# machine under load (most of it the kernel waking an idle process; a sleep's timer and one
-# histogram observation are ~20 µs), about 1 % of a core in all: a fixed cost, which no
-# request, beat or peer adds to.
-TICK = 0.010
+# 50 ms: each wake costs the process 150-250 µs of CPU on this project's 2-core test VM,
+# most of it the kernel waking an idle process (a bare timer callback costs 120-180 µs; a
+# sleep's timer and one histogram observation the rest), so a 10 ms ticker would take 2 %
+# of a core on every node, as much as an idle leader's own work, and 50 ms takes 0.4 %.
+# The price is resolution: a stall of D shows as a wake at least D - 50 ms late, so any
+# stall over 100 ms lands past the 50 ms bucket and any over 150 ms is logged. p99 is not
+# biased by the interval (the wakes fall at times that owe nothing to the loop's work),
+# only sampled less often: 1,200 wakes a minute.
+TICK = 0.050
 # A wake this late is logged: twice the bench's bound on the loop's longest stall (50 ms),
 # and well past anything a request's own work takes, so the line means something held the
 # loop (a long synchronous pass, a GC of a large heap, the process stopped or starved).

@@ -49,7 +49,7 @@ async def test_a_stopped_daemon_reports_its_late_wake(
             await anyio.sleep(0.8)
         finally:
             os.kill(sup.proc.pid, signal.SIGCONT)
-        await anyio.sleep(0.2)  # the ticker's late wake, then more on time
+        await anyio.sleep(0.3)  # the ticker's late wake, then more on time
         after = await lag_histogram(session, sup.admin_url)
         late = (after["count"] - after["0.5"]) - (before["count"] - before["0.5"])
         assert late >= 1, (before, after)
