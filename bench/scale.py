@@ -1,6 +1,6 @@
 """A fleet on one machine: what a cluster of N nodes costs its daemons, etcd and NATS.
 
-    .venv/bin/python -m bench.scale [--nodes 10,30,100,300,1000] [--seconds 5] [--requests 300]
+    .venv/bin/python -m bench.scale [--nodes 10,30,100,300,1000] [--seconds 10] [--requests 300]
                           [--losses 3] [--per-process 100] [--json F] [--plot F.png]
 
 One real etcd and one real nats-server; two full daemons (``node-a`` starts first and
@@ -744,7 +744,7 @@ def plot(r: dict[str, Any], path: Path) -> Path:
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nodes", default="10,30,100,300,1000")
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, default=10.0)  # at rest: 200 wakes of the lag ticker
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--losses", type=int, default=3)
     p.add_argument("--per-process", type=int, default=100)
