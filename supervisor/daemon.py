@@ -604,7 +604,7 @@ class Supervisor:
             tg.start_soon(self._pause_expiry_loop)
             tg.start_soon(self.notify.watchdog)
             tg.start_soon(self._save_state_loop)
-            # Started first, so that a slow start (engines spawned, etcd read) is seen too.
+            # Before the servers, the cluster and the engines: a slow start is seen too.
             tg.start_soon(LoopLagTicker(self.metrics.event_loop_lag, self.log).run)
             self.notify.status("starting: shadows load and sleep, then active engines load")
             runner = web.AppRunner(AdminApi(self).app(), access_log=None)

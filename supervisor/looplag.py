@@ -17,7 +17,7 @@ from prometheus_client import Histogram
 # 50 ms: each wake costs the process 150-250 µs of CPU on this project's 2-core test VM,
 # most of it the kernel waking an idle process (a bare timer callback costs 120-180 µs; a
 # sleep's timer and one histogram observation the rest), so a 10 ms ticker would take 2 %
-# of a core on every node, as much as an idle leader's own work, and 50 ms takes 0.4 %.
+# of a core on every node (an idle leader spends about 3 % on all else), and 50 ms 0.4 %.
 # The price is resolution: a stall of D shows as a wake at least D - 50 ms late, so any
 # stall over 100 ms lands past the 50 ms bucket and any over 150 ms is logged. p99 is not
 # biased by the interval (the wakes fall at times that owe nothing to the loop's work),
@@ -58,7 +58,7 @@ class LoopLagTicker:
             due = time.monotonic() + self.tick
             await anyio.sleep(self.tick)
             now = time.monotonic()
-            # Never negative: uvloop rounds a timer to whole milliseconds, either way.
+            # uvloop rounds a timer to whole milliseconds, so a wake can come a little early.
             lag = max(now - due, 0.0)
             observe(lag)
             if lag > self.warn_after:
