@@ -373,15 +373,22 @@ def _view(status: dict[str, Any]) -> tuple[int, int, str | None]:
     return alive, slots, cl["leader"]
 
 
-async def views_agree(http: aiohttp.ClientSession, sups: list[SupervisorProcess], n: int) -> bool:
-    """Every daemon sees the other daemon and the N virtual nodes alive, all their slots
-    (8 per virtual node, one per daemon), and the same leader."""
-    views = []
+async def views(
+    http: aiohttp.ClientSession, sups: list[SupervisorProcess]
+) -> list[tuple[int, int, str | None]]:
+    """Each daemon's view: peers alive, slots known, leader."""
+    out = []
     for sup in sups:
         async with http.get(sup.admin_url + "/status") as r:
-            views.append(_view(await r.json()))
-    want = (n + len(sups) - 1, n * ENGINES + len(sups))
-    return all(v[:2] == want and v[2] is not None and v[2] == views[0][2] for v in views)
+            out.append(_view(await r.json()))
+    return out
+
+
+def views_agree(seen: list[tuple[int, int, str | None]], n: int) -> bool:
+    """Every daemon sees the other daemon and the N virtual nodes alive, all their slots
+    (8 per virtual node, one per daemon), and the same leader."""
+    want = (n + len(seen) - 1, n * ENGINES + len(seen))
+    return all(v[:2] == want and v[2] is not None and v[2] == seen[0][2] for v in seen)
 
 
 async def cold_start(
@@ -399,9 +406,18 @@ async def cold_start(
     t0 = time.monotonic()
     await fleet.start(etcd_url, nats_url, n, per)
     joined = time.monotonic() - t0
-    with anyio.fail_after(60 + n * 0.2):
-        while not await views_agree(http, sups, n):
-            await anyio.sleep(0.05)
+    deadline = t0 + 60 + n * 0.2
+    while not views_agree(seen := await views(http, sups), n):
+        if time.monotonic() > deadline:
+            # Said in the report: what each daemon saw when the bench gave up.
+            raise RuntimeError(
+                f"cold start: views not agreed after {time.monotonic() - t0:.0f} s; "
+                + "; ".join(
+                    f"{name} sees {alive} alive, {slots} slots, leader {leader}"
+                    for name, (alive, slots, leader) in zip(DAEMONS, seen, strict=True)
+                )
+            )
+        await anyio.sleep(0.05)
     return {"joined": round(joined, 2), "agreed": round(time.monotonic() - t0, 2)}
 
 
