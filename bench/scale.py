@@ -1,7 +1,7 @@
 """A fleet on one machine: what a cluster of N nodes costs its daemons, etcd and NATS.
 
-    .venv/bin/python -m bench.scale [--nodes 10,30,100,300,1000] [--seconds 5] [--requests 300]
-                          [--losses 3] [--per-process 100] [--json F]
+    .venv/bin/python -m bench.scale [--nodes 10,30,100,300,1000] [--seconds 10] [--requests 300]
+                          [--losses 3] [--per-process 100] [--json F] [--plot F.png]
 
 One real etcd and one real nats-server; two full daemons (``node-a`` starts first and
 leads, ``node-b`` follows), each with one simulated slot; and N *virtual nodes*, many per
@@ -12,9 +12,19 @@ to its own subject and its ring predecessors'), and what a node reads instead of
 watch per node: the guard's one-key read twice per TTL. For each N (0 first, the baseline)
 it reports:
 
+- cold start: the N virtual nodes started at once beside the running daemons; seconds
+  until all of them have joined (lease and keys in etcd), and until every daemon's
+  ``/status`` agrees: the other daemon and the N nodes alive, their 8·N + 2 slots known,
+  and the same leader;
 - CPU per non-streaming request through ``node-b``'s frontend (its process CPU during the
   requests, less its idle CPU over as long), and the ratio to N = 0;
 - the leader's CPU at rest (share of a core);
+- event-loop lag on the leader (``node-a``) and a follower (``node-b``, which serves the
+  requests), at rest and during the requests: the daemons' own
+  ``failover_supervisor_event_loop_lag_seconds`` histogram, scraped before and after the
+  period and differenced. p99 is estimated as Prometheus's ``histogram_quantile`` does
+  (linear within the bucket that holds it); max is the upper edge of the highest bucket
+  reached, a bound ("≤ 5 ms"), not a reading;
 - etcd's requests and bytes out per second (its ``/metrics``), NATS messages in and out
   per second and slow consumers (its ``/varz``), and NATS deliveries per published beat;
 - node loss: a virtual node stops (its keep-alives and beats end, as when it dies); each of
@@ -25,9 +35,8 @@ it reports:
 
 Then the log-log slope of each figure against N (least squares over the measured N > 0),
 and where the machine could not host N (a size left out of ``--nodes``, or one that failed)
-the value at 1,000 extrapolated from that slope, labelled so. Loop lag is not measured
-here (the daemons have no ticker to read): tests/unit/test_coordination_scale.py holds the
-leader's pass over 1,000 synthetic nodes to 50 ms.
+the value at 1,000 extrapolated from that slope, labelled so. ``--plot`` draws the costs
+and the times against N on log-log axes, with their slopes.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import aiohttp
 import anyio
 import nats
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.config import ClusterConfig
 from supervisor.coordination.etcd import EtcdClient, EtcdError, LeaseExpired, put_op
@@ -255,11 +265,16 @@ async def _post(http: aiohttp.ClientSession, url: str) -> None:
 
 
 async def cpu_per_request(
-    http: aiohttp.ClientSession, sup: SupervisorProcess, n: int, rounds: int = 5
+    http: aiohttp.ClientSession,
+    sup: SupervisorProcess,
+    n: int,
+    rounds: int = 5,
+    lag: LagWindow | None = None,
 ) -> float:
     """Microseconds of the daemon's CPU per request (its idle CPU taken off): the median
     of ``rounds`` rounds of ``n / rounds`` requests, 4 at a time, so that a moment of
-    another process's load on the machine moves one round, not the figure."""
+    another process's load on the machine moves one round, not the figure. ``lag`` is
+    begun before the first round and ended after the last."""
     pid = sup.proc.pid
     for _ in range(20):  # warm: connections, kept targets
         await _post(http, sup.frontend_url)
@@ -273,6 +288,8 @@ async def cpu_per_request(
             await _post(http, sup.frontend_url)
 
     per: list[float] = []
+    if lag is not None:
+        await lag.begin()
     for _ in range(rounds):
         c0, t0 = _cpu_seconds(pid), time.monotonic()
         async with anyio.create_task_group() as tg:
@@ -280,7 +297,128 @@ async def cpu_per_request(
                 tg.start_soon(worker)
         used = _cpu_seconds(pid) - c0 - idle_rate * (time.monotonic() - t0)
         per.append(max(used, 0.0) / (each * 4) * 1e6)
+    if lag is not None:
+        await lag.end()
     return sorted(per)[len(per) // 2]
+
+
+LAG = "failover_supervisor_event_loop_lag_seconds"
+
+
+async def lag_buckets(http: aiohttp.ClientSession, admin_url: str) -> dict[float, float]:
+    """A daemon's loop-lag histogram, scraped: cumulative count by bucket upper edge."""
+    async with http.get(admin_url + "/metrics") as r:
+        text = await r.text()
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == LAG:
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    out[float(sample.labels["le"])] = sample.value
+    return out
+
+
+def lag_figures(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """The wakes between two scrapes (the difference of their cumulative buckets): their
+    number, p99 in ms estimated as Prometheus's ``histogram_quantile`` does (the bucket that
+    holds the 99th percentile, interpolated linearly within it from its lower edge, 0 for
+    the first; past the last finite edge, that edge), and the max in ms as the upper edge
+    of the highest bucket that gained a wake (a bound, not a reading: infinite past 1 s)."""
+    edges = sorted(after)
+    cum = [after[e] - before.get(e, 0.0) for e in edges]
+    total = cum[-1] if cum else 0.0
+    if not total:
+        return {"wakes": 0, "p99_ms": math.nan, "max_ms": math.nan}
+    rank = 0.99 * total
+    p99 = edges[-2] if len(edges) > 1 else 0.0
+    for i, e in enumerate(edges):
+        if cum[i] >= rank:
+            lo, below = (edges[i - 1], cum[i - 1]) if i else (0.0, 0.0)
+            if math.isinf(e):
+                p99 = lo
+            else:
+                p99 = lo + (e - lo) * (rank - below) / max(cum[i] - below, 1e-12)
+            break
+    top = next(e for i, e in enumerate(edges) if cum[i] == total)
+    return {"wakes": int(total), "p99_ms": round(p99 * 1e3, 2), "max_ms": top * 1e3}
+
+
+class LagWindow:
+    """The daemons' loop lag over one period: a scrape of each at :meth:`begin` and at
+    :meth:`end`."""
+
+    def __init__(self, http: aiohttp.ClientSession, sups: list[SupervisorProcess]) -> None:
+        self.http, self.sups = http, sups
+        self.before: list[dict[float, float]] = []
+        self.result: dict[str, dict[str, float]] = {}  # by daemon, once ended
+
+    async def begin(self) -> None:
+        self.before = [await lag_buckets(self.http, s.admin_url) for s in self.sups]
+
+    async def end(self) -> dict[str, dict[str, float]]:
+        for name, sup, before in zip(DAEMONS, self.sups, self.before, strict=True):
+            self.result[name] = lag_figures(before, await lag_buckets(self.http, sup.admin_url))
+        return self.result
+
+
+def _view(status: dict[str, Any]) -> tuple[int, int, str | None]:
+    """A daemon's view of the cluster from its /status: peers alive, slots known, leader
+    (past 256 slots the status is summarised, and counts are all it gives)."""
+    cl = status["cluster"]
+    if "summary" in cl:
+        alive, slots = cl["summary"]["peers"]["alive"], cl["summary"]["slots"]
+    else:
+        alive = sum(1 for st in cl["peers"].values() if st == "alive")
+        slots = len(cl["slots"])
+    return alive, slots, cl["leader"]
+
+
+async def views(
+    http: aiohttp.ClientSession, sups: list[SupervisorProcess]
+) -> list[tuple[int, int, str | None]]:
+    """Each daemon's view: peers alive, slots known, leader."""
+    out = []
+    for sup in sups:
+        async with http.get(sup.admin_url + "/status") as r:
+            out.append(_view(await r.json()))
+    return out
+
+
+def views_agree(seen: list[tuple[int, int, str | None]], n: int) -> bool:
+    """Every daemon sees the other daemon and the N virtual nodes alive, all their slots
+    (8 per virtual node, one per daemon), and the same leader."""
+    want = (n + len(seen) - 1, n * ENGINES + len(seen))
+    return all(v[:2] == want and v[2] is not None and v[2] == seen[0][2] for v in seen)
+
+
+async def cold_start(
+    http: aiohttp.ClientSession,
+    sups: list[SupervisorProcess],
+    fleet: Fleet,
+    etcd_url: str,
+    nats_url: str,
+    n: int,
+    per: int,
+) -> dict[str, float]:
+    """The N virtual nodes started at once beside the running daemons: seconds until every
+    one has joined (its lease and keys in etcd, as its own process sees it), and until
+    every daemon's view agrees (:func:`views_agree`, polled every 50 ms)."""
+    t0 = time.monotonic()
+    await fleet.start(etcd_url, nats_url, n, per)
+    joined = time.monotonic() - t0
+    deadline = t0 + 60 + n * 0.2
+    while not views_agree(seen := await views(http, sups), n):
+        if time.monotonic() > deadline:
+            # Said in the report: what each daemon saw when the bench gave up.
+            raise RuntimeError(
+                f"cold start: views not agreed after {time.monotonic() - t0:.0f} s; "
+                + "; ".join(
+                    f"{name} sees {alive} alive, {slots} slots, leader {leader}"
+                    for name, (alive, slots, leader) in zip(DAEMONS, seen, strict=True)
+                )
+            )
+        await anyio.sleep(0.05)
+    return {"joined": round(joined, 2), "agreed": round(time.monotonic() - t0, 2)}
 
 
 class Fleet:
@@ -402,16 +540,21 @@ async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, An
                     cluster={**cluster, "advertise_host": host},
                 )
             )
-        if n:
-            await fleet.start(etcd.endpoints[0], nats_server.url, n, args.per_process)
         async with aiohttp.ClientSession() as http:
+            if n:
+                out["cold_start_s"] = await cold_start(
+                    http, sups, fleet, etcd.endpoints[0], nats_server.url, n, args.per_process
+                )
             await anyio.sleep(2 * d.lease_ttl)  # every view holds the fleet, the leader at rest
             leader = sups[0].proc.pid
             s0 = await _scrape(http, etcd.endpoints[0], nats_server.varz_url)
+            rest = LagWindow(http, sups)
+            await rest.begin()
             c0, t0 = _cpu_seconds(leader), time.monotonic()
             await anyio.sleep(args.seconds)
             wall = time.monotonic() - t0
             out["leader_idle_cpu_percent"] = round((_cpu_seconds(leader) - c0) / wall * 100, 2)
+            await rest.end()
             s1 = await _scrape(http, etcd.endpoints[0], nats_server.varz_url)
             for k in s0:
                 out[f"{k}_per_s"] = round((s1[k] - s0[k]) / wall, 1)
@@ -421,7 +564,17 @@ async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, An
             beats = out["in_msgs_per_s"]
             out["deliveries_per_message"] = round(out["out_msgs_per_s"] / beats, 2) if beats else 0
             out["slow_consumers"] = s1["slow_consumers"]
-            out["cpu_us_per_request"] = round(await cpu_per_request(http, sups[1], args.requests))
+            busy = LagWindow(http, sups)
+            out["cpu_us_per_request"] = round(
+                await cpu_per_request(http, sups[1], args.requests, lag=busy)
+            )
+            # The leader (node-a) and a follower (node-b, which serves the requests).
+            out["loop_lag"] = {"rest": rest.result, "requests": busy.result}
+            for phase, window in (("rest", rest), ("requests", busy)):
+                for role, name in (("leader", DAEMONS[0]), ("follower", DAEMONS[1])):
+                    out[f"lag_p99_ms_{role}_{phase}"] = window.result[name]["p99_ms"]
+            if n:
+                out["cold_start_agreed_s"] = out["cold_start_s"]["agreed"]
             if n >= 2:
                 losses: list[float] = []
                 for victim in [v for v in VICTIMS if v + 1 < n][: args.losses]:
@@ -443,7 +596,7 @@ async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, An
     return out
 
 
-FIGURES = (
+COSTS = (
     "cpu_us_per_request",
     "leader_idle_cpu_percent",
     "etcd_requests_per_s",
@@ -451,6 +604,14 @@ FIGURES = (
     "in_msgs_per_s",
     "out_msgs_per_s",
 )
+TIMES = (
+    "cold_start_agreed_s",
+    "lag_p99_ms_leader_rest",
+    "lag_p99_ms_follower_rest",
+    "lag_p99_ms_leader_requests",
+    "lag_p99_ms_follower_requests",
+)
+FIGURES = COSTS + TIMES
 
 
 def slope(points: list[tuple[float, float]]) -> float | None:
@@ -511,6 +672,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return {"sizes": results, "fit": fit(ok)}
 
 
+def _lag_cell(lag: dict[str, float]) -> str:
+    """p99 (interpolated) / max (a bucket's upper edge: "at most")."""
+    if not lag["wakes"]:
+        return "—"
+    top = "> 1000" if math.isinf(lag["max_ms"]) else f"≤ {lag['max_ms']:g}"
+    return f"{lag['p99_ms']} / {top} ms"
+
+
 def markdown(r: dict[str, Any]) -> str:
     rows = [
         "| N | CPU/request | leader idle CPU | etcd req/s | etcd out/s | NATS in/s | NATS out/s "
@@ -530,6 +699,23 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {s['in_msgs_per_s']} | {s['out_msgs_per_s']} | {s['deliveries_per_message']} "
             f"| {loss} | {s.get('leader_loss_s', '—')} s |"
         )
+    rows += [
+        "",
+        "| N | loop lag p99 / max: leader at rest | follower at rest | leader, requests "
+        "| follower, requests | cold start: all joined / views agree |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in r["sizes"]:
+        if "loop_lag" not in s:
+            continue
+        lag = [
+            _lag_cell(s["loop_lag"][phase][name])
+            for phase in ("rest", "requests")
+            for name in DAEMONS
+        ]
+        cs = s.get("cold_start_s")
+        cold = f"{cs['joined']} / {cs['agreed']} s" if cs else "—"
+        rows.append(f"| {s['nodes']} | {' | '.join(lag)} | {cold} |")
     rows += ["", "| figure | log-log slope | at 1,000 nodes |", "|---|---|---|"]
     for f, row in r["fit"].items():
         v = row.get("at_1000")
@@ -541,25 +727,30 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def plot(r: dict[str, Any], path: Path) -> Path:
-    """Each figure against N on log-log axes, with its fitted slope."""
+    """Each figure against N on log-log axes, with its fitted slope: what the fleet costs
+    (left), and how long things take (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sizes = [s for s in r["sizes"] if "failed" not in s and s["nodes"] > 0]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for f in FIGURES:
-        pts = [(s["nodes"], s[f]) for s in sizes if s.get(f)]
-        if pts:
-            k = r["fit"][f]["slope"]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{f} (slope {k})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("virtual nodes N (8 engines each)")
-    ax.set_title("What a fleet costs, against N")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, figures, title in (
+        (axes[0], COSTS, "What a fleet costs, against N"),
+        (axes[1], TIMES, "Cold start (s) and loop lag p99 (ms), against N"),
+    ):
+        for f in figures:
+            pts = [(s["nodes"], s[f]) for s in sizes if s.get(f, 0) > 0]
+            if pts:
+                k = r["fit"][f]["slope"]
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{f} (slope {k})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("virtual nodes N (8 engines each)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -569,11 +760,12 @@ def plot(r: dict[str, Any], path: Path) -> Path:
 def cli() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nodes", default="10,30,100,300,1000")
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, default=10.0)  # at rest: 200 wakes of the lag ticker
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--losses", type=int, default=3)
     p.add_argument("--per-process", type=int, default=100)
     p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path, help="a PNG of every figure against N")
     p.add_argument("--virtual", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.virtual:
@@ -585,6 +777,8 @@ def cli() -> None:
     print(markdown(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
+    if args.plot:
+        print(f"plot: {plot(result, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from supervisor.gpu import (
     follow_kmsg,
 )
 from supervisor.health import HealthJudge
+from supervisor.looplag import LoopLagTicker
 from supervisor.metrics import Metrics
 from supervisor.model import Engine, EngineState, FailoverRecord, Pause, RolloutProgress, Slot
 from supervisor.netguard import (
@@ -608,6 +609,8 @@ class Supervisor:
             tg.start_soon(self._pause_expiry_loop)
             tg.start_soon(self.notify.watchdog)
             tg.start_soon(self._save_state_loop)
+            # Before the servers, the cluster and the engines: a slow start is seen too.
+            tg.start_soon(LoopLagTicker(self.metrics.event_loop_lag, self.log).run)
             self.notify.status("starting: shadows load and sleep, then active engines load")
             runner = web.AppRunner(AdminApi(self).app(), access_log=None)
             await runner.setup()

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from supervisor.looplag import TICK
 from supervisor.model import (
     CONTINUATION_MODES,
     DEATH_SOURCES,
@@ -43,6 +44,9 @@ _DURATION_BUCKETS = (
     120,
     300,
 )
+# How late the event loop runs a timer: a millisecond is a loop doing its work, 50 ms the
+# longest hold the daemon allows itself, a second a loop stopped or starved.
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 # Detection takes microseconds when a process exit is seen at once.
 _DETECTION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, *_DURATION_BUCKETS)
 
@@ -120,6 +124,14 @@ class Metrics:
             "as its timeout). Load on the frontend must not move it.",
             ["slot"],
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.event_loop_lag = Histogram(
+            "failover_supervisor_event_loop_lag_seconds",
+            f"How late a timer of the daemon's event loop ran, sampled every {TICK * 1000:g} ms: "
+            "what any work due then waited (a long synchronous pass, a GC pause, the process "
+            "starved of CPU or stopped).",
+            buckets=_LAG_BUCKETS,
             registry=r,
         )
         self.engine_state = Gauge(
