@@ -444,6 +444,10 @@ class SlotController:
                 f"cannot start engine {engine.id} ({cmd.argv[0]}): {e.strerror or e}"
             ) from e
         self.set_state(engine, EngineState.LOADING)
+        self._start_probes(engine)
+
+    def _start_probes(self, engine: Engine) -> None:
+        """The health judge's probes of ``engine``, in the slot's task group."""
         self.spawn(
             self.judge.probe_loop,
             engine,
@@ -595,13 +599,7 @@ class SlotController:
             if state is EngineState.ACTIVE:
                 self.slot.active = engine.id
                 self._set_degraded("")
-            self.spawn(
-                self.judge.probe_loop,
-                engine,
-                self.backend,
-                self.endpoint(engine),
-                why=f"probe {engine.id}",
-            )
+            self._start_probes(engine)
             adopted += 1
         numbers = [
             int(e.id.rsplit("-", 1)[1])

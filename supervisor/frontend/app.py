@@ -382,33 +382,25 @@ class Frontend:
                     else first.engine_id
                 )
                 ms = round((time.monotonic() - t0) * 1000, 1)
-                if first is not None and first.node:  # a cluster: the nodes too
-                    self.log.info(
-                        "request",
-                        request_id=rid,
-                        model=body["model"],
-                        kind=kind,
-                        stream=stream,
-                        outcome=outcome,
-                        migrations=relay.attempt,
-                        tokens=relay.progress.completion_tokens,
-                        ms=ms,
-                        engine=engine,
-                        node=",".join([t.node for t in relay.engines()]),
-                    )
-                else:
-                    self.log.info(
-                        "request",
-                        request_id=rid,
-                        model=body["model"],
-                        kind=kind,
-                        stream=stream,
-                        outcome=outcome,
-                        migrations=relay.attempt,
-                        tokens=relay.progress.completion_tokens,
-                        ms=ms,
-                        engine=engine,
-                    )
+                # In a cluster, the nodes too.
+                nodes = (
+                    {"node": ",".join([t.node for t in relay.engines()])}
+                    if first is not None and first.node
+                    else {}
+                )
+                self.log.info(
+                    "request",
+                    request_id=rid,
+                    model=body["model"],
+                    kind=kind,
+                    stream=stream,
+                    outcome=outcome,
+                    migrations=relay.attempt,
+                    tokens=relay.progress.completion_tokens,
+                    ms=ms,
+                    engine=engine,
+                    **nodes,
+                )
         if not stream:
             failover = relay.failover_report()
             headers = [("X-Request-Id", rid)]

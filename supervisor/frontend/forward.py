@@ -13,9 +13,10 @@ event in its route's shape. Not compiled: these routes are not the relay's hot p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import orjson
@@ -110,6 +111,22 @@ class Forwarding:
         self.broken = ""  # why a stream ended early (it then ended with an error event)
         self.waiting: EngineWait | None = None  # ended when health declares the engine dead
 
+    @contextlib.contextmanager
+    def _engine_gone(self, what: str) -> Iterator[None]:
+        """An engine that fails before its answer is whole, as :class:`EngineGone`: no
+        ``what`` within the first-byte timeout, a broken connection or garbage, or the wait
+        ended by its lease (a cancellation from outside goes on as it is)."""
+        try:
+            yield
+        except TimeoutError as e:
+            raise EngineGone(f"{what} within {self.first_byte_timeout:g}s") from e
+        except (EngineConnectionError, EngineProtocolError) as e:
+            raise EngineGone(str(e)) from e
+        except asyncio.CancelledError as e:
+            if not self._engine_ended():
+                raise
+            raise EngineGone("the engine was declared dead or taken out of service") from e
+
     def _engine_ended(self) -> bool:
         """Asked once per ``CancelledError``: whether the lease ended the wait (the engine
         was declared dead, or moved off), not a cancellation from outside."""
@@ -135,35 +152,19 @@ class Forwarding:
     async def _once(
         self, target: Target, reply: Reply, head: Callable[[], list[tuple[str, str]]]
     ) -> None:
-        try:
+        with self._engine_gone("no answer"):
             async with asyncio.timeout(self.first_byte_timeout):
                 conn = await self.pool.request(
                     target.url, self.path, self.headers, self.body, self.method, self.content_type
                 )
-        except TimeoutError as e:
-            raise EngineGone(f"no answer within {self.first_byte_timeout:g}s") from e
-        except (EngineConnectionError, EngineProtocolError) as e:
-            raise EngineGone(str(e)) from e
-        except asyncio.CancelledError as e:
-            if not self._engine_ended():
-                raise
-            raise EngineGone("the engine was declared dead or taken out of service") from e
         try:
             if conn.status == 200 and conn.content_type.startswith("text/event-stream"):
                 self.streamed = True
                 await self._stream(conn, reply, head(), target)
                 return
-            try:
+            with self._engine_gone("no whole answer"):
                 async with asyncio.timeout(self.first_byte_timeout):
                     body = await conn.read_whole(ANSWER_LIMIT)
-            except TimeoutError as e:
-                raise EngineGone(f"no whole answer within {self.first_byte_timeout:g}s") from e
-            except (EngineConnectionError, EngineProtocolError) as e:
-                raise EngineGone(str(e)) from e
-            except asyncio.CancelledError as e:
-                if not self._engine_ended():
-                    raise
-                raise EngineGone("the engine was declared dead or taken out of service") from e
             self.router.answered_at[target.engine_id] = time.monotonic()
             reply.send(
                 conn.status,
