@@ -29,7 +29,9 @@ class PeerView(ClusterState):
         if node in self.dead:
             return "dead"
         if node not in self.view.nodes and self.loaded.is_set():
-            return "alive" if self._cut_off_but_serving(node) else "dead"
+            if self._cut_off_but_serving(node):
+                return "alive"
+            return "suspect" if self._may_be_cut_off() else "dead"
         if self.beats is not None and self.beats.is_suspect(node):
             return "suspect"
         return "alive"
@@ -41,6 +43,15 @@ class PeerView(ClusterState):
         if self.cl.etcd_unreachable == "demote":
             return False  # it demoted itself before its lease expired
         return self.beats is not None and self.beats.heard_recently(node)
+
+    def _may_be_cut_off(self) -> bool:
+        """Too soon (leading only since moments ago) to say that a peer whose lease is
+        gone does not beat as a node cut off from etcd."""
+        return (
+            self.cl.etcd_unreachable != "demote"
+            and self.beats is not None
+            and self.beats.may_be_cut_off()
+        )
 
     def _unit_serving(self, slot: str, unit: str) -> bool:
         members = self.view.unit_members(slot, unit)
@@ -74,7 +85,9 @@ class PeerView(ClusterState):
                     continue
                 lease_gone = node not in self.view.nodes and self.loaded.is_set() and self.etcd_ok
                 if lease_gone and not self._cut_off_but_serving(node):
-                    heard = self.beats is not None and node in self.beats.peers
+                    if self._may_be_cut_off():
+                        continue  # looked at again in a moment
+                    heard = self.beats is not None and self.beats.last_heard(node) > 0
                     why = "heartbeats missed and its lease expired" if heard else "lease expired"
                     self._confirm_dead(node, why)
                     continue
@@ -121,7 +134,7 @@ class PeerView(ClusterState):
 
     def _confirm_dead(self, node: str, why: str) -> None:
         self.dead[node] = time.monotonic()
-        last = self.beats.peers[node].last_at if self.beats and node in self.beats.peers else 0
+        last = self.beats.last_heard(node) if self.beats else 0
         if last:
             self.metrics.node_loss_seconds.observe(time.monotonic() - last)
         self.log.warning(
@@ -135,19 +148,17 @@ class PeerView(ClusterState):
         self._peer_changed(node)
 
     def _judge_peers(self) -> None:
-        """Hear the peers this node judges: every node when it leads, else its ring
-        predecessors (worked out again only when the membership or the leader changes)."""
+        """Hear the peers this node judges, its ring predecessors, and, when it leads, the
+        watchers' reports and the beats of nodes cut off from etcd (worked out again only
+        when the membership or the leader changes)."""
         if self.beats is None:
             return
         leading = self.view.leader(excluding=self.dead) == self.node
         key = (self.view.membership, leading)
-        if key == self._judging:
+        if key == self._judging or not self.loaded.is_set():
             return
         self._judging = key
-        if leading:
-            self.beats.judge(None)
-        elif self.loaded.is_set():
-            self.beats.judge(ring_predecessors(self.view.nodes, self.node))
+        self.beats.judge(ring_predecessors(self.view.nodes, self.node), leading=leading)
 
     def _revive(self, node: str) -> None:
         if self.dead.pop(node, None) is not None:

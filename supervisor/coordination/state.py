@@ -5,6 +5,7 @@ parts (``membership``, ``peers``, ``fencing``, ``leader``, ``viewsync``) each ad
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -96,8 +97,16 @@ class ClusterState:
                 suspect_after=self.cl.suspect_after,
                 snapshot=self._beat,
                 on_change=lambda node, suspect: self._peer_changed(node),
+                cut_off=self._cut_off,
             )
             self.beats.judge(())  # nobody until the view says who (see _judge_peers)
+
+    def _cut_off(self) -> bool:
+        """Our etcd link fails (a keep-alive failed, or is half a TTL late): our lease may
+        expire while we serve, and the leader must hear our beats to know that we do."""
+        if not self.lease:
+            return False
+        return not self.etcd_ok or time.monotonic() - self.last_renewed > self.cl.lease_ttl / 2
 
     def key(self, *parts: str) -> bytes:
         return self.root + "/".join(parts).encode()

@@ -124,6 +124,8 @@ async def test_heartbeats_see_peers_and_a_silent_one_becomes_suspect(tmp_path: P
             on_change=lambda n, s: changes.append((n, s)),
         )  # fmt: skip
         b = Heartbeats([server.url], "t", "b", interval=0.05, suspect_after=3, snapshot=dict)
+        a.judge(["b"])
+        b.judge(["a"])
         async with anyio.create_task_group() as outer:
             outer.start_soon(a.run)
             async with anyio.create_task_group() as inner:
@@ -142,22 +144,23 @@ async def test_heartbeats_see_peers_and_a_silent_one_becomes_suspect(tmp_path: P
         server.stop()
 
 
-async def test_each_beat_reaches_the_leader_and_its_watchers_not_every_node(
+async def test_each_beat_reaches_its_watchers_only_and_the_leader_hears_their_reports(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
-    """Twelve nodes: the leader hears every one, every other node its ring predecessors
-    only; the server (its own /varz) delivers each beat at most WATCHERS + 2 times (the
-    leader, the watchers, the sender's own copy), not to all twelve. A node that stops is
-    suspected by the leader and by its watchers."""
+    """Twelve nodes, each judging its ring predecessors, the leader as well: the server (its
+    own /varz) delivers each beat at most WATCHERS + 1 times (the watchers, the sender's
+    own copy), to the leader no more than to any node. A node that stops is suspected by
+    its watchers, and by the leader from their reports; heard again, it is cleared at the
+    leader too."""
     server = NatsServer(tmp_path).start()
     names = [f"n{i:02d}" for i in range(12)]
     beats = {
         n: Heartbeats([server.url], "t", n, interval=0.05, suspect_after=3, snapshot=dict)
         for n in names
     }
-    beats["n00"].judge(None)  # the leader
-    for n in names[1:]:
-        beats[n].judge(ring_predecessors(names, n))
+    for n in names:
+        beats[n].judge(ring_predecessors(names, n), leading=n == "n00")
+    leader = beats["n00"]
 
     async def varz() -> tuple[int, int]:
         async with session.get(server.varz_url) as r:
@@ -172,20 +175,77 @@ async def test_each_beat_reaches_the_leader_and_its_watchers_not_every_node(
             async with anyio.create_task_group() as inner:
                 inner.start_soon(beats["n05"].run)
                 with anyio.fail_after(10):
-                    while len(beats["n00"].peers) < 11 or not beats["n07"].heard_recently("n05"):
+                    while not (leader.heard_recently("n11") and beats["n07"].heard_recently("n05")):
                         await anyio.sleep(0.02)
                 in0, out0 = await varz()
                 await anyio.sleep(1.0)
                 in1, out1 = await varz()
                 inner.cancel_scope.cancel()  # n05 stops
             assert in1 - in0 > 100  # 12 nodes x 20 beats a second
-            assert (out1 - out0) / (in1 - in0) <= WATCHERS + 2, (in1 - in0, out1 - out0)
+            assert (out1 - out0) / (in1 - in0) <= WATCHERS + 1, (in1 - in0, out1 - out0)
+            assert set(leader.peers) == {"n10", "n11"}  # the leader hears two nodes' beats
             assert set(beats["n09"].peers) == {"n07", "n08"}
             with anyio.fail_after(5):
                 while not all(beats[n].is_suspect("n05") for n in ("n00", "n06", "n07")):
                     await anyio.sleep(0.02)
             assert "n05" not in beats["n09"].peers  # not one of its judges
+            assert set(leader.reports["n05"]) == {"n06", "n07"}  # both watchers said so
+            assert 0 < leader.last_heard("n05") < time.monotonic() - 0.15
+            assert leader.suspects == {"n05"}
+            async with anyio.create_task_group() as again:
+                again.start_soon(beats["n05"].run)  # n05 is back
+                with anyio.fail_after(5):
+                    while leader.is_suspect("n05"):
+                        await anyio.sleep(0.02)
+                again.cancel_scope.cancel()
             outer.cancel_scope.cancel()
+    finally:
+        server.stop()
+
+
+async def test_the_leader_hears_a_node_cut_off_from_etcd_and_only_such_a_node(
+    tmp_path: Path,
+) -> None:
+    """A node whose etcd link fails beats where the leader listens: the leader, which
+    judges neither node, hears that one (so its lease's expiry is not taken for its death)
+    and not the other; and for its first moments as leader it cannot yet rule it out."""
+    server = NatsServer(tmp_path).start()
+    cut = {"b": True}
+    leader = Heartbeats([server.url], "t", "a", interval=0.05, suspect_after=3, snapshot=dict)
+    nodes = {
+        n: Heartbeats(
+            [server.url],
+            "t",
+            n,
+            interval=0.05,
+            suspect_after=3,
+            snapshot=dict,
+            cut_off=lambda n=n: cut.get(n, False),
+        )
+        for n in ("b", "c")
+    }
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leader.run)
+            with anyio.fail_after(5):
+                while not leader.connected:
+                    await anyio.sleep(0.01)
+            leader.judge((), leading=True)
+            assert leader.may_be_cut_off()  # just became leader: it may not have heard yet
+            for hb in nodes.values():
+                tg.start_soon(hb.run)
+            with anyio.fail_after(5):
+                while not leader.heard_recently("b"):
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.5)
+            assert not leader.may_be_cut_off()
+            assert not leader.heard_recently("c")  # its etcd link works: it is not heard
+            assert leader.peers == {}
+            cut["b"] = False  # its link works again: no longer heard once its window passes
+            with anyio.fail_after(5):
+                while leader.heard_recently("b"):
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
     finally:
         server.stop()
 

@@ -112,6 +112,7 @@ def test_old_and_repeated_beats_say_nothing_but_a_restart_does() -> None:
     import anyio
 
     hb = Heartbeats(["nats://x"], "c", "me", interval=0.25, suspect_after=3, snapshot=dict)
+    hb.judge(["p"])
 
     def beat(run: str, seq: int) -> None:
         msg = SimpleNamespace(data=orjson.dumps({"node": "p", "run": run, "seq": seq}))
