@@ -1,7 +1,7 @@
 """A fleet on one machine: what a cluster of N nodes costs its daemons, etcd and NATS.
 
     .venv/bin/python -m bench.scale [--nodes 10,30,100,300,1000] [--seconds 10] [--requests 300]
-                          [--losses 3] [--per-process 100] [--json F] [--plot F.png]
+                          [--losses 8] [--per-process 100] [--json F] [--plot F.png]
 
 One real etcd and one real nats-server; two full daemons (``node-a`` starts first and
 leads, ``node-b`` follows), each with one simulated slot; and N *virtual nodes*, many per
@@ -26,7 +26,9 @@ it reports:
   (linear within the bucket that holds it); max is the upper edge of the highest bucket
   reached, a bound ("≤ 5 ms"), not a reading;
 - etcd's requests and bytes out per second (its ``/metrics``), NATS messages in and out
-  per second and slow consumers (its ``/varz``), and NATS deliveries per published beat;
+  per second and slow consumers (its ``/varz``), NATS deliveries per published beat, and
+  the messages it delivers each second to the leader's and the follower's connections
+  (its ``/connz``);
 - node loss: a virtual node stops (its keep-alives and beats end, as when it dies); each of
   its 8 slots has a sleeping shadow on another virtual node; from its last keep-alive to
   the leader's promotion of each slot, p50 / max, against lease TTL + 0.5 s.
@@ -55,7 +57,6 @@ from typing import Any
 
 import aiohttp
 import anyio
-import nats
 import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -99,6 +100,58 @@ def _cpu_seconds(pid: int) -> float:
 
 
 # -- the virtual nodes (a child process hosts many) ------------------------------------------
+class WireNats:
+    """Just enough of the NATS client protocol for the virtual nodes: subscribe, publish,
+    answer the server's pings, and read every delivered message without parsing it. The
+    server's work (matching, fan-out, delivery) is what a fleet costs it and is the same as
+    for a full client; the virtual nodes' process, which shares the 2 cores with the
+    daemons measured, spends next to nothing on a beat."""
+
+    def __init__(self) -> None:
+        self.stream: Any = None
+        self._out: list[bytes] = []
+        self._sid = 0
+        self.received_bytes = 0
+        self._sending = anyio.Lock()  # one writer at a time on the socket
+
+    async def _send(self, data: bytes) -> None:
+        async with self._sending:
+            await self.stream.send(data)
+
+    async def connect(self, url: str, name: str) -> None:
+        host, port = url.removeprefix("nats://").rsplit(":", 1)
+        self.stream = await anyio.connect_tcp(host, int(port))
+        info = b""
+        with anyio.fail_after(5):
+            while not info.endswith(b"\r\n"):
+                info += await self.stream.receive()
+        opts = {"verbose": False, "pedantic": False, "name": name, "lang": "bench", "version": "0"}
+        await self._send(b"CONNECT " + orjson.dumps(opts) + b"\r\n")
+
+    async def subscribe(self, subj: str) -> None:
+        self._sid += 1
+        await self._send(f"SUB {subj} {self._sid}\r\n".encode())
+
+    def publish(self, subj: str, payload: bytes) -> None:
+        """Queued; :meth:`flush` sends what is queued in one write."""
+        self._out.append(b"PUB %s %d\r\n%s\r\n" % (subj.encode(), len(payload), payload))
+
+    async def flush(self) -> None:
+        if self._out:
+            data, self._out = b"".join(self._out), []
+            await self._send(data)
+
+    async def drain(self) -> None:
+        """Read (and drop) what the server delivers; a PING gets its PONG."""
+        tail = b""
+        while True:
+            chunk = await self.stream.receive(1 << 20)
+            self.received_bytes += len(chunk)
+            if b"PING\r\n" in tail + chunk[:8] or b"\nPING\r\n" in chunk:
+                await self._send(b"PONG\r\n")
+            tail = chunk[-8:]
+
+
 class VirtualNodes:
     """Virtual nodes ``first .. first + count - 1``, in this process: keys, leases,
     keep-alives, guard reads and beats, as a daemon of 8 engines makes them."""
@@ -120,25 +173,26 @@ class VirtualNodes:
         conn = aiohttp.TCPConnector(limit=32)
         async with aiohttp.ClientSession(connector=conn) as http:
             etcd = EtcdClient([self.etcd_url], http, timeout=5)
-            nc = await nats.connect(servers=[self.nats_url], name="bench.scale virtual nodes")
+            nc = WireNats()
+            await nc.connect(self.nats_url, "bench.scale virtual nodes")
             try:
                 async with anyio.create_task_group() as tg:
+                    tg.start_soon(nc.drain)
+                    await self._subscribe(nc)
                     limit = anyio.CapacityLimiter(16)  # joining: a few at a time
                     for i, name in enumerate(self.names):
                         tg.start_soon(self._node, etcd, name, i, limit)
                     tg.start_soon(self._beats, nc)
-                    await self._subscribe(nc)
                     tg.start_soon(self._commands, tg)
             finally:
-                await nc.close()
+                await nc.stream.aclose()
 
-    async def _subscribe(self, nc: Any) -> None:
-        async def drop(msg: Any) -> None:
-            pass  # what a node does with a beat is measured on the daemons, not here
-
+    async def _subscribe(self, nc: WireNats) -> None:
+        # What a node does with a beat is measured on the daemons, not here: the beats are
+        # delivered (the server's work) and dropped unread.
         for name in self.names:
             for peer in ring_predecessors(self.everyone, name) | {name}:
-                await nc.subscribe(subject(CLUSTER, peer), cb=drop)
+                await nc.subscribe(subject(CLUSTER, peer))
 
     async def _node(self, etcd: EtcdClient, name: str, i: int, limit: Any) -> None:
         joined = False
@@ -209,7 +263,7 @@ class VirtualNodes:
             }
         )
 
-    async def _beats(self, nc: Any) -> None:
+    async def _beats(self, nc: WireNats) -> None:
         interval = self.cl.heartbeat_interval
         seq = 0
         while True:
@@ -219,9 +273,11 @@ class VirtualNodes:
                 if name not in self.stopped:
                     beat = {"node": name, "run": "bench", "seq": seq, "interval": interval}
                     beat["admin"] = ""
-                    await nc.publish(subject(CLUSTER, name), orjson.dumps(beat))
+                    nc.publish(subject(CLUSTER, name), orjson.dumps(beat))
                 if k % 20 == 19:  # spread over the interval, as independent nodes would be
+                    await nc.flush()
                     await anyio.sleep(interval * 20 / max(len(self.names), 1) * 0.8)
+            await nc.flush()
             await anyio.sleep(max(0.0, interval - (time.monotonic() - began)))
 
     async def _commands(self, tg: Any) -> None:
@@ -253,6 +309,17 @@ async def _scrape(http: aiohttp.ClientSession, etcd_url: str, varz: str) -> dict
     async with http.get(varz) as r:
         v = await r.json()
     out |= {k: float(v[k]) for k in ("in_msgs", "out_msgs", "out_bytes", "slow_consumers")}
+    # What the server delivered to each daemon's own connection (its name says whose).
+    async with http.get(varz.replace("/varz", "/connz")) as r:
+        conns = (await r.json()).get("connections") or []
+    for name in DAEMONS:
+        out[f"to_{name}"] = float(
+            sum(
+                c.get("out_msgs", 0)
+                for c in conns
+                if c.get("name") == f"failover-supervisor {name}"
+            )
+        )
     return out
 
 
@@ -475,22 +542,33 @@ class Fleet:
 
 async def node_loss(
     http: aiohttp.ClientSession, etcd_url: str, fleet: Fleet, victim: str
-) -> list[float]:
-    """Seconds from the victim's last keep-alive to each of its slots' promotion."""
+) -> tuple[list[float], float]:
+    """Seconds from the victim's last keep-alive to each of its slots' promotion, and to
+    etcd's deletion of its ``nodes/`` key (the lease's expiry, as every node's watch
+    delivers it): what etcd takes and what the leader adds after it."""
     etcd = EtcdClient([etcd_url], http, timeout=5)
-    root = f"{PREFIX}/{CLUSTER}/slots/{victim}-s".encode()
-    _, rev = await etcd.get_prefix(root)
+    root = f"{PREFIX}/{CLUSTER}/".encode()
+    slots = root + f"slots/{victim}-s".encode()
+    node_key = root + f"nodes/{victim}".encode()
+    _, rev = await etcd.get_prefix(root + b"\x00")  # (only its revision is wanted)
     last = await fleet.stop_node(victim)
     moved: dict[str, float] = {}
+    expired = math.inf
     with anyio.move_on_after(ClusterConfig().lease_ttl + 10):
         async for _, events in etcd.watch_prefix(root, rev + 1):
+            now = time.time()
             for ev in events:
+                if ev.kv.key == node_key and not ev.kv.value:
+                    expired = min(expired, now)
+                if not ev.kv.key.startswith(slots):
+                    continue
                 rec = orjson.loads(ev.kv.value) if ev.kv.value else {}
                 if rec.get("active") and not str(rec["active"]).startswith(victim + "."):
-                    moved.setdefault(ev.kv.key.decode(), time.time())
+                    moved.setdefault(ev.kv.key.decode(), now)
             if len(moved) == ENGINES:
                 break
-    return [t - last for t in moved.values()] + [math.inf] * (ENGINES - len(moved))
+    times = [t - last for t in moved.values()] + [math.inf] * (ENGINES - len(moved))
+    return times, expired - last
 
 
 async def leader_loss(http: aiohttp.ClientSession, sups: list[SupervisorProcess]) -> float:
@@ -563,6 +641,9 @@ async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, An
             out["leases_lost"] = int(s1["lease_grants"] - s0["lease_grants"])
             beats = out["in_msgs_per_s"]
             out["deliveries_per_message"] = round(out["out_msgs_per_s"] / beats, 2) if beats else 0
+            # The messages NATS hands the leader a second: its share of the beats.
+            out["leader_msgs_per_s"] = out.pop(f"to_{DAEMONS[0]}_per_s")
+            out["follower_msgs_per_s"] = out.pop(f"to_{DAEMONS[1]}_per_s")
             out["slow_consumers"] = s1["slow_consumers"]
             busy = LagWindow(http, sups)
             out["cpu_us_per_request"] = round(
@@ -577,14 +658,26 @@ async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, An
                 out["cold_start_agreed_s"] = out["cold_start_s"]["agreed"]
             if n >= 2:
                 losses: list[float] = []
+                expiries: list[float] = []  # last keep-alive -> etcd deletes the node's key
+                after: list[float] = []  # that deletion -> the slot's promotion
                 for victim in [v for v in VICTIMS if v + 1 < n][: args.losses]:
-                    losses += await node_loss(http, etcd.endpoints[0], fleet, vname(victim))
+                    times, expiry = await node_loss(http, etcd.endpoints[0], fleet, vname(victim))
+                    losses += times
+                    expiries.append(expiry)
+                    after += [t - expiry for t in times]
                 losses.sort()
+                after.sort()
                 out["node_loss_s"] = {
                     "n": len(losses),
                     "p50": round(losses[len(losses) // 2], 3),
+                    "p99": round(
+                        losses[min(len(losses) - 1, math.ceil(0.99 * len(losses)) - 1)], 3
+                    ),
                     "max": round(losses[-1], 3),
                     "bound": d.lease_ttl + 0.5,
+                    "etcd_expiry": [round(x, 3) for x in sorted(expiries)],
+                    "leader_ms_p50": round(after[len(after) // 2] * 1000, 1),
+                    "leader_ms_max": round(after[-1] * 1000, 1),
                 }
             out["leader_loss_s"] = await leader_loss(http, sups)
     finally:
@@ -599,6 +692,7 @@ async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, An
 COSTS = (
     "cpu_us_per_request",
     "leader_idle_cpu_percent",
+    "leader_msgs_per_s",
     "etcd_requests_per_s",
     "etcd_bytes_out_per_s",
     "in_msgs_per_s",
@@ -625,9 +719,26 @@ def slope(points: list[tuple[float, float]]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else None
 
 
+def linear(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """The least-squares line y = a + b·x through ``points``: (a, b)."""
+    if len(points) < 2:
+        return None
+    mx = sum(p[0] for p in points) / len(points)
+    my = sum(p[1] for p in points) / len(points)
+    den = sum((p[0] - mx) ** 2 for p in points)
+    if not den:
+        return None
+    b = sum((p[0] - mx) * (p[1] - my) for p in points) / den
+    return my - b * mx, b
+
+
 def fit(sizes: list[dict[str, Any]], at: int = 1000) -> dict[str, Any]:
     """Each figure's slope against N, and its value at ``at`` nodes (measured if it was,
-    else extrapolated from the largest measured N along the slope)."""
+    else extrapolated from the largest measured N along the slope). A cost with a large
+    part that does not grow (a daemon's CPU at N = 0) has a flat log-log slope however
+    steeply the rest grows, so each cost is also extrapolated along the straight line
+    a + b·N fitted through every size, N = 0 included: the larger of the two is the one
+    to hold against a target."""
     out: dict[str, Any] = {}
     measured = [s for s in sizes if s["nodes"] > 0]
     base = next((s for s in sizes if s["nodes"] == 0), None)
@@ -635,6 +746,10 @@ def fit(sizes: list[dict[str, Any]], at: int = 1000) -> dict[str, Any]:
         pts = [(float(s["nodes"]), float(s[f])) for s in measured if f in s]
         k = slope(pts)
         row: dict[str, Any] = {"slope": None if k is None else round(k, 3)}
+        line = linear([(float(s["nodes"]), float(s[f])) for s in sizes if f in s])
+        if f in COSTS and line is not None:
+            row["per_node"] = round(line[1], 5)
+            row[f"linear_at_{at}"] = round(line[0] + line[1] * at, 2)
         exact = next((s[f] for s in measured if s["nodes"] == at and f in s), None)
         if exact is not None:
             row[f"at_{at}"], row["extrapolated"] = exact, False
@@ -683,20 +798,30 @@ def _lag_cell(lag: dict[str, float]) -> str:
 def markdown(r: dict[str, Any]) -> str:
     rows = [
         "| N | CPU/request | leader idle CPU | etcd req/s | etcd out/s | NATS in/s | NATS out/s "
-        "| deliveries/beat | node loss p50 / max | leader loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| deliveries/beat | to leader / follower per s | node loss p50 / p99 / max (slots) "
+        "| leader loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in r["sizes"]:
         if "failed" in s:
-            rows.append(f"| {s['nodes']} | {s['failed'][:100]} ||||||||")
+            rows.append(f"| {s['nodes']} | {s['failed'][:100]} |||||||||")
             if "cpu_us_per_request" not in s:
                 continue
         nl = s.get("node_loss_s")
-        loss = f"{nl['p50']} / {nl['max']} s" if nl else "—"
+        loss = "—"
+        if nl:
+            loss = f"{nl['p50']} / {nl.get('p99', '—')} / {nl['max']} s ({nl['n']})"
+            if nl.get("etcd_expiry"):
+                ex = nl["etcd_expiry"]
+                loss += (
+                    f"; etcd {ex[0]} to {ex[-1]} s, then the leader "
+                    f"{nl['leader_ms_p50']} / {nl['leader_ms_max']} ms"
+                )
         rows.append(
             f"| {s['nodes']} | {s['cpu_us_per_request']} µs | {s['leader_idle_cpu_percent']} % "
             f"| {s['etcd_requests_per_s']} | {s['etcd_bytes_out_per_s'] / 1e3:.1f} kB "
             f"| {s['in_msgs_per_s']} | {s['out_msgs_per_s']} | {s['deliveries_per_message']} "
+            f"| {s.get('leader_msgs_per_s', '—')} / {s.get('follower_msgs_per_s', '—')} "
             f"| {loss} | {s.get('leader_loss_s', '—')} s |"
         )
     rows += [
@@ -716,13 +841,18 @@ def markdown(r: dict[str, Any]) -> str:
         cs = s.get("cold_start_s")
         cold = f"{cs['joined']} / {cs['agreed']} s" if cs else "—"
         rows.append(f"| {s['nodes']} | {' | '.join(lag)} | {cold} |")
-    rows += ["", "| figure | log-log slope | at 1,000 nodes |", "|---|---|---|"]
+    rows += [
+        "",
+        "| figure | log-log slope | at 1,000 nodes | straight line a + b·N: b | at 1,000 |",
+        "|---|---|---|---|---|",
+    ]
     for f, row in r["fit"].items():
         v = row.get("at_1000")
         label = "—" if v is None else f"{v}{' (extrapolated)' if row['extrapolated'] else ''}"
         if "ratio_to_alone" in row:
             label += f", {row['ratio_to_alone']}x alone"
-        rows.append(f"| {f} | {row['slope']} | {label} |")
+        b, lin = row.get("per_node", "—"), row.get("linear_at_1000", "—")
+        rows.append(f"| {f} | {row['slope']} | {label} | {b} | {lin} |")
     return "\n".join(rows) + "\n"
 
 
@@ -762,7 +892,7 @@ def cli() -> None:
     p.add_argument("--nodes", default="10,30,100,300,1000")
     p.add_argument("--seconds", type=float, default=10.0)  # at rest: 200 wakes of the lag ticker
     p.add_argument("--requests", type=int, default=300)
-    p.add_argument("--losses", type=int, default=3)
+    p.add_argument("--losses", type=int, default=8)  # 8 nodes' 64 slots: a p99 worth reading
     p.add_argument("--per-process", type=int, default=100)
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="a PNG of every figure against N")

@@ -25,8 +25,11 @@ async def test_a_fleet_of_50_virtual_nodes(tmp_path: Path) -> None:
     print(r)
     # Otherwise the machine could not keep the virtual nodes' leases (too loaded to judge).
     assert r["leases_lost"] == 0, r
-    # Each beat reaches the leader, its ring watchers and its sender: never all 52 nodes.
-    assert r["deliveries_per_message"] <= WATCHERS + 2, r
+    # Each beat reaches its ring watchers and its sender: never all 52 nodes, and the leader
+    # is handed no more than a follower (two peers' beats and its own, a few reports):
+    # nothing like the 50 nodes' 200 beats a second.
+    assert r["deliveries_per_message"] <= WATCHERS + 1, r
+    assert r["leader_msgs_per_s"] <= 3 * 4 + 10, r
     assert r["slow_consumers"] == 0
     # Per node and second: a third-TTL keep-alive, the guard's one-key read (half-TTL), and
     # the daemons' own few calls; a scan of the prefix per node would be hundreds of keys.
