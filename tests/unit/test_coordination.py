@@ -175,3 +175,46 @@ def test_dead_peers_and_old_epochs_are_forgotten() -> None:
     assert set(c.dead) == {"recent", "back"}  # "back" has a lease again: kept till revived
     assert c._known == {"recent", "back"}
     assert c._first_seen == {("chat", 5): 3.0}
+
+
+def test_the_leader_keeps_a_lease_gone_node_while_it_beats_as_cut_off_from_etcd() -> None:
+    """A peer whose lease is gone is dead at the leader, unless its beats come on the
+    cut-off subject (it lost etcd, not its life: under keep-serving it keeps its slots), and
+    not yet dead while the leader has led for less than one suspect window (such beats may
+    not have reached it yet)."""
+    import time
+
+    slot = {"name": "s", "model": "m", "backend": "vllm", "base_port": 9000, "simulate": True}
+    cluster = {"etcd_endpoints": ["http://127.0.0.1:2379"], "nats_servers": ["nats://127.0.0.1:9"]}
+    cfg = parse(
+        {"node": {"state_dir": "/tmp/x", "name": "me"}, "cluster": cluster, "slot": [slot]},
+        base_dir=Path("/"),
+    )
+    c = ClusterCoordinator(
+        cfg,
+        {},
+        Metrics(cluster=True),
+        None,  # type: ignore[arg-type]
+        admin_url=lambda: "",
+        on_view_change=lambda: None,
+        on_peer_dead=print,
+    )
+    assert c.beats is not None
+    c.loaded.set()
+    c.view.apply("nodes/me", kv("x", {"admin": ""}), False)
+    c.beats.judge((), leading=True)
+    assert c.peer_state("gone") == "suspect"  # just became leader: cannot rule it out yet
+    c.beats._leading_since -= 10
+    assert c.peer_state("gone") == "dead"
+    c.beats.cut_off_heard["gone"] = (time.monotonic(), 0.25)
+    assert c.peer_state("gone") == "alive"  # beats, cut off from etcd: its slots stay
+    c.beats.cut_off_heard["gone"] = (time.monotonic() - 1.0, 0.25)
+    assert c.peer_state("gone") == "dead"  # its beats stopped too
+    # What makes a node beat on the cut-off subject: a lease whose keep-alives fail.
+    assert not c._cut_off()  # no lease yet (joining)
+    c.lease, c.etcd_ok, c.last_renewed = 7, True, time.monotonic()
+    assert not c._cut_off()
+    c.last_renewed -= cfg.cluster.lease_ttl / 2 + 0.1
+    assert c._cut_off()  # a keep-alive is half a TTL late
+    c.last_renewed, c.etcd_ok = time.monotonic(), False
+    assert c._cut_off()
