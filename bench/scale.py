@@ -7,10 +7,10 @@ One real etcd and one real nats-server; two full daemons (``node-a`` starts firs
 leads, ``node-b`` follows), each with one simulated slot; and N *virtual nodes*, many per
 process (``--per-process``), each as the daemons see a node of 8 engines: its own lease and
 keep-alives (a third of the TTL), its ``nodes/``, ``election/``, 8 ``engines/`` and 8
-``slots/`` keys, its beats on NATS at the configured interval (subscribed, as a node is,
-to its own subject and its ring predecessors'), and what a node reads instead of a second
-watch per node: the guard's one-key read twice per TTL. For each N (0 first, the baseline)
-it reports:
+``slots/`` keys, its watch of the cluster's prefix (which delivers every change and the
+leader's clock), and its beats on NATS at the configured interval (subscribed, as a node
+is, to its own subject and its ring predecessors'). For each N (0 first, the baseline) it
+reports:
 
 - cold start: the N virtual nodes started at once beside the running daemons; seconds
   until all of them have joined (lease and keys in etcd), and until every daemon's
@@ -154,7 +154,7 @@ class WireNats:
 
 class VirtualNodes:
     """Virtual nodes ``first .. first + count - 1``, in this process: keys, leases,
-    keep-alives, guard reads and beats, as a daemon of 8 engines makes them."""
+    keep-alives, watches and beats, as a daemon of 8 engines makes them."""
 
     def __init__(self, etcd_url: str, nats_url: str, first: int, count: int, total: int):
         self.etcd_url, self.nats_url = etcd_url, nats_url
@@ -164,15 +164,20 @@ class VirtualNodes:
         self.cl = ClusterConfig()
         self.root = f"{PREFIX}/{CLUSTER}/".encode()
         self.stopped: set[str] = set()
-        self.last_keepalive: dict[str, float] = {}
+        self.last_keepalive: dict[str, float] = {}  # when the last keep-alive was sent
+        self.last_acked: dict[str, float] = {}  # ... and when etcd's answer to it came
 
     def key(self, *parts: str) -> bytes:
         return self.root + "/".join(parts).encode()
 
     async def run(self) -> None:
         conn = aiohttp.TCPConnector(limit=32)
-        async with aiohttp.ClientSession(connector=conn) as http:
+        async with (
+            aiohttp.ClientSession(connector=conn) as http,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as streams,
+        ):
             etcd = EtcdClient([self.etcd_url], http, timeout=5)
+            watcher = EtcdClient([self.etcd_url], streams, timeout=5)  # a connection each
             nc = WireNats()
             await nc.connect(self.nats_url, "bench.scale virtual nodes")
             try:
@@ -180,8 +185,8 @@ class VirtualNodes:
                     tg.start_soon(nc.drain)
                     await self._subscribe(nc)
                     limit = anyio.CapacityLimiter(16)  # joining: a few at a time
-                    for i, name in enumerate(self.names):
-                        tg.start_soon(self._node, etcd, name, i, limit)
+                    for name in self.names:
+                        tg.start_soon(self._node, etcd, watcher, name, limit)
                     tg.start_soon(self._beats, nc)
                     tg.start_soon(self._commands, tg)
             finally:
@@ -194,7 +199,14 @@ class VirtualNodes:
             for peer in ring_predecessors(self.everyone, name) | {name}:
                 await nc.subscribe(subject(CLUSTER, peer))
 
-    async def _node(self, etcd: EtcdClient, name: str, i: int, limit: Any) -> None:
+    async def _node(self, etcd: EtcdClient, watcher: EtcdClient, name: str, limit: Any) -> None:
+        async with anyio.create_task_group() as tg:
+            await self._live(etcd, tg, watcher, name, limit)
+            tg.cancel_scope.cancel()  # stopped: its watch goes with it
+
+    async def _live(
+        self, etcd: EtcdClient, tg: Any, watcher: EtcdClient, name: str, limit: Any
+    ) -> None:
         joined = False
         while name not in self.stopped:
             try:
@@ -208,8 +220,8 @@ class VirtualNodes:
                 continue
             if not joined:
                 joined = True
+                tg.start_soon(self._watch, watcher)
                 print(json.dumps({"joined": name}), flush=True)
-            guard_at = time.monotonic() + (i % 50) / 50 * self.cl.lease_ttl / 2
             while name not in self.stopped:
                 await anyio.sleep(self.cl.lease_ttl / 3)
                 if name in self.stopped:
@@ -217,14 +229,21 @@ class VirtualNodes:
                 try:
                     self.last_keepalive[name] = time.time()
                     await etcd.keepalive(lease, timeout=self.cl.lease_ttl / 3)
+                    self.last_acked[name] = time.time()
                 except LeaseExpired:
                     break  # joins again, as a daemon does
                 except EtcdError:
                     continue
-                if time.monotonic() >= guard_at:
-                    guard_at += self.cl.lease_ttl / 2
-                    with contextlib.suppress(EtcdError):
-                        await etcd.newest(self.root)
+
+    async def _watch(self, watcher: EtcdClient) -> None:
+        """The node's watch of the whole prefix, as a daemon keeps it: etcd sends each
+        change (and the leader's clock, twice per TTL) to every node's watch."""
+        while True:
+            try:
+                async for _ in watcher.watch_prefix(self.root, 0):  # from now on
+                    pass
+            except EtcdError:
+                await anyio.sleep(0.5)
 
     def _keys(self, name: str, lease: int) -> list[dict[str, Any]]:
         ops = [
@@ -288,7 +307,11 @@ class VirtualNodes:
                     self.stopped.add(arg)
                     await anyio.sleep(self.cl.lease_ttl / 3 + 0.1)  # no keep-alive is mid-way
                     last = self.last_keepalive.get(arg, 0.0)
-                    print(json.dumps({"stopped": arg, "last_keepalive": last}), flush=True)
+                    acked = self.last_acked.get(arg, 0.0)
+                    print(
+                        json.dumps({"stopped": arg, "last_keepalive": last, "acked": acked}),
+                        flush=True,
+                    )
                 elif cmd == "quit":
                     tg.cancel_scope.cancel()
                     return
@@ -518,15 +541,17 @@ class Fleet:
                 joined += got
         _progress(f"  {joined} virtual nodes joined")
 
-    async def stop_node(self, name: str) -> float:
+    async def stop_node(self, name: str) -> tuple[float, float]:
+        """Stop one virtual node: when its last keep-alive was sent, and when etcd
+        answered it (etcd counts the TTL from between the two)."""
         proc = self.names[name]
         await proc.stdin.send(f"stop {name}\n".encode())
         buf = b""
         with anyio.fail_after(10):
             while b'"stopped"' not in buf or not buf.endswith(b"\n"):
                 buf += await proc.stdout.receive()
-        line = [x for x in buf.splitlines() if b'"stopped"' in x][-1]
-        return float(json.loads(line)["last_keepalive"])
+        said = json.loads([x for x in buf.splitlines() if b'"stopped"' in x][-1])
+        return float(said["last_keepalive"]), float(said["acked"])
 
     async def close(self) -> None:
         for proc in self.procs:
@@ -542,16 +567,17 @@ class Fleet:
 
 async def node_loss(
     http: aiohttp.ClientSession, etcd_url: str, fleet: Fleet, victim: str
-) -> tuple[list[float], float]:
-    """Seconds from the victim's last keep-alive to each of its slots' promotion, and to
-    etcd's deletion of its ``nodes/`` key (the lease's expiry, as every node's watch
-    delivers it): what etcd takes and what the leader adds after it."""
+) -> tuple[list[float], float, float]:
+    """Seconds from the victim's last keep-alive (sent) to each of its slots' promotion,
+    and to etcd's deletion of its ``nodes/`` key (the lease's expiry, as every node's watch
+    delivers it): what etcd takes and what the leader adds after it; and how long etcd
+    took to answer that keep-alive."""
     etcd = EtcdClient([etcd_url], http, timeout=5)
     root = f"{PREFIX}/{CLUSTER}/".encode()
     slots = root + f"slots/{victim}-s".encode()
     node_key = root + f"nodes/{victim}".encode()
     _, rev = await etcd.get_prefix(root + b"\x00")  # (only its revision is wanted)
-    last = await fleet.stop_node(victim)
+    last, acked = await fleet.stop_node(victim)
     moved: dict[str, float] = {}
     expired = math.inf
     with anyio.move_on_after(ClusterConfig().lease_ttl + 10):
@@ -568,7 +594,7 @@ async def node_loss(
             if len(moved) == ENGINES:
                 break
     times = [t - last for t in moved.values()] + [math.inf] * (ENGINES - len(moved))
-    return times, expired - last
+    return times, expired - last, acked - last
 
 
 async def leader_loss(http: aiohttp.ClientSession, sups: list[SupervisorProcess]) -> float:
@@ -660,10 +686,14 @@ async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, An
                 losses: list[float] = []
                 expiries: list[float] = []  # last keep-alive -> etcd deletes the node's key
                 after: list[float] = []  # that deletion -> the slot's promotion
+                answers: list[float] = []  # the last keep-alive sent -> etcd's answer
                 for victim in [v for v in VICTIMS if v + 1 < n][: args.losses]:
-                    times, expiry = await node_loss(http, etcd.endpoints[0], fleet, vname(victim))
+                    times, expiry, answered = await node_loss(
+                        http, etcd.endpoints[0], fleet, vname(victim)
+                    )
                     losses += times
                     expiries.append(expiry)
+                    answers.append(answered)
                     after += [t - expiry for t in times]
                 losses.sort()
                 after.sort()
@@ -678,6 +708,8 @@ async def one_size(n: int, args: argparse.Namespace, work: Path) -> dict[str, An
                     "etcd_expiry": [round(x, 3) for x in sorted(expiries)],
                     "leader_ms_p50": round(after[len(after) // 2] * 1000, 1),
                     "leader_ms_max": round(after[-1] * 1000, 1),
+                    # etcd starts the TTL between the keep-alive's sending and its answer.
+                    "keepalive_answer_ms_max": round(max(answers) * 1000, 1),
                 }
             out["leader_loss_s"] = await leader_loss(http, sups)
     finally:

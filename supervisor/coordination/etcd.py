@@ -230,25 +230,6 @@ class EtcdClient:
         )
         return [KeyValue.parse(d) for d in res.get("kvs") or []], int(res["header"]["revision"])
 
-    async def newest(self, prefix: bytes) -> tuple[int, int]:
-        """The ``mod_revision`` of the most recently changed key under ``prefix`` (0 when
-        there is none) and etcd's revision: one key's name in the answer, however many
-        keys the prefix holds."""
-        res = await self.call(
-            "kv/range",
-            {
-                "key": _b64(prefix),
-                "range_end": _b64(prefix_end(prefix)),
-                "limit": 1,
-                "sort_order": "DESCEND",
-                "sort_target": "MOD",
-                "keys_only": True,
-            },
-        )
-        kvs = res.get("kvs") or []
-        newest = int(kvs[0].get("mod_revision", 0)) if kvs else 0
-        return newest, int(res["header"]["revision"])
-
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         res = await self.call("kv/put", put_op(key, value, lease)["request_put"])
         return int(res["header"]["revision"])

@@ -47,6 +47,7 @@ class ClusterState:
         self.demoted = False
         self.last_renewed = 0.0  # monotonic: when the last keep-alive that worked was sent
         self._watch_scope: anyio.CancelScope | None = None
+        self.watch_heard = 0.0  # monotonic: when the watch last delivered anything
         # This node's pauses, kept in etcd without a lease: a paused node that goes down
         # stays paused for the leader (its slots are not moved) until resumed or expired.
         self.pauses = pauses
