@@ -91,11 +91,21 @@ class SlotFencing(ClusterState):
         self, slot: str, seen: SlotRecord | None, new: SlotRecord, leader_check: bool = False
     ) -> bool | None:
         """The fencing transaction. True: written; False: the key moved; None: no etcd."""
-        key = self.key("slots", slot)
+        return await self._write_slots([(slot, seen, new)], leader_check)
+
+    async def _write_slots(
+        self, writes: list[tuple[str, SlotRecord | None, SlotRecord]], leader_check: bool = False
+    ) -> bool | None:
+        """The fencing transaction of one slot, or of several together (a lost node's
+        slots: one raft entry and one watch message to every node instead of one each):
+        every record is written only if no slot moved since it was ``seen`` (and, with
+        ``leader_check``, this node still leads). True: all written; False: a key moved
+        (none written); None: no etcd."""
         cmp = [
-            Compare(key, "MOD", "EQUAL", seen.mod_revision)
+            Compare(self.key("slots", slot), "MOD", "EQUAL", seen.mod_revision)
             if seen is not None
-            else Compare(key, "VERSION", "EQUAL", 0)
+            else Compare(self.key("slots", slot), "VERSION", "EQUAL", 0)
+            for slot, seen, _ in writes
         ]
         if leader_check:
             # A deposed leader (its election key gone) cannot promote, nor can a node that
@@ -106,25 +116,27 @@ class SlotFencing(ClusterState):
                 Compare(self.key("election", self.node), "LEASE", "EQUAL", self.lease),
                 Compare(prefix, "CREATE", "GREATER", ours - 1, range_end=prefix_end(prefix)),
             ]
+        puts = [put_op(self.key("slots", slot), new.as_json()) for slot, _, new in writes]
         try:
-            res = await self.etcd.txn(cmp, [put_op(key, new.as_json())])
+            res = await self.etcd.txn(cmp, puts)
         except EtcdUnavailable:
             return None
         except EtcdError as e:
-            self.log.error("fencing transaction failed", slot=slot, error=str(e))
+            self.log.error("fencing transaction failed", slots=[w[0] for w in writes], error=str(e))
             return False
         if res.succeeded:
-            new.mod_revision = res.revision
-            self.view.set_slot(slot, new)
-            self.metrics.cluster_promotions.labels(slot, "committed").inc()
-            self.log.info(
-                "epoch committed in etcd",
-                slot=slot,
-                epoch=new.epoch,
-                active=new.active,
-                revision=res.revision,
-                reason=new.reason,
-            )
+            for slot, _, new in writes:
+                new.mod_revision = res.revision
+                self.view.set_slot(slot, new)
+                self.metrics.cluster_promotions.labels(slot, "committed").inc()
+                self.log.info(
+                    "epoch committed in etcd",
+                    slot=slot,
+                    epoch=new.epoch,
+                    active=new.active,
+                    revision=res.revision,
+                    reason=new.reason,
+                )
         return res.succeeded
 
     async def _read_slot(self, slot: str) -> SlotRecord | None:

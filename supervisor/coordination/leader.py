@@ -14,12 +14,17 @@ from supervisor.coordination.state import ClusterState
 from supervisor.coordination.view import SlotRecord
 from supervisor.model import EngineState
 
+# A promotion decided in a pass: the slot, its record as seen, the unit, why.
+Promotion = tuple[str, SlotRecord | None, str, str]
 # The longest the leader works through slots before letting the loop run other tasks.
 LEAD_SLICE = 0.005
 # How often a slot left alone for its node's pause is looked at again (the pause may end).
 PAUSE_RECHECK = 1.0
 # Promotions the leader has in flight at once (a lost node's slots, each its own key).
 PROMOTIONS_AT_ONCE = 16
+# The most promotions of one pass written in one transaction (etcd's --max-txn-ops is 128
+# by default; each takes a compare and a put, plus the leader's two compares).
+PROMOTIONS_PER_TXN = 32
 
 
 class LeaderDecisions(ClusterState):
@@ -73,13 +78,15 @@ class LeaderDecisions(ClusterState):
 
     async def _lead_each(self, todo: set[str]) -> None:
         """Decide on each slot in ``todo``, yielding to the loop every few milliseconds so
-        that keep-alives, beats and requests never wait on a long pass. Promotions run
-        side by side (each is one transaction on its own slot's key): a lost node's slots
-        move together, not one etcd round trip after another."""
+        that keep-alives, beats and requests never wait on a long pass. The pass's
+        promotions are written together at its end, up to PROMOTIONS_PER_TXN in one
+        transaction: a lost node's slots move in one etcd round trip, one raft entry and
+        one message on each node's watch, not one of each per slot."""
         began = time.perf_counter()
         limit = anyio.CapacityLimiter(PROMOTIONS_AT_ONCE)
+        batch: list[Promotion] = []
         async with anyio.create_task_group() as tg:
-            self._promotions = (tg, limit)
+            self._promotions = (batch, limit)
             try:
                 for slot in sorted(todo):
                     if slot in self._acting:
@@ -93,26 +100,45 @@ class LeaderDecisions(ClusterState):
                             break  # deposed meanwhile
             finally:
                 self._promotions = None
+                for i in range(0, len(batch), PROMOTIONS_PER_TXN):
+                    tg.start_soon(self._promote_together, batch[i : i + PROMOTIONS_PER_TXN], limit)
 
     async def _promote_soon(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> None:
-        """Promote in the pass's task group (at most PROMOTIONS_AT_ONCE at a time), or at
-        once outside a pass."""
+        """Promote with the pass's other promotions, at its end, or at once outside a pass."""
         if self._promotions is None:
             await self._promote(slot, rec, unit, why)
             return
-        tg, limit = self._promotions
+        batch, _ = self._promotions
         self._acting.add(slot)
-        tg.start_soon(self._promote_in_turn, slot, rec, unit, why, limit)
+        batch.append((slot, rec, unit, why))
 
-    async def _promote_in_turn(
-        self, slot: str, rec: SlotRecord | None, unit: str, why: str, limit: Any
-    ) -> None:
+    async def _promote_together(self, batch: list[Promotion], limit: Any) -> None:
+        """One transaction for the batch; if any of its slots moved meanwhile (or this node
+        no longer leads), each is tried alone, so that one fenced slot holds up no other."""
         try:
             async with limit:
-                await self._promote(slot, rec, unit, why)
+                if len(batch) == 1:
+                    await self._promote(*batch[0])
+                    return
+                writes = [
+                    (slot, rec, self._record(slot, rec, unit, why))
+                    for slot, rec, unit, why in batch
+                ]
+                ok = await self._write_slots(writes, leader_check=True)
+                if ok:
+                    for slot, _, _, _ in batch:
+                        self._said.pop(slot, None)
+                elif ok is False:
+                    self.log.info(
+                        "leader: a batch of promotions was fenced; trying each alone",
+                        slots=[p[0] for p in batch],
+                    )
+                    for p in batch:
+                        await self._promote(*p)
         finally:
-            self._acting.discard(slot)
-            self.view.touched_slots.add(slot)  # looked at again in the next pass
+            for slot, _, _, _ in batch:
+                self._acting.discard(slot)
+                self.view.touched_slots.add(slot)  # looked at again in the next pass
 
     def _say(self, slot: str, decision: str, **kw: Any) -> None:
         """Log a leader decision once per change (the loop runs several times a second)."""
@@ -194,7 +220,8 @@ class LeaderDecisions(ClusterState):
         ]
         return min(ok)[1] if ok else None
 
-    async def _promote(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> None:
+    def _record(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> SlotRecord:
+        """The slot's record once ``unit`` is promoted (the next epoch), said in the log."""
         members = self.view.unit_members(slot, unit)
         new = SlotRecord(
             (rec.epoch if rec else 0) + 1,
@@ -206,6 +233,10 @@ class LeaderDecisions(ClusterState):
         self.log.info(
             "leader: promoting", slot=slot, unit=unit, nodes=new.nodes, epoch=new.epoch, why=why
         )
+        return new
+
+    async def _promote(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> None:
+        new = self._record(slot, rec, unit, why)
         ok = await self._write_slot(slot, rec, new, leader_check=True)
         if ok:
             self._said.pop(slot, None)

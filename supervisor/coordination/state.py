@@ -157,6 +157,11 @@ class ClusterState:
     ) -> bool | None:
         raise NotImplementedError  # fencing
 
+    async def _write_slots(
+        self, writes: list[tuple[str, SlotRecord | None, SlotRecord]], leader_check: bool = False
+    ) -> bool | None:
+        raise NotImplementedError  # fencing
+
     def _revive(self, node: str) -> None:
         raise NotImplementedError  # peers
 

@@ -342,3 +342,68 @@ async def test_two_publishers_at_once_do_not_trip_over_each_other(
             tg.start_soon(c._publish)
             tg.start_soon(c._publish)
         assert not any(k in c._published for k in stale)
+
+
+async def test_a_passes_promotions_go_in_one_transaction_and_a_fenced_one_holds_up_no_other(
+    etcd: EtcdCluster, session: aiohttp.ClientSession
+) -> None:
+    """The leader writes a lost node's promotions together: one transaction, one revision
+    for all of them. When one slot moved meanwhile, the batch is refused whole and each is
+    tried alone: the others are promoted, the moved one is left as it now is."""
+    from supervisor.config import parse
+    from supervisor.coordination.cluster import ClusterCoordinator
+    from supervisor.coordination.view import SlotRecord
+    from supervisor.metrics import Metrics
+
+    slot = {"name": "s", "model": "m", "backend": "vllm", "base_port": 9000, "simulate": True}
+    cluster = {"etcd_endpoints": etcd.endpoints, "name": "t"}
+    cfg = parse(
+        {"node": {"state_dir": "/tmp/x", "name": "lead"}, "cluster": cluster, "slot": [slot]},
+        base_dir=Path("/"),
+    )
+    c = ClusterCoordinator(
+        cfg,
+        {},
+        Metrics(cluster=True),
+        session,
+        admin_url=lambda: "",
+        on_view_change=lambda: None,
+        on_peer_dead=lambda slots: None,
+    )
+    c.lease = await c.etcd.grant(10)
+    rev = await c.etcd.put(c.key("election", "lead"), b"lead", lease=c.lease)
+    c.view.election["lead"] = rev
+    c.etcd_ok = True
+    seen: dict[str, SlotRecord] = {}
+    for i in range(4):
+        name = f"x{i}"
+        rec = SlotRecord(1, f"gone.{name}-0", ["gone"], "gone", "start")
+        rec.mod_revision = await c.etcd.put(c.key("slots", name), rec.as_json())
+        seen[name] = rec
+    for i in range(4):  # each slot's sleeping shadow on node b
+        shadow = {"node": "b", "slot": f"x{i}", "unit": f"b.x{i}", "state": "sleeping"}
+        c.view._set_engine(f"b.x{i}", shadow)
+
+    async def records() -> dict[str, tuple[int, str, int]]:
+        kvs, _ = await c.etcd.get_prefix(c.key("slots", ""))
+        out = {}
+        for kv in kvs:
+            r = SlotRecord.parse(kv)
+            out[kv.key.decode().rsplit("/", 1)[1]] = (r.epoch, str(r.active), kv.mod_revision)
+        return out
+
+    limit = anyio.CapacityLimiter(4)
+    batch = [(f"x{i}", seen[f"x{i}"], f"b.x{i}", "gone is dead") for i in (0, 1)]
+    await c._promote_together(batch, limit)
+    after = await records()
+    assert after["x0"][:2] == (2, "b.x0") and after["x1"][:2] == (2, "b.x1")
+    assert after["x0"][2] == after["x1"][2]  # one transaction: one revision
+    # x3 is moved by someone else first: the batch is refused; x2 is promoted alone.
+    moved = SlotRecord(2, "other.x3-0", ["other"], "other", "handover")
+    await c.etcd.put(c.key("slots", "x3"), moved.as_json())
+    batch = [(f"x{i}", seen[f"x{i}"], f"b.x{i}", "gone is dead") for i in (2, 3)]
+    await c._promote_together(batch, limit)
+    after = await records()
+    assert after["x2"][:2] == (2, "b.x2")
+    assert after["x3"][:2] == (2, "other.x3-0")  # left as the other writer made it
+    assert not c._acting
