@@ -22,6 +22,7 @@ from supervisor.coordination.etcd import (
 )
 from supervisor.coordination.nats import WATCHERS, Heartbeats, ring_predecessors
 from supervisor.testing.cluster import EtcdCluster, NatsServer, free_port
+from tests.unit.test_coordination import coordinator
 
 pytestmark = [pytest.mark.anyio]
 
@@ -311,27 +312,10 @@ async def test_two_publishers_at_once_do_not_trip_over_each_other(
 ) -> None:
     """The lease loop (re-registering) and the publish loop both publish this node's keys;
     run together, each deleting the keys that are no longer wanted, neither may fail."""
-    from supervisor.config import parse
-    from supervisor.coordination.cluster import ClusterCoordinator
-    from supervisor.metrics import Metrics
-
-    slot = {"name": "s", "model": "m", "backend": "vllm", "base_port": 9000, "simulate": True}
-    cfg = parse(
-        {
-            "node": {"state_dir": "/tmp/x"},
-            "cluster": {"etcd_endpoints": etcd.endpoints},
-            "slot": [slot],
-        },
-        base_dir=Path("/"),
-    )
-    c = ClusterCoordinator(
-        cfg,
-        {},
-        Metrics(cluster=True),
-        session,
-        admin_url=lambda: "http://127.0.0.1:8470",
-        on_view_change=lambda: None,
-        on_peer_dead=print,
+    c = coordinator(
+        listening="http://127.0.0.1:8470",
+        cluster={"etcd_endpoints": etcd.endpoints},
+        session=session,
     )
     for round_ in range(20):
         stale = {c.key("engines", f"old-{round_}-{i}"): b"{}" for i in range(5)}
@@ -350,26 +334,10 @@ async def test_a_passes_promotions_go_in_one_transaction_and_a_fenced_one_holds_
     """The leader writes a lost node's promotions together: one transaction, one revision
     for all of them. When one slot moved meanwhile, the batch is refused whole and each is
     tried alone: the others are promoted, the moved one is left as it now is."""
-    from supervisor.config import parse
-    from supervisor.coordination.cluster import ClusterCoordinator
     from supervisor.coordination.view import SlotRecord
-    from supervisor.metrics import Metrics
 
-    slot = {"name": "s", "model": "m", "backend": "vllm", "base_port": 9000, "simulate": True}
     cluster = {"etcd_endpoints": etcd.endpoints, "name": "t"}
-    cfg = parse(
-        {"node": {"state_dir": "/tmp/x", "name": "lead"}, "cluster": cluster, "slot": [slot]},
-        base_dir=Path("/"),
-    )
-    c = ClusterCoordinator(
-        cfg,
-        {},
-        Metrics(cluster=True),
-        session,
-        admin_url=lambda: "",
-        on_view_change=lambda: None,
-        on_peer_dead=lambda slots: None,
-    )
+    c = coordinator(node={"name": "lead"}, cluster=cluster, session=session)
     c.lease = await c.etcd.grant(10)
     rev = await c.etcd.put(c.key("election", "lead"), b"lead", lease=c.lease)
     c.view.election["lead"] = rev

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -127,14 +128,23 @@ def test_old_and_repeated_beats_say_nothing_but_a_restart_does() -> None:
     assert hb.peers["p"].run == "r2" and hb.peers["p"].last_at > first
 
 
-def coordinator(host: str = "127.0.0.1", listening: str = "") -> ClusterCoordinator:
-    """A coordinator that is never run (no servers): for its pure parts."""
+def coordinator(
+    host: str = "127.0.0.1",
+    listening: str = "",
+    *,
+    node: dict[str, Any] | None = None,
+    cluster: dict[str, Any] | None = None,
+    session: Any = None,
+) -> ClusterCoordinator:
+    """A coordinator that is never run: for its pure parts, or (given a ``session`` and
+    a real etcd's endpoints in ``cluster``) for one call at a time against that etcd."""
     slot = {"name": "s", "model": "m", "backend": "vllm", "base_port": 9000, "simulate": True}
+    cl = {"etcd_endpoints": ["http://127.0.0.1:2379"], "advertise_host": host, **(cluster or {})}
     cfg = parse(
         {
-            "node": {"state_dir": "/tmp/x"},
+            "node": {"state_dir": "/tmp/x", **(node or {})},
             "admin": {"host": "127.0.0.1"},
-            "cluster": {"etcd_endpoints": ["http://127.0.0.1:2379"], "advertise_host": host},
+            "cluster": cl,
             "slot": [slot],
         },
         base_dir=Path("/"),
@@ -143,7 +153,7 @@ def coordinator(host: str = "127.0.0.1", listening: str = "") -> ClusterCoordina
         cfg,
         {},
         Metrics(cluster=True),
-        None,  # type: ignore[arg-type]
+        session,
         admin_url=lambda: listening,
         on_view_change=lambda: None,
         on_peer_dead=print,
@@ -184,21 +194,8 @@ def test_the_leader_keeps_a_lease_gone_node_while_it_beats_as_cut_off_from_etcd(
     not have reached it yet)."""
     import time
 
-    slot = {"name": "s", "model": "m", "backend": "vllm", "base_port": 9000, "simulate": True}
-    cluster = {"etcd_endpoints": ["http://127.0.0.1:2379"], "nats_servers": ["nats://127.0.0.1:9"]}
-    cfg = parse(
-        {"node": {"state_dir": "/tmp/x", "name": "me"}, "cluster": cluster, "slot": [slot]},
-        base_dir=Path("/"),
-    )
-    c = ClusterCoordinator(
-        cfg,
-        {},
-        Metrics(cluster=True),
-        None,  # type: ignore[arg-type]
-        admin_url=lambda: "",
-        on_view_change=lambda: None,
-        on_peer_dead=print,
-    )
+    c = coordinator(node={"name": "me"}, cluster={"nats_servers": ["nats://127.0.0.1:9"]})
+    cfg = c.cfg
     assert c.beats is not None
     c.loaded.set()
     c.view.apply("nodes/me", kv("x", {"admin": ""}), False)
