@@ -44,6 +44,7 @@ and the times against N on log-log axes, with their slopes.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import math
@@ -61,7 +62,7 @@ import orjson
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.config import ClusterConfig
-from supervisor.coordination.etcd import EtcdClient, EtcdError, LeaseExpired, put_op
+from supervisor.coordination.etcd import EtcdClient, EtcdError, LeaseExpired, prefix_end, put_op
 from supervisor.coordination.nats import ring_predecessors, subject
 from supervisor.testing.cluster import (
     EtcdCluster,
@@ -152,6 +153,39 @@ class WireNats:
             tail = chunk[-8:]
 
 
+class WireWatch:
+    """A virtual node's watch of the cluster's prefix, kept as a daemon keeps its own: one
+    request on the v3 JSON gateway, its streamed answer read and dropped unparsed. etcd's
+    work for each watcher (every change, the clock) is what a fleet costs it; decoding
+    the same event a hundred times in one process on the machine's 2 cores is not."""
+
+    def __init__(self, etcd_url: str, prefix: bytes) -> None:
+        host, port = etcd_url.removeprefix("http://").rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        body = orjson.dumps(
+            {
+                "create_request": {
+                    "key": base64.b64encode(prefix).decode(),
+                    "range_end": base64.b64encode(prefix_end(prefix)).decode(),
+                }
+            }
+        )
+        self.request = (
+            b"POST /v3/watch HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body)
+        )
+
+    async def run(self) -> None:
+        while True:
+            try:
+                async with await anyio.connect_tcp(self.host, self.port) as stream:
+                    await stream.send(self.request)
+                    while True:
+                        await stream.receive(1 << 16)
+            except (OSError, anyio.EndOfStream, anyio.BrokenResourceError):
+                await anyio.sleep(0.5)
+
+
 class VirtualNodes:
     """Virtual nodes ``first .. first + count - 1``, in this process: keys, leases,
     keep-alives, watches and beats, as a daemon of 8 engines makes them."""
@@ -172,12 +206,8 @@ class VirtualNodes:
 
     async def run(self) -> None:
         conn = aiohttp.TCPConnector(limit=32)
-        async with (
-            aiohttp.ClientSession(connector=conn) as http,
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as streams,
-        ):
+        async with aiohttp.ClientSession(connector=conn) as http:
             etcd = EtcdClient([self.etcd_url], http, timeout=5)
-            watcher = EtcdClient([self.etcd_url], streams, timeout=5)  # a connection each
             nc = WireNats()
             await nc.connect(self.nats_url, "bench.scale virtual nodes")
             try:
@@ -186,7 +216,7 @@ class VirtualNodes:
                     await self._subscribe(nc)
                     limit = anyio.CapacityLimiter(16)  # joining: a few at a time
                     for name in self.names:
-                        tg.start_soon(self._node, etcd, watcher, name, limit)
+                        tg.start_soon(self._node, etcd, name, limit)
                     tg.start_soon(self._beats, nc)
                     tg.start_soon(self._commands, tg)
             finally:
@@ -199,14 +229,12 @@ class VirtualNodes:
             for peer in ring_predecessors(self.everyone, name) | {name}:
                 await nc.subscribe(subject(CLUSTER, peer))
 
-    async def _node(self, etcd: EtcdClient, watcher: EtcdClient, name: str, limit: Any) -> None:
+    async def _node(self, etcd: EtcdClient, name: str, limit: Any) -> None:
         async with anyio.create_task_group() as tg:
-            await self._live(etcd, tg, watcher, name, limit)
+            await self._live(etcd, tg, name, limit)
             tg.cancel_scope.cancel()  # stopped: its watch goes with it
 
-    async def _live(
-        self, etcd: EtcdClient, tg: Any, watcher: EtcdClient, name: str, limit: Any
-    ) -> None:
+    async def _live(self, etcd: EtcdClient, tg: Any, name: str, limit: Any) -> None:
         joined = False
         while name not in self.stopped:
             try:
@@ -220,7 +248,7 @@ class VirtualNodes:
                 continue
             if not joined:
                 joined = True
-                tg.start_soon(self._watch, watcher)
+                tg.start_soon(WireWatch(self.etcd_url, self.root).run)
                 print(json.dumps({"joined": name}), flush=True)
             while name not in self.stopped:
                 await anyio.sleep(self.cl.lease_ttl / 3)
@@ -234,16 +262,6 @@ class VirtualNodes:
                     break  # joins again, as a daemon does
                 except EtcdError:
                     continue
-
-    async def _watch(self, watcher: EtcdClient) -> None:
-        """The node's watch of the whole prefix, as a daemon keeps it: etcd sends each
-        change (and the leader's clock, twice per TTL) to every node's watch."""
-        while True:
-            try:
-                async for _ in watcher.watch_prefix(self.root, 0):  # from now on
-                    pass
-            except EtcdError:
-                await anyio.sleep(0.5)
 
     def _keys(self, name: str, lease: int) -> list[dict[str, Any]]:
         ops = [
