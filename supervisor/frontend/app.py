@@ -60,16 +60,10 @@ _RID_BITS: Final = random.Random(os.urandom(32)).getrandbits
 # (A bound format, called from C: mypyc makes an f-string with a format spec into three
 # method calls.)
 _HEX128: Final = "{:032x}".format
-# Parameters whose meaning the relay cannot keep across a migration.
-UNSUPPORTED: Final[dict[str, Callable[[Any], bool]]] = {
-    "n": lambda v: v not in (None, 1),
-    "best_of": lambda v: v not in (None, 1),
-    "echo": lambda v: bool(v),
-    "logprobs": lambda v: bool(v),
-    "top_logprobs": lambda v: bool(v),
-    "suffix": lambda v: v is not None,
-}
-_UNSUPPORTED_KEYS: Final = tuple(UNSUPPORTED)
+# Parameters the frontend reads itself (checked only where one is present).
+_SAMPLING_FIELDS: Final = ("n", "logprobs", "top_logprobs", "echo", "prompt_logprobs")
+# The most choices one request may ask for (n): each is a stream of its own to the engines.
+MAX_CHOICES: Final = 128
 
 
 class BadRequest(Exception):
@@ -243,14 +237,8 @@ class Frontend:
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise BadRequest("'stream_options' must be an object", param="stream_options")
-        if has_any_key(body, _UNSUPPORTED_KEYS):  # (mostly none of them is there)
-            for key, bad in UNSUPPORTED.items():
-                if bad(body.get(key)):
-                    raise BadRequest(
-                        f"'{key}' is not supported through the failover frontend",
-                        param=key,
-                        code="unsupported_parameter",
-                    )
+        if has_any_key(body, _SAMPLING_FIELDS):  # (mostly none of them is there)
+            _check_sampling(body, kind)
         return body
 
     def _no_such_model(self, model: str) -> BadRequest:
@@ -281,6 +269,8 @@ class Frontend:
         if not rid or not _RID_OK.match(rid):
             rid = _HEX128(_RID_BITS(128))  # 128 bits as uuid4, without a system call
         req = ClientRequest(kind, body)
+        n = body.get("n")
+        choices = n if isinstance(n, int) and n > 1 else 1
         shape = ClientShape(
             kind,
             ("chatcmpl-" if kind == "chat" else "cmpl-") + rid,
@@ -297,7 +287,13 @@ class Frontend:
             ]
             if self.fcfg.engine_header:  # (the engines so far: migrations come later)
                 head += self._engine_fields(relay.engines())
-            reply.start(200, head, shape.role_chunk() if kind == "chat" else b"")
+            if kind != "chat":
+                first = b""
+            elif relay.extras is None and choices == 1:
+                first = shape.role_chunk()
+            else:
+                first = _chat_opening(relays)
+            reply.start(200, head, first)
 
         emit: Callable[[bytes], Awaitable[None]] | None = None
         emit_now: Callable[[bytes], bool] | None = None
@@ -315,11 +311,12 @@ class Frontend:
                 # begun, the relay writes through the connection's own method.
                 if not reply.started:
                     begin()
-                relay.emit_now = reply.write_now
+                for r in relays:
+                    r.emit_now = reply.write_now
                 return reply.write_now(data)
 
         relay = RequestRelay(
-            req,
+            req if choices == 1 else _choice(req, 0),
             rid,
             shape,
             self.router,
@@ -330,11 +327,29 @@ class Frontend:
             emit,
             emit_now,
         )
+        relays = [relay]
+        for i in range(1, choices):
+            # Each choice is a request of its own upstream, so each migrates on its own.
+            one = ClientShape(kind, shape.rid, shape.model, shape.created, shape.with_ids, i)
+            relays.append(
+                RequestRelay(
+                    _choice(req, i),
+                    rid,
+                    one,
+                    self.router,
+                    self.sessions,
+                    self.fcfg,
+                    self.cfg.health,
+                    self.metrics,
+                    emit,
+                    emit_now,
+                )
+            )
         self.active += 1  # (until _leave)
         t0 = time.monotonic()
         outcome = "ok"
         try:
-            await relay.run()
+            await (relay.run() if choices == 1 else _run_all(relays))
         except Rejected as e:
             outcome = f"rejected:{e.reason}"
             self.metrics.rejections.labels(e.reason).inc()
@@ -356,13 +371,15 @@ class Frontend:
             outcome = f"client_gone: {gone}"
             self.metrics.cancellations.labels(kind).inc()
             with anyio.CancelScope(shield=True):
-                await relay.abort_upstream()
+                for r in relays:
+                    await r.abort_upstream()
             return None  # nobody to answer
         except (anyio.get_cancelled_exc_class(), ConnectionResetError):
             outcome = "cancelled"
             self.metrics.cancellations.labels(kind).inc()
             with anyio.CancelScope(shield=True):
-                await relay.abort_upstream()
+                for r in relays:
+                    await r.abort_upstream()
             raise
         except Exception as bug:  # a bug: contained, logged with its traceback, 500 to the client
             outcome = f"error: {type(bug).__name__}"
@@ -388,6 +405,11 @@ class Frontend:
                     if first is not None and first.node
                     else {}
                 )
+                migrations, tokens = relay.attempt, relay.progress.completion_tokens
+                if choices > 1:
+                    migrations = sum([r.attempt for r in relays])
+                    tokens = sum([r.progress.completion_tokens for r in relays])
+                    engine = ";".join([_engine_ids(r.engines()) for r in relays])
                 self.log.info(
                     "request",
                     request_id=rid,
@@ -395,14 +417,15 @@ class Frontend:
                     kind=kind,
                     stream=stream,
                     outcome=outcome,
-                    migrations=relay.attempt,
-                    tokens=relay.progress.completion_tokens,
+                    migrations=migrations,
+                    tokens=tokens,
                     ms=ms,
                     engine=engine,
                     **nodes,
                 )
+        usage = relay.usage() if choices == 1 else _usage_of(relays)
         if not stream:
-            failover = relay.failover_report()
+            failover = relay.failover_report() if choices == 1 else _failover_of(relays)
             headers = [("X-Request-Id", rid)]
             if self.fcfg.engine_header:
                 headers += self._engine_fields(relay.engines())
@@ -410,14 +433,18 @@ class Frontend:
                 headers.append(("X-Failover-Migrations", str(failover["migrations"])))
                 if failover["inexact"]:
                     headers.append(("X-Failover-Inexact", ",".join(failover["inexact"])))
-            answer = shape.full(relay.progress, relay.finish, relay.usage(), failover)
+            answer = shape.full(relay.progress, relay.finish, usage, failover, relay.extras)
+            for r in relays[1:]:
+                answer["choices"] += r.shape.full(r.progress, r.finish, usage, None, r.extras)[
+                    "choices"
+                ]
             return reply.send(200, orjson.dumps(answer), headers=headers)
         so = body.get("stream_options") or {}
         with contextlib.suppress(ConnectionError):  # the client left after the last token
             if not reply.started:  # nothing streamed at all (e.g. zero tokens): still a stream
                 begin()
             if so.get("include_usage"):
-                await reply.write(shape.usage_chunk(relay.usage()))
+                await reply.write(shape.usage_chunk(usage))
             await reply.write(b"data: [DONE]\n\n")
         return None
 
@@ -610,6 +637,47 @@ def _engine_ids(engines: list[Target]) -> str:
     return ",".join([t.engine_id for t in engines])
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sampling(body: dict[str, Any], kind: RequestKind) -> None:
+    """The fields the relay reads itself must have the types it reads them as (their
+    ranges are the engine's to judge)."""
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or not 1 <= n <= MAX_CHOICES):
+        raise BadRequest(f"'n' must be an integer from 1 to {MAX_CHOICES}", param="n")
+    logprobs = body.get("logprobs")
+    if kind == "chat":
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise BadRequest("'logprobs' must be true or false", param="logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and not _is_int(top):
+            raise BadRequest("'top_logprobs' must be an integer", param="top_logprobs")
+    elif logprobs is not None and not _is_int(logprobs):
+        raise BadRequest("'logprobs' must be an integer", param="logprobs")
+    prompt_logprobs = body.get("prompt_logprobs")
+    if prompt_logprobs is not None and not _is_int(prompt_logprobs):
+        raise BadRequest("'prompt_logprobs' must be an integer", param="prompt_logprobs")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise BadRequest("'echo' must be true or false", param="echo")
+    if (
+        echo
+        and kind == "completion"
+        and not isinstance(body["prompt"], str)
+        and not body.get("return_token_ids")
+    ):
+        # vLLM echoes a token prompt as its text: the frontend has no tokenizer.
+        raise BadRequest(
+            "'echo' of a prompt given as token ids is not supported through the "
+            "failover frontend (it has no tokenizer to render the prompt's text); "
+            "send the prompt as text, or ask for return_token_ids",
+            param="echo",
+            code="unsupported_parameter",
+        )
+
+
 def _check_prompt(prompt: Any) -> None:
     if isinstance(prompt, str):
         return
@@ -646,3 +714,78 @@ def _check_messages(messages: Any) -> None:
                 f"messages[{i}].content must be a string or a list of parts",
                 param=f"messages[{i}].content",
             )
+
+
+def _choice(req: ClientRequest, index: int) -> ClientRequest:
+    """Choice ``index`` of a request with ``n`` > 1, as a request of one choice. A seed
+    becomes seed + index, as vLLM seeds the choices of one request (its child requests):
+    each choice then equals what the engine would have sampled for it."""
+    body = dict(req.body)
+    body.pop("n", None)
+    seed = body.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and index:
+        body["seed"] = seed + index
+    return ClientRequest(req.kind, body)
+
+
+async def _run_all(relays: list[RequestRelay]) -> None:
+    """Run every choice's relay; the first to fail ends the others, and its error is the
+    request's."""
+    try:
+        async with anyio.create_task_group() as tg:
+            for r in relays:
+                tg.start_soon(r.run)
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    cancelled = anyio.get_cancelled_exc_class()
+    found: BaseException | None = None
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            e = _first_error(e)
+        if not isinstance(e, cancelled):
+            return e
+        found = found or e
+    assert found is not None
+    return found
+
+
+def _usage_of(relays: list[RequestRelay]) -> dict[str, int]:
+    """Usage of a request with several choices: its prompt once, every choice's tokens."""
+    prompt = next((r.prompt_tokens for r in relays if r.prompt_tokens is not None), 0)
+    completion = sum([r.progress.completion_tokens for r in relays])
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _failover_of(relays: list[RequestRelay]) -> dict[str, Any] | None:
+    """The failover report of a request with several choices: every choice's moves."""
+    reports = [r.failover_report() for r in relays]
+    moved = [rep for rep in reports if rep]
+    if not moved:
+        return None
+    inexact: list[str] = []
+    for rep in moved:
+        inexact += [f for f in rep["inexact"] if f not in inexact]
+    out: dict[str, Any] = {"migrations": sum([rep["migrations"] for rep in moved])}
+    out["inexact"] = inexact
+    return out
+
+
+def _chat_opening(relays: list[RequestRelay]) -> bytes:
+    """A chat stream's first chunks: each choice's role, then each choice's echo, with usage
+    where the client asked for it in every chunk (vLLM's order)."""
+    prompt = next((r.prompt_tokens for r in relays if r.prompt_tokens is not None), 0)
+    extras = relays[0].extras
+    usage = None
+    if extras is not None and extras.continuous:
+        usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+    out = [r.shape.role_chunk(usage) for r in relays]
+    if extras is not None and extras.echo:
+        out += [r.shape.echo_chunk(extras.echo, usage) for r in relays]
+    return b"".join(out)
