@@ -91,9 +91,13 @@ class ClientRequest:
 
     kind: RequestKind
     body: dict[str, Any]
+    # The body has a field the relay renders itself (logprobs, n, echo, prompt_logprobs,
+    # stream_options): asked once by the frontend, so that requests without them pass one
+    # check where those are handled.
+    features: bool
 
-    def __init__(self, kind: RequestKind, body: dict[str, Any]) -> None:
-        self.kind, self.body = kind, body
+    def __init__(self, kind: RequestKind, body: dict[str, Any], features: bool = True) -> None:
+        self.kind, self.body, self.features = kind, body, features
 
     @property
     def stream(self) -> bool:
@@ -165,13 +169,19 @@ class ClientRequest:
         render too (a continuation must not echo again), except a completion's echo with
         logprobs: the prompt's logprobs come only from the engine's own echo."""
         body = self.body
-        if "echo" in body and not (self.kind == "completion" and self.logprobs is not None):
+        if (
+            self.features
+            and "echo" in body
+            and not (self.kind == "completion" and self.logprobs is not None)
+        ):
             drop: tuple[str, ...] = ("stop", "include_stop_str_in_output", "echo")
         elif "stop" in body or "include_stop_str_in_output" in body:
             drop = ("stop", "include_stop_str_in_output")
         else:
             return self
-        return ClientRequest(self.kind, {k: v for k, v in body.items() if k not in drop})
+        return ClientRequest(
+            self.kind, {k: v for k, v in body.items() if k not in drop}, self.features
+        )
 
 
 # Progress's default ids: a new empty list each (None given means "some ids unknown").
@@ -336,10 +346,9 @@ class Piece:
     # Chat delta fields other than role and content (tool_calls, reasoning_content, ...),
     # passed to the client as the engine sent them.
     delta: dict[str, Any] | None = None
-    # The engine's logprobs objects for these tokens, in its shape (one per event joined),
-    # and its prompt_logprobs: read only where the client asked for them.
+    # The engine's logprobs objects for these tokens, in its shape (one per event joined):
+    # read only where the client asked for them.
     logprobs: list[dict[str, Any]] | None = None
-    prompt_logprobs: list[Any] | None = None
 
     # (A written __init__: one that dataclass generates is interpreted even when the class
     # is compiled, and one is built per token.)
@@ -363,7 +372,6 @@ class Piece:
         self.completion_tokens = completion_tokens
         self.delta = delta
         self.logprobs = None
-        self.prompt_logprobs = None
 
     @property
     def has_tokens(self) -> bool:
@@ -386,13 +394,7 @@ class Piece:
             else:
                 ids.extend(p.token_ids)
             out.n_tokens += len(p.token_ids) if p.token_ids is not None else p.n_tokens
-            for name in (
-                "finish_reason",
-                "prompt_tokens",
-                "completion_tokens",
-                "delta",
-                "prompt_logprobs",
-            ):
+            for name in ("finish_reason", "prompt_tokens", "completion_tokens", "delta"):
                 value = getattr(p, name)
                 if value is not None:
                     setattr(out, name, value)

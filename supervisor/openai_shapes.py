@@ -194,6 +194,7 @@ class OpenAIStreamDecoder(StreamDecoder):
         # Set by the relay where the client asked for logprobs (or prompt_logprobs): only
         # then are they read, so other streams pay nothing for them.
         self.keep_logprobs = False
+        self.prompt_logprobs: list[Any] | None = None  # a whole answer's, when kept
 
     def feed(self, data: bytes) -> Piece | None:
         # (Read into locals and built once at the end: this runs for every token.)
@@ -273,5 +274,5 @@ class OpenAIStreamDecoder(StreamDecoder):
             # (completions: in the choice; chat: beside the choices)
             prompt_logprobs = ch.get("prompt_logprobs", obj.get("prompt_logprobs"))
             if isinstance(prompt_logprobs, list):
-                piece.prompt_logprobs = prompt_logprobs
+                self.prompt_logprobs = prompt_logprobs
         return piece

@@ -60,8 +60,15 @@ _RID_BITS: Final = random.Random(os.urandom(32)).getrandbits
 # (A bound format, called from C: mypyc makes an f-string with a format spec into three
 # method calls.)
 _HEX128: Final = "{:032x}".format
-# Parameters the frontend reads itself (checked only where one is present).
-_SAMPLING_FIELDS: Final = ("n", "logprobs", "top_logprobs", "echo", "prompt_logprobs")
+# Fields the relay reads and renders itself (checked and handled only where one is there).
+_FEATURE_FIELDS: Final = (
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "prompt_logprobs",
+    "stream_options",
+)
 # The most choices one request may ask for (n): each is a stream of its own to the engines.
 MAX_CHOICES: Final = 128
 
@@ -204,7 +211,9 @@ class Frontend:
         reply.send(200, orjson.dumps({"object": "list", "data": models}))
 
     # -- requests ----------------------------------------------------------------------
-    def _body(self, request: Request, kind: RequestKind) -> dict[str, Any]:
+    def _body(self, request: Request, kind: RequestKind) -> tuple[dict[str, Any], bool]:
+        """The request's body, checked, and whether it uses a field the relay renders
+        itself (logprobs, several choices, an echo, usage in every chunk): asked once."""
         try:
             body = parse_json(request.body, max_depth=self.fcfg.max_json_depth)
         except BadJson as e:
@@ -237,9 +246,10 @@ class Frontend:
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise BadRequest("'stream_options' must be an object", param="stream_options")
-        if has_any_key(body, _SAMPLING_FIELDS):  # (mostly none of them is there)
+        features = has_any_key(body, _FEATURE_FIELDS)  # (mostly none of them is there)
+        if features:
             _check_sampling(body, kind)
-        return body
+        return body, features
 
     def _no_such_model(self, model: str) -> BadRequest:
         if not self.ready:  # another node's model may not be known yet
@@ -264,13 +274,13 @@ class Frontend:
         if self.router.draining:
             self.metrics.rejections.labels("draining").inc()
             return self._unavailable(reply, "the supervisor is shutting down")
-        body = self._body(request, kind)
+        body, features = self._body(request, kind)
         rid = request.headers.get("x-request-id", "")
         if not rid or not _RID_OK.match(rid):
             rid = _HEX128(_RID_BITS(128))  # 128 bits as uuid4, without a system call
-        req = ClientRequest(kind, body)
-        n = body.get("n")
-        choices = n if isinstance(n, int) and n > 1 else 1
+        if features and body.get("n") not in (None, 1):
+            return await self._serve_choices(request, reply, kind, body, rid)
+        req = ClientRequest(kind, body, features)
         shape = ClientShape(
             kind,
             ("chatcmpl-" if kind == "chat" else "cmpl-") + rid,
@@ -288,12 +298,11 @@ class Frontend:
             if self.fcfg.engine_header:  # (the engines so far: migrations come later)
                 head += self._engine_fields(relay.engines())
             if kind != "chat":
-                first = b""
-            elif relay.extras is None and choices == 1:
-                first = shape.role_chunk()
-            else:
-                first = _chat_opening(relays)
-            reply.start(200, head, first)
+                reply.start(200, head)
+            elif relay.extras is None:
+                reply.start(200, head, shape.role_chunk())
+            else:  # (usage in every chunk, an echo)
+                reply.start(200, head, _chat_opening([relay]))
 
         emit: Callable[[bytes], Awaitable[None]] | None = None
         emit_now: Callable[[bytes], bool] | None = None
@@ -311,12 +320,11 @@ class Frontend:
                 # begun, the relay writes through the connection's own method.
                 if not reply.started:
                     begin()
-                for r in relays:
-                    r.emit_now = reply.write_now
+                relay.emit_now = reply.write_now
                 return reply.write_now(data)
 
         relay = RequestRelay(
-            req if choices == 1 else _choice(req, 0),
+            req,
             rid,
             shape,
             self.router,
@@ -327,15 +335,142 @@ class Frontend:
             emit,
             emit_now,
         )
-        relays = [relay]
-        for i in range(1, choices):
-            # Each choice is a request of its own upstream, so each migrates on its own.
-            one = ClientShape(kind, shape.rid, shape.model, shape.created, shape.with_ids, i)
+        self.active += 1  # (until _leave)
+        t0 = time.monotonic()
+        outcome = "ok"
+        try:
+            await relay.run()
+        except Rejected as e:
+            outcome = f"rejected:{e.reason}"
+            self.metrics.rejections.labels(e.reason).inc()
+            if not reply.started:
+                return self._unavailable(reply, str(e))
+            return await self._stream_error(reply, 503, str(e))
+        except UpstreamClientError as refused:
+            outcome = f"engine_refused:{refused.status}"
+            if not reply.started:
+                return reply.send(refused.status, error_body(refused.status, str(refused)))
+            return await self._stream_error(reply, refused.status, str(refused))
+        except MigrationFailed as failed:
+            outcome = "migration_failed"
+            if not reply.started:
+                message = f"the request could not be completed: {failed}"
+                return reply.send(502, error_body(502, message))
+            return await self._stream_error(reply, 502, str(failed))
+        except ClientGone as gone:
+            outcome = f"client_gone: {gone}"
+            self.metrics.cancellations.labels(kind).inc()
+            with anyio.CancelScope(shield=True):
+                await relay.abort_upstream()
+            return None  # nobody to answer
+        except (anyio.get_cancelled_exc_class(), ConnectionResetError):
+            outcome = "cancelled"
+            self.metrics.cancellations.labels(kind).inc()
+            with anyio.CancelScope(shield=True):
+                await relay.abort_upstream()
+            raise
+        except Exception as bug:  # a bug: contained, logged with its traceback, 500 to the client
+            outcome = f"error: {type(bug).__name__}"
+            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
+            if not reply.started:
+                message = "internal error in the supervisor; see its log"
+                return reply.send(500, error_body(500, message))
+            return await self._stream_error(reply, 500, "internal error in the supervisor")
+        finally:
+            self._leave()
+            if self.fcfg.access_log and self.logs_info:
+                first = relay.served_by
+                # (One engine's id as it is, for most requests: no list, no join.)
+                engine = (
+                    _engine_ids(relay.engines())
+                    if relay.moved_to or first is None
+                    else first.engine_id
+                )
+                ms = round((time.monotonic() - t0) * 1000, 1)
+                # In a cluster, the nodes too.
+                nodes = (
+                    {"node": ",".join([t.node for t in relay.engines()])}
+                    if first is not None and first.node
+                    else {}
+                )
+                self.log.info(
+                    "request",
+                    request_id=rid,
+                    model=body["model"],
+                    kind=kind,
+                    stream=stream,
+                    outcome=outcome,
+                    migrations=relay.attempt,
+                    tokens=relay.progress.completion_tokens,
+                    ms=ms,
+                    engine=engine,
+                    **nodes,
+                )
+        if not stream:
+            failover = relay.failover_report()
+            headers = [("X-Request-Id", rid)]
+            if self.fcfg.engine_header:
+                headers += self._engine_fields(relay.engines())
+            if failover:
+                headers.append(("X-Failover-Migrations", str(failover["migrations"])))
+                if failover["inexact"]:
+                    headers.append(("X-Failover-Inexact", ",".join(failover["inexact"])))
+            answer = shape.full(relay.progress, relay.finish, relay.usage(), failover, relay.extras)
+            return reply.send(200, orjson.dumps(answer), headers=headers)
+        so = body.get("stream_options") or {}
+        with contextlib.suppress(ConnectionError):  # the client left after the last token
+            if not reply.started:  # nothing streamed at all (e.g. zero tokens): still a stream
+                begin()
+            if so.get("include_usage"):
+                await reply.write(shape.usage_chunk(relay.usage()))
+            await reply.write(b"data: [DONE]\n\n")
+        return None
+
+    async def _serve_choices(
+        self, request: Request, reply: Reply, kind: RequestKind, body: dict[str, Any], rid: str
+    ) -> None:
+        """A request for ``n`` > 1 choices: each choice is a request of its own upstream
+        (choice i seeded seed + i, as vLLM seeds its child requests), relayed, and moved
+        on a failure, on its own; the client gets one answer with every choice."""
+        req = ClientRequest(kind, body, True)
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        created, with_ids = int(time.time()), bool(body.get("return_token_ids"))
+        stream = req.stream
+        relays: list[RequestRelay] = []
+
+        def begin() -> None:
+            head = [
+                ("Content-Type", "text/event-stream"),
+                ("Cache-Control", "no-cache"),
+                ("X-Request-Id", rid),
+            ]
+            if self.fcfg.engine_header:
+                head += self._engine_fields(_engines_of(relays))
+            reply.start(200, head, _chat_opening(relays) if kind == "chat" else b"")
+
+        emit: Callable[[bytes], Awaitable[None]] | None = None
+        emit_now: Callable[[bytes], bool] | None = None
+        if stream:
+
+            async def emit(data: bytes) -> None:
+                if not reply.started:
+                    begin()
+                await reply.write(data)  # a failed write is the relay's ClientGone
+
+            def emit_now(data: bytes) -> bool:
+                if not reply.started:
+                    begin()
+                for r in relays:
+                    r.emit_now = reply.write_now
+                return reply.write_now(data)
+
+        for i in range(body["n"]):
+            shape = ClientShape(kind, prefix + rid, body["model"], created, with_ids, i)
             relays.append(
                 RequestRelay(
                     _choice(req, i),
                     rid,
-                    one,
+                    shape,
                     self.router,
                     self.sessions,
                     self.fcfg,
@@ -349,7 +484,7 @@ class Frontend:
         t0 = time.monotonic()
         outcome = "ok"
         try:
-            await (relay.run() if choices == 1 else _run_all(relays))
+            await _run_all(relays)
         except Rejected as e:
             outcome = f"rejected:{e.reason}"
             self.metrics.rejections.labels(e.reason).inc()
@@ -391,25 +526,10 @@ class Frontend:
         finally:
             self._leave()
             if self.fcfg.access_log and self.logs_info:
-                first = relay.served_by
-                # (One engine's id as it is, for most requests: no list, no join.)
-                engine = (
-                    _engine_ids(relay.engines())
-                    if relay.moved_to or first is None
-                    else first.engine_id
-                )
-                ms = round((time.monotonic() - t0) * 1000, 1)
-                # In a cluster, the nodes too.
-                nodes = (
-                    {"node": ",".join([t.node for t in relay.engines()])}
-                    if first is not None and first.node
-                    else {}
-                )
-                migrations, tokens = relay.attempt, relay.progress.completion_tokens
-                if choices > 1:
-                    migrations = sum([r.attempt for r in relays])
-                    tokens = sum([r.progress.completion_tokens for r in relays])
-                    engine = ";".join([_engine_ids(r.engines()) for r in relays])
+                engines = _engines_of(relays)
+                nodes = {}
+                if any(t.node for t in engines):  # a cluster: the nodes too
+                    nodes["node"] = ",".join([t.node for t in engines])
                 self.log.info(
                     "request",
                     request_id=rid,
@@ -417,34 +537,37 @@ class Frontend:
                     kind=kind,
                     stream=stream,
                     outcome=outcome,
-                    migrations=migrations,
-                    tokens=tokens,
-                    ms=ms,
-                    engine=engine,
+                    choices=len(relays),
+                    migrations=sum([r.attempt for r in relays]),
+                    tokens=sum([r.progress.completion_tokens for r in relays]),
+                    ms=round((time.monotonic() - t0) * 1000, 1),
+                    engine=_engine_ids(engines),
                     **nodes,
                 )
-        usage = relay.usage() if choices == 1 else _usage_of(relays)
+        usage = _usage_of(relays)
         if not stream:
-            failover = relay.failover_report() if choices == 1 else _failover_of(relays)
+            failover = _failover_of(relays)
             headers = [("X-Request-Id", rid)]
             if self.fcfg.engine_header:
-                headers += self._engine_fields(relay.engines())
+                headers += self._engine_fields(_engines_of(relays))
             if failover:
                 headers.append(("X-Failover-Migrations", str(failover["migrations"])))
                 if failover["inexact"]:
                     headers.append(("X-Failover-Inexact", ",".join(failover["inexact"])))
-            answer = shape.full(relay.progress, relay.finish, usage, failover, relay.extras)
-            for r in relays[1:]:
-                answer["choices"] += r.shape.full(r.progress, r.finish, usage, None, r.extras)[
-                    "choices"
-                ]
+            answer: dict[str, Any] = {}
+            for r in relays:
+                one = r.shape.full(r.progress, r.finish, usage, failover, r.extras)
+                if answer:
+                    answer["choices"] += one["choices"]
+                else:
+                    answer = one
             return reply.send(200, orjson.dumps(answer), headers=headers)
         so = body.get("stream_options") or {}
         with contextlib.suppress(ConnectionError):  # the client left after the last token
-            if not reply.started:  # nothing streamed at all (e.g. zero tokens): still a stream
+            if not reply.started:  # nothing streamed at all: still a stream
                 begin()
             if so.get("include_usage"):
-                await reply.write(shape.usage_chunk(usage))
+                await reply.write(relays[0].shape.usage_chunk(usage))
             await reply.write(b"data: [DONE]\n\n")
         return None
 
@@ -774,6 +897,14 @@ def _failover_of(relays: list[RequestRelay]) -> dict[str, Any] | None:
         inexact += [f for f in rep["inexact"] if f not in inexact]
     out: dict[str, Any] = {"migrations": sum([rep["migrations"] for rep in moved])}
     out["inexact"] = inexact
+    return out
+
+
+def _engines_of(relays: list[RequestRelay]) -> list[Target]:
+    """The engines a request of several choices went to, each once, in order."""
+    out: list[Target] = []
+    for r in relays:
+        out += [t for t in r.engines() if t not in out]
     return out
 
 

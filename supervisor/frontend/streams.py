@@ -232,8 +232,11 @@ class ClientShape:
     ) -> dict[str, Any]:
         logprobs = None if extras is None else extras.whole
         echo = "" if extras is None else extras.echo
-        choice: dict[str, Any] = {"index": self.index, "logprobs": logprobs}
-        choice["finish_reason"] = finish
+        choice: dict[str, Any] = {
+            "index": self.index,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+        }
         if self.kind == "chat":
             choice["message"] = {
                 "role": "assistant",
@@ -307,9 +310,8 @@ class Extras:
 
     @staticmethod
     def wanted(req: ClientRequest) -> bool:
+        """Whether ``req`` asks for any of them (its ``features`` said it may)."""
         body = req.body
-        if not has_any_key(body, _EXTRA_FIELDS):  # (mostly none of them is there)
-            return False
         so = body.get("stream_options")
         return (
             req.logprobs is not None
@@ -381,10 +383,6 @@ class Extras:
             return
         for key, values in rendered.items():
             self.whole[key] += values
-
-
-# Fields whose presence may call for Extras (asked once per request).
-_EXTRA_FIELDS: Final = ("logprobs", "echo", "prompt_logprobs", "stream_options")
 
 
 Emit = Callable[[bytes], Awaitable[None]]
@@ -489,7 +487,7 @@ class RequestRelay:
             and not has_any_key(req.body, _TOOL_FIELDS)
         )
         # Logprobs, usage in every chunk, an echo, prompt_logprobs: None for most requests.
-        self.extras = Extras(req) if Extras.wanted(req) else None
+        self.extras = Extras(req) if req.features and Extras.wanted(req) else None
         if self.extras is not None and not req.stream and req.body.get("prompt_logprobs"):
             # vLLM gives prompt_logprobs only in a whole answer: such a request is asked
             # whole, and on a failure asked again from the start (nothing was sent yet).
@@ -838,6 +836,10 @@ class RequestRelay:
         self._take(backend, decoder, [body], [])  # (nothing is rendered: not streamed)
         if self.finish is None:
             raise MalformedStream(f"the engine's answer has no finish reason: {body[:80]!r}")
+        if self.extras is not None and isinstance(decoder, OpenAIStreamDecoder):
+            # (Only a whole answer has them, and it is asked only before anything was sent:
+            # they are the client's prompt's, never a continuation's.)
+            self.extras.prompt_logprobs = decoder.prompt_logprobs
 
     def _take(
         self, backend: Backend, decoder: StreamDecoder, events: list[bytes], out: list[bytes]
@@ -956,9 +958,6 @@ class RequestRelay:
         logprobs = usage = None
         extras = self.extras
         if extras is not None:
-            if piece.prompt_logprobs is not None and self.sent_before_attempt == 0:
-                # (Those of the client's prompt: a continuation's prompt holds the answer.)
-                extras.prompt_logprobs = extras.prompt_logprobs or piece.prompt_logprobs
             if piece.logprobs is not None and extras.logprobs:
                 logprobs = extras.render(piece.logprobs)
                 if self.emit is None:
