@@ -488,7 +488,11 @@ class RequestRelay:
         )
         # Logprobs, usage in every chunk, an echo, prompt_logprobs: None for most requests.
         self.extras = Extras(req) if req.features and Extras.wanted(req) else None
-        if self.extras is not None and not req.stream and req.body.get("prompt_logprobs"):
+        if (
+            self.extras is not None
+            and not req.stream
+            and req.body.get("prompt_logprobs") is not None
+        ):
             # vLLM gives prompt_logprobs only in a whole answer: such a request is asked
             # whole, and on a failure asked again from the start (nothing was sent yet).
             self.whole_ok = True
