@@ -91,9 +91,13 @@ class ClientRequest:
 
     kind: RequestKind
     body: dict[str, Any]
+    # The body has a field the relay renders itself (logprobs, n, echo, prompt_logprobs,
+    # stream_options): asked once by the frontend, so that requests without them pass one
+    # check where those are handled.
+    features: bool
 
-    def __init__(self, kind: RequestKind, body: dict[str, Any]) -> None:
-        self.kind, self.body = kind, body
+    def __init__(self, kind: RequestKind, body: dict[str, Any], features: bool = True) -> None:
+        self.kind, self.body, self.features = kind, body, features
 
     @property
     def stream(self) -> bool:
@@ -123,17 +127,61 @@ class ClientRequest:
             return tuple(s for s in stop if isinstance(s, str) and s)
         return ()
 
+    @property
+    def logprobs(self) -> int | None:
+        """How many alternatives per token the client asked logprobs with (completions'
+        ``logprobs``; chat's ``top_logprobs`` when ``logprobs`` is true, 0 when absent), or
+        None: no logprobs."""
+        value = self.body.get("logprobs")
+        if self.kind == "chat":
+            if value is not True:
+                return None
+            top = self.body.get("top_logprobs")
+            return top if isinstance(top, int) else 0
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    @property
+    def echo_text(self) -> str:
+        """What an ``echo`` puts before the answer, as vLLM renders it: a completion's
+        prompt (nothing where the client asked for token ids: vLLM then echoes only the
+        ids); in chat, the last message when its role is the answer's."""
+        body = self.body
+        if not body.get("echo"):
+            return ""
+        if self.kind == "completion":
+            prompt = body.get("prompt")
+            return prompt if isinstance(prompt, str) and not body.get("return_token_ids") else ""
+        last = body["messages"][-1]
+        role = "assistant" if body.get("add_generation_prompt", True) else last.get("role")
+        if last.get("role") != role:
+            return ""
+        content = last.get("content") or ""
+        if isinstance(content, list):
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            return "\n".join([t for t in texts if isinstance(t, str)])
+        return content if isinstance(content, str) else ""
+
     def for_engines(self) -> ClientRequest:
         """The request as engines get it: the supervisor matches stop strings itself (an
         engine holds back text while it waits to see whether a stop string completes, and
         that text would be lost with the engine; a stop string straddling a migration
-        would never match), so they are not sent upstream."""
-        if "stop" not in self.body and "include_stop_str_in_output" not in self.body:
+        would never match), so they are not sent upstream. An echo is the relay's to
+        render too (a continuation must not echo again), except a completion's echo with
+        logprobs: the prompt's logprobs come only from the engine's own echo."""
+        body = self.body
+        if (
+            self.features
+            and "echo" in body
+            and not (self.kind == "completion" and self.logprobs is not None)
+        ):
+            drop: tuple[str, ...] = ("stop", "include_stop_str_in_output", "echo")
+        elif "stop" in body or "include_stop_str_in_output" in body:
+            drop = ("stop", "include_stop_str_in_output")
+        else:
             return self
-        body = {
-            k: v for k, v in self.body.items() if k not in ("stop", "include_stop_str_in_output")
-        }
-        return ClientRequest(self.kind, body)
+        return ClientRequest(
+            self.kind, {k: v for k, v in body.items() if k not in drop}, self.features
+        )
 
 
 # Progress's default ids: a new empty list each (None given means "some ids unknown").
@@ -298,6 +346,9 @@ class Piece:
     # Chat delta fields other than role and content (tool_calls, reasoning_content, ...),
     # passed to the client as the engine sent them.
     delta: dict[str, Any] | None = None
+    # The engine's logprobs objects for these tokens, in its shape (one per event joined):
+    # read only where the client asked for them.
+    logprobs: list[dict[str, Any]] | None = None
 
     # (A written __init__: one that dataclass generates is interpreted even when the class
     # is compiled, and one is built per token.)
@@ -320,6 +371,7 @@ class Piece:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.delta = delta
+        self.logprobs = None
 
     @property
     def has_tokens(self) -> bool:
@@ -346,6 +398,8 @@ class Piece:
                 value = getattr(p, name)
                 if value is not None:
                     setattr(out, name, value)
+            if p.logprobs is not None:
+                out.logprobs = (out.logprobs or []) + p.logprobs
             if p.prompt_token_ids is not None and out.prompt_token_ids is None:
                 out.prompt_token_ids = p.prompt_token_ids
         if ids is not None:

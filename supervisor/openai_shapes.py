@@ -65,8 +65,11 @@ def inexact_fields(req: ClientRequest) -> list[str]:
 
 
 def _continuation_limits(body: dict[str, Any], req: ClientRequest, progress: Progress) -> None:
-    """What carries over into a continuation's body changed by what was already sent."""
-    for key in ("response_format", *_GRAMMAR_KEYS):
+    """What carries over into a continuation's body changed by what was already sent. The
+    prompt was echoed, and its logprobs sent, by the first engine: a continuation's prompt
+    holds the answer so far, so it asks for neither (the answer's logprobs it asks for as
+    the client did). A suffix is part of the prompt's ids already."""
+    for key in ("response_format", *_GRAMMAR_KEYS, "echo", "prompt_logprobs", "suffix"):
         body.pop(key, None)
     min_tokens = req.body.get("min_tokens")
     if isinstance(min_tokens, int) and min_tokens > 0:
@@ -152,6 +155,9 @@ def token_continuation(
         return None
     body: dict[str, Any] = {k: req.body[k] for k in SAMPLING_KEYS if k in req.body}
     _continuation_limits(body, req, progress)
+    if req.logprobs is not None:  # on /v1/completions, chat's top_logprobs is logprobs
+        body.pop("top_logprobs", None)
+        body["logprobs"] = req.logprobs
     body["model"] = req.body.get("model")
     body["prompt"] = progress.prompt_token_ids + progress.token_ids
     budget = remaining_budget(req, progress)
@@ -185,6 +191,10 @@ class OpenAIStreamDecoder(StreamDecoder):
 
     def __init__(self) -> None:
         self._counted = 0  # the engine's running completion_tokens at the last chunk
+        # Set by the relay where the client asked for logprobs (or prompt_logprobs): only
+        # then are they read, so other streams pay nothing for them.
+        self.keep_logprobs = False
+        self.prompt_logprobs: list[Any] | None = None  # a whole answer's, when kept
 
     def feed(self, data: bytes) -> Piece | None:
         # (Read into locals and built once at the end: this runs for every token.)
@@ -256,4 +266,13 @@ class OpenAIStreamDecoder(StreamDecoder):
             # The engine gave up on the request (e.g. vLLM's /sleep in mode "abort"): not an
             # answer the client asked for; the relay resumes it elsewhere.
             raise EngineReportedError("the engine aborted the request (finish_reason abort)")
-        return Piece(text, token_ids, n_tokens, finish, prompt_ids, prompt_tokens, running, extras)
+        piece = Piece(text, token_ids, n_tokens, finish, prompt_ids, prompt_tokens, running, extras)
+        if self.keep_logprobs:
+            logprobs = ch.get("logprobs")
+            if isinstance(logprobs, dict):
+                piece.logprobs = [logprobs]
+            # (completions: in the choice; chat: beside the choices)
+            prompt_logprobs = ch.get("prompt_logprobs", obj.get("prompt_logprobs"))
+            if isinstance(prompt_logprobs, list):
+                self.prompt_logprobs = prompt_logprobs
+        return piece

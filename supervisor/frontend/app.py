@@ -60,16 +60,17 @@ _RID_BITS: Final = random.Random(os.urandom(32)).getrandbits
 # (A bound format, called from C: mypyc makes an f-string with a format spec into three
 # method calls.)
 _HEX128: Final = "{:032x}".format
-# Parameters whose meaning the relay cannot keep across a migration.
-UNSUPPORTED: Final[dict[str, Callable[[Any], bool]]] = {
-    "n": lambda v: v not in (None, 1),
-    "best_of": lambda v: v not in (None, 1),
-    "echo": lambda v: bool(v),
-    "logprobs": lambda v: bool(v),
-    "top_logprobs": lambda v: bool(v),
-    "suffix": lambda v: v is not None,
-}
-_UNSUPPORTED_KEYS: Final = tuple(UNSUPPORTED)
+# Fields the relay reads and renders itself (checked and handled only where one is there).
+_FEATURE_FIELDS: Final = (
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "prompt_logprobs",
+    "stream_options",
+)
+# The most choices one request may ask for (n): each is a stream of its own to the engines.
+MAX_CHOICES: Final = 128
 
 
 class BadRequest(Exception):
@@ -210,7 +211,9 @@ class Frontend:
         reply.send(200, orjson.dumps({"object": "list", "data": models}))
 
     # -- requests ----------------------------------------------------------------------
-    def _body(self, request: Request, kind: RequestKind) -> dict[str, Any]:
+    def _body(self, request: Request, kind: RequestKind) -> tuple[dict[str, Any], bool]:
+        """The request's body, checked, and whether it uses a field the relay renders
+        itself (logprobs, several choices, an echo, usage in every chunk): asked once."""
         try:
             body = parse_json(request.body, max_depth=self.fcfg.max_json_depth)
         except BadJson as e:
@@ -243,15 +246,10 @@ class Frontend:
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise BadRequest("'stream_options' must be an object", param="stream_options")
-        if has_any_key(body, _UNSUPPORTED_KEYS):  # (mostly none of them is there)
-            for key, bad in UNSUPPORTED.items():
-                if bad(body.get(key)):
-                    raise BadRequest(
-                        f"'{key}' is not supported through the failover frontend",
-                        param=key,
-                        code="unsupported_parameter",
-                    )
-        return body
+        features = has_any_key(body, _FEATURE_FIELDS)  # (mostly none of them is there)
+        if features:
+            _check_sampling(body, kind)
+        return body, features
 
     def _no_such_model(self, model: str) -> BadRequest:
         if not self.ready:  # another node's model may not be known yet
@@ -276,11 +274,13 @@ class Frontend:
         if self.router.draining:
             self.metrics.rejections.labels("draining").inc()
             return self._unavailable(reply, "the supervisor is shutting down")
-        body = self._body(request, kind)
+        body, features = self._body(request, kind)
         rid = request.headers.get("x-request-id", "")
         if not rid or not _RID_OK.match(rid):
             rid = _HEX128(_RID_BITS(128))  # 128 bits as uuid4, without a system call
-        req = ClientRequest(kind, body)
+        if features and body.get("n") not in (None, 1):
+            return await self._serve_choices(request, reply, kind, body, rid)
+        req = ClientRequest(kind, body, features)
         shape = ClientShape(
             kind,
             ("chatcmpl-" if kind == "chat" else "cmpl-") + rid,
@@ -297,7 +297,12 @@ class Frontend:
             ]
             if self.fcfg.engine_header:  # (the engines so far: migrations come later)
                 head += self._engine_fields(relay.engines())
-            reply.start(200, head, shape.role_chunk() if kind == "chat" else b"")
+            if kind != "chat":
+                reply.start(200, head)
+            elif relay.extras is None:
+                reply.start(200, head, shape.role_chunk())
+            else:  # (usage in every chunk, an echo)
+                reply.start(200, head, _chat_opening([relay]))
 
         emit: Callable[[bytes], Awaitable[None]] | None = None
         emit_now: Callable[[bytes], bool] | None = None
@@ -410,7 +415,7 @@ class Frontend:
                 headers.append(("X-Failover-Migrations", str(failover["migrations"])))
                 if failover["inexact"]:
                     headers.append(("X-Failover-Inexact", ",".join(failover["inexact"])))
-            answer = shape.full(relay.progress, relay.finish, relay.usage(), failover)
+            answer = shape.full(relay.progress, relay.finish, relay.usage(), failover, relay.extras)
             return reply.send(200, orjson.dumps(answer), headers=headers)
         so = body.get("stream_options") or {}
         with contextlib.suppress(ConnectionError):  # the client left after the last token
@@ -418,6 +423,151 @@ class Frontend:
                 begin()
             if so.get("include_usage"):
                 await reply.write(shape.usage_chunk(relay.usage()))
+            await reply.write(b"data: [DONE]\n\n")
+        return None
+
+    async def _serve_choices(
+        self, request: Request, reply: Reply, kind: RequestKind, body: dict[str, Any], rid: str
+    ) -> None:
+        """A request for ``n`` > 1 choices: each choice is a request of its own upstream
+        (choice i seeded seed + i, as vLLM seeds its child requests), relayed, and moved
+        on a failure, on its own; the client gets one answer with every choice."""
+        req = ClientRequest(kind, body, True)
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        created, with_ids = int(time.time()), bool(body.get("return_token_ids"))
+        stream = req.stream
+        relays: list[RequestRelay] = []
+
+        def begin() -> None:
+            head = [
+                ("Content-Type", "text/event-stream"),
+                ("Cache-Control", "no-cache"),
+                ("X-Request-Id", rid),
+            ]
+            if self.fcfg.engine_header:
+                head += self._engine_fields(_engines_of(relays))
+            reply.start(200, head, _chat_opening(relays) if kind == "chat" else b"")
+
+        emit: Callable[[bytes], Awaitable[None]] | None = None
+        emit_now: Callable[[bytes], bool] | None = None
+        if stream:
+
+            async def emit(data: bytes) -> None:
+                if not reply.started:
+                    begin()
+                await reply.write(data)  # a failed write is the relay's ClientGone
+
+            def emit_now(data: bytes) -> bool:
+                if not reply.started:
+                    begin()
+                for r in relays:
+                    r.emit_now = reply.write_now
+                return reply.write_now(data)
+
+        for i in range(body["n"]):
+            shape = ClientShape(kind, prefix + rid, body["model"], created, with_ids, i)
+            relays.append(
+                RequestRelay(
+                    _choice(req, i),
+                    rid,
+                    shape,
+                    self.router,
+                    self.sessions,
+                    self.fcfg,
+                    self.cfg.health,
+                    self.metrics,
+                    emit,
+                    emit_now,
+                )
+            )
+        self.active += 1  # (until _leave)
+        t0 = time.monotonic()
+        outcome = "ok"
+        try:
+            await _run_all(relays)
+        except Rejected as e:
+            outcome = f"rejected:{e.reason}"
+            self.metrics.rejections.labels(e.reason).inc()
+            if not reply.started:
+                return self._unavailable(reply, str(e))
+            return await self._stream_error(reply, 503, str(e))
+        except UpstreamClientError as refused:
+            outcome = f"engine_refused:{refused.status}"
+            if not reply.started:
+                return reply.send(refused.status, error_body(refused.status, str(refused)))
+            return await self._stream_error(reply, refused.status, str(refused))
+        except MigrationFailed as failed:
+            outcome = "migration_failed"
+            if not reply.started:
+                message = f"the request could not be completed: {failed}"
+                return reply.send(502, error_body(502, message))
+            return await self._stream_error(reply, 502, str(failed))
+        except ClientGone as gone:
+            outcome = f"client_gone: {gone}"
+            self.metrics.cancellations.labels(kind).inc()
+            with anyio.CancelScope(shield=True):
+                for r in relays:
+                    await r.abort_upstream()
+            return None  # nobody to answer
+        except (anyio.get_cancelled_exc_class(), ConnectionResetError):
+            outcome = "cancelled"
+            self.metrics.cancellations.labels(kind).inc()
+            with anyio.CancelScope(shield=True):
+                for r in relays:
+                    await r.abort_upstream()
+            raise
+        except Exception as bug:  # a bug: contained, logged with its traceback, 500 to the client
+            outcome = f"error: {type(bug).__name__}"
+            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
+            if not reply.started:
+                message = "internal error in the supervisor; see its log"
+                return reply.send(500, error_body(500, message))
+            return await self._stream_error(reply, 500, "internal error in the supervisor")
+        finally:
+            self._leave()
+            if self.fcfg.access_log and self.logs_info:
+                engines = _engines_of(relays)
+                nodes = {}
+                if any(t.node for t in engines):  # a cluster: the nodes too
+                    nodes["node"] = ",".join([t.node for t in engines])
+                self.log.info(
+                    "request",
+                    request_id=rid,
+                    model=body["model"],
+                    kind=kind,
+                    stream=stream,
+                    outcome=outcome,
+                    choices=len(relays),
+                    migrations=sum([r.attempt for r in relays]),
+                    tokens=sum([r.progress.completion_tokens for r in relays]),
+                    ms=round((time.monotonic() - t0) * 1000, 1),
+                    engine=_engine_ids(engines),
+                    **nodes,
+                )
+        usage = _usage_of(relays)
+        if not stream:
+            failover = _failover_of(relays)
+            headers = [("X-Request-Id", rid)]
+            if self.fcfg.engine_header:
+                headers += self._engine_fields(_engines_of(relays))
+            if failover:
+                headers.append(("X-Failover-Migrations", str(failover["migrations"])))
+                if failover["inexact"]:
+                    headers.append(("X-Failover-Inexact", ",".join(failover["inexact"])))
+            answer: dict[str, Any] = {}
+            for r in relays:
+                one = r.shape.full(r.progress, r.finish, usage, failover, r.extras)
+                if answer:
+                    answer["choices"] += one["choices"]
+                else:
+                    answer = one
+            return reply.send(200, orjson.dumps(answer), headers=headers)
+        so = body.get("stream_options") or {}
+        with contextlib.suppress(ConnectionError):  # the client left after the last token
+            if not reply.started:  # nothing streamed at all: still a stream
+                begin()
+            if so.get("include_usage"):
+                await reply.write(relays[0].shape.usage_chunk(usage))
             await reply.write(b"data: [DONE]\n\n")
         return None
 
@@ -610,6 +760,47 @@ def _engine_ids(engines: list[Target]) -> str:
     return ",".join([t.engine_id for t in engines])
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sampling(body: dict[str, Any], kind: RequestKind) -> None:
+    """The fields the relay reads itself must have the types it reads them as (their
+    ranges are the engine's to judge)."""
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or not 1 <= n <= MAX_CHOICES):
+        raise BadRequest(f"'n' must be an integer from 1 to {MAX_CHOICES}", param="n")
+    logprobs = body.get("logprobs")
+    if kind == "chat":
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise BadRequest("'logprobs' must be true or false", param="logprobs")
+        top = body.get("top_logprobs")
+        if top is not None and not _is_int(top):
+            raise BadRequest("'top_logprobs' must be an integer", param="top_logprobs")
+    elif logprobs is not None and not _is_int(logprobs):
+        raise BadRequest("'logprobs' must be an integer", param="logprobs")
+    prompt_logprobs = body.get("prompt_logprobs")
+    if prompt_logprobs is not None and not _is_int(prompt_logprobs):
+        raise BadRequest("'prompt_logprobs' must be an integer", param="prompt_logprobs")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise BadRequest("'echo' must be true or false", param="echo")
+    if (
+        echo
+        and kind == "completion"
+        and not isinstance(body["prompt"], str)
+        and not body.get("return_token_ids")
+    ):
+        # vLLM echoes a token prompt as its text: the frontend has no tokenizer.
+        raise BadRequest(
+            "'echo' of a prompt given as token ids is not supported through the "
+            "failover frontend (it has no tokenizer to render the prompt's text); "
+            "send the prompt as text, or ask for return_token_ids",
+            param="echo",
+            code="unsupported_parameter",
+        )
+
+
 def _check_prompt(prompt: Any) -> None:
     if isinstance(prompt, str):
         return
@@ -646,3 +837,86 @@ def _check_messages(messages: Any) -> None:
                 f"messages[{i}].content must be a string or a list of parts",
                 param=f"messages[{i}].content",
             )
+
+
+def _choice(req: ClientRequest, index: int) -> ClientRequest:
+    """Choice ``index`` of a request with ``n`` > 1, as a request of one choice. A seed
+    becomes seed + index, as vLLM seeds the choices of one request (its child requests):
+    each choice then equals what the engine would have sampled for it."""
+    body = dict(req.body)
+    body.pop("n", None)
+    seed = body.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and index:
+        body["seed"] = seed + index
+    return ClientRequest(req.kind, body)
+
+
+async def _run_all(relays: list[RequestRelay]) -> None:
+    """Run every choice's relay; the first to fail ends the others, and its error is the
+    request's."""
+    try:
+        async with anyio.create_task_group() as tg:
+            for r in relays:
+                tg.start_soon(r.run)
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    cancelled = anyio.get_cancelled_exc_class()
+    found: BaseException | None = None
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            e = _first_error(e)
+        if not isinstance(e, cancelled):
+            return e
+        found = found or e
+    assert found is not None
+    return found
+
+
+def _usage_of(relays: list[RequestRelay]) -> dict[str, int]:
+    """Usage of a request with several choices: its prompt once, every choice's tokens."""
+    prompt = next((r.prompt_tokens for r in relays if r.prompt_tokens is not None), 0)
+    completion = sum([r.progress.completion_tokens for r in relays])
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _failover_of(relays: list[RequestRelay]) -> dict[str, Any] | None:
+    """The failover report of a request with several choices: every choice's moves."""
+    reports = [r.failover_report() for r in relays]
+    moved = [rep for rep in reports if rep]
+    if not moved:
+        return None
+    inexact: list[str] = []
+    for rep in moved:
+        inexact += [f for f in rep["inexact"] if f not in inexact]
+    out: dict[str, Any] = {"migrations": sum([rep["migrations"] for rep in moved])}
+    out["inexact"] = inexact
+    return out
+
+
+def _engines_of(relays: list[RequestRelay]) -> list[Target]:
+    """The engines a request of several choices went to, each once, in order."""
+    out: list[Target] = []
+    for r in relays:
+        out += [t for t in r.engines() if t not in out]
+    return out
+
+
+def _chat_opening(relays: list[RequestRelay]) -> bytes:
+    """A chat stream's first chunks: each choice's role, then each choice's echo, with usage
+    where the client asked for it in every chunk (vLLM's order)."""
+    prompt = next((r.prompt_tokens for r in relays if r.prompt_tokens is not None), 0)
+    extras = relays[0].extras
+    usage = None
+    if extras is not None and extras.continuous:
+        usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+    out = [r.shape.role_chunk(usage) for r in relays]
+    if extras is not None and extras.echo:
+        out += [r.shape.echo_chunk(extras.echo, usage) for r in relays]
+    return b"".join(out)

@@ -43,6 +43,7 @@ from supervisor.frontend.wire import EngineConnection, EngineConnectionError, En
 from supervisor.jsonbody import has_any_key
 from supervisor.metrics import Metrics
 from supervisor.model import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
+from supervisor.openai_shapes import OpenAIStreamDecoder
 from supervisor.sessions import Sessions
 
 # Engine-side ids end in a random tag per process and a counter, in hex: ``-1a2b3c1f``.
@@ -50,6 +51,9 @@ from supervisor.sessions import Sessions
 # three method calls.)
 _ENGINE_SUFFIXES: Final = map(("-" + secrets.token_hex(3) + "{:x}").format, itertools.count(1))
 _TOOL_FIELDS: Final = ("tools", "functions", "tool_choice")
+# A chat answer without a limit asked whole (for its prompt_logprobs, which vLLM gives only
+# in whole answers) may take as long as a stream of this many tokens would.
+_WHOLE_UNLIMITED_TOKENS: Final = 32768
 # A whole answer larger than this is garbage (a short answer with its prompt's token ids,
 # even for the longest contexts, is a few MiB).
 _WHOLE_LIMIT: Final = 64 * 1024 * 1024
@@ -98,35 +102,51 @@ class ClientShape:
     model: str
     created: int
     with_ids: bool = False
+    index: int = 0  # the choice this shape renders (n > 1: one shape per choice)
     # Every chunk of a stream starts alike: that part is rendered once, on first use.
     _head: bytes | None = field(default=None, repr=False, compare=False)
 
     # (A written __init__: one that dataclass generates is interpreted even when the class
     # is compiled, and one is built per request.)
     def __init__(
-        self, kind: str, rid: str, model: str, created: int, with_ids: bool = False
+        self,
+        kind: str,
+        rid: str,
+        model: str,
+        created: int,
+        with_ids: bool = False,
+        index: int = 0,
     ) -> None:
         self.kind = kind
         self.rid = rid
         self.model = model
         self.created = created
         self.with_ids = with_ids
+        self.index = index
         self._head = None
 
     @property
     def object(self) -> str:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
-    def _chunk(self, choice: dict[str, Any], failover: dict[str, Any] | None = None) -> bytes:
-        if failover:
-            obj = {
+    def _chunk(
+        self,
+        choice: dict[str, Any],
+        failover: dict[str, Any] | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> bytes:
+        if failover or usage:
+            obj: dict[str, Any] = {
                 "id": self.rid,
                 "object": self.object,
                 "created": self.created,
                 "model": self.model,
                 "choices": [choice],
-                "failover": failover,
             }
+            if usage:  # (continuous_usage_stats: the counts so far, in every chunk)
+                obj["usage"] = usage
+            if failover:
+                obj["failover"] = failover
             return b"data: " + orjson.dumps(obj) + b"\n\n"
         if self._head is None:
             head = orjson.dumps(
@@ -140,15 +160,23 @@ class ClientShape:
             self._head = b"data: " + head[:-1] + b',"choices":['
         return self._head + orjson.dumps(choice) + b"]}\n\n"
 
-    def role_chunk(self) -> bytes:
+    def role_chunk(self, usage: dict[str, int] | None = None) -> bytes:
         return self._chunk(
             {
-                "index": 0,
+                "index": self.index,
                 "delta": {"role": "assistant", "content": ""},
                 "logprobs": None,
                 "finish_reason": None,
-            }
+            },
+            None,
+            usage,
         )
+
+    def echo_chunk(self, text: str, usage: dict[str, int] | None = None) -> bytes:
+        """A chat answer's echo of the last message, after the role, as vLLM sends it."""
+        choice = {"index": self.index, "delta": {"content": text}, "logprobs": None}
+        choice["finish_reason"] = None
+        return self._chunk(choice, None, usage)
 
     def piece_chunk(
         self,
@@ -157,24 +185,31 @@ class ClientShape:
         finish: str | None,
         stop: str | None = None,
         failover: dict[str, Any] | None = None,
+        logprobs: dict[str, Any] | None = None,
+        usage: dict[str, int] | None = None,
     ) -> bytes:
         if self.kind == "chat":
             delta: dict[str, Any] = {"content": text}
             if piece.delta:
                 delta.update(piece.delta)
             choice: dict[str, Any] = {
-                "index": 0,
+                "index": self.index,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {
+                "index": self.index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         if stop is not None:
             choice["stop_reason"] = stop
         if self.with_ids and piece.token_ids is not None:
             choice["token_ids"] = piece.token_ids
-        return self._chunk(choice, failover)
+        return self._chunk(choice, failover, usage)
 
     def usage_chunk(self, usage: dict[str, int]) -> bytes:
         obj = {
@@ -193,18 +228,27 @@ class ClientShape:
         finish: str | None,
         usage: dict[str, int],
         failover: dict[str, Any] | None = None,
+        extras: Extras | None = None,
     ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        logprobs = None if extras is None else extras.whole
+        echo = "" if extras is None else extras.echo
+        choice: dict[str, Any] = {
+            "index": self.index,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+        }
         if self.kind == "chat":
             choice["message"] = {
                 "role": "assistant",
-                "content": progress.text,
+                "content": echo + progress.text,
                 **progress.message_extras(),
             }
             obj = "chat.completion"
         else:
-            choice["text"] = progress.text
+            choice["text"] = echo + progress.text
             obj = "text_completion"
+            if extras is not None and extras.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = extras.prompt_logprobs  # (vLLM: in the choice)
         if self.with_ids and progress.token_ids is not None:
             choice["token_ids"] = progress.token_ids
         out = {
@@ -215,9 +259,130 @@ class ClientShape:
             "choices": [choice],
             "usage": usage,
         }
+        if extras is not None and extras.prompt_logprobs is not None and self.kind == "chat":
+            out["prompt_logprobs"] = extras.prompt_logprobs  # (vLLM: beside the choices)
         if failover:
             out["failover"] = failover
         return out
+
+
+class Extras:
+    """What a request asked for beyond text and usage at the end — logprobs, usage in
+    every chunk, an echo, prompt_logprobs — rendered for the client here, so that requests
+    without them pass one check per token and nothing more.
+
+    Logprobs come in the engine's shape of each attempt's route: a chat answer's first
+    engine sends chat entries (``content``), a continuation on /v1/completions sends
+    columns (``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``), which are
+    turned into chat entries as vLLM's chat route builds them (the first ``top`` of the
+    alternatives, ``bytes`` from the token's UTF-8). A completion's ``text_offset`` counts
+    from where the answer stood when the attempt began, as an unbroken run's does."""
+
+    __slots__ = (
+        "chat",
+        "continuous",
+        "echo",
+        "echo_sent",
+        "logprobs",
+        "offset",
+        "prompt_logprobs",
+        "shift",
+        "top",
+        "whole",
+    )
+
+    def __init__(self, req: ClientRequest) -> None:
+        self.chat = req.kind == "chat"
+        self.top = req.logprobs  # None: no logprobs asked
+        self.logprobs = self.top is not None
+        so = req.body.get("stream_options")
+        self.continuous = (
+            bool(req.stream) and isinstance(so, dict) and bool(so.get("continuous_usage_stats"))
+        )
+        self.echo = req.echo_text
+        # A completion's echo goes before its first text; a chat answer's is a chunk of
+        # its own, after the role (sent with it).
+        self.echo_sent = self.chat or not self.echo
+        self.offset = 0  # completions: the text_offset of the next entry
+        self.shift = 0  # added to this attempt's offsets (they start at 0 in each)
+        self.whole: dict[str, Any] | None = None  # all of them, for a whole answer
+        self.prompt_logprobs: list[Any] | None = None
+
+    @staticmethod
+    def wanted(req: ClientRequest) -> bool:
+        """Whether ``req`` asks for any of them (its ``features`` said it may)."""
+        body = req.body
+        so = body.get("stream_options")
+        return (
+            req.logprobs is not None
+            or bool(req.echo_text)
+            or body.get("prompt_logprobs") is not None
+            or (isinstance(so, dict) and bool(so.get("continuous_usage_stats")))
+        )
+
+    def new_attempt(self) -> None:
+        self.shift = self.offset
+
+    def render(self, raws: list[dict[str, Any]]) -> dict[str, Any]:
+        """The client's logprobs object for one chunk's entries."""
+        if self.chat:
+            content: list[Any] = []
+            for raw in raws:
+                entries = raw.get("content")
+                if isinstance(entries, list):
+                    content += entries
+                else:
+                    content += self._as_chat(raw)
+            return {"content": content}
+        out: dict[str, list[Any]] = {
+            "text_offset": [],
+            "token_logprobs": [],
+            "tokens": [],
+            "top_logprobs": [],
+        }
+        shift = self.shift
+        for raw in raws:
+            try:
+                out["text_offset"] += [o + shift for o in raw["text_offset"]]
+                out["token_logprobs"] += raw["token_logprobs"]
+                out["tokens"] += raw["tokens"]
+                out["top_logprobs"] += raw["top_logprobs"]
+            except (KeyError, TypeError) as e:
+                raise MalformedStream(f"logprobs not in the completions shape: {raw!r:.80}") from e
+        if out["tokens"]:
+            self.offset = out["text_offset"][-1] + len(out["tokens"][-1])
+        return out
+
+    def _as_chat(self, raw: dict[str, Any]) -> list[dict[str, Any]]:
+        """Completions columns as chat entries."""
+        out: list[dict[str, Any]] = []
+        try:
+            columns = zip(raw["tokens"], raw["token_logprobs"], raw["top_logprobs"], strict=True)
+            for token, logprob, alternatives in columns:
+                entry: dict[str, Any] = {"token": token}
+                if logprob is not None:
+                    entry["logprob"] = logprob
+                entry["bytes"] = list(token.encode("utf-8", "replace"))
+                if isinstance(alternatives, dict):
+                    picked = list(alternatives.items())
+                    if self.top is not None and self.top >= 0:
+                        picked = picked[: self.top]
+                    entry["top_logprobs"] = [
+                        {"token": t, "logprob": v, "bytes": list(t.encode("utf-8", "replace"))}
+                        for t, v in picked
+                    ]
+                out.append(entry)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MalformedStream(f"logprobs not in the completions shape: {raw!r:.80}") from e
+        return out
+
+    def keep(self, rendered: dict[str, Any]) -> None:
+        """Add one piece's logprobs to those of a whole answer."""
+        if self.whole is None:
+            self.whole = rendered
+            return
+        for key, values in rendered.items():
+            self.whole[key] += values
 
 
 Emit = Callable[[bytes], Awaitable[None]]
@@ -321,6 +486,16 @@ class RequestRelay:
             and not self.stops.stops
             and not has_any_key(req.body, _TOOL_FIELDS)
         )
+        # Logprobs, usage in every chunk, an echo, prompt_logprobs: None for most requests.
+        self.extras = Extras(req) if req.features and Extras.wanted(req) else None
+        if (
+            self.extras is not None
+            and not req.stream
+            and req.body.get("prompt_logprobs") is not None
+        ):
+            # vLLM gives prompt_logprobs only in a whole answer: such a request is asked
+            # whole, and on a failure asked again from the start (nothing was sent yet).
+            self.whole_ok = True
         self.textless = TextlessTokens()
         self.router, self.sessions, self.cfg = router, sessions, cfg
         self.stall_timeout = health.stall_timeout
@@ -379,6 +554,8 @@ class RequestRelay:
                     self.whole = up.whole
                     self.sent_before_attempt = self.progress.completion_tokens
                     self.textless.clear()  # the next engine generates those tokens again
+                    if self.extras is not None:
+                        self.extras.new_attempt()
                     if self.attempt:
                         self.seam_pending = True
                         self.inexact += tuple(f for f in up.inexact if f not in self.inexact)
@@ -491,6 +668,8 @@ class RequestRelay:
             decoder = lease.target.backend.decoder(up)
         except Exception as e:
             raise self._plugin_bug(lease.target.backend, "decoder", e) from e
+        if self.extras is not None and isinstance(decoder, OpenAIStreamDecoder):
+            decoder.keep_logprobs = True
         self.last_event = time.monotonic()
         self.stalled = False
         self.stalled_reason = ""
@@ -501,7 +680,8 @@ class RequestRelay:
         if up.whole:
             # No token shows progress, so one deadline: as long as a stream of the same
             # length could have taken (one stall_timeout per token after the first).
-            limit = self.first_token_timeout + (self.budget or 0) * self.stall_timeout
+            tokens = _WHOLE_UNLIMITED_TOKENS if self.budget is None else self.budget
+            limit = self.first_token_timeout + tokens * self.stall_timeout
             waiting = EngineWait(task)  # or ended by the lease
             self.router.deadlines.add(loop, waiting, loop.time() + limit)
         else:
@@ -660,6 +840,10 @@ class RequestRelay:
         self._take(backend, decoder, [body], [])  # (nothing is rendered: not streamed)
         if self.finish is None:
             raise MalformedStream(f"the engine's answer has no finish reason: {body[:80]!r}")
+        if self.extras is not None and isinstance(decoder, OpenAIStreamDecoder):
+            # (Only a whole answer has them, and it is asked only before anything was sent:
+            # they are the client's prompt's, never a continuation's.)
+            self.extras.prompt_logprobs = decoder.prompt_logprobs
 
     def _take(
         self, backend: Backend, decoder: StreamDecoder, events: list[bytes], out: list[bytes]
@@ -775,13 +959,27 @@ class RequestRelay:
         if finish is not None:
             self.finish = finish
             self.finished_at = time.monotonic()
+        logprobs = usage = None
+        extras = self.extras
+        if extras is not None:
+            if piece.logprobs is not None and extras.logprobs:
+                logprobs = extras.render(piece.logprobs)
+                if self.emit is None:
+                    extras.keep(logprobs)
+            if extras.continuous:
+                usage = self.usage()
+            if not extras.echo_sent:
+                extras.echo_sent = True
+                text = extras.echo + text
         if self.emit is None or not (text or finish or piece.token_ids or piece.delta):
             return None
         failover = None
         if self.seam_pending:
             self.seam_pending = False
             failover = self.failover_report()
-        return self.shape.piece_chunk(text, piece, finish, self.stop_reason, failover)
+        return self.shape.piece_chunk(
+            text, piece, finish, self.stop_reason, failover, logprobs, usage
+        )
 
     async def _send(self, data: bytes) -> None:
         """Write to the client; time blocked here is the client's, not the engine's."""

@@ -53,6 +53,58 @@ REQUESTS: dict[str, tuple[str, str, Any]] = {
                          {"model": "m", "input": "Tell me of the harbor.",
                           "max_output_tokens": 5, "temperature": 0, "stream": True}),
     "unknown_route": ("GET", "/no/such/route", None),
+    # Logprobs, several choices, echo, suffix, usage in every chunk.
+    "completion_logprobs": ("POST", "/v1/completions",
+                            {"model": "m", "prompt": "the river", "max_tokens": 4,
+                             "temperature": 0, "logprobs": 2, "prompt_logprobs": 1}),
+    "completion_logprobs_stream": ("POST", "/v1/completions",
+                                   {"model": "m", "prompt": "the river", "max_tokens": 4,
+                                    "temperature": 0, "logprobs": 2, "stream": True,
+                                    "return_token_ids": True,
+                                    "stream_options": {"include_usage": True,
+                                                       "continuous_usage_stats": True}}),
+    "chat_logprobs": ("POST", "/v1/chat/completions",
+                      {"model": "m", "messages": _CHAT, "max_tokens": 4, "temperature": 0,
+                       "logprobs": True, "top_logprobs": 2, "prompt_logprobs": 1}),
+    "chat_logprobs_stream": ("POST", "/v1/chat/completions",
+                             {"model": "m", "messages": _CHAT, "max_tokens": 4,
+                              "temperature": 0, "logprobs": True, "top_logprobs": 2,
+                              "stream": True,
+                              "stream_options": {"include_usage": True,
+                                                 "continuous_usage_stats": True}}),
+    "completion_n": ("POST", "/v1/completions",
+                     {"model": "m", "prompt": "the river", "max_tokens": 3, "n": 2,
+                      "temperature": 1, "seed": 7}),
+    # (Six tokens each: the choices' chunks interleave as they come, and the stream's middle
+    # event must not be a finishing one whichever comes first.)
+    "completion_n_stream": ("POST", "/v1/completions",
+                            {"model": "m", "prompt": "the river", "max_tokens": 6, "n": 2,
+                             "temperature": 1, "seed": 7, "stream": True,
+                             "stream_options": {"include_usage": True,
+                                                "continuous_usage_stats": True}}),
+    "chat_n_stream": ("POST", "/v1/chat/completions",
+                      {"model": "m", "messages": _CHAT, "max_tokens": 6, "n": 2,
+                       "temperature": 1, "seed": 7, "stream": True,
+                       "stream_options": {"include_usage": True}}),
+    "completion_echo": ("POST", "/v1/completions",
+                        {"model": "m", "prompt": "the river", "max_tokens": 3,
+                         "temperature": 0, "echo": True, "logprobs": 1}),
+    "completion_echo_stream": ("POST", "/v1/completions",
+                               {"model": "m", "prompt": "the river", "max_tokens": 3,
+                                "temperature": 0, "echo": True, "logprobs": 1,
+                                "stream": True}),
+    "chat_echo_stream": ("POST", "/v1/chat/completions",
+                         {"model": "m",
+                          "messages": [*_CHAT, {"role": "assistant", "content": "The"}],
+                          "add_generation_prompt": False, "continue_final_message": True,
+                          "echo": True, "max_tokens": 3, "temperature": 0, "stream": True}),
+    "prompt_logprobs_stream": ("POST", "/v1/completions",
+                               {"model": "m", "prompt": "the river", "max_tokens": 3,
+                                "prompt_logprobs": 1, "stream": True}),
+    "suffix": ("POST", "/v1/completions",
+               {"model": "m", "prompt": "the river", "suffix": "end", "max_tokens": 3}),
+    "best_of": ("POST", "/v1/completions",
+                {"model": "m", "prompt": "the river", "max_tokens": 3, "best_of": 2}),
 }  # fmt: skip
 
 
@@ -78,13 +130,26 @@ def answer_shape(body: Any, status: int, raw: bytes) -> dict[str, Any]:
     return entry
 
 
-def shape_of(value: Any) -> Any:
+# Lists whose objects may be maps keyed by data (a token's text or id), not by field names:
+# completions' top_logprobs ({" river": -9.1}) and prompt_logprobs ({"3121": {...}}).
+_MAP_LISTS = ("top_logprobs", "prompt_logprobs")
+
+
+def shape_of(value: Any, within: str = "") -> Any:
     """The shape of a JSON value: objects keep their keys, lists the shape of their first
-    item, scalars become their type's name."""
+    item, scalars become their type's name. A map keyed by data (in ``top_logprobs`` or
+    ``prompt_logprobs``; chat's entries, which name a ``token``, are objects) keeps one key,
+    ``*``, with its first value's shape."""
     if isinstance(value, dict):
-        return {k: shape_of(v) for k, v in value.items()}
+        if within in _MAP_LISTS and "token" not in value:
+            return {"*": shape_of(next(iter(value.values())))} if value else {}
+        return {k: shape_of(v, k) for k, v in value.items()}
     if isinstance(value, list):
-        return [shape_of(value[0])] if value else []
+        if not value:
+            return []
+        # (prompt_logprobs begin with null: the first prompt token has none)
+        first = next((v for v in value if v is not None), None) if within in _MAP_LISTS else None
+        return [shape_of(first if first is not None else value[0], within)]
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -38,7 +38,13 @@ from supervisor.testing.gpuledger import (
     default_ledger_path,
     process_ref,
 )
-from supervisor.testing.simtokenizer import EOS_ID, SequenceState, SimTokenizer, TextStream
+from supervisor.testing.simtokenizer import (
+    ENDOFTEXT,
+    EOS_ID,
+    SequenceState,
+    SimTokenizer,
+    TextStream,
+)
 
 DIALECTS = ("vllm", "sglang", "trtllm", "vllm-gms", "sglang-gms")
 
@@ -194,6 +200,10 @@ class Token:
     # At a stop string: the whole answer's length, cut before it (text already streamed
     # may have shown the stop string's beginning; cumulative output shrinks to this).
     answer_length: int | None = None
+    # The hash of the sequence before this token (its logprobs depend on it) and the
+    # token's own text as a logprob entry names it.
+    context: int = 0
+    piece: str = ""
 
 
 class SimEngine:
@@ -394,13 +404,14 @@ class SimEngine:
                     await req.abort_event.wait()  # until aborted or its client goes away
                     raise RequestAborted(req.request_id)
                 tid = state.next_token()
+                context = state.context
                 state.append(tid)
                 generated.append(tid)
                 self.counters["generation_tokens"] += 1
                 await self._count_token_faults()
                 if tid == EOS_ID:
                     finished = "stop"
-                    yield Token(tid, text[shown:], "stop")
+                    yield Token(tid, text[shown:], "stop", context=context, piece=ENDOFTEXT)
                     return
                 piece = texts.step(tid)
                 if misprimed and piece:
@@ -411,14 +422,24 @@ class SimEngine:
                     cut, stop = hit
                     finished = "stop"
                     final = (text + piece)[:cut]
-                    yield Token(tid, final[shown:], "stop", stop, answer_length=len(final))
+                    yield Token(
+                        tid,
+                        final[shown:],
+                        "stop",
+                        stop,
+                        answer_length=len(final),
+                        context=context,
+                        piece=piece,
+                    )
                     return
                 text += piece
                 last = i == req.max_tokens - 1
                 upto = len(text) if last else max(shown, len(text) - hold)
                 if last:
                     finished = "length"
-                yield Token(tid, text[shown:upto], "length" if last else None)
+                yield Token(
+                    tid, text[shown:upto], "length" if last else None, context=context, piece=piece
+                )
                 shown = upto
         finally:
             self.running -= 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -36,7 +37,13 @@ from supervisor.testing.simengine import (
     Token,
     dialect_facts,
 )
-from supervisor.testing.simtokenizer import ChatMessage, apply_chat_template
+from supervisor.testing.simtokenizer import (
+    ChatMessage,
+    SimTokenizer,
+    apply_chat_template,
+    prompt_contexts,
+    token_logprobs,
+)
 
 MAX_BODY = 32 * 1024 * 1024
 EMBEDDING_SIZE = 32  # the simulated embedding model's hidden size
@@ -176,8 +183,9 @@ class Api:
             stop = (stop,)
         if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
             raise ApiError(400, "stop must be a string or a list of strings")
-        if body.get("n", 1) != 1:
-            raise ApiError(400, "the simulator serves n=1 only")
+        n = body.get("n", 1)
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ApiError(400, "n must be at least 1, got " + repr(n), param="n")
         min_tokens = body.get("min_tokens") or 0
         if not isinstance(min_tokens, int) or min_tokens < 0:
             raise ApiError(400, "min_tokens must be an integer >= 0")
@@ -311,11 +319,46 @@ class Api:
         if extra:
             raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted")
 
+    def check_logprobs(self, body: dict[str, Any], *, chat: bool) -> None:
+        """vLLM's checks of the logprob fields, in its words."""
+        fields = ("prompt_logprobs", "top_logprobs") if chat else ("prompt_logprobs", "logprobs")
+        for name in fields:
+            value = body.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ApiError(400, f"`{name}` must be an integer.", param=name)
+            if value is not None and value < 0 and value != -1:
+                raise ApiError(400, f"`{name}` must be a positive value or -1.", param=name)
+        pl = body.get("prompt_logprobs")
+        if pl is not None and body.get("stream") and (pl > 0 or pl == -1):
+            raise ApiError(
+                400,
+                "`prompt_logprobs` are not available when `stream=True`. "
+                "(parameter=prompt_logprobs)",
+                param="prompt_logprobs",
+            )
+        if chat:
+            top = body.get("top_logprobs")
+            if top is not None and (top == -1 or top > 0) and not body.get("logprobs"):
+                raise ApiError(
+                    400,
+                    "when using `top_logprobs`, `logprobs` must be set to true.",
+                    param="top_logprobs",
+                )
+        elif body.get("suffix") is not None:
+            # The simulated model has no fill-in-the-middle rendering (nor has the tiny
+            # model the real vLLM is checked with).
+            raise ApiError(
+                400,
+                "suffix is only supported for models with FIM completion rendering",
+                param="suffix",
+            )
+
     async def _openai(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         body = await self.read_json(request)
         self.check_fields(request.path, body)
         self.check_model(body)
         self.check_serving()
+        self.check_logprobs(body, chat=chat)
         if chat:
             ids = self.chat_prompt(body)
             sreq = self.sampling(body, ids, default_max=None)
@@ -332,36 +375,66 @@ class Api:
         if not isinstance(stream, bool):
             raise ApiError(400, "stream must be true or false")
         shape = _OpenAIShape(sreq.request_id, self.opts.name, chat, with_ids, ids)
+        shape.sampling_extras(body, self.engine.tokenizer)
         if chat:
             shape.answer_mode(body, self.opts)
+        # n > 1: each choice a request of its own (vLLM's child requests), seeded seed + i.
+        n = body.get("n") or 1
+        sreqs = [sreq]
+        for i in range(1, n):
+            seed = None if sreq.seed is None else sreq.seed + i
+            sreqs.append(dataclasses.replace(sreq, request_id=f"{i}_{sreq.request_id}",
+                                             seed=seed, abort_event=asyncio.Event()))  # fmt: skip
+        if n > 1:
+            sreq.request_id = f"0_{sreq.request_id}"
         if not stream:
-            toks = [t async for t in self.engine.generate(sreq)]
-            return web.json_response(shape.full(toks))
+            answers = [[t async for t in self.engine.generate(r)] for r in sreqs]
+            return web.json_response(shape.full_choices(answers))
         opts = body.get("stream_options") or {}
         include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
+        shape.include_usage = include_usage
         # Usage in every chunk: the running count of tokens (vLLM's extension).
         shape.continuous = isinstance(opts, dict) and bool(opts.get("continuous_usage_stats"))
         resp = await self._sse_start(request)
-        n = 0
-        batch: list[Token] = []  # tokens of one event (SGLang's --stream-interval)
+        total = 0
         try:
-            async with contextlib.aclosing(self.engine.generate(sreq)) as gen:
-                if chat:
-                    await self._send(resp, shape.role_chunk())
-                async for tok in gen:
-                    if self.engine.malformed_due():
-                        await resp.write(b'data: {"id": "garbage", "choices": [{"tex\n\n')
-                        return resp
-                    if self.engine.endless_due():
-                        await self._endless_event(resp, b'data: {"choices": [{"text": "')
-                        return resp
-                    n += 1
-                    batch.append(tok)
-                    if len(batch) >= self.opts.stream_interval or tok.finish_reason:
-                        await self._send(resp, shape.chunk(batch, n))
-                        batch = []
+            if chat:
+                for i in range(n):
+                    await self._send(resp, shape.role_chunk(i))
+                if shape.echo:
+                    for i in range(n):
+                        await self._send(resp, shape.echo_chunk(i))
+            async with contextlib.AsyncExitStack() as stack:
+                # The choices advance together, a token each in turn (as vLLM's child
+                # requests, batched, do).
+                gens = [
+                    await stack.enter_async_context(contextlib.aclosing(self.engine.generate(r)))
+                    for r in sreqs
+                ]
+                counts = [0] * n
+                batches: list[list[Token]] = [[] for _ in range(n)]  # (--stream-interval)
+                running = list(range(n))
+                while running:
+                    for i in list(running):
+                        try:
+                            tok = await anext(gens[i])
+                        except StopAsyncIteration:
+                            running.remove(i)
+                            continue
+                        if self.engine.malformed_due():
+                            await resp.write(b'data: {"id": "garbage", "choices": [{"tex\n\n')
+                            return resp
+                        if self.engine.endless_due():
+                            await self._endless_event(resp, b'data: {"choices": [{"text": "')
+                            return resp
+                        counts[i] += 1
+                        batches[i].append(tok)
+                        if len(batches[i]) >= self.opts.stream_interval or tok.finish_reason:
+                            await self._send(resp, shape.chunk(batches[i], counts[i], i))
+                            batches[i] = []
+                total = sum(counts)
             if include_usage:
-                await self._send(resp, shape.usage_chunk(n))
+                await self._send(resp, shape.usage_chunk(total))
             await resp.write(b"data: [DONE]\n\n")
         except EngineCoreDead as e:
             # vLLM's API server outlives its engine core: the stream gets the error in-band.
@@ -866,24 +939,65 @@ class _GenerateShape:
 
 
 class _OpenAIShape:
-    """Builds one request's OpenAI chunks and full responses."""
+    """Builds one request's OpenAI chunks and full responses (every choice of it)."""
 
     def __init__(self, rid: str, model: str, chat: bool, with_ids: bool, prompt: list[int]):
         self.rid, self.model, self.chat, self.with_ids = rid, model, chat, with_ids
         self.prompt = prompt
         self.created = int(time.time())
         self.obj = "chat.completion.chunk" if chat else "text_completion"
-        self.first = True
+        self.started: set[int] = set()  # the choices whose first chunk went
         self.continuous = False  # usage in every chunk
+        self.include_usage = False  # a usage chunk at the end
+        self.reasoning = 0  # tokens of reasoning_content each answer opens with
         self.reasoning_left = 0  # tokens still to go to reasoning_content
         self.tool: str | None = None  # the tool this answer calls
         self.tool_started = False
+        self.choice = 0  # the choice being streamed
+        # Logprobs: completions' ``logprobs`` or chat's ``top_logprobs`` (None: not asked);
+        # prompt logprobs; an echo (text, and whether a completion echoes its ids).
+        self.logprobs: int | None = None
+        self.prompt_logprobs: int | None = None
+        self.echo = ""
+        self.echo_prompt = False
+        self.offsets: dict[int, int] = {}  # completions: each choice's next text_offset
+        self.tok: SimTokenizer | None = None
+
+    def sampling_extras(self, body: dict[str, Any], tok: SimTokenizer) -> None:
+        """Logprobs, prompt logprobs and echo, as vLLM reads them."""
+        self.tok = tok
+        if self.chat:
+            if body.get("logprobs"):
+                self.logprobs = body.get("top_logprobs") or 0
+        elif body.get("logprobs") is not None:
+            self.logprobs = body["logprobs"]
+        self.prompt_logprobs = body.get("prompt_logprobs")
+        if not body.get("echo"):
+            return
+        if self.chat:
+            # vLLM: an echo asks the prompt's logprobs as top_logprobs (a whole answer
+            # returns them), and echoes the last message when its role is the answer's.
+            if self.prompt_logprobs is None:
+                self.prompt_logprobs = body.get("top_logprobs")
+            msgs = body["messages"]
+            role = "assistant" if body.get("add_generation_prompt", True) else msgs[-1]["role"]
+            if msgs[-1].get("role") == role:
+                content = msgs[-1].get("content") or ""
+                if isinstance(content, list):
+                    content = "\n".join(p.get("text", "") for p in content)
+                self.echo = content
+            return
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = self.logprobs
+        self.echo_prompt = True
+        # With token ids asked, vLLM echoes the ids and no text.
+        self.echo = "" if body.get("return_token_ids") else tok.decode(self.prompt)
 
     def answer_mode(self, body: dict[str, Any], opts: SimOptions) -> None:
         """Reasoning first (a reasoning parser is on), or a tool call (tools were given,
         a tool parser is on, and tool_choice is not "none")."""
         if opts.reasoning_parser:
-            self.reasoning_left = REASONING_TOKENS
+            self.reasoning = self.reasoning_left = REASONING_TOKENS
         tools = body.get("tools")
         if (
             opts.tool_parser
@@ -895,6 +1009,90 @@ class _OpenAIShape:
             if isinstance(fn, dict) and isinstance(fn.get("name"), str):
                 self.tool = fn["name"]
 
+    # -- logprobs --------------------------------------------------------------------
+    def _piece(self, tid: int) -> str:
+        assert self.tok is not None
+        return self.tok.piece(tid) or self.tok.decode([tid])
+
+    def _positions(self, toks: list[Token]) -> list[tuple[str, float | None, list[Any]]]:
+        """Each token's text, logprob and alternatives (the chosen token first)."""
+        k = self.logprobs or 0
+        out: list[tuple[str, float | None, list[Any]]] = []
+        for t in toks:
+            alts = token_logprobs(t.context, t.id, max(k, 1))
+            # (the chosen token named as its entry is: a byte's text may be "" so far)
+            named = [(t.piece, alts[0][1])] + [(self._piece(a), v) for a, v in alts[1:]]
+            out.append((t.piece, alts[0][1], named))
+        return out
+
+    def _prompt_positions(self) -> list[tuple[str, float | None, list[Any]]]:
+        """The prompt's tokens as logprob positions (the first has no logprob)."""
+        k = self.prompt_logprobs if self.prompt_logprobs is not None else (self.logprobs or 0)
+        out: list[tuple[str, float | None, list[Any]]] = []
+        for i, (tid, ctx) in enumerate(zip(self.prompt, prompt_contexts(self.prompt), strict=True)):
+            if i == 0:
+                out.append((self._piece(tid), None, []))
+                continue
+            alts = token_logprobs(ctx, tid, k + 1)
+            out.append((self._piece(tid), alts[0][1], [(self._piece(a), v) for a, v in alts]))
+        return out
+
+    def _completion_logprobs(
+        self, positions: list[tuple[str, float | None, list[Any]]], index: int
+    ) -> dict[str, Any]:
+        k = self.logprobs or 0
+        offset = self.offsets.get(index, 0)
+        out: dict[str, list[Any]] = {
+            "text_offset": [],
+            "token_logprobs": [],
+            "tokens": [],
+            "top_logprobs": [],
+        }
+        for token, logprob, alts in positions:
+            out["text_offset"].append(offset)
+            out["token_logprobs"].append(logprob)
+            out["tokens"].append(token)
+            # (vLLM keeps alternatives up to index k, in a map by their text)
+            out["top_logprobs"].append(dict(alts[: k + 1]) if logprob is not None else None)
+            offset += len(token)
+        self.offsets[index] = offset
+        return out
+
+    def _chat_logprobs(self, positions: list[tuple[str, float | None, list[Any]]]) -> Any:
+        k = self.logprobs or 0
+        content = []
+        for token, logprob, alts in positions:
+            content.append(
+                {
+                    "token": token,
+                    "logprob": logprob,
+                    "bytes": list(token.encode("utf-8", "replace")),
+                    "top_logprobs": [
+                        {"token": t, "logprob": v, "bytes": list(t.encode("utf-8", "replace"))}
+                        for t, v in alts[:k]
+                    ],
+                }
+            )
+        return {"content": content}
+
+    def _prompt_logprobs_field(self) -> list[Any] | None:
+        """vLLM's ``prompt_logprobs`` of a whole answer: per prompt token, a map from token
+        ids to their logprob, rank and text (the prompt's own token first)."""
+        if self.prompt_logprobs is None:
+            return None
+        k = self.prompt_logprobs
+        out: list[Any] = [None]
+        contexts = prompt_contexts(self.prompt)
+        for tid, ctx in list(zip(self.prompt, contexts, strict=True))[1:]:
+            alts = token_logprobs(ctx, tid, k + 1)
+            entry = {}
+            for rank, (a, v) in enumerate(alts):
+                r = 1 + ctx % 4000 if rank == 0 else rank
+                entry[str(a)] = {"logprob": v, "rank": r, "decoded_token": self._piece(a)}
+            out.append(entry)
+        return out
+
+    # -- chunks ----------------------------------------------------------------------
     def _delta(self, text: str, n_toks: int, last: bool) -> dict[str, Any]:
         if self.reasoning_left > 0:
             self.reasoning_left -= n_toks
@@ -916,11 +1114,11 @@ class _OpenAIShape:
     def _head(self) -> dict[str, Any]:
         return {"id": self.rid, "object": self.obj, "created": self.created, "model": self.model}
 
-    def role_chunk(self) -> dict[str, Any]:
+    def role_chunk(self, index: int = 0) -> dict[str, Any]:
         d = self._head()
         d["choices"] = [
             {
-                "index": 0,
+                "index": index,
                 "delta": {"role": "assistant", "content": ""},
                 "logprobs": None,
                 "finish_reason": None,
@@ -928,40 +1126,67 @@ class _OpenAIShape:
         ]
         if self.with_ids:
             d["prompt_token_ids"] = self.prompt
-            self.first = False
+            self.started.add(index)
         if self.continuous:
             d["usage"] = self.usage(0)
         return d
 
-    def chunk(self, toks: list[Token], n: int) -> dict[str, Any]:
-        """One event for ``toks`` (one token, or several with a stream interval); ``n``:
-        the tokens generated so far."""
+    def echo_chunk(self, index: int = 0) -> dict[str, Any]:
+        """A chat answer's echo of the last message (after the role chunks)."""
         d = self._head()
-        ch: dict[str, Any] = {"index": 0}
+        d["choices"] = [
+            {"index": index, "delta": {"content": self.echo}, "logprobs": None,
+             "finish_reason": None}
+        ]  # fmt: skip
+        if self.continuous:
+            d["usage"] = self.usage(0)
+        return d
+
+    def chunk(self, toks: list[Token], n: int, index: int = 0) -> dict[str, Any]:
+        """One event for ``toks`` (one token, or several with a stream interval) of choice
+        ``index``; ``n``: the tokens that choice generated so far."""
+        if index != self.choice:  # the next choice begins: its own answer mode
+            self.choice, self.reasoning_left, self.tool_started = index, self.reasoning, False
+        d = self._head()
+        ch: dict[str, Any] = {"index": index}
         text = "".join(t.text for t in toks)
         finish = toks[-1].finish_reason
+        first = index not in self.started
+        positions = self._positions(toks) if self.logprobs is not None else []
         if self.chat:
             ch["delta"] = self._delta(text, len(toks), finish is not None)
             if finish and self.tool is not None and finish != "abort":
                 finish = "tool_calls"
         else:
+            if first and self.echo_prompt:
+                text = self.echo + text
+                positions = self._prompt_positions() + positions if positions else []
             ch["text"] = text
-        ch["logprobs"] = None
+        if self.logprobs is None or finish == "abort":
+            ch["logprobs"] = None
+        elif self.chat:
+            ch["logprobs"] = self._chat_logprobs(positions)
+        else:
+            ch["logprobs"] = self._completion_logprobs(positions, index)
         ch["finish_reason"] = finish
         ch["stop_reason"] = toks[-1].stop_reason
+        if not self.chat and first and (self.with_ids or self.echo_prompt):
+            ch["prompt_token_ids"] = self.prompt  # (vLLM: with an echo, asked or not)
         if self.with_ids:
             ch["token_ids"] = [t.id for t in toks]
-            if self.first:
+            if first and self.chat:
                 ch["prompt_token_ids"] = self.prompt
-                self.first = False
+        self.started.add(index)
         d["choices"] = [ch]
         if self.continuous:
             d["usage"] = self.usage(n)
+        if finish and not self.include_usage:  # (vLLM: else on the usage chunk)
+            d["system_fingerprint"] = SYSTEM_FINGERPRINT
         return d
 
     def abort_chunk(self) -> dict[str, Any]:
         """The last chunk of a request the engine aborted: no text, no token."""
-        d = self.chunk([Token(0, "", "abort")], 0)
+        d = self.chunk([Token(0, "", "abort")], 0, self.choice)
         d.pop("usage", None)
         if self.with_ids:
             d["choices"][0]["token_ids"] = []
@@ -982,17 +1207,22 @@ class _OpenAIShape:
         return d
 
     def full(self, toks: list[Token]) -> dict[str, Any]:
+        return self.full_choices([toks])
+
+    def _choice(self, toks: list[Token], index: int) -> dict[str, Any]:
+        self.reasoning_left = self.reasoning
         last = toks[-1] if toks else None
         reasoning = "".join(t.text for t in toks[: self.reasoning_left])
         text = "".join(t.text for t in toks[self.reasoning_left :])
         ch: dict[str, Any] = {
-            "index": 0,
+            "index": index,
             "logprobs": None,
             "finish_reason": last.finish_reason if last else "length",
             "stop_reason": last.stop_reason if last else None,
         }
+        positions = self._positions(toks) if self.logprobs is not None else []
         if self.chat:
-            ch["message"] = {"role": "assistant", "content": text}
+            ch["message"] = {"role": "assistant", "content": self.echo + text}
             if self.reasoning_left:
                 ch["message"]["reasoning_content"] = reasoning
             if self.tool is not None:
@@ -1005,23 +1235,36 @@ class _OpenAIShape:
                     }
                 ]
                 ch["finish_reason"] = "tool_calls"
+            if self.logprobs is not None:
+                ch["logprobs"] = self._chat_logprobs(positions)
         else:
-            ch["text"] = text
+            ch["text"] = self.echo + text
+            if self.logprobs is not None:
+                if self.echo_prompt:
+                    positions = self._prompt_positions() + positions
+                ch["logprobs"] = self._completion_logprobs(positions, index)
+            ch["prompt_logprobs"] = self._prompt_logprobs_field()
         if self.with_ids:
             ch["token_ids"] = [t.id for t in toks]
             if not self.chat:
                 ch["prompt_token_ids"] = self.prompt
+        return ch
+
+    def full_choices(self, answers: list[list[Token]]) -> dict[str, Any]:
+        """The whole answer: one choice per generated list of tokens."""
         d: dict[str, Any] = {
             "id": self.rid,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [ch],
-            "usage": self.usage(len(toks)),
+            "choices": [self._choice(toks, i) for i, toks in enumerate(answers)],
+            "usage": self.usage(sum(len(toks) for toks in answers)),
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
-        if self.with_ids and self.chat:
-            d["prompt_token_ids"] = self.prompt
+        if self.chat:
+            d["prompt_logprobs"] = self._prompt_logprobs_field()
+            if self.with_ids:
+                d["prompt_token_ids"] = self.prompt
         return d
 
 
@@ -1110,15 +1353,26 @@ class _ResponsesShape:
             output = [self._message(text, "completed")]
             usage = {
                 "input_tokens": self.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {
+                    "cached_tokens": 0,
+                    "cache_write_tokens": 0,
+                    "input_tokens_per_turn": [],
+                    "cached_tokens_per_turn": [],
+                },
                 "output_tokens": len(toks),
-                "output_tokens_details": {"reasoning_tokens": 0, "tool_output_tokens": 0},
+                "output_tokens_details": {
+                    "reasoning_tokens": 0,
+                    "tool_output_tokens": 0,
+                    "output_tokens_per_turn": [],
+                    "tool_output_tokens_per_turn": [],
+                },
                 "total_tokens": self.prompt_tokens + len(toks),
             }
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
         return {
             "id": self.rid,
             "created_at": self.created,
-            "incomplete_details": None,
+            "incomplete_details": incomplete,
             "instructions": b.get("instructions"),
             "metadata": b.get("metadata"),
             "model": self.model,
@@ -1142,6 +1396,8 @@ class _ResponsesShape:
             "truncation": "disabled",
             "usage": usage,
             "user": None,
+            "presence_penalty": float(b.get("presence_penalty", 0.0)),
+            "frequency_penalty": float(b.get("frequency_penalty", 0.0)),
         }
 
     def opening(self) -> list[dict[str, Any]]:

@@ -214,6 +214,11 @@ class SequenceState:
         self._draws = 0  # draws count generated tokens only: the prompt is not sampled
 
     @property
+    def context(self) -> int:
+        """The hash of the sequence so far: what the next token's logprobs depend on."""
+        return self._h
+
+    @property
     def spelling(self) -> bool:
         """Whether a multi-byte word is part-way spelled out (its next token is forced)."""
         return bool(self._forced)
@@ -236,6 +241,37 @@ class SequenceState:
             self._forced = _SPELLING[tid][1:]
         else:
             self._forced = ()
+
+
+def token_logprobs(context: int, chosen: int, alternatives: int) -> list[tuple[int, float]]:
+    """The simulated model's logprobs at one position, given the hash of the sequence
+    before it (:attr:`SequenceState.context`): ``chosen`` first, then other word tokens
+    until there are ``alternatives`` in all, each less likely. A pure function of the
+    context and the token, so every engine, and a continuation resumed from the same
+    sequence, gives the same values as an unbroken run."""
+    h = _mix(context, chosen)
+    value = -((h >> 11) / float(1 << 53)) * 4.0 - 0.25  # in (-4.25, -0.25]
+    out = [(chosen, value)]
+    seen = {chosen}
+    j = 0
+    while len(out) < alternatives:
+        j += 1
+        tid = _WORD_BASE + _mix(context, 1000 + j) % len(WORDS)
+        if tid in seen:
+            continue
+        seen.add(tid)
+        out.append((tid, value - 0.5 * len(out) - ((_mix(h, j) >> 11) / float(1 << 53)) * 0.25))
+    return out
+
+
+def prompt_contexts(prompt_ids: Sequence[int]) -> list[int]:
+    """The context hash before each prompt token (the first has none that counts)."""
+    state = SequenceState(())
+    out = []
+    for tid in prompt_ids:
+        out.append(state.context)
+        state.append(tid)
+    return out
 
 
 def generate(

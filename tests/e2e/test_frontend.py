@@ -345,9 +345,22 @@ async def test_bad_input_gets_openai_shaped_4xx(
         ("/v1/completions", {"model": "sim-model", "prompt": "x", "stream": "yes"}, 400, "stream"),
         (
             "/v1/completions",
-            {"model": "sim-model", "prompt": "x", "echo": True},
+            {"model": "sim-model", "prompt": [5, 6], "echo": True},
             400,
             "not supported",
+        ),
+        ("/v1/completions", {"model": "sim-model", "prompt": "x", "n": 0}, 400, "'n'"),
+        (
+            "/v1/completions",
+            {"model": "sim-model", "prompt": "x", "logprobs": "2"},
+            400,
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "sim-model", "messages": [{"role": "user"}], "top_logprobs": True},
+            400,
+            "top_logprobs",
         ),
         ("/v1/chat/completions", {"model": "sim-model", "messages": []}, 400, "messages"),
         (

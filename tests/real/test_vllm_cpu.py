@@ -304,3 +304,103 @@ async def test_engine_core_death_with_the_api_server_alive(
     assert migrated == unbroken
     st = await status(session, node)
     assert st["failovers"][0]["failed_engine"] == active["id"], st["failovers"][0]
+
+
+async def run_choices(
+    http: aiohttp.ClientSession,
+    url: str,
+    kind: str,
+    body: dict[str, Any],
+    kill: int | None,
+    kill_at: int = 30,
+) -> dict[int, tuple[str, list[Any], int]]:
+    """Each choice's text, logprob entries (chat: as sent; completions: rows of token,
+    logprob, alternatives, text_offset) and migrations, the engine SIGKILLed at chunk ``kill_at`` (a
+    streamed answer) or after 1.5 s (a whole one)."""
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    texts: dict[int, str] = {}
+    entries: dict[int, list[Any]] = {}
+    moved: dict[int, int] = {}  # the migrations the client was told of, per choice
+
+    def take(i: int, text: str | None, lp: dict[str, Any] | None) -> None:
+        texts[i] = texts.get(i, "") + (text or "")
+        rows = entries.setdefault(i, [])
+        if lp is None:
+            return
+        if kind == "chat":
+            rows += lp["content"]
+        else:
+            cols = (lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"])
+            rows += [list(r) for r in zip(*cols, strict=True)]
+
+    async def killer() -> None:
+        assert kill is not None
+        await anyio.sleep(1.5)
+        os.killpg(kill, signal.SIGKILL)
+
+    async with anyio.create_task_group() as tg:
+        if kill is not None and not body["stream"]:
+            tg.start_soon(killer)
+        async with http.post(url + path, json=body) as r:
+            assert r.status == 200, await r.text()
+            if not body["stream"]:
+                obj = await r.json()
+                for ch in obj["choices"]:
+                    text = ch["message"]["content"] if kind == "chat" else ch["text"]
+                    take(ch["index"], text, ch["logprobs"])
+                    moved[ch["index"]] = (obj.get("failover") or {}).get("migrations", 0)
+                return {i: (texts[i], entries[i], moved[i]) for i in texts}
+            chunks = 0
+            async for data in iter_sse_data(r):
+                obj = json.loads(data)
+                assert "error" not in obj, obj
+                for ch in obj["choices"]:
+                    text = ch["delta"].get("content") if kind == "chat" else ch["text"]
+                    take(ch["index"], text, ch["logprobs"])
+                    if "failover" in obj:
+                        moved[ch["index"]] = obj["failover"]["migrations"]
+                chunks += 1
+                if kill is not None and chunks == kill_at:
+                    os.killpg(kill, signal.SIGKILL)
+    return {i: (texts[i], entries[i], moved.get(i, 0)) for i in texts}
+
+
+LOGPROB_CASES = [
+    # (kind, stream, n): three streamed choices with logprobs (their text_offsets going on
+    # across the seam), and a whole chat answer with logprobs (its continuation's entries
+    # come from /v1/completions and are turned into chat entries).
+    ("completion", True, 3),
+    ("chat", False, 1),
+]
+
+
+@pytest.mark.parametrize(("kind", "stream", "n"), LOGPROB_CASES)
+async def test_logprobs_and_choices_through_a_sigkill_equal_an_unbroken_run(
+    node: SupervisorProcess,
+    session: aiohttp.ClientSession,
+    kind: str,
+    stream: bool,
+    n: int,
+) -> None:
+    """Float32, temperature 0: the spliced answer equals the unbroken one token for token
+    and logprob for logprob, the alternatives included (in bfloat16 the prefill of a
+    continuation and the unbroken run's decode steps may round differently)."""
+    st = await at_full_strength(session, node)
+    active = next(e for e in st["engines"] if e["id"] == st["slots"][0]["active"])
+    tokens = 80 if stream else 150  # (a whole answer is killed after 1.5 s: mid-answer)
+    body = body_for(kind, stream, tokens)
+    body.update({"logprobs": True, "top_logprobs": 3} if kind == "chat" else {"logprobs": 3})
+    if n > 1:
+        body["n"] = n
+    unbroken = await run_choices(session, node.frontend_url, kind, body, None)
+    migrated = await run_choices(session, node.frontend_url, kind, body, active["pid"])
+    assert sorted(migrated) == list(range(n))
+    for i in range(n):
+        assert migrated[i][0] == unbroken[i][0], f"choice {i}: text differs"
+        assert len(migrated[i][1]) == tokens
+        for at, (got, want) in enumerate(zip(migrated[i][1], unbroken[i][1], strict=True)):
+            assert got == want, f"choice {i}, token {at}:\nunbroken {want}\nmigrated {got}"
+    st = await status(session, node)
+    assert st["failovers"][0]["result"] == "promoted", st["failovers"][0]
+    assert all(migrated[i][2] >= 1 for i in range(n)), "the kill fell after the answer"
+    print(f"\nreal vLLM, logprobs {kind} stream={stream} n={n}: equal through a SIGKILL")
