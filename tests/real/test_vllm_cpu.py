@@ -170,14 +170,17 @@ async def run(
             return text, gap
 
 
+# Each case costs a real engine's restart (40 to 70 s here). Two run only with the slow
+# tests: a streamed completion through a SIGKILL is also what the logprobs test checks
+# (three choices, token for token), and so is a chat answer asked whole.
 CASES = [
-    ("completion", True, 150),
+    pytest.param("completion", True, 150, marks=pytest.mark.slow),
     ("completion", True, None),  # the completions default: 16 tokens in all
     ("chat", True, None),  # until the context ends: the continuation must not stop at 16
     # Not streamed: killed after 1.5 s, so the seam varies; with the byte-level tokenizer it
     # can fall inside a multi-byte character, where vLLM sends no text (the relay then
     # resumes from the last whole character: found by these tests, see docs/real-engines.md).
-    ("chat", False, 150),
+    pytest.param("chat", False, 150, marks=pytest.mark.slow),
     ("completion", False, 150),
 ]
 
