@@ -102,7 +102,9 @@ class ClientShape:
     model: str
     created: int
     with_ids: bool = False
-    index: int = 0  # the choice this shape renders (n > 1: one shape per choice)
+    # The choice this shape renders (n > 1: one shape per choice), kept as an object: a
+    # native int would be boxed again for every chunk.
+    index: Any = 0
     # Every chunk of a stream starts alike: that part is rendered once, on first use.
     _head: bytes | None = field(default=None, repr=False, compare=False)
 
@@ -959,18 +961,32 @@ class RequestRelay:
         if finish is not None:
             self.finish = finish
             self.finished_at = time.monotonic()
-        logprobs = usage = None
         extras = self.extras
-        if extras is not None:
-            if piece.logprobs is not None and extras.logprobs:
-                logprobs = extras.render(piece.logprobs)
-                if self.emit is None:
-                    extras.keep(logprobs)
-            if extras.continuous:
-                usage = self.usage()
-            if not extras.echo_sent:
-                extras.echo_sent = True
-                text = extras.echo + text
+        if extras is not None:  # (a method of its own: this path stays as it was)
+            return self._extras_chunk(extras, text, piece, finish)
+        if self.emit is None or not (text or finish or piece.token_ids or piece.delta):
+            return None
+        failover = None
+        if self.seam_pending:
+            self.seam_pending = False
+            failover = self.failover_report()
+        return self.shape.piece_chunk(text, piece, finish, self.stop_reason, failover)
+
+    def _extras_chunk(
+        self, extras: Extras, text: str, piece: Piece, finish: str | None
+    ) -> bytes | None:
+        """:meth:`_on_piece`'s end for a request with logprobs, usage in every chunk or an
+        echo."""
+        logprobs = usage = None
+        if piece.logprobs is not None and extras.logprobs:
+            logprobs = extras.render(piece.logprobs)
+            if self.emit is None:
+                extras.keep(logprobs)
+        if extras.continuous:
+            usage = self.usage()
+        if not extras.echo_sent:
+            extras.echo_sent = True
+            text = extras.echo + text
         if self.emit is None or not (text or finish or piece.token_ids or piece.delta):
             return None
         failover = None
