@@ -10,6 +10,7 @@ OpenAI's error shape; nothing a client sends can crash the frontend.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import re
@@ -337,45 +338,11 @@ class Frontend:
         )
         self.active += 1  # (until _leave)
         t0 = time.monotonic()
-        outcome = "ok"
+        outcome = "cancelled"  # (unless the relay says otherwise)
         try:
-            await relay.run()
-        except Rejected as e:
-            outcome = f"rejected:{e.reason}"
-            self.metrics.rejections.labels(e.reason).inc()
-            if not reply.started:
-                return self._unavailable(reply, str(e))
-            return await self._stream_error(reply, 503, str(e))
-        except UpstreamClientError as refused:
-            outcome = f"engine_refused:{refused.status}"
-            if not reply.started:
-                return reply.send(refused.status, error_body(refused.status, str(refused)))
-            return await self._stream_error(reply, refused.status, str(refused))
-        except MigrationFailed as failed:
-            outcome = "migration_failed"
-            if not reply.started:
-                message = f"the request could not be completed: {failed}"
-                return reply.send(502, error_body(502, message))
-            return await self._stream_error(reply, 502, str(failed))
-        except ClientGone as gone:
-            outcome = f"client_gone: {gone}"
-            self.metrics.cancellations.labels(kind).inc()
-            with anyio.CancelScope(shield=True):
-                await relay.abort_upstream()
-            return None  # nobody to answer
-        except (anyio.get_cancelled_exc_class(), ConnectionResetError):
-            outcome = "cancelled"
-            self.metrics.cancellations.labels(kind).inc()
-            with anyio.CancelScope(shield=True):
-                await relay.abort_upstream()
-            raise
-        except Exception as bug:  # a bug: contained, logged with its traceback, 500 to the client
-            outcome = f"error: {type(bug).__name__}"
-            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
-            if not reply.started:
-                message = "internal error in the supervisor; see its log"
-                return reply.send(500, error_body(500, message))
-            return await self._stream_error(reply, 500, "internal error in the supervisor")
+            outcome, answered = await self._relay(reply, kind, rid, [relay], relay.run)
+            if answered:
+                return None
         finally:
             self._leave()
             if self.fcfg.access_log and self.logs_info:
@@ -425,6 +392,62 @@ class Frontend:
                 await reply.write(shape.usage_chunk(relay.usage()))
             await reply.write(b"data: [DONE]\n\n")
         return None
+
+    async def _relay(
+        self,
+        reply: Reply,
+        kind: RequestKind,
+        rid: str,
+        relays: list[RequestRelay],
+        run: Callable[[], Awaitable[None]],
+    ) -> tuple[str, bool]:
+        """Run a request's relays (one, or one per choice); when they fail, answer the
+        client as the failure deserves. The outcome for the access log, and whether the
+        client has had its answer (an error) already. A cancellation is passed on, after
+        the relays' upstream requests are aborted."""
+        try:
+            await run()
+            return "ok", False
+        except Rejected as e:
+            self.metrics.rejections.labels(e.reason).inc()
+            if not reply.started:
+                self._unavailable(reply, str(e))
+            else:
+                await self._stream_error(reply, 503, str(e))
+            return f"rejected:{e.reason}", True
+        except UpstreamClientError as refused:
+            if not reply.started:
+                reply.send(refused.status, error_body(refused.status, str(refused)))
+            else:
+                await self._stream_error(reply, refused.status, str(refused))
+            return f"engine_refused:{refused.status}", True
+        except MigrationFailed as failed:
+            if not reply.started:
+                message = f"the request could not be completed: {failed}"
+                reply.send(502, error_body(502, message))
+            else:
+                await self._stream_error(reply, 502, str(failed))
+            return "migration_failed", True
+        except ClientGone as gone:
+            self.metrics.cancellations.labels(kind).inc()
+            with anyio.CancelScope(shield=True):
+                for r in relays:
+                    await r.abort_upstream()
+            return f"client_gone: {gone}", True  # nobody to answer
+        except (anyio.get_cancelled_exc_class(), ConnectionResetError):
+            self.metrics.cancellations.labels(kind).inc()
+            with anyio.CancelScope(shield=True):
+                for r in relays:
+                    await r.abort_upstream()
+            raise
+        except Exception as bug:  # a bug: contained, logged with its traceback, 500 to the client
+            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
+            if not reply.started:
+                message = "internal error in the supervisor; see its log"
+                reply.send(500, error_body(500, message))
+            else:
+                await self._stream_error(reply, 500, "internal error in the supervisor")
+            return f"error: {type(bug).__name__}", True
 
     async def _serve_choices(
         self, request: Request, reply: Reply, kind: RequestKind, body: dict[str, Any], rid: str
@@ -482,47 +505,13 @@ class Frontend:
             )
         self.active += 1  # (until _leave)
         t0 = time.monotonic()
-        outcome = "ok"
+        outcome = "cancelled"  # (unless the relays say otherwise)
         try:
-            await _run_all(relays)
-        except Rejected as e:
-            outcome = f"rejected:{e.reason}"
-            self.metrics.rejections.labels(e.reason).inc()
-            if not reply.started:
-                return self._unavailable(reply, str(e))
-            return await self._stream_error(reply, 503, str(e))
-        except UpstreamClientError as refused:
-            outcome = f"engine_refused:{refused.status}"
-            if not reply.started:
-                return reply.send(refused.status, error_body(refused.status, str(refused)))
-            return await self._stream_error(reply, refused.status, str(refused))
-        except MigrationFailed as failed:
-            outcome = "migration_failed"
-            if not reply.started:
-                message = f"the request could not be completed: {failed}"
-                return reply.send(502, error_body(502, message))
-            return await self._stream_error(reply, 502, str(failed))
-        except ClientGone as gone:
-            outcome = f"client_gone: {gone}"
-            self.metrics.cancellations.labels(kind).inc()
-            with anyio.CancelScope(shield=True):
-                for r in relays:
-                    await r.abort_upstream()
-            return None  # nobody to answer
-        except (anyio.get_cancelled_exc_class(), ConnectionResetError):
-            outcome = "cancelled"
-            self.metrics.cancellations.labels(kind).inc()
-            with anyio.CancelScope(shield=True):
-                for r in relays:
-                    await r.abort_upstream()
-            raise
-        except Exception as bug:  # a bug: contained, logged with its traceback, 500 to the client
-            outcome = f"error: {type(bug).__name__}"
-            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
-            if not reply.started:
-                message = "internal error in the supervisor; see its log"
-                return reply.send(500, error_body(500, message))
-            return await self._stream_error(reply, 500, "internal error in the supervisor")
+            outcome, answered = await self._relay(
+                reply, kind, rid, relays, functools.partial(_run_all, relays)
+            )
+            if answered:
+                return None
         finally:
             self._leave()
             if self.fcfg.access_log and self.logs_info:
