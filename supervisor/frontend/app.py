@@ -10,7 +10,6 @@ OpenAI's error shape; nothing a client sends can crash the frontend.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import random
 import re
@@ -338,10 +337,13 @@ class Frontend:
         )
         self.active += 1  # (until _leave)
         t0 = time.monotonic()
-        outcome = "cancelled"  # (unless the relay says otherwise)
+        outcome = "cancelled"  # (unless the relay ends otherwise)
         try:
-            outcome, answered = await self._relay(reply, kind, rid, [relay], relay.run)
-            if answered:
+            try:
+                await relay.run()
+                outcome = "ok"
+            except BaseException as error:
+                outcome = await self._failed(reply, kind, rid, [relay], error)
                 return None
         finally:
             self._leave()
@@ -393,61 +395,59 @@ class Frontend:
             await reply.write(b"data: [DONE]\n\n")
         return None
 
-    async def _relay(
+    async def _failed(
         self,
         reply: Reply,
         kind: RequestKind,
         rid: str,
         relays: list[RequestRelay],
-        run: Callable[[], Awaitable[None]],
-    ) -> tuple[str, bool]:
-        """Run a request's relays (one, or one per choice); when they fail, answer the
-        client as the failure deserves. The outcome for the access log, and whether the
-        client has had its answer (an error) already. A cancellation is passed on, after
-        the relays' upstream requests are aborted."""
-        try:
-            await run()
-            return "ok", False
-        except Rejected as e:
-            self.metrics.rejections.labels(e.reason).inc()
+        error: BaseException,
+    ) -> str:
+        """A request's relays (one, or one per choice) failed with ``error``: answer the
+        client as the failure deserves, and say the outcome for the access log. A
+        cancellation (or a reset) is raised again, after the relays' upstream requests are
+        aborted. (Only failures pay for this call: an answer that went well never makes it.)"""
+        if isinstance(error, (anyio.get_cancelled_exc_class(), ConnectionResetError)):
+            self.metrics.cancellations.labels(kind).inc()
+            with anyio.CancelScope(shield=True):
+                for r in relays:
+                    await r.abort_upstream()
+            raise error
+        if not isinstance(error, Exception):
+            raise error  # (SystemExit, KeyboardInterrupt: not the request's to handle)
+        if isinstance(error, Rejected):
+            self.metrics.rejections.labels(error.reason).inc()
             if not reply.started:
-                self._unavailable(reply, str(e))
+                self._unavailable(reply, str(error))
             else:
-                await self._stream_error(reply, 503, str(e))
-            return f"rejected:{e.reason}", True
-        except UpstreamClientError as refused:
+                await self._stream_error(reply, 503, str(error))
+            return f"rejected:{error.reason}"
+        if isinstance(error, UpstreamClientError):
             if not reply.started:
-                reply.send(refused.status, error_body(refused.status, str(refused)))
+                reply.send(error.status, error_body(error.status, str(error)))
             else:
-                await self._stream_error(reply, refused.status, str(refused))
-            return f"engine_refused:{refused.status}", True
-        except MigrationFailed as failed:
+                await self._stream_error(reply, error.status, str(error))
+            return f"engine_refused:{error.status}"
+        if isinstance(error, MigrationFailed):
             if not reply.started:
-                message = f"the request could not be completed: {failed}"
+                message = f"the request could not be completed: {error}"
                 reply.send(502, error_body(502, message))
             else:
-                await self._stream_error(reply, 502, str(failed))
-            return "migration_failed", True
-        except ClientGone as gone:
+                await self._stream_error(reply, 502, str(error))
+            return "migration_failed"
+        if isinstance(error, ClientGone):
             self.metrics.cancellations.labels(kind).inc()
             with anyio.CancelScope(shield=True):
                 for r in relays:
                     await r.abort_upstream()
-            return f"client_gone: {gone}", True  # nobody to answer
-        except (anyio.get_cancelled_exc_class(), ConnectionResetError):
-            self.metrics.cancellations.labels(kind).inc()
-            with anyio.CancelScope(shield=True):
-                for r in relays:
-                    await r.abort_upstream()
-            raise
-        except Exception as bug:  # a bug: contained, logged with its traceback, 500 to the client
-            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
-            if not reply.started:
-                message = "internal error in the supervisor; see its log"
-                reply.send(500, error_body(500, message))
-            else:
-                await self._stream_error(reply, 500, "internal error in the supervisor")
-            return f"error: {type(bug).__name__}", True
+            return f"client_gone: {error}"  # nobody to answer
+        # A bug: contained, logged with its traceback, 500 to the client.
+        self.log.error("request failed inside the supervisor", request_id=rid, exc_info=error)
+        if not reply.started:
+            reply.send(500, error_body(500, "internal error in the supervisor; see its log"))
+        else:
+            await self._stream_error(reply, 500, "internal error in the supervisor")
+        return f"error: {type(error).__name__}"
 
     async def _serve_choices(
         self, request: Request, reply: Reply, kind: RequestKind, body: dict[str, Any], rid: str
@@ -505,12 +505,13 @@ class Frontend:
             )
         self.active += 1  # (until _leave)
         t0 = time.monotonic()
-        outcome = "cancelled"  # (unless the relays say otherwise)
+        outcome = "cancelled"  # (unless the relays end otherwise)
         try:
-            outcome, answered = await self._relay(
-                reply, kind, rid, relays, functools.partial(_run_all, relays)
-            )
-            if answered:
+            try:
+                await _run_all(relays)
+                outcome = "ok"
+            except BaseException as error:
+                outcome = await self._failed(reply, kind, rid, relays, error)
                 return None
         finally:
             self._leave()
