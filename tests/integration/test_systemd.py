@@ -97,8 +97,10 @@ async def test_reload_and_pause_are_told_to_systemd(tmp_path: Path) -> None:
             await _until(lambda: any(m.startswith("RELOADING=1") for m in messages))
             reloading = next(m for m in messages if m.startswith("RELOADING=1"))
             assert "MONOTONIC_USEC=" in reloading
-            after = messages[messages.index(reloading) + 1 :]
-            await _until(lambda: any(m.startswith("READY=1") for m in after))
+            # Read the live list each time: a slice taken now would miss a READY=1 that
+            # comes after it (the reload takes a moment).
+            at = messages.index(reloading)
+            await _until(lambda: any(m.startswith("READY=1") for m in messages[at + 1 :]))
             async with (
                 aiohttp.ClientSession() as http,
                 http.post(sup.admin_url + "/pause", json={"reason": "kernel"}) as r,
