@@ -340,6 +340,35 @@ class SlotController:
     def active_engine(self) -> Engine | None:
         return self.engines.get(self.slot.active) if self.slot.active else None
 
+    # What coordination reads (coordination.local.SlotHandle).
+    @property
+    def model(self) -> str:
+        return self.slot.model
+
+    @property
+    def epoch(self) -> int:
+        return self.slot.epoch
+
+    @property
+    def group_rank(self) -> int:
+        return self.scfg.group_rank
+
+    @property
+    def group_size(self) -> int:
+        return self.scfg.group_size
+
+    @property
+    def serves_requests(self) -> bool:
+        return self.scfg.serve_requests
+
+    def confirm_epoch(self, epoch: int) -> None:
+        """The cluster recorded our active at ``epoch`` (a claim made during an etcd
+        outage, or the leader claiming our started group): the slot takes that epoch."""
+        if epoch != self.slot.epoch:
+            self.log.info("the cluster confirms our active", epoch=epoch, was=self.slot.epoch)
+            self.slot.epoch = epoch
+            self._update_gauges()
+
     def status(self) -> dict[str, Any]:
         """The slot in ``/status``: its record, phase, and why shadows are missing."""
         return {

@@ -171,7 +171,7 @@ class SlotFencing(ClusterState):
             if ok:
                 ctl = self.controllers.get(slot)
                 if ctl is not None:
-                    ctl.slot.epoch = new.epoch
+                    ctl.confirm_epoch(new.epoch)
             elif (rec := await self._read_slot(slot)) is not None and rec.active == new.active:
                 # A claim whose answer timed out may have been written after all.
                 self.log.info("our promotion during the etcd outage is recorded", slot=slot)
@@ -188,7 +188,7 @@ class SlotFencing(ClusterState):
         for slot, reason in list(self._pending_handover.items()):
             del self._pending_handover[slot]
             ctl = self.controllers.get(slot)
-            if ctl is not None and ctl.slot.active is None:
+            if ctl is not None and ctl.active_engine() is None:
                 await self._read_slot(slot)  # the record as it is now
                 await self.hand_over(slot, reason)
         self._kick()
@@ -228,7 +228,7 @@ class SlotFencing(ClusterState):
                 self._acting.add(name)
                 tg.start_soon(self._act, name, ctl.step_down(rec.epoch, rec.active))
                 continue
-            if rec.epoch < ctl.slot.epoch:
+            if rec.epoch < ctl.epoch:
                 continue
             sleeping = [e for e in ours if e.state is EngineState.SLEEPING]
             if sleeping and active is None:
@@ -236,9 +236,8 @@ class SlotFencing(ClusterState):
                 tg.start_soon(
                     self._act, name, ctl.promote_assigned(sleeping[0].id, rec.epoch, rec.reason)
                 )
-            elif rec.epoch > ctl.slot.epoch and active is not None and active.unit == rec.active:
-                ctl.slot.epoch = rec.epoch  # e.g. the leader claimed our started group
-                ctl._update_gauges()
+            elif rec.epoch > ctl.epoch and active is not None and active.unit == rec.active:
+                ctl.confirm_epoch(rec.epoch)  # e.g. the leader claimed our started group
 
     async def _act(self, slot: str, action: Any) -> None:
         """Carry out the cluster's word on one slot (a promotion here, a step-down). One

@@ -8,7 +8,11 @@ no slot is served elsewhere.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from supervisor.model import Engine
 
 
 class ClaimRefused(Exception):
@@ -31,6 +35,63 @@ class Coordinator(Protocol):
 
     async def hand_over(self, slot: str, reason: str) -> None:
         """This node has no shadow left for ``slot``: let another node's shadow take it."""
+        ...
+
+
+class SlotHandle(Protocol):
+    """What coordination reads of one slot of this node, and the only ways it acts on it.
+
+    Coordination never assigns a slot's fields: it reads these and sends the slot one of
+    the three orders below (or tells it etcd is back); the slot decides and logs why."""
+
+    @property
+    def model(self) -> str:
+        """The model name the slot serves (its engines' records carry it)."""
+        ...
+
+    @property
+    def epoch(self) -> int:
+        """The epoch at which this node last promoted or confirmed the slot's active."""
+        ...
+
+    @property
+    def engines(self) -> Mapping[str, Engine]:
+        """The slot's engines on this node, by id (stopped ones included)."""
+        ...
+
+    @property
+    def group_rank(self) -> int:
+        """This node's rank in the slot's group (0 without a group)."""
+        ...
+
+    @property
+    def group_size(self) -> int:
+        """Nodes in the slot's group (1: no group)."""
+        ...
+
+    @property
+    def serves_requests(self) -> bool:
+        """Whether the frontend routes to this node's engine of the slot."""
+        ...
+
+    def active_engine(self) -> Engine | None:
+        """The engine serving the slot on this node, if one does."""
+        ...
+
+    def confirm_epoch(self, epoch: int) -> None:
+        """The cluster recorded the slot's active (ours) at ``epoch``: adopt it."""
+        ...
+
+    async def step_down(self, epoch: int, by: str) -> None:
+        """The cluster serves the slot with ``by`` at ``epoch``: stop ours."""
+        ...
+
+    async def promote_assigned(self, engine_id: str, epoch: int, reason: str) -> None:
+        """The leader chose our shadow ``engine_id`` for the slot at ``epoch``: wake it."""
+        ...
+
+    def etcd_back(self) -> None:
+        """etcd answers again: retry a promotion refused while it did not."""
         ...
 
 

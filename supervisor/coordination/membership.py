@@ -65,15 +65,15 @@ class Membership(ClusterState):
                     {
                         "node": self.node,
                         "slot": e.slot,
-                        "model": ctl.slot.model,
+                        "model": ctl.model,
                         "backend": e.backend,
                         "role": e.role,
                         "state": e.state.value,
                         "url": f"http://{adv}:{e.spec.port}",
                         "unit": e.unit,
-                        "rank": ctl.scfg.group_rank,
-                        "group_size": ctl.scfg.group_size,
-                        "serves": ctl.scfg.serve_requests,
+                        "rank": ctl.group_rank,
+                        "group_size": ctl.group_size,
+                        "serves": ctl.serves_requests,
                     }
                 )
         return out

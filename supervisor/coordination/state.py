@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import anyio
@@ -15,12 +15,10 @@ import anyio
 from supervisor import log as logging
 from supervisor.config import Config
 from supervisor.coordination.etcd import EtcdClient
+from supervisor.coordination.local import SlotHandle
 from supervisor.coordination.nats import Heartbeats
-from supervisor.metrics import Metrics
-
-if TYPE_CHECKING:
-    from supervisor.failover import SlotController
 from supervisor.coordination.view import ClusterView, SlotRecord
+from supervisor.metrics import Metrics
 
 
 class ClusterState:
@@ -29,7 +27,7 @@ class ClusterState:
     def __init__(
         self,
         cfg: Config,
-        controllers: Mapping[str, SlotController],
+        controllers: Mapping[str, SlotHandle],
         metrics: Metrics,
         session: aiohttp.ClientSession,
         *,
