@@ -5,12 +5,13 @@ slot over, and always for groups. It leaves a paused node's slots alone."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 
-from supervisor.coordination.state import ClusterState
+from supervisor.coordination.context import ClusterContext
 from supervisor.coordination.view import SlotRecord
 from supervisor.model import EngineState
 
@@ -27,38 +28,73 @@ PROMOTIONS_AT_ONCE = 16
 PROMOTIONS_PER_TXN = 32
 
 
-class LeaderDecisions(ClusterState):
-    """What the leader decides, slot by slot."""
+class SlotWrites(Protocol):
+    """The slot records as the leader reads and writes them (fencing's)."""
+
+    acting: set[str]  # slots with an action under way: left alone until it is over
+
+    async def read_slot(self, slot: str) -> SlotRecord | None: ...
+
+    async def write_slot(
+        self, slot: str, seen: SlotRecord | None, new: SlotRecord, leader_check: bool = False
+    ) -> bool | None: ...
+
+    async def write_slots(
+        self, writes: list[tuple[str, SlotRecord | None, SlotRecord]], leader_check: bool = False
+    ) -> bool | None: ...
+
+
+class Liveness(Protocol):
+    """Who leads among the live nodes, and what lives (the peers')."""
+
+    def leader(self) -> str | None: ...
+
+    def peer_state(self, node: str) -> str: ...
+
+    def unit_serving(self, slot: str, unit: str) -> bool: ...
+
+
+class LeaderDecisions:
+    """What the leader decides, slot by slot: each pass looks at the slots a change
+    touched, and writes the promotions it decides together at its end.
+
+    ``slots`` reads and writes the slot records, ``peers`` says who lives and leads,
+    ``etcd_ok`` whether etcd answers this node (no leader without it)."""
+
+    def __init__(
+        self,
+        ctx: ClusterContext,
+        *,
+        slots: SlotWrites,
+        peers: Liveness,
+        etcd_ok: Callable[[], bool],
+    ) -> None:
+        self.ctx = ctx
+        self.node = ctx.node
+        self.slots = slots
+        self.peers = peers
+        self.etcd_ok = etcd_ok
+        self._first_seen: dict[tuple[str, int], float] = {}  # (slot, epoch) -> monotonic
+        self._said: dict[str, str] = {}  # slot -> the leader's last logged decision
+        self._promotions: tuple[list[Promotion], Any] | None = None  # a pass's (batch, limit)
+        self._lead_later: set[str] = set()  # slots the leader skipped while they acted
+        self._revisit: dict[str, float] = {}  # slot -> when the leader looks again (monotonic)
 
     @property
     def leader(self) -> str | None:
-        # A leader confirmed dead is passed over at once instead of waiting for its lease
-        # to expire; if it was only partitioned, the fencing transaction still stops it.
-        return self.view.leader(excluding=self.dead)
+        return self.peers.leader()
 
     @property
     def is_leader(self) -> bool:
-        return self.etcd_ok and self.leader == self.node
+        return self.etcd_ok() and self.peers.leader() == self.node
 
-    async def _decide_loop(self, tg: Any) -> None:
-        leading = False
-        while True:
-            with anyio.move_on_after(self.cl.heartbeat_interval):
-                await self._changed.wait()
-            self.metrics.cluster_leader.set(1 if self.is_leader else 0)
-            self._judge_peers()
-            self._reconcile(tg)
-            todo = self._to_look_at(everything=not leading)
-            leading = self.is_leader
-            if leading:
-                await self._lead_each(todo)
-
-    def _to_look_at(self, everything: bool) -> set[str]:
+    def to_look_at(self, everything: bool) -> set[str]:
         """The slots to decide on in this pass: those a change touched since the last one
         (a slot's key or its engines; a node's key, pause or liveness touches the slots
         its engines are in), those whose wait is due, and those skipped while an action
         ran. Every slot when leadership is new or the view was read afresh."""
-        view = self.view
+        self._forget_old_epochs()
+        view = self.ctx.view
         if everything or view.all_touched:
             todo = set(view.slots) | set(view.by_slot)
         else:
@@ -76,7 +112,15 @@ class LeaderDecisions(ClusterState):
         self._lead_later.clear()
         return todo
 
-    async def _lead_each(self, todo: set[str]) -> None:
+    def _forget_old_epochs(self) -> None:
+        """Only current epochs are timed (a walk over the few timed, not every slot)."""
+        slots = self.ctx.view.slots
+        for key in list(self._first_seen):
+            rec = slots.get(key[0])
+            if rec is None or rec.epoch != key[1]:
+                del self._first_seen[key]
+
+    async def lead_each(self, todo: set[str]) -> None:
         """Decide on each slot in ``todo``, yielding to the loop every few milliseconds so
         that keep-alives, beats and requests never wait on a long pass. The pass's
         promotions are written together at its end, up to PROMOTIONS_PER_TXN in one
@@ -89,7 +133,7 @@ class LeaderDecisions(ClusterState):
             self._promotions = (batch, limit)
             try:
                 for slot in sorted(todo):
-                    if slot in self._acting:
+                    if slot in self.slots.acting:
                         self._lead_later.add(slot)  # looked at again once the action is over
                     else:
                         await self._lead(slot)
@@ -109,7 +153,7 @@ class LeaderDecisions(ClusterState):
             await self._promote(slot, rec, unit, why)
             return
         batch, _ = self._promotions
-        self._acting.add(slot)
+        self.slots.acting.add(slot)
         batch.append((slot, rec, unit, why))
 
     async def _promote_together(self, batch: list[Promotion], limit: Any) -> None:
@@ -124,12 +168,12 @@ class LeaderDecisions(ClusterState):
                     (slot, rec, self._record(slot, rec, unit, why))
                     for slot, rec, unit, why in batch
                 ]
-                ok = await self._write_slots(writes, leader_check=True)
+                ok = await self.slots.write_slots(writes, leader_check=True)
                 if ok:
                     for slot, _, _, _ in batch:
                         self._said.pop(slot, None)
                 elif ok is False:
-                    self.log.info(
+                    self.ctx.log.info(
                         "leader: a batch of promotions was fenced; trying each alone",
                         slots=[p[0] for p in batch],
                     )
@@ -137,25 +181,25 @@ class LeaderDecisions(ClusterState):
                         await self._promote(*p)
         finally:
             for slot, _, _, _ in batch:
-                self._acting.discard(slot)
-                self.view.touched_slots.add(slot)  # looked at again in the next pass
+                self.slots.acting.discard(slot)
+                self.ctx.view.touched_slots.add(slot)  # looked at again in the next pass
 
     def _say(self, slot: str, decision: str, **kw: Any) -> None:
         """Log a leader decision once per change (the loop runs several times a second)."""
         if self._said.get(slot) != decision:
             self._said[slot] = decision
-            self.log.info("leader: " + decision, slot=slot, **kw)
+            self.ctx.log.info("leader: " + decision, slot=slot, **kw)
 
     async def _lead(self, slot: str) -> None:
-        rec = self.view.slots.get(slot)
+        rec = self.ctx.view.slots.get(slot)
         if rec is not None and rec.active is not None:
-            if self._unit_serving(slot, rec.active):
+            if self.peers.unit_serving(slot, rec.active):
                 self._say(slot, "serving", active=rec.active, epoch=rec.epoch)
                 return
-            members = self.view.unit_members(slot, rec.active)
+            members = self.ctx.view.unit_members(slot, rec.active)
             grouped = bool(members) and int(members[0].get("group_size", 1)) > 1
             owners = {str(m.get("node")) for m in members} | set(rec.nodes)
-            owner_dead = any(self.peer_state(n) == "dead" for n in owners)
+            owner_dead = any(self.peers.peer_state(n) == "dead" for n in owners)
             failed = any(m.get("state") == EngineState.FAILED.value for m in members)
             in_progress = any(
                 m.get("state") in (EngineState.SLEEPING.value, EngineState.WAKING.value)
@@ -163,11 +207,11 @@ class LeaderDecisions(ClusterState):
             )
             seen = self._first_seen.setdefault((slot, rec.epoch), time.monotonic())
             waking = in_progress and not failed and not owner_dead
-            if waking and time.monotonic() - seen < self.cfg.failover.wake_timeout:
-                self._revisit[slot] = seen + self.cfg.failover.wake_timeout
+            if waking and time.monotonic() - seen < self.ctx.cfg.failover.wake_timeout:
+                self._revisit[slot] = seen + self.ctx.cfg.failover.wake_timeout
                 self._say(slot, "waiting for the chosen unit to wake", unit=rec.active)
                 return
-            paused = sorted(n for n in owners if self.view.is_paused(n, slot, time.time()))
+            paused = sorted(n for n in owners if self.ctx.view.is_paused(n, slot, time.time()))
             if paused:
                 # A pause ends by its own clock, not by a change in etcd: look again.
                 self._revisit[slot] = time.monotonic() + PAUSE_RECHECK
@@ -204,17 +248,17 @@ class LeaderDecisions(ClusterState):
         """A unit of ``slot`` whose members are all in ``state`` on live nodes; the least
         busy node first."""
         units: dict[str, list[dict[str, Any]]] = {}
-        for e in self.view.slot_engines(slot):
+        for e in self.ctx.view.slot_engines(slot):
             if e.get("unit") != exclude:
                 units.setdefault(str(e.get("unit")), []).append(e)
-        busy = self.view.active_on
+        busy = self.ctx.view.active_on
         ok = [
             (sum(busy.get(str(m.get("node")), 0) for m in ms), u)
             for u, ms in units.items()
             if len(ms) >= int(ms[0].get("group_size", 1))
             and all(
                 m.get("state") == state.value
-                and self.peer_state(str(m.get("node"))) in ("self", "alive")
+                and self.peers.peer_state(str(m.get("node"))) in ("self", "alive")
                 for m in ms
             )
         ]
@@ -222,7 +266,7 @@ class LeaderDecisions(ClusterState):
 
     def _record(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> SlotRecord:
         """The slot's record once ``unit`` is promoted (the next epoch), said in the log."""
-        members = self.view.unit_members(slot, unit)
+        members = self.ctx.view.unit_members(slot, unit)
         new = SlotRecord(
             (rec.epoch if rec else 0) + 1,
             unit,
@@ -230,17 +274,17 @@ class LeaderDecisions(ClusterState):
             self.node,
             why,
         )
-        self.log.info(
+        self.ctx.log.info(
             "leader: promoting", slot=slot, unit=unit, nodes=new.nodes, epoch=new.epoch, why=why
         )
         return new
 
     async def _promote(self, slot: str, rec: SlotRecord | None, unit: str, why: str) -> None:
         new = self._record(slot, rec, unit, why)
-        ok = await self._write_slot(slot, rec, new, leader_check=True)
+        ok = await self.slots.write_slot(slot, rec, new, leader_check=True)
         if ok:
             self._said.pop(slot, None)
         elif ok is False:
-            self.metrics.cluster_promotions.labels(slot, "fenced").inc()
-            self.log.warning("leader: promotion fenced (the slot changed first)", slot=slot)
-            await self._read_slot(slot)
+            self.ctx.metrics.cluster_promotions.labels(slot, "fenced").inc()
+            self.ctx.log.warning("leader: promotion fenced (the slot changed first)", slot=slot)
+            await self.slots.read_slot(slot)

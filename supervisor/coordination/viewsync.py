@@ -11,17 +11,18 @@ made etcd's CPU grow as N² and ran out of a core near 300 nodes of 8 engines.)"
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import anyio
 import anyio.lowlevel
 import orjson
 
+from supervisor.coordination.context import ClusterContext
 from supervisor.coordination.etcd import (
     EtcdError,
     WatchCompacted,
     WatchOverflow,
 )
-from supervisor.coordination.state import ClusterState
 from supervisor.coordination.view import ClusterView
 
 # Keys or events taken into the view between two yields to the loop (about 2 ms of work).
@@ -30,29 +31,60 @@ YIELD_EVERY = 200
 CLOCK = "clock"
 
 
-class ViewSync(ClusterState):
-    """The etcd watch that keeps the view current, and its guard."""
+class ViewSync:
+    """The etcd watch that keeps the view current, and its guard.
 
-    async def _watch_loop(self) -> None:
+    ``is_leader`` says whether this node writes the clock; ``etcd_down`` hears of a failed
+    call; ``revive`` of a node whose key came back; ``on_reload`` of a view read afresh
+    (whose beats to hear is worked out again); ``on_view_change`` of every change."""
+
+    def __init__(
+        self,
+        ctx: ClusterContext,
+        *,
+        is_leader: Callable[[], bool],
+        etcd_down: Callable[[str], None],
+        revive: Callable[[str], None],
+        on_reload: Callable[[], None],
+        on_view_change: Callable[[], None],
+    ) -> None:
+        self.ctx = ctx
+        self.cl = ctx.cl
+        self.is_leader = is_leader
+        self.etcd_down = etcd_down
+        self.revive = revive
+        self.on_reload = on_reload
+        self.on_view_change = on_view_change
+        self._watch_scope: anyio.CancelScope | None = None
+        self.watch_heard = 0.0  # monotonic: when the watch last delivered anything
+
+    def _after_view_change(self) -> None:
+        self.ctx.metrics.cluster_leader.set(1 if self.is_leader() else 0)
+        self.on_view_change()
+        self.ctx.kick()
+
+    async def watch_loop(self) -> None:
         start = 0
+        skip = len(self.ctx.root)  # a key's prefix, cut off each event's key
         while True:
             try:
                 if start == 0:
-                    kvs, rev = await self.etcd.get_prefix(self.root)
+                    kvs, rev = await self.ctx.etcd.get_prefix(self.ctx.root)
                     view = ClusterView(revision=rev)
                     for i, kv in enumerate(kvs):
-                        rel = kv.key[len(self.root) :].decode(errors="replace")
-                        self._bad_key(view.apply(rel, kv, False))
+                        self.ctx.bad_key(
+                            view.apply(kv.key[skip:].decode(errors="replace"), kv, False)
+                        )
                         if i % YIELD_EVERY == YIELD_EVERY - 1:
                             await anyio.lowlevel.checkpoint()  # not yet in use: safe
-                    self.view = view
-                    self._judging = None  # whose beats to hear: worked out afresh
+                    self.ctx.view = view
+                    self.on_reload()
                     start = rev + 1
                     self._after_view_change()
-                    self.loaded.set()
+                    self.ctx.loaded.set()
                 with anyio.CancelScope() as scope:  # the guard restarts a silent watch
                     self._watch_scope = scope
-                    async for rev, events in self.etcd.watch_prefix(self.root, start):
+                    async for rev, events in self.ctx.etcd.watch_prefix(self.ctx.root, start):
                         self.watch_heard = time.monotonic()
                         since_yield, last_rev, changed = 0, 0, False
                         for ev in events:
@@ -64,24 +96,26 @@ class ViewSync(ClusterState):
                             since_yield += 1
                             last_rev = ev.kv.mod_revision
                             start = max(start, ev.kv.mod_revision + 1)
-                            rel = ev.kv.key[len(self.root) :].decode(errors="replace")
+                            rel = ev.kv.key[skip:].decode(errors="replace")
                             if rel == CLOCK:
                                 continue  # the watch lives; nothing in the view changed
                             changed = True
-                            self._bad_key(self.view.apply(rel, ev.kv, ev.kind == "delete"))
+                            self.ctx.bad_key(self.ctx.view.apply(rel, ev.kv, ev.kind == "delete"))
                             if rel.startswith("nodes/") and ev.kind == "put":
-                                self._revive(rel.split("/", 1)[1])
-                        self.view.revision = max(self.view.revision, rev)
+                                self.revive(rel.split("/", 1)[1])
+                        self.ctx.view.revision = max(self.ctx.view.revision, rev)
                         if changed:
                             self._after_view_change()
             except (WatchCompacted, WatchOverflow) as e:
-                self.log.warning("the watch cannot resume; reading the keys afresh", reason=str(e))
+                self.ctx.log.warning(
+                    "the watch cannot resume; reading the keys afresh", reason=str(e)
+                )
                 start = 0
             except EtcdError as e:
-                self._etcd_down(str(e))
+                self.etcd_down(str(e))
                 await anyio.sleep(0.2)
 
-    async def _watch_guard(self) -> None:
+    async def watch_guard(self) -> None:
         """A watch can stay open and say nothing (its member cut off from the others, a
         half-open link) while other calls reach etcd through another member. Twice per
         TTL: the leader writes the clock; a node whose watch has said nothing for three
@@ -94,41 +128,40 @@ class ViewSync(ClusterState):
         behind = 0  # the clock's revision the watch was found not to have delivered
         while True:
             await anyio.sleep(period)
-            if not self.loaded.is_set():
+            if not self.ctx.loaded.is_set():
                 continue
-            if self.is_leader:
+            if self.is_leader():
                 try:
-                    value = orjson.dumps({"leader": self.node, "at": round(time.time(), 3)})
-                    await self.etcd.put(self.key(CLOCK), value)
+                    value = orjson.dumps({"leader": self.ctx.node, "at": round(time.time(), 3)})
+                    await self.ctx.etcd.put(self.ctx.key(CLOCK), value)
                 except EtcdError:
                     pass  # the lease loop says what is wrong with etcd
             if time.monotonic() - self.watch_heard <= 1.5 * period:
                 behind = 0
                 continue
             try:
-                kv = await self.etcd.get(self.key(CLOCK))
+                kv = await self.ctx.etcd.get(self.ctx.key(CLOCK))
             except EtcdError:
                 continue
             clock = kv.mod_revision if kv is not None else 0
-            if clock <= self.view.revision:
+            if clock <= self.ctx.view.revision:
                 behind = 0  # nothing written that the watch should have said
                 continue
-            if not behind or self.view.revision >= behind:
+            if not behind or self.ctx.view.revision >= behind:
                 behind = clock  # maybe on its way: looked at again next time
                 continue
-            self.log.warning(
+            self.ctx.log.warning(
                 "the watch is silent: etcd has changes it has not delivered; "
                 "taking the slots from a direct read and restarting it",
                 etcd_revision=clock,
-                watched_revision=self.view.revision,
+                watched_revision=self.ctx.view.revision,
             )
             try:
-                kvs, _ = await self.etcd.get_prefix(self.key("slots", ""))
+                kvs, _ = await self.ctx.etcd.get_prefix(self.ctx.key("slots", ""))
             except EtcdError:
                 kvs = []
             for kv in kvs:
-                rel = kv.key[len(self.root) :].decode(errors="replace")
-                self._bad_key(self.view.apply(rel, kv, False))
+                self.ctx.take(kv)
             self._after_view_change()
             if self._watch_scope is not None:
                 self._watch_scope.cancel()

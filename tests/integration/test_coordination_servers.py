@@ -317,15 +317,16 @@ async def test_two_publishers_at_once_do_not_trip_over_each_other(
         cluster={"etcd_endpoints": etcd.endpoints},
         session=session,
     )
+    m = c.membership
     for round_ in range(20):
-        stale = {c.key("engines", f"old-{round_}-{i}"): b"{}" for i in range(5)}
+        stale = {c.ctx.key("engines", f"old-{round_}-{i}"): b"{}" for i in range(5)}
         for k, v in stale.items():
-            await c.etcd.put(k, v)
-        c._published.update(stale)
+            await c.ctx.etcd.put(k, v)
+        m._published.update(stale)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(c._publish)
-            tg.start_soon(c._publish)
-        assert not any(k in c._published for k in stale)
+            tg.start_soon(m._publish)
+            tg.start_soon(m._publish)
+        assert not any(k in m._published for k in stale)
 
 
 async def test_a_passes_promotions_go_in_one_transaction_and_a_fenced_one_holds_up_no_other(
@@ -338,22 +339,23 @@ async def test_a_passes_promotions_go_in_one_transaction_and_a_fenced_one_holds_
 
     cluster = {"etcd_endpoints": etcd.endpoints, "name": "t"}
     c = coordinator(node={"name": "lead"}, cluster=cluster, session=session)
-    c.lease = await c.etcd.grant(10)
-    rev = await c.etcd.put(c.key("election", "lead"), b"lead", lease=c.lease)
+    etcd_client, key = c.ctx.etcd, c.ctx.key
+    c.membership.lease = await etcd_client.grant(10)
+    rev = await etcd_client.put(key("election", "lead"), b"lead", lease=c.lease)
     c.view.election["lead"] = rev
-    c.etcd_ok = True
+    c.membership.etcd_ok = True
     seen: dict[str, SlotRecord] = {}
     for i in range(4):
         name = f"x{i}"
         rec = SlotRecord(1, f"gone.{name}-0", ["gone"], "gone", "start")
-        rec.mod_revision = await c.etcd.put(c.key("slots", name), rec.as_json())
+        rec.mod_revision = await etcd_client.put(key("slots", name), rec.as_json())
         seen[name] = rec
     for i in range(4):  # each slot's sleeping shadow on node b
         shadow = {"node": "b", "slot": f"x{i}", "unit": f"b.x{i}", "state": "sleeping"}
         c.view._set_engine(f"b.x{i}", shadow)
 
     async def records() -> dict[str, tuple[int, str, int]]:
-        kvs, _ = await c.etcd.get_prefix(c.key("slots", ""))
+        kvs, _ = await etcd_client.get_prefix(key("slots", ""))
         out = {}
         for kv in kvs:
             r = SlotRecord.parse(kv)
@@ -362,16 +364,16 @@ async def test_a_passes_promotions_go_in_one_transaction_and_a_fenced_one_holds_
 
     limit = anyio.CapacityLimiter(4)
     batch = [(f"x{i}", seen[f"x{i}"], f"b.x{i}", "gone is dead") for i in (0, 1)]
-    await c._promote_together(batch, limit)
+    await c.decisions._promote_together(batch, limit)
     after = await records()
     assert after["x0"][:2] == (2, "b.x0") and after["x1"][:2] == (2, "b.x1")
     assert after["x0"][2] == after["x1"][2]  # one transaction: one revision
     # x3 is moved by someone else first: the batch is refused; x2 is promoted alone.
     moved = SlotRecord(2, "other.x3-0", ["other"], "other", "handover")
-    await c.etcd.put(c.key("slots", "x3"), moved.as_json())
+    await etcd_client.put(key("slots", "x3"), moved.as_json())
     batch = [(f"x{i}", seen[f"x{i}"], f"b.x{i}", "gone is dead") for i in (2, 3)]
-    await c._promote_together(batch, limit)
+    await c.decisions._promote_together(batch, limit)
     after = await records()
     assert after["x2"][:2] == (2, "b.x2")
     assert after["x3"][:2] == (2, "other.x3-0")  # left as the other writer made it
-    assert not c._acting
+    assert not c.fencing.acting

@@ -164,9 +164,9 @@ def test_peers_are_told_the_advertised_admin_address() -> None:
     """A node listening on 0.0.0.0 (or loopback) must not publish that: a peer would probe
     itself. It publishes advertise_host with its admin port."""
     c = coordinator("10.0.0.11", "http://0.0.0.0:8470")
-    record = orjson.loads(c._records()[c.key("nodes", c.node)])
+    record = orjson.loads(c.membership._records()[c.ctx.key("nodes", c.node)])
     assert record["admin"] == "http://10.0.0.11:8470"
-    assert coordinator("fd00::11", "http://127.0.0.1:8470").advertised_admin() == (
+    assert coordinator("fd00::11", "http://127.0.0.1:8470").membership.advertised_admin() == (
         "http://[fd00::11]:8470"
     )
     assert any("advertise_host" in w for w in warnings(c.cfg))
@@ -178,13 +178,14 @@ def test_dead_peers_and_old_epochs_are_forgotten() -> None:
     c = coordinator()
     c.view.apply("slots/chat", kv("x", {"epoch": 5, "active": "a.chat-0"}), False)
     c.view.apply("nodes/back", kv("x", {"admin": ""}), False)
-    c.dead = {"gone": 0.0, "recent": FORGET_AFTER, "back": 0.0}
-    c._known = {"gone", "recent", "back"}
-    c._first_seen = {("chat", 3): 1.0, ("chat", 4): 2.0, ("chat", 5): 3.0}
-    c._forget_old(FORGET_AFTER + 10)
+    c.peers.dead.update({"gone": 0.0, "recent": FORGET_AFTER, "back": 0.0})
+    c.peers._known = {"gone", "recent", "back"}
+    c.decisions._first_seen = {("chat", 3): 1.0, ("chat", 4): 2.0, ("chat", 5): 3.0}
+    c.peers.forget_old(FORGET_AFTER + 10)
     assert set(c.dead) == {"recent", "back"}  # "back" has a lease again: kept till revived
-    assert c._known == {"recent", "back"}
-    assert c._first_seen == {("chat", 5): 3.0}
+    assert c.peers._known == {"recent", "back"}
+    c.decisions.to_look_at(everything=False)  # each pass forgets the epochs gone by
+    assert c.decisions._first_seen == {("chat", 5): 3.0}
 
 
 def test_the_leader_keeps_a_lease_gone_node_while_it_beats_as_cut_off_from_etcd() -> None:
@@ -208,10 +209,11 @@ def test_the_leader_keeps_a_lease_gone_node_while_it_beats_as_cut_off_from_etcd(
     c.beats.cut_off_heard["gone"] = (time.monotonic() - 1.0, 0.25)
     assert c.peer_state("gone") == "dead"  # its beats stopped too
     # What makes a node beat on the cut-off subject: a lease whose keep-alives fail.
-    assert not c._cut_off()  # no lease yet (joining)
-    c.lease, c.etcd_ok, c.last_renewed = 7, True, time.monotonic()
-    assert not c._cut_off()
-    c.last_renewed -= cfg.cluster.lease_ttl / 2 + 0.1
-    assert c._cut_off()  # a keep-alive is half a TTL late
-    c.last_renewed, c.etcd_ok = time.monotonic(), False
-    assert c._cut_off()
+    m = c.membership
+    assert not m.cut_off()  # no lease yet (joining)
+    m.lease, m.etcd_ok, m.last_renewed = 7, True, time.monotonic()
+    assert not m.cut_off()
+    m.last_renewed -= cfg.cluster.lease_ttl / 2 + 0.1
+    assert m.cut_off()  # a keep-alive is half a TTL late
+    m.last_renewed, m.etcd_ok = time.monotonic(), False
+    assert m.cut_off()

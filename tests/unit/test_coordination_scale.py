@@ -84,7 +84,7 @@ def test_a_request_costs_the_same_beside_300_nodes_as_beside_one() -> None:
 
 
 def as_leader(c: ClusterCoordinator) -> None:
-    c.etcd_ok = True
+    c.membership.etcd_ok = True
     put(c, f"election/{c.node}", c.node, 1)
 
 
@@ -120,10 +120,10 @@ async def test_a_leader_pass_over_1000_nodes_never_holds_the_loop_50ms() -> None
         tg.start_soon(ticker)
         await anyio.sleep(0.02)
         with anyio.fail_after(120):
-            await c._lead_each(c._to_look_at(everything=True))
+            await c.decisions.lead_each(c.decisions.to_look_at(everything=True))
         done.set()
-    assert slots == 8000 and len(c._said) == slots  # every slot was decided on
-    assert sum("cannot fail over" in d for d in c._said.values()) == 800
+    assert slots == 8000 and len(c.decisions._said) == slots  # every slot was decided on
+    assert sum("cannot fail over" in d for d in c.decisions._said.values()) == 800
     assert worst < 0.05, f"the loop was held {worst * 1000:.0f} ms"
 
 
@@ -132,16 +132,16 @@ def test_a_change_makes_the_leader_look_at_what_it_touches_only() -> None:
     as_leader(c)
     fleet(c, 200)
     c.loaded.set()
-    assert len(c._to_look_at(everything=True)) == 1600
-    assert c._to_look_at(everything=False) == set()  # nothing changed since
+    assert len(c.decisions.to_look_at(everything=True)) == 1600
+    assert c.decisions.to_look_at(everything=False) == set()  # nothing changed since
     engine = dict(c.view.engines["v0007-other.s3-0"], state="failed")
     put(c, "engines/v0007-other.s3-0", engine, 99_999)
-    assert c._to_look_at(everything=False) == {"v0007-other-s3"}
+    assert c.decisions.to_look_at(everything=False) == {"v0007-other-s3"}
     # A node's lease expires: its node key goes, then its engines (one revision).
     c.view.apply("nodes/v0042-other", KeyValue(b"", b"", 1, 1, 1, 0), True)
-    assert c._to_look_at(everything=False) == {f"v0042-other-s{i}" for i in range(ENGINES)}
-    c._peer_changed("v0100-other")  # suspect, dead, or heard again
-    assert c._to_look_at(everything=False) == {f"v0100-other-s{i}" for i in range(ENGINES)}
+    assert c.decisions.to_look_at(everything=False) == {f"v0042-other-s{i}" for i in range(ENGINES)}
+    c.peers.peer_changed("v0100-other")  # suspect, dead, or heard again
+    assert c.decisions.to_look_at(everything=False) == {f"v0100-other-s{i}" for i in range(ENGINES)}
 
 
 def test_the_indexes_follow_engines_and_slots_through_every_change() -> None:
@@ -176,7 +176,7 @@ def test_status_of_a_fleet_is_summarised_unless_asked_whole() -> None:
     fleet(c, STATUS_DETAIL // ENGINES + 1, "m")
     put(c, "slots/v0001-other-s2", {"epoch": 2, "active": None, "nodes": []}, 90_000)
     c.view.apply("nodes/v0002-other", KeyValue(b"", b"", 1, 1, 1, 0), True)
-    c.dead["v0002-other"] = 0.0  # its lease gone, confirmed dead
+    c.peers.dead["v0002-other"] = 0.0  # its lease gone, confirmed dead
     c.loaded.set()
     st = c.status()
     assert list(st["slots"]) == ["v0001-other-s2"] and st["peers"] == {"v0002-other": "dead"}
