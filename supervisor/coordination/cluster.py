@@ -42,6 +42,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+from anyio.abc import TaskGroup
 
 from supervisor.config import Config
 from supervisor.coordination.context import ClusterContext
@@ -88,10 +89,26 @@ class ClusterCoordinator:
         # Counts changes to the view and to peers' states: the frontend's directory reads
         # it on every request, so it is a plain attribute, counted by each kick.
         self.generation = 0
-        self.ctx = ctx = ClusterContext(cfg, metrics, session, on_kick=self._count_change)
+        self.beats: Heartbeats | None = None
+        if self.cl.nats_servers:
+            # Its calls come once it runs: by then the parts below exist to answer them.
+            self.beats = Heartbeats(
+                self.cl.nats_servers,
+                self.cl.name,
+                self.node,
+                interval=self.cl.heartbeat_interval,
+                suspect_after=self.cl.suspect_after,
+                snapshot=lambda: self.membership.beat(),
+                on_change=lambda node, suspect: self.peers.peer_changed(node),
+                cut_off=lambda: self.membership.cut_off(),
+            )
+            self.beats.judge(())  # nobody until the view says who (see PeerView.judge_peers)
+        self.ctx = ctx = ClusterContext(
+            cfg, metrics, session, self.beats, on_kick=self._count_change
+        )
         self.loaded = ctx.loaded
         self.peers = PeerView(
-            ctx, etcd_ok=lambda: self.membership.etcd_ok, on_peer_dead=on_peer_dead
+            ctx, session, etcd_ok=lambda: self.membership.etcd_ok, on_peer_dead=on_peer_dead
         )
         self.fencing = SlotFencing(
             ctx,
@@ -119,19 +136,6 @@ class ClusterCoordinator:
             on_reload=self.peers.rejudge,
             on_view_change=on_view_change,
         )
-        if self.cl.nats_servers:
-            ctx.beats = Heartbeats(
-                self.cl.nats_servers,
-                self.cl.name,
-                self.node,
-                interval=self.cl.heartbeat_interval,
-                suspect_after=self.cl.suspect_after,
-                snapshot=self.membership.beat,
-                on_change=lambda node, suspect: self.peers.peer_changed(node),
-                cut_off=self.membership.cut_off,
-            )
-            ctx.beats.judge(())  # nobody until the view says who (see PeerView.judge_peers)
-        self.beats = ctx.beats
 
     def _count_change(self) -> None:
         self.generation += 1
@@ -151,7 +155,7 @@ class ClusterCoordinator:
                 tg.start_soon(self.beats.run)
                 tg.start_soon(self.peers.nats_gauge)
 
-    async def _decide_loop(self, tg: anyio.abc.TaskGroup) -> None:
+    async def _decide_loop(self, tg: TaskGroup) -> None:
         """At every change (or heartbeat interval): whose beats to hear, the cluster's word
         on this node's slots, and, when this node leads, the leader's pass."""
         leading = False

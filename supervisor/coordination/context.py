@@ -27,6 +27,7 @@ class ClusterContext:
         cfg: Config,
         metrics: Metrics,
         session: aiohttp.ClientSession,
+        beats: Heartbeats | None,
         *,
         on_kick: Callable[[], None],
     ) -> None:
@@ -34,7 +35,6 @@ class ClusterContext:
         self.cl = cfg.cluster
         self.node = cfg.node
         self.metrics = metrics
-        self.session = session
         self.etcd = EtcdClient(self.cl.etcd_endpoints, session, self.cl.etcd_timeout)
         self.root = f"{self.cl.etcd_prefix.rstrip('/')}/{self.cl.name}/".encode()
         self.view = ClusterView()  # replaced whole when the keys are read afresh
@@ -42,8 +42,7 @@ class ClusterContext:
         self.changed = anyio.Event()  # wakes the decide loop; replaced at each kick
         self._on_kick = on_kick
         self.log = logging.get(node=self.node, component="cluster")
-        # Set once the parts exist (its callbacks are theirs); they read it when they run.
-        self.beats: Heartbeats | None = None
+        self.beats = beats  # None without NATS
 
     def key(self, *parts: str) -> bytes:
         return self.root + "/".join(parts).encode()

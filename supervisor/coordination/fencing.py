@@ -39,6 +39,9 @@ class SlotFencing:
         unit_serving: Callable[[str, str], bool],
     ) -> None:
         self.ctx = ctx
+        self.etcd = ctx.etcd
+        self.log = ctx.log
+        self.metrics = ctx.metrics
         self.cl = ctx.cl
         self.node = ctx.node
         self.controllers = controllers
@@ -56,7 +59,7 @@ class SlotFencing:
 
     async def claim(self, slot: str, unit: str, epoch: int, reason: str) -> int | None:
         if self.demoted():
-            self.ctx.metrics.cluster_promotions.labels(slot, "fenced").inc()
+            self.metrics.cluster_promotions.labels(slot, "fenced").inc()
             raise ClaimRefused("this node is demoted (its lease is unrenewed; policy demote)")
         rec = self.ctx.view.slots.get(slot)
         if self._moved_past(slot, unit, epoch, rec, "claim refused: the slot is at a newer epoch"):
@@ -70,8 +73,8 @@ class SlotFencing:
                     self._pending_base.setdefault(slot, rec)
                     self.pending[slot] = new
                     self._pending_handover.pop(slot, None)  # served here again after all
-                    self.ctx.metrics.cluster_promotions.labels(slot, "deferred").inc()
-                    self.ctx.log.warning(
+                    self.metrics.cluster_promotions.labels(slot, "deferred").inc()
+                    self.log.warning(
                         "etcd unreachable: promoting on this node now, recording the epoch "
                         "when etcd is back (policy keep-serving)",
                         slot=slot,
@@ -79,7 +82,7 @@ class SlotFencing:
                         epoch=new.epoch,
                     )
                     return new.epoch
-                self.ctx.metrics.cluster_promotions.labels(slot, "fenced").inc()
+                self.metrics.cluster_promotions.labels(slot, "fenced").inc()
                 raise ClaimRefused(
                     f"etcd is unreachable (policy {self.cl.etcd_unreachable}): "
                     "promoting once it is back"
@@ -100,8 +103,8 @@ class SlotFencing:
         fenced: counted and logged)."""
         if rec is None or rec.epoch <= epoch or rec.active == unit:
             return False
-        self.ctx.metrics.cluster_promotions.labels(slot, "fenced").inc()
-        self.ctx.log.warning(
+        self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+        self.log.warning(
             why, slot=slot, unit=unit, ours=epoch, cluster=rec.epoch, active=rec.active, by=rec.by
         )
         return True
@@ -148,20 +151,18 @@ class SlotFencing:
             ]
         puts = [put_op(self.ctx.key("slots", slot), new.as_json()) for slot, _, new in writes]
         try:
-            res = await self.ctx.etcd.txn(cmp, puts)
+            res = await self.etcd.txn(cmp, puts)
         except EtcdUnavailable:
             return None
         except EtcdError as e:
-            self.ctx.log.error(
-                "fencing transaction failed", slots=[w[0] for w in writes], error=str(e)
-            )
+            self.log.error("fencing transaction failed", slots=[w[0] for w in writes], error=str(e))
             return False
         if res.succeeded:
             for slot, _, new in writes:
                 new.mod_revision = res.revision
                 self.ctx.view.set_slot(slot, new)
-                self.ctx.metrics.cluster_promotions.labels(slot, "committed").inc()
-                self.ctx.log.info(
+                self.metrics.cluster_promotions.labels(slot, "committed").inc()
+                self.log.info(
                     "epoch committed in etcd",
                     slot=slot,
                     epoch=new.epoch,
@@ -173,7 +174,7 @@ class SlotFencing:
 
     async def read_slot(self, slot: str) -> SlotRecord | None:
         try:
-            kv = await self.ctx.etcd.get(self.ctx.key("slots", slot))
+            kv = await self.etcd.get(self.ctx.key("slots", slot))
         except EtcdError:
             return self.ctx.view.slots.get(slot)
         if kv is None:
@@ -206,9 +207,9 @@ class SlotFencing:
                     ctl.confirm_epoch(new.epoch)
             elif (rec := await self.read_slot(slot)) is not None and rec.active == new.active:
                 # A claim whose answer timed out may have been written after all.
-                self.ctx.log.info("our promotion during the etcd outage is recorded", slot=slot)
+                self.log.info("our promotion during the etcd outage is recorded", slot=slot)
             else:
-                self.ctx.log.warning(
+                self.log.warning(
                     "our promotion during the etcd outage lost: the slot moved on",
                     slot=slot,
                     ours=new.active,
@@ -236,14 +237,12 @@ class SlotFencing:
         if rec.active is not None and not ours:
             return  # not ours to hand over (its dead engine may have left ctl.engines)
         new = SlotRecord(rec.epoch, None, [], self.node, reason)
-        self.ctx.log.info("no shadow left here: handing the slot to the cluster", slot=slot)
+        self.log.info("no shadow left here: handing the slot to the cluster", slot=slot)
         if await self.write_slot(slot, rec, new) is None:
             # etcd unreachable: handed over once it answers (unless this node serves the
             # slot again by then), or the leader would never hear of it.
             self._pending_handover[slot] = reason
-            self.ctx.log.warning(
-                "etcd unreachable: the hand-over is made once it is back", slot=slot
-            )
+            self.log.warning("etcd unreachable: the hand-over is made once it is back", slot=slot)
 
     def reconcile(self, tg: Any) -> None:
         """Follow the cluster's word on our slots: wake what it chose here, step down where
@@ -281,7 +280,7 @@ class SlotFencing:
         try:
             await action
         except Exception as e:
-            self.ctx.log.error("the cluster's action on the slot failed", slot=slot, exc_info=e)
+            self.log.error("the cluster's action on the slot failed", slot=slot, exc_info=e)
         finally:
             self.acting.discard(slot)
             self.ctx.kick()

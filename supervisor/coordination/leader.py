@@ -70,6 +70,8 @@ class LeaderDecisions:
         etcd_ok: Callable[[], bool],
     ) -> None:
         self.ctx = ctx
+        self.log = ctx.log
+        self.metrics = ctx.metrics
         self.node = ctx.node
         self.slots = slots
         self.peers = peers
@@ -173,7 +175,7 @@ class LeaderDecisions:
                     for slot, _, _, _ in batch:
                         self._said.pop(slot, None)
                 elif ok is False:
-                    self.ctx.log.info(
+                    self.log.info(
                         "leader: a batch of promotions was fenced; trying each alone",
                         slots=[p[0] for p in batch],
                     )
@@ -188,7 +190,7 @@ class LeaderDecisions:
         """Log a leader decision once per change (the loop runs several times a second)."""
         if self._said.get(slot) != decision:
             self._said[slot] = decision
-            self.ctx.log.info("leader: " + decision, slot=slot, **kw)
+            self.log.info("leader: " + decision, slot=slot, **kw)
 
     async def _lead(self, slot: str) -> None:
         rec = self.ctx.view.slots.get(slot)
@@ -274,7 +276,7 @@ class LeaderDecisions:
             self.node,
             why,
         )
-        self.ctx.log.info(
+        self.log.info(
             "leader: promoting", slot=slot, unit=unit, nodes=new.nodes, epoch=new.epoch, why=why
         )
         return new
@@ -285,6 +287,6 @@ class LeaderDecisions:
         if ok:
             self._said.pop(slot, None)
         elif ok is False:
-            self.ctx.metrics.cluster_promotions.labels(slot, "fenced").inc()
-            self.ctx.log.warning("leader: promotion fenced (the slot changed first)", slot=slot)
+            self.metrics.cluster_promotions.labels(slot, "fenced").inc()
+            self.log.warning("leader: promotion fenced (the slot changed first)", slot=slot)
             await self.slots.read_slot(slot)

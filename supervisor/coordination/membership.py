@@ -38,6 +38,9 @@ class Membership:
         flush_pending: Callable[[], Awaitable[None]],
     ) -> None:
         self.ctx = ctx
+        self.etcd = ctx.etcd
+        self.log = ctx.log
+        self.metrics = ctx.metrics
         self.cl = ctx.cl
         self.node = ctx.node
         self.controllers = controllers
@@ -79,9 +82,9 @@ class Membership:
             return
         key = self.ctx.key("paused", self.node)
         if value is None:
-            await self.ctx.etcd.delete(key)
+            await self.etcd.delete(key)
         else:
-            await self.ctx.etcd.put(key, value)
+            await self.etcd.put(key, value)
         self._published_pause = value
 
     def local_changed(self) -> None:
@@ -129,7 +132,7 @@ class Membership:
         while True:
             try:
                 sent = time.monotonic()
-                self.lease = await self.ctx.etcd.grant(self.cl.lease_ttl)
+                self.lease = await self.etcd.grant(self.cl.lease_ttl)
                 self.last_renewed = sent
                 await self._register()
             except EtcdError as e:
@@ -137,7 +140,7 @@ class Membership:
                 await anyio.sleep(0.25)
                 continue
             self._etcd_up()
-            self.ctx.log.info("joined the cluster", lease=f"{self.lease:x}", ttl=self.cl.lease_ttl)
+            self.log.info("joined the cluster", lease=f"{self.lease:x}", ttl=self.cl.lease_ttl)
             if self.demoted:
                 await self._serve_again()
             lost_at: float | None = None
@@ -147,10 +150,10 @@ class Membership:
                 await anyio.sleep(0.1 if lost_at is not None else self.cl.lease_ttl / 3)
                 try:
                     sent = time.monotonic()
-                    await self.ctx.etcd.keepalive(self.lease, timeout=self.cl.lease_ttl / 3)
+                    await self.etcd.keepalive(self.lease, timeout=self.cl.lease_ttl / 3)
                     self.last_renewed = sent
                 except LeaseExpired:
-                    self.ctx.log.warning("our lease expired; joining again")
+                    self.log.warning("our lease expired; joining again")
                     break
                 except EtcdUnavailable as e:
                     lost_at = lost_at or time.monotonic()
@@ -173,7 +176,7 @@ class Membership:
             if self.demoted or not self.last_renewed or silent < self.cl.lease_ttl - margin:
                 continue
             self.demoted = True
-            self.ctx.log.warning(
+            self.log.warning(
                 "demoting: our lease went unrenewed for "
                 f"{silent:.2f}s of its {self.cl.lease_ttl:g}s; this node serves nothing until "
                 "etcd confirms its slots (policy demote)",
@@ -185,9 +188,9 @@ class Membership:
         """After a demotion: read the slots afresh from etcd (a quorum read), step down
         where another unit took a slot meanwhile, then serve again."""
         try:
-            kvs, _ = await self.ctx.etcd.get_prefix(self.ctx.key("slots", ""))
+            kvs, _ = await self.etcd.get_prefix(self.ctx.key("slots", ""))
         except EtcdError as e:
-            self.ctx.log.warning("still demoted: cannot read the slots yet", error=str(e))
+            self.log.warning("still demoted: cannot read the slots yet", error=str(e))
             return
         for kv in kvs:
             self.ctx.take(kv)
@@ -197,28 +200,28 @@ class Membership:
             if active is not None and rec is not None and rec.active not in (None, active.unit):
                 await ctl.step_down(rec.epoch, rec.active)
         self.demoted = False
-        self.ctx.log.info("serving again: etcd confirmed this node's slots")
+        self.log.info("serving again: etcd confirmed this node's slots")
         self.on_demote(False)
         self.ctx.kick()
 
     def etcd_down(self, why: str) -> None:
         if self.etcd_ok:
-            self.ctx.log.warning(
+            self.log.warning(
                 "etcd unreachable; engines keep serving",
                 error=why,
                 policy=self.cl.etcd_unreachable,
             )
         self.etcd_ok = False
-        self.ctx.metrics.etcd_reachable.set(0)
+        self.metrics.etcd_reachable.set(0)
 
     def _etcd_up(self) -> None:
         if not self.etcd_ok:
-            self.ctx.log.info("etcd reachable")
+            self.log.info("etcd reachable")
             self._dirty.set()
             for ctl in self.controllers.values():
                 ctl.etcd_back()
         self.etcd_ok = True
-        self.ctx.metrics.etcd_reachable.set(1)
+        self.metrics.etcd_reachable.set(1)
 
     async def _register(self) -> None:
         """Node, engines and election keys on a fresh lease (after a grant)."""
@@ -227,8 +230,8 @@ class Membership:
         ek = self.ctx.key("election", self.node)
         # A fresh key, so a fresh create revision: a restart within the TTL must not
         # inherit the seniority of the key its previous run left (a put would keep it).
-        await self.ctx.etcd.delete(ek)
-        await self.ctx.etcd.put(ek, self.node.encode(), lease=self.lease)
+        await self.etcd.delete(ek)
+        await self.etcd.put(ek, self.node.encode(), lease=self.lease)
 
     async def _publish(self) -> None:
         async with self._publish_lock:
@@ -238,10 +241,10 @@ class Membership:
         want = self._records()
         for k, v in want.items():
             if self._published.get(k) != v:
-                await self.ctx.etcd.put(k, v, lease=self.lease)
+                await self.etcd.put(k, v, lease=self.lease)
                 self._published[k] = v
         for k in [k for k in self._published if k not in want]:
-            await self.ctx.etcd.delete(k)
+            await self.etcd.delete(k)
             del self._published[k]
 
     async def publish_loop(self) -> None:
@@ -265,4 +268,4 @@ class Membership:
         """On shutdown: drop our keys at once (revoking the lease) so peers need not wait."""
         if self.lease:
             with anyio.move_on_after(1):
-                await self.ctx.etcd.revoke(self.lease)
+                await self.etcd.revoke(self.lease)

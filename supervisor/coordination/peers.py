@@ -27,11 +27,17 @@ class PeerView:
     def __init__(
         self,
         ctx: ClusterContext,
+        session: aiohttp.ClientSession,
         *,
         etcd_ok: Callable[[], bool],
         on_peer_dead: Callable[[list[str]], None],
     ) -> None:
         self.ctx = ctx
+        self.session = session  # for probes of suspects' admin APIs
+        self.log = ctx.log
+        self.metrics = ctx.metrics
+        self.beats = ctx.beats
+        self.loaded = ctx.loaded  # the first full read of the cluster is in
         self.cl = ctx.cl
         self.node = ctx.node
         self.etcd_ok = etcd_ok
@@ -56,13 +62,11 @@ class PeerView:
             return "self"
         if node in self.dead:
             return "dead"
-        ctx = self.ctx  # (asked for every remote engine a request may go to)
-        if node not in ctx.view.nodes and ctx.loaded.is_set():
+        if node not in self.ctx.view.nodes and self.loaded.is_set():
             if self._cut_off_but_serving(node):
                 return "alive"
             return "suspect" if self._may_be_cut_off() else "dead"
-        beats = ctx.beats
-        if beats is not None and beats.is_suspect(node):
+        if self.beats is not None and self.beats.is_suspect(node):
             return "suspect"
         return "alive"
 
@@ -72,15 +76,15 @@ class PeerView:
         elsewhere would make two actives."""
         if self.cl.etcd_unreachable == "demote":
             return False  # it demoted itself before its lease expired
-        return self.ctx.beats is not None and self.ctx.beats.heard_recently(node)
+        return self.beats is not None and self.beats.heard_recently(node)
 
     def _may_be_cut_off(self) -> bool:
         """Too soon (leading only since moments ago) to say that a peer whose lease is
         gone does not beat as a node cut off from etcd."""
         return (
             self.cl.etcd_unreachable != "demote"
-            and self.ctx.beats is not None
-            and self.ctx.beats.may_be_cut_off()
+            and self.beats is not None
+            and self.beats.may_be_cut_off()
         )
 
     def unit_serving(self, slot: str, unit: str) -> bool:
@@ -101,36 +105,36 @@ class PeerView:
         while True:
             await anyio.sleep(self.cl.heartbeat_interval / 2)
             self._known |= set(self.ctx.view.nodes)
-            if self.ctx.beats is not None:
-                self._known |= set(self.ctx.beats.peers)
+            if self.beats is not None:
+                self._known |= set(self.beats.peers)
             self.forget_old(time.monotonic())
             # Only the peers with something to look at: lease gone, suspect, or failing
             # probes (set operations, not a Python loop over every peer of a large fleet).
             look = self._known - self.ctx.view.nodes.keys() - self.dead.keys()
-            if self.ctx.beats is not None:
-                look |= self.ctx.beats.suspects
+            if self.beats is not None:
+                look |= self.beats.suspects
             look |= self._probe_failures.keys()
             for node in sorted(look - {self.node}):
                 if node in self.dead:
                     continue
                 lease_gone = (
-                    node not in self.ctx.view.nodes and self.ctx.loaded.is_set() and self.etcd_ok()
+                    node not in self.ctx.view.nodes and self.loaded.is_set() and self.etcd_ok()
                 )
                 if lease_gone and not self._cut_off_but_serving(node):
                     if self._may_be_cut_off():
                         continue  # looked at again in a moment
-                    heard = self.ctx.beats is not None and self.ctx.beats.last_heard(node) > 0
+                    heard = self.beats is not None and self.beats.last_heard(node) > 0
                     why = "heartbeats missed and its lease expired" if heard else "lease expired"
                     self._confirm_dead(node, why)
                     continue
-                if not (self.ctx.beats is not None and self.ctx.beats.is_suspect(node)):
+                if not (self.beats is not None and self.beats.is_suspect(node)):
                     self._probe_failures.pop(node, None)
                     continue
                 url = str((self.ctx.view.nodes.get(node) or {}).get("admin", ""))
                 if url and not await self._probe(url):
                     n = self._probe_failures[node] = self._probe_failures.get(node, 0) + 1
                     if n == 2:
-                        self.ctx.log.warning(
+                        self.log.warning(
                             "peer silent: heartbeats missed and its admin API does not answer; "
                             "its lease lives, so it is not declared dead",
                             peer=node,
@@ -149,23 +153,23 @@ class PeerView:
                 del self.dead[node]
                 self._known.discard(node)
                 self._probe_failures.pop(node, None)
-                if self.ctx.beats is not None:
-                    self.ctx.beats.forget(node)
+                if self.beats is not None:
+                    self.beats.forget(node)
 
     async def _probe(self, url: str) -> bool:
         try:
             with anyio.fail_after(self.cl.probe_timeout):
-                async with self.ctx.session.get(url + "/status") as r:
+                async with self.session.get(url + "/status") as r:
                     return r.status < 500
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     def _confirm_dead(self, node: str, why: str) -> None:
         self.dead[node] = time.monotonic()
-        last = self.ctx.beats.last_heard(node) if self.ctx.beats else 0
+        last = self.beats.last_heard(node) if self.beats else 0
         if last:
-            self.ctx.metrics.node_loss_seconds.observe(time.monotonic() - last)
-        self.ctx.log.warning(
+            self.metrics.node_loss_seconds.observe(time.monotonic() - last)
+        self.log.warning(
             "peer confirmed dead",
             peer=node,
             why=why,
@@ -179,14 +183,14 @@ class PeerView:
         """Hear the peers this node judges, its ring predecessors, and, when it leads, the
         watchers' reports and the beats of nodes cut off from etcd (worked out again only
         when the membership or the leader changes)."""
-        if self.ctx.beats is None:
+        if self.beats is None:
             return
         leading = self.leader() == self.node
         key = (self.ctx.view.membership, leading)
-        if key == self._judging or not self.ctx.loaded.is_set():
+        if key == self._judging or not self.loaded.is_set():
             return
         self._judging = key
-        self.ctx.beats.judge(ring_predecessors(self.ctx.view.nodes, self.node), leading=leading)
+        self.beats.judge(ring_predecessors(self.ctx.view.nodes, self.node), leading=leading)
 
     def rejudge(self) -> None:
         """The view was read afresh: whose beats to hear is worked out again."""
@@ -199,7 +203,7 @@ class PeerView:
 
     def revive(self, node: str) -> None:
         if self.dead.pop(node, None) is not None:
-            self.ctx.log.info("peer back", peer=node)
+            self.log.info("peer back", peer=node)
             self.peer_changed(node)
 
     def _update_peer_gauges(self) -> None:
@@ -208,13 +212,13 @@ class PeerView:
             if node != self.node:
                 counts[self.peer_state(node) if node in self.ctx.view.nodes else "dead"] += 1
         for state, n in counts.items():
-            self.ctx.metrics.cluster_peers.labels(state).set(n)
+            self.metrics.cluster_peers.labels(state).set(n)
 
     async def nats_gauge(self) -> None:
-        assert self.ctx.beats is not None
+        assert self.beats is not None
         while True:
-            self.ctx.metrics.nats_connected.set(1 if self.ctx.beats.connected else 0)
+            self.metrics.nats_connected.set(1 if self.beats.connected else 0)
             for node in list(self.dead):
-                if self.ctx.beats.heard_recently(node):
+                if self.beats.heard_recently(node):
                     self.revive(node)
             await anyio.sleep(0.5)

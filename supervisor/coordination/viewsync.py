@@ -49,6 +49,8 @@ class ViewSync:
         on_view_change: Callable[[], None],
     ) -> None:
         self.ctx = ctx
+        self.etcd = ctx.etcd
+        self.log = ctx.log
         self.cl = ctx.cl
         self.is_leader = is_leader
         self.etcd_down = etcd_down
@@ -69,7 +71,7 @@ class ViewSync:
         while True:
             try:
                 if start == 0:
-                    kvs, rev = await self.ctx.etcd.get_prefix(self.ctx.root)
+                    kvs, rev = await self.etcd.get_prefix(self.ctx.root)
                     view = ClusterView(revision=rev)
                     for i, kv in enumerate(kvs):
                         self.ctx.bad_key(
@@ -84,7 +86,7 @@ class ViewSync:
                     self.ctx.loaded.set()
                 with anyio.CancelScope() as scope:  # the guard restarts a silent watch
                     self._watch_scope = scope
-                    async for rev, events in self.ctx.etcd.watch_prefix(self.ctx.root, start):
+                    async for rev, events in self.etcd.watch_prefix(self.ctx.root, start):
                         self.watch_heard = time.monotonic()
                         since_yield, last_rev, changed = 0, 0, False
                         for ev in events:
@@ -107,9 +109,7 @@ class ViewSync:
                         if changed:
                             self._after_view_change()
             except (WatchCompacted, WatchOverflow) as e:
-                self.ctx.log.warning(
-                    "the watch cannot resume; reading the keys afresh", reason=str(e)
-                )
+                self.log.warning("the watch cannot resume; reading the keys afresh", reason=str(e))
                 start = 0
             except EtcdError as e:
                 self.etcd_down(str(e))
@@ -133,14 +133,14 @@ class ViewSync:
             if self.is_leader():
                 try:
                     value = orjson.dumps({"leader": self.ctx.node, "at": round(time.time(), 3)})
-                    await self.ctx.etcd.put(self.ctx.key(CLOCK), value)
+                    await self.etcd.put(self.ctx.key(CLOCK), value)
                 except EtcdError:
                     pass  # the lease loop says what is wrong with etcd
             if time.monotonic() - self.watch_heard <= 1.5 * period:
                 behind = 0
                 continue
             try:
-                kv = await self.ctx.etcd.get(self.ctx.key(CLOCK))
+                kv = await self.etcd.get(self.ctx.key(CLOCK))
             except EtcdError:
                 continue
             clock = kv.mod_revision if kv is not None else 0
@@ -150,14 +150,14 @@ class ViewSync:
             if not behind or self.ctx.view.revision >= behind:
                 behind = clock  # maybe on its way: looked at again next time
                 continue
-            self.ctx.log.warning(
+            self.log.warning(
                 "the watch is silent: etcd has changes it has not delivered; "
                 "taking the slots from a direct read and restarting it",
                 etcd_revision=clock,
                 watched_revision=self.ctx.view.revision,
             )
             try:
-                kvs, _ = await self.ctx.etcd.get_prefix(self.ctx.key("slots", ""))
+                kvs, _ = await self.etcd.get_prefix(self.ctx.key("slots", ""))
             except EtcdError:
                 kvs = []
             for kv in kvs:
