@@ -78,7 +78,7 @@ class LeaderDecisions:
         self.etcd_ok = etcd_ok
         self._first_seen: dict[tuple[str, int], float] = {}  # (slot, epoch) -> monotonic
         self._said: dict[str, str] = {}  # slot -> the leader's last logged decision
-        self._promotions: tuple[list[Promotion], Any] | None = None  # a pass's (batch, limit)
+        self._promotions: tuple[list[Promotion], anyio.CapacityLimiter] | None = None  # a pass
         self._lead_later: set[str] = set()  # slots the leader skipped while they acted
         self._revisit: dict[str, float] = {}  # slot -> when the leader looks again (monotonic)
 
@@ -158,7 +158,7 @@ class LeaderDecisions:
         self.slots.acting.add(slot)
         batch.append((slot, rec, unit, why))
 
-    async def _promote_together(self, batch: list[Promotion], limit: Any) -> None:
+    async def _promote_together(self, batch: list[Promotion], limit: anyio.CapacityLimiter) -> None:
         """One transaction for the batch; if any of its slots moved meanwhile (or this node
         no longer leads), each is tried alone, so that one fenced slot holds up no other."""
         try:
