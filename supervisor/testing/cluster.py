@@ -12,7 +12,6 @@ demo and plugin authors' own tests.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import aiohttp
 import anyio
 
+from supervisor.testing.admin import AdminClient, AdminError
 from supervisor.testing.coordservers import EtcdCluster, EtcdMember, NatsServer
 from supervisor.testing.engineproc import (
     FAST_SIM_ARGS,
@@ -129,27 +129,22 @@ class ClusterNode:
         )
         return self
 
+    @property
+    def client(self) -> AdminClient:
+        """A client of the node's admin API as it runs now (a restart moves nothing, but
+        the process, and so its logs, are new)."""
+        assert self.sup is not None
+        return AdminClient(self.admin, self.session, logs=self.sup.logs)
+
     async def status(self) -> dict[str, Any]:
-        async with self.session.get(self.admin + "/status") as r:
-            return await r.json()  # type: ignore[no-any-return]
+        return await self.client.status()
 
     async def wait(
         self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20, what: str = "condition"
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        st: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            try:
-                st = await self.status()
-                if pred(st):
-                    return st
-            except (aiohttp.ClientError, OSError):
-                pass
-            await anyio.sleep(0.05)
-        assert self.sup is not None
-        raise AssertionError(
-            f"{self.name}: timed out waiting for {what}; status:\n"
-            f"{json.dumps(st, indent=1)[-4000:]}\nlogs:\n{self.sup.logs()[-6000:]}"
+        """The first status ``pred`` accepts; the node may be down meanwhile."""
+        return await self.client.wait(
+            pred, timeout, f"{self.name}: {what}", while_down=True, interval=0.05
         )
 
     def kill(self, engines: list[int]) -> None:
@@ -225,9 +220,8 @@ class ActiveWatch:
     async def _status(self, node: ClusterNode) -> dict[str, Any] | None:
         try:
             with anyio.fail_after(1.0):
-                async with self.session.get(node.admin + "/status") as r:
-                    return await r.json()  # type: ignore[no-any-return]
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+                return await AdminClient(node.admin, self.session).status()
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, AdminError):
             return None  # down: it serves nothing
 
     async def run(self) -> None:
