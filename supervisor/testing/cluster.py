@@ -41,6 +41,7 @@ from supervisor.testing.gpuledger import LEDGER_ENV
 from supervisor.testing.netns import NetworkNamespace
 from supervisor.testing.supervisors import (
     SupervisorProcess,
+    _announced,
     render_config,
     sim_slot,
     spawn_supervisor,
@@ -269,6 +270,7 @@ __all__ = [
     "FaultProxy",
     "NatsServer",
     "SupervisorProcess",
+    "_announced",  # the fuzz test polls a supervisor it spawned itself
     "assert_epochs_unique",
     "free_port",
     "free_port_range",
