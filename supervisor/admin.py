@@ -26,22 +26,17 @@ from __future__ import annotations
 import math
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import anyio
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from supervisor.admintarget import AdminTarget
 from supervisor.auth import bearer_ok
-from supervisor.failover import FailoverError, SlotController
+from supervisor.failover import FailoverError
 from supervisor.jsonbody import BadJson
 from supervisor.jsonbody import parse as parse_json
-from supervisor.model import Engine
 from supervisor.operate import span
-
-if TYPE_CHECKING:
-    from supervisor.daemon import Supervisor
-
 
 _WITHIN = 1e9  # seconds (about 31 years): how far from now a time given to the API may be
 # How far in the past a time may be and still mean "now" (a client's clock and latency; Unix
@@ -98,7 +93,9 @@ def _error(status: int, message: str) -> web.Response:
 
 
 class AdminApi:
-    def __init__(self, sup: Supervisor) -> None:
+    """The admin routes over one node (any ``AdminTarget``)."""
+
+    def __init__(self, sup: AdminTarget) -> None:
         self.sup = sup
 
     def app(self) -> web.Application:
@@ -157,81 +154,73 @@ class AdminApi:
         return web.json_response(self.sup.status(request.query.get("cluster") == "full"))
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.sup.metrics.registry)
+        body = self.sup.metrics_text()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def _engine(self, request: web.Request) -> tuple[SlotController, Engine, dict[str, Any]]:
-        """The slot controller and engine named by the body's ``engine``, or 404."""
+    async def _engine(self, request: web.Request) -> tuple[str, dict[str, Any]]:
+        """The engine id named by the body's ``engine`` (404 if no slot has it), and the body."""
         body = await self._body(request, "engine")
-        found = self.sup.engine(body["engine"])
-        if found is None:
+        if not self.sup.has_engine(body["engine"]):
             raise web.HTTPNotFound(reason=f"no engine {body['engine']!r}")
-        return found[0], found[1], body
+        return body["engine"], body
 
     async def failover(self, request: web.Request) -> web.Response:
-        _, engine, body = await self._engine(request)
-        reason = str(body.get("reason") or "manual failover")
-        await self.sup.judge.declare_dead(engine, "admin", reason, time.time())
-        return web.json_response({"ok": True, "engine": engine.id})
+        engine, body = await self._engine(request)
+        await self.sup.fail_engine(engine, str(body.get("reason") or "manual failover"))
+        return web.json_response({"ok": True, "engine": engine})
 
-    def _slot(self, body: dict[str, Any], required: bool = True) -> SlotController | None:
+    def _slot(self, body: dict[str, Any], required: bool = True) -> str | None:
+        """The slot named by the body's ``slot`` (404 if there is none such)."""
         name = body.get("slot")
         if name is None and not required:
             return None
         if not isinstance(name, str):
             raise web.HTTPBadRequest(reason="'slot' (a slot name) is required")
-        ctl = self.sup.controllers.get(name)
-        if ctl is None:
+        if not self.sup.has_slot(name):
             raise web.HTTPNotFound(reason=f"no slot {name!r}")
-        return ctl
+        return name
 
     async def switchover(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        ctl = self._slot(body)
-        assert ctl is not None
+        slot = self._slot(body)
+        assert slot is not None
         to = body.get("to")
         if to is not None and not isinstance(to, str):
             raise web.HTTPBadRequest(reason="'to' must be a shadow engine id")
         at = _when(body)
         if at is not None:
-            plan = ctl.schedule_switchover(at, to)
+            plan = self.sup.schedule_switchover(slot, at, to)
             return web.json_response({"scheduled": plan.as_dict()}, status=202)
-        record = await ctl.switchover(to)
+        record = await self.sup.switchover(slot, to)
         # Only a promotion is a switchover that happened; anything else says why, non-2xx.
         return web.json_response(
             record.as_dict(), status=200 if record.result == "promoted" else 503
         )
 
     async def switchover_cancel(self, request: web.Request) -> web.Response:
-        ctl = self._slot(await self._body(request))
-        assert ctl is not None
-        plan = ctl.cancel_scheduled()
+        slot = self._slot(await self._body(request))
+        assert slot is not None
+        plan = self.sup.cancel_switchover(slot)
         if plan is None:
-            raise web.HTTPNotFound(reason=f"slot {ctl.slot.name} has no scheduled switchover")
+            raise web.HTTPNotFound(reason=f"slot {slot} has no scheduled switchover")
         return web.json_response({"cancelled": plan.as_dict()})
 
     async def pause(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        ctl = self._slot(body, required=False)
+        slot = self._slot(body, required=False)
         reason = body.get("reason", "maintenance")
         if not isinstance(reason, str) or len(reason) > 500:
             raise web.HTTPBadRequest(reason="'reason' must be a string (500 characters at most)")
         until = _when(body, relative="for", absolute="until")
-        p = self.sup.pause(ctl.slot.name if ctl else None, reason, until)
-        return web.json_response(
-            {
-                "paused": p.as_dict(),
-                "slot": ctl.slot.name if ctl else None,
-                "node": self.sup.cfg.node,
-            }
-        )
+        p = self.sup.pause(slot, reason, until)
+        return web.json_response({"paused": p.as_dict(), "slot": slot, "node": self.sup.node_name})
 
     async def resume(self, request: web.Request) -> web.Response:
-        ctl = self._slot(await self._body(request), required=False)
-        if not self.sup.resume(ctl.slot.name if ctl else None):
-            what = f"slot {ctl.slot.name}" if ctl else f"node {self.sup.cfg.node}"
+        slot = self._slot(await self._body(request), required=False)
+        if not self.sup.resume(slot):
+            what = f"slot {slot}" if slot else f"node {self.sup.node_name}"
             raise web.HTTPConflict(reason=f"{what} is not paused")
-        return web.json_response({"resumed": ctl.slot.name if ctl else self.sup.cfg.node})
+        return web.json_response({"resumed": slot or self.sup.node_name})
 
     async def reload(self, request: web.Request) -> web.Response:
         result = await self.sup.reload()
@@ -255,31 +244,28 @@ class AdminApi:
             slots = [body["slot"]]
         if not isinstance(slots, list) or not all(isinstance(x, str) for x in slots):
             raise web.HTTPBadRequest(reason="'slots' must be a list of slot names")
-        names = slots or [n for n, c in self.sup.controllers.items() if c.pending]
-        started = self.sup.start_rollout(slots)
-        if not body.get("wait"):
-            return web.json_response({"rollouts": [p.as_dict() for p in started]}, status=202)
-        while any(c.rolling_out for n, c in self.sup.controllers.items() if n in names):
-            await anyio.sleep(0.1)
-        done = [
-            c.rollout.as_dict() for n, c in self.sup.controllers.items() if n in names and c.rollout
-        ]
-        ok = all(d["result"] == "done" for d in done)
-        return web.json_response({"rollouts": done}, status=200 if ok else 409)
+        wait = bool(body.get("wait"))
+        rollouts = await self.sup.rollout(slots, wait)
+        if not wait:
+            return web.json_response({"rollouts": [p.as_dict() for p in rollouts]}, status=202)
+        ok = all(p.result == "done" for p in rollouts)
+        return web.json_response(
+            {"rollouts": [p.as_dict() for p in rollouts]}, status=200 if ok else 409
+        )
 
     async def gpu_clear(self, request: web.Request) -> web.Response:
         body = await self._body(request, "gpu")
-        if not self.sup.gpu.clear(body["gpu"]):
+        launched = self.sup.clear_gpu(body["gpu"])
+        if launched is None:
             raise web.HTTPNotFound(reason=f"GPU {body['gpu']!r} is not marked broken")
-        launched = sum(c.restore_shadows() for c in self.sup.controllers.values())
         return web.json_response({"ok": True, "gpu": body["gpu"], "launching": launched})
 
     async def drain(self, request: web.Request) -> web.Response:
-        ctl, engine, body = await self._engine(request)
+        engine, body = await self._engine(request)
         limit = body.get("limit")
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit < 1e6
         ):
             raise web.HTTPBadRequest(reason="'limit' must be seconds (a number >= 0)")
-        await ctl.drain(engine.id, limit)
-        return web.json_response({"ok": True, "engine": engine.id})
+        await self.sup.drain(engine, limit)
+        return web.json_response({"ok": True, "engine": engine})

@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     # sim-engine forwards everything to the simulator's own parser (real engines' flags).
     if args and args[0] == "sim-engine":
-        from supervisor.testing.simengine import main as sim_main
+        from supervisor.testing.simcli import main as sim_main
 
         return sim_main(args[1:])
     from supervisor.config import Config, FrontendConfig

@@ -18,10 +18,12 @@ from typing import Any
 
 import anyio
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from supervisor import __version__, confdiff, native, rollout, statefile
 from supervisor import log as logging
 from supervisor.admin import AdminApi
+from supervisor.admintarget import Described
 from supervisor.backends import Backend, load_backend
 from supervisor.config import Config, ConfigError, read_secret, warnings
 from supervisor.config import load as load_config
@@ -791,3 +793,60 @@ class Supervisor:
                 self.log.info("signal received; shutting down", signal=signal.Signals(sig).name)
                 self.stop()
                 return
+
+    # -- the admin API's view of this node (supervisor.admintarget.AdminTarget) --------
+    # Everything POST and GET on the admin API do goes through these methods, so the API
+    # never reaches into the slot controllers, the judge or the GPU watcher itself.
+    @property
+    def node_name(self) -> str:
+        return self.cfg.node
+
+    def has_slot(self, slot: str) -> bool:
+        return slot in self.controllers
+
+    def has_engine(self, engine_id: str) -> bool:
+        return self.engine(engine_id) is not None
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of this node's metrics."""
+        return generate_latest(self.metrics.registry)
+
+    async def fail_engine(self, engine_id: str, reason: str) -> None:
+        """Declare an engine dead now, as if it had failed (its slot fails over)."""
+        found = self.engine(engine_id)
+        if found is None:
+            raise FailoverError(f"no engine {engine_id!r}")
+        await self.judge.declare_dead(found[1], "admin", reason, time.time())
+
+    async def switchover(self, slot: str, to: str | None) -> FailoverRecord:
+        return await self.controllers[slot].switchover(to)
+
+    def schedule_switchover(self, slot: str, at: float, to: str | None) -> Described:
+        return self.controllers[slot].schedule_switchover(at, to)
+
+    def cancel_switchover(self, slot: str) -> Described | None:
+        return self.controllers[slot].cancel_scheduled()
+
+    async def rollout(self, slots: list[str], wait: bool) -> list[RolloutProgress]:
+        """Start a rollout (see ``start_rollout``); with ``wait``, the slots' records once
+        every one of them is done, else the first slot's as it starts."""
+        names = slots or [n for n, c in self.controllers.items() if c.pending]
+        started = self.start_rollout(slots)
+        if not wait:
+            return started
+        while any(c.rolling_out for n, c in self.controllers.items() if n in names):
+            await anyio.sleep(0.1)
+        return [c.rollout for n, c in self.controllers.items() if n in names and c.rollout]
+
+    def clear_gpu(self, gpu: str) -> int | None:
+        """A GPU marked broken was reset or replaced: how many shadows launch again (None:
+        the GPU was not marked broken)."""
+        if not self.gpu.clear(gpu):
+            return None
+        return sum(c.restore_shadows() for c in self.controllers.values())
+
+    async def drain(self, engine_id: str, limit: float | None) -> None:
+        found = self.engine(engine_id)
+        if found is None:
+            raise FailoverError(f"no engine {engine_id!r}")
+        await found[0].drain(engine_id, limit)

@@ -15,6 +15,7 @@ import aiohttp
 import anyio
 import pytest
 
+from supervisor.testing.admin import AdminClient
 from supervisor.testing.cluster import (
     FAST_SIM_ARGS,
     SupervisorProcess,
@@ -30,18 +31,13 @@ SIM = (*FAST_SIM_ARGS, "--sim-drain-timeout", "0.1")
 MAX_TOKENS = 60
 
 
-class Cluster:
+class Cluster(AdminClient):
+    """The node's admin API (status, metrics) and its frontend's URL."""
+
     def __init__(self, sup: SupervisorProcess, session: aiohttp.ClientSession) -> None:
-        self.sup, self.session = sup, session
+        super().__init__(sup.admin_url, session, logs=sup.logs)
+        self.sup = sup
         self.url = sup.frontend_url
-
-    async def status(self) -> dict[str, Any]:
-        async with self.session.get(self.sup.admin_url + "/status") as r:
-            return await r.json()  # type: ignore[no-any-return]
-
-    async def metrics(self) -> str:
-        async with self.session.get(self.sup.admin_url + "/metrics") as r:
-            return await r.text()
 
     async def full_strength(self, timeout: float = 15) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

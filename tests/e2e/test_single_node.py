@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import aiohttp
 import anyio
 import pytest
 
+from supervisor.testing.admin import AdminClient
 from supervisor.testing.cluster import (
     FAST_SIM_ARGS,
     SupervisorProcess,
@@ -27,37 +27,12 @@ from supervisor.upstream import iter_sse_data
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
-class Admin:
+class Admin(AdminClient):
+    """The node's admin API, with the supervisor process behind it."""
+
     def __init__(self, sup: SupervisorProcess, session: aiohttp.ClientSession) -> None:
-        self.sup, self.session = sup, session
-
-    async def status(self) -> dict[str, Any]:
-        async with self.session.get(self.sup.admin_url + "/status") as r:
-            assert r.status == 200
-            return await r.json()  # type: ignore[no-any-return]
-
-    async def post(self, path: str, body: Any) -> tuple[int, Any]:
-        async with self.session.post(self.sup.admin_url + path, json=body) as r:
-            return r.status, await r.json()
-
-    async def metrics(self) -> str:
-        async with self.session.get(self.sup.admin_url + "/metrics") as r:
-            return await r.text()
-
-    async def wait(
-        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 15, what: str = "condition"
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        st: dict[str, Any] = {}
-        while time.monotonic() < deadline:
-            st = await self.status()
-            if pred(st):
-                return st
-            await anyio.sleep(0.02)
-        raise AssertionError(
-            f"timed out waiting for {what}; status:\n"
-            f"{json.dumps(st, indent=1)}\nlogs:\n{self.sup.logs()[-4000:]}"
-        )
+        super().__init__(sup.admin_url, session, logs=sup.logs)
+        self.sup = sup
 
 
 def slot_of(st: dict[str, Any], name: str = "s") -> dict[str, Any]:

@@ -23,6 +23,7 @@ import aiohttp
 import anyio
 import pytest
 
+from supervisor.testing.admin import AdminClient
 from supervisor.testing.cluster import (
     FAST_SIM_ARGS,
     SupervisorProcess,
@@ -54,14 +55,13 @@ class Node:
     def __init__(self, sup: SupervisorProcess, http: aiohttp.ClientSession) -> None:
         self.sup, self.http = sup, http
         self.url = sup.frontend_url
+        self.admin = AdminClient(sup.admin_url, http, logs=sup.logs)
 
     async def status(self) -> dict[str, Any]:
-        async with self.http.get(self.sup.admin_url + "/status") as r:
-            return await r.json()  # type: ignore[no-any-return]
+        return await self.admin.status()
 
     async def metrics(self) -> str:
-        async with self.http.get(self.sup.admin_url + "/metrics") as r:
-            return await r.text()
+        return await self.admin.metrics()
 
     async def engine(self, role: str) -> dict[str, Any]:
         """The slot's engine of ``role`` ("active" or "shadow")."""
@@ -77,13 +77,7 @@ class Node:
             return r.status
 
     async def wait(self, check: Callable[[dict[str, Any]], bool], what: str, t: float = 20) -> Any:
-        deadline = time.monotonic() + t
-        while time.monotonic() < deadline:
-            st = await self.status()
-            if check(st):
-                return st
-            await anyio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.sup.logs()[-4000:]}")
+        return await self.admin.wait(check, t, what, interval=0.05)
 
     def dead_declared(self) -> list[str]:
         return [ln for ln in self.sup.logs().splitlines() if "engine declared dead" in ln]
