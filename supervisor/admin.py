@@ -33,11 +33,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from supervisor.auth import bearer_ok
-from supervisor.failover import FailoverError, SlotController
 from supervisor.jsonbody import BadJson
 from supervisor.jsonbody import parse as parse_json
 from supervisor.model import Engine
 from supervisor.operate import span
+from supervisor.slot.controller import SlotController
+from supervisor.slot.placement import FailoverError
 
 if TYPE_CHECKING:
     from supervisor.daemon import Supervisor
