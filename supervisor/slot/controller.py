@@ -28,7 +28,7 @@ from anyio.abc import TaskGroup
 from supervisor import log as logging
 from supervisor.backends import Backend, EngineEndpoint
 from supervisor.config import Config, SlotConfig
-from supervisor.coordination.local import ClaimRefused, Coordinator, LocalCoordinator
+from supervisor.coordination.local import Coordinator, LocalCoordinator
 from supervisor.engines import EngineManager
 from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
@@ -43,11 +43,11 @@ from supervisor.model import (
 )
 from supervisor.sessions import Sessions
 from supervisor.slot.engines import ENDED, EngineLifecycle
-from supervisor.slot.placement import FailoverError, next_number
 from supervisor.slot.planned import Planned
 from supervisor.slot.promote import Move, Promoter
 from supervisor.slot.replenish import Replenisher
 from supervisor.slot.rollout import Rollout
+from supervisor.slot.startup import Startup
 from supervisor.slot.table import (
     Decision,
     Degraded,
@@ -141,6 +141,7 @@ class SlotController:
         self.promoter: Promoter = Promoter(self)
         self.planned: Planned = Planned(self)
         self.rollouts: Rollout = Rollout(self)
+        self.startup: Startup = Startup(self)
         self._set_degraded("starting")
         metrics.set_slot_phase(self.slot.name, self.phase.value)
         metrics.init_slot(self.slot.name, backend.name)
@@ -273,14 +274,6 @@ class SlotController:
         self.metrics.shadows_missing.labels(self.slot.name).set(self.missing_shadows())
         self.metrics.slot_epoch.labels(self.slot.name).set(self.slot.epoch)
 
-    def forget(self, engine: Engine) -> None:
-        """A retired engine leaves the slot (kept in a short history) and the metrics."""
-        del self.engines[engine.id]
-        self.retired.appendleft(engine)
-        self.metrics.forget_engine(engine.slot, engine.id, engine.spec.gpus)
-        self.judge.forget(engine.id)
-        self.on_change()
-
     def endpoint(self, engine: Engine, timeout: float | None = None) -> EngineEndpoint:
         """For probes and readiness checks (their own connection pool)."""
         return self.lifecycle.endpoint(engine, timeout)
@@ -301,16 +294,6 @@ class SlotController:
     def missing_shadows(self) -> int:
         """Shadows the slot should have and does not (launching or asleep ones count)."""
         return max(0, self.scfg.shadows - len([e for e in self.live() if e.role == "shadow"]))
-
-    def needs_cold_start(self) -> bool:
-        """A slot without shadows that has lost its engine can only restart one cold."""
-        return (
-            self.scfg.shadows == 0
-            and self.slot.active is None
-            and not self.live()
-            and self.hosts_active
-            and self.coord.served_elsewhere(self.slot.name) is None
-        )
 
     @property
     def stopped(self) -> bool:
@@ -412,136 +395,22 @@ class SlotController:
         if self.waiting_for_etcd and self._tg is not None and not self.stopped:
             self.waiting_for_etcd = False
             self.spawn(self.recover, "etcd is reachable again", why="recover: etcd is back")
-            self.kick_replenish()  # a slot without shadows restarts its engine cold
+            self.replenisher.kick()  # a slot without shadows restarts its engine cold
 
-    # -- start-up ------------------------------------------------------------------------
+    # -- start-up (the work is in startup.py) -------------------------------------------
     def saved(self) -> dict[str, Any]:
         """This slot's part of the state file."""
-        return {
-            "epoch": self.slot.epoch,
-            "active": self.slot.active,
-            "pause": self.pause.as_dict() if self.pause else None,
-            "engines": [
-                {
-                    "id": e.id,
-                    "role": e.role,
-                    "state": e.state.value,
-                    "pid": e.pid,
-                    "start_time": e.start_ticks,
-                    "port": e.spec.port,
-                    "gpus": list(e.spec.gpus),
-                }
-                for e in self.live()
-                if e.pid is not None
-            ],
-        }
+        return self.startup.saved()
 
     async def adopt(self, saved: dict[str, Any]) -> int:
-        """Take over the engines an earlier supervisor left running, where they are still
-        the same processes and answer as they did; returns how many were adopted."""
-        self.slot.epoch = int(saved.get("epoch", 0))
-        adopted = 0
-        for rec in saved.get("engines", []):
-            engine = await self.lifecycle.adopt(rec)
-            if engine is None:
-                continue
-            if engine.state is EngineState.ACTIVE:
-                self.slot.active = engine.id
-            adopted += 1
-        self.ids = itertools.count(next_number(self.engines))
-        return adopted
+        """Take over the engines an earlier supervisor left running (see
+        :meth:`Startup.adopt`); returns how many were adopted."""
+        return await self.startup.adopt(saved)
 
     async def start(self) -> None:
-        """Shadows load and sleep first (so an active on the same GPUs fits), then the
-        active engine becomes ready. Adopted engines count: only what is missing starts.
-        Self-promoting shadows (``suspend = "flock"``) start after the active engine: the
-        first engine up takes the lock and serves."""
-        flock = self.lifecycle.flock
-        if self.slot.active is not None:
-            await self.handle(Event.ACTIVE_READY, f"adopted active engine {self.slot.active}")
-        if not flock:
-            await self._start_shadows()
-        elsewhere = self.coord.served_elsewhere(self.slot.name)
-        if self.slot.active is not None:
-            pass  # adopted, and serving already
-        elif not self.hosts_active or elsewhere:
-            why = f"served by {elsewhere}" if elsewhere else "this node keeps shadows only"
-            await self.handle(Event.SERVED_ELSEWHERE, why)
-        else:
-            await self.start_active()
-            if self.slot.active is None and self.sleeping_shadows():
-                # The active engine did not come up, but a shadow is ready: serve with it.
-                await self.recover("the active engine did not come up at start")
-        if flock:
-            await self._start_shadows()
-        self.ready.set()
-        self.kick_replenish()
-
-    async def _start_shadows(self) -> None:
-        async def one() -> None:
-            try:
-                await self.start_shadow()
-            except FailoverError as e:
-                self.log.error("shadow did not come up", error=str(e))
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(self.missing_shadows()):
-                tg.start_soon(one)
-
-    async def start_active(self) -> bool:
-        """Launch an active engine cold and promote it once ready (startup, or a slot with
-        no shadows that lost its active engine); whether it serves now."""
-        async with self.lock:
-            try:
-                engine = self.lifecycle.new_engine("active")
-            except FailoverError as e:
-                await self.handle(
-                    Event.ACTIVE_FAILED_TO_START, f"cannot launch an active engine: {e}"
-                )
-                return False
-            try:
-                await self.lifecycle.ready(engine)
-            except FailoverError as e:
-                why = f"active engine did not come up: {e}"
-                await self.handle(Event.ACTIVE_FAILED_TO_START, why, engine=engine.id)
-                self.lifecycle.failed_to_start(engine, f"did not come up: {e}")
-                return False
-            try:
-                epoch = await self._claim_cold(engine)
-            except ClaimRefused as e:
-                self.waiting_for_etcd = True
-                why = f"the active engine cannot be claimed yet: {e}"
-                await self.handle(Event.ACTIVE_FAILED_TO_START, why, engine=engine.id)
-                await self.lifecycle.stop(engine, "not claimed: etcd unreachable")
-                return False
-            if epoch is None:
-                why = f"another node serves the slot; {engine.id} stops"
-                await self.handle(Event.SERVED_ELSEWHERE, why)
-                await self.lifecycle.stop(engine, "fenced: slot served elsewhere")
-                return False
-            self.promoter.promote(engine, epoch)
-            await self.handle(Event.ACTIVE_READY, f"{engine.id} loaded and ready", epoch=epoch)
-            return True
-
-    async def _claim_cold(self, engine: Engine) -> int | None:
-        if self.grouped:
-            # A group is claimed by the cluster leader once every member is up.
-            return self.slot.epoch
-        return await self.coord.claim(self.slot.name, engine.unit, self.slot.epoch, "started cold")
-
-    async def start_shadow(self) -> Engine:
-        """Launch one shadow, wait until loaded, put it to sleep, verify it sleeps. A shadow
-        that does not make it is killed (its retirement frees its place). A degraded slot
-        promotes it (in the background), unless paused."""
-        engine = self.lifecycle.new_engine("shadow")
-        try:
-            await self.lifecycle.load_and_sleep(engine)
-        except BaseException as e:
-            self.lifecycle.failed_to_start(engine, f"did not come up as a shadow: {e}")
-            raise
-        move = Move(in_background=True)
-        await self.handle(Event.SHADOW_READY, f"{engine.id} loaded and asleep", move=move)
-        return engine
+        """Start what the slot lacks: shadows, then its active engine (see
+        :meth:`Startup.start`)."""
+        await self.startup.start()
 
     # -- failure -------------------------------------------------------------------------
     async def on_engine_dead(
@@ -557,7 +426,7 @@ class SlotController:
         if not self.stopped:  # (stop_all stops what is left of it)
             self.spawn(self.lifecycle.retire, engine, why=f"retire {engine.id}, which failed")
         if not was_active:
-            self.kick_replenish()
+            self.replenisher.kick()
             return
         self.slot.active = None
         record = FailoverRecord(
@@ -575,10 +444,6 @@ class SlotController:
         await self.handle(Event.SHADOW_READY, why)
 
     # -- replenishing --------------------------------------------------------------------
-    def kick_replenish(self) -> None:
-        """Something changed that may leave the slot short of shadows: look again."""
-        self.replenisher.kick()
-
     def restore_shadows(self) -> int:
         """Launch the shadows the slot is missing (e.g. after a broken GPU was cleared)."""
         return self.replenisher.restore()
@@ -617,7 +482,7 @@ class SlotController:
             if self.slot.active is None and self.phase is Phase.DEGRADED and self.ready.is_set():
                 why = "resumed with the active engine lost"
                 self.spawn(self.recover, why, why=f"recover: {why}")
-            self.kick_replenish()
+            self.replenisher.kick()
         self.on_change()
 
     # -- planned moves and rollouts (the work is in planned.py and rollout.py) -----------

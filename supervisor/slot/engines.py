@@ -376,8 +376,17 @@ class EngineLifecycle:
                     ctl.log.warning(f"{engine.id}'s exit was not seen", engine=engine.id)
                     return
             if ctl.engines.get(engine.id) is engine:  # (not retired meanwhile)
-                ctl.forget(engine)
-        ctl.kick_replenish()
+                self.forget(engine)
+        ctl.replenisher.kick()
+
+    def forget(self, engine: Engine) -> None:
+        """A retired engine leaves the slot (kept in a short history) and the metrics."""
+        ctl = self.ctl
+        del ctl.engines[engine.id]
+        ctl.retired.appendleft(engine)
+        ctl.metrics.forget_engine(engine.slot, engine.id, engine.spec.gpus)
+        ctl.judge.forget(engine.id)
+        ctl.on_change()
 
     async def _group_gone(self, engine: Engine) -> bool:
         """Until the engine's process group is gone; False: the slot stopped meanwhile."""

@@ -141,7 +141,7 @@ class Planned:
             record.finished_at = time.time()
             result = record.result if record.result in ("promoted", "error") else "degraded"
             ctl.metrics.failovers.labels(ctl.slot.name, move.cause.value, result).inc()
-            ctl.kick_replenish()
+            ctl.replenisher.kick()
 
     async def _wake_and_claim(self, record: FailoverRecord, old: Engine, new: Engine) -> int | None:
         """Wake ``new`` and claim the next epoch for it; None: the switch is off (the old

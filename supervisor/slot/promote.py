@@ -102,7 +102,7 @@ class Promoter:
                 if record.result == "promoted":
                     seconds = time.monotonic() - t0
                     ctl.metrics.failover_seconds.labels(ctl.slot.name).observe(seconds)
-        ctl.kick_replenish()
+        ctl.replenisher.kick()
 
     def _candidates(self, move: Move) -> list[Engine]:
         shadows = self.ctl.sleeping_shadows()

@@ -37,6 +37,17 @@ class Replenisher:
         of its active engine): look again."""
         self._kick.set()
 
+    def needs_cold_start(self) -> bool:
+        """A slot without shadows that has lost its engine can only restart one cold."""
+        ctl = self.ctl
+        return (
+            ctl.scfg.shadows == 0
+            and ctl.slot.active is None
+            and not ctl.live()
+            and ctl.hosts_active
+            and ctl.coord.served_elsewhere(ctl.slot.name) is None
+        )
+
     def backoff(self) -> float:
         f = self.ctl.cfg.failover
         return float(min(f.relaunch_backoff * 2**self.failures, f.relaunch_backoff_max))
@@ -45,7 +56,7 @@ class Replenisher:
         """Launch what the slot is missing now (e.g. after a broken GPU was cleared)."""
         self.failures = 0
         self.kick()
-        return self.ctl.missing_shadows() + (1 if self.ctl.needs_cold_start() else 0)
+        return self.ctl.missing_shadows() + (1 if self.needs_cold_start() else 0)
 
     async def loop(self) -> None:
         while True:
@@ -74,7 +85,7 @@ class Replenisher:
         """Launch, one at a time, what the slot lacks, each after its backoff."""
         ctl = self.ctl
         while not ctl.stopped:
-            cold = ctl.needs_cold_start()
+            cold = self.needs_cold_start()
             missing = ctl.missing_shadows()
             if not cold and not missing:
                 self.shortfall = ""
@@ -110,7 +121,7 @@ class Replenisher:
         """Effect ``launch_shadow``: one relaunched shadow."""
         self.ctl.metrics.engine_relaunches.labels(self.ctl.slot.name).inc()
         try:
-            await self.ctl.start_shadow()
+            await self.ctl.startup.start_shadow()
             self._launched = True
         except FailoverError as e:
             self.shortfall = f"relaunched shadow did not come up: {e}"
@@ -121,7 +132,7 @@ class Replenisher:
         completes the failover that found no shadow (its record)."""
         ctl = self.ctl
         ctl.metrics.engine_relaunches.labels(ctl.slot.name).inc()
-        ok = await ctl.start_active()
+        ok = await ctl.startup.start_active()
         record, self.cold_record = self.cold_record, None
         if record is not None:
             if ok:

@@ -111,7 +111,7 @@ class Rollout:
             self._step(f"rolling back: {e}")
             ctl.scfg, self.generation = old_cfg, progress.from_generation
             for e2 in [e2 for e2 in ctl.live() if e2.generation == progress.to_generation]:
-                await ctl.retire_now(e2, "rollout rolled back")
+                await ctl.lifecycle.stop(e2, "rollout rolled back", wait=True)
             progress.result = "rolled_back"
             self._step("rolled back: the old spec serves; its shadows are relaunched")
         except FailoverError as e:  # after the switch: the new spec serves, its shadows did not
@@ -132,7 +132,7 @@ class Rollout:
                 self.pending, self.pending_changes = None, []
             ctl.metrics.rollout_pending.labels(ctl.slot.name).set(1 if self.pending else 0)
             ctl.metrics.rollouts.labels(ctl.slot.name, progress.result).inc()
-            ctl.kick_replenish()
+            ctl.replenisher.kick()
             ctl.on_change()
 
     async def _steps(self, new_gen: int) -> None:
@@ -144,12 +144,14 @@ class Rollout:
         if old_shadows:  # (one may have died since the rollout began: its place is free)
             first = (asleep or old_shadows)[0]
             self._step(f"replacing shadow {first.id} with an engine of the new spec")
-            await ctl.retire_now(first, "rollout: replaced by an engine of the new spec")
+            await ctl.lifecycle.stop(
+                first, "rollout: replaced by an engine of the new spec", wait=True
+            )
         else:
             self._step("starting a shadow of the new spec")
         try:
             await ctl.lifecycle.wait_for_place()
-            fresh = await ctl.start_shadow()
+            fresh = await ctl.startup.start_shadow()
         except FailoverError as e:
             raise RolloutFailed(f"the new engine did not come up: {e}") from e
         old_active = ctl.active_engine()
@@ -166,10 +168,10 @@ class Rollout:
         self._switched = True
         for old in [e for e in ctl.live() if e.role == "shadow" and e.generation != new_gen]:
             self._step(f"stopping old shadow {old.id}")
-            await ctl.retire_now(old, "rollout: the slot runs the new spec")
+            await ctl.lifecycle.stop(old, "rollout: the slot runs the new spec", wait=True)
         while ctl.missing_shadows():
             self._step(f"starting shadows of the new spec ({ctl.missing_shadows()} to go)")
             await ctl.lifecycle.wait_for_place()  # the old active's place, once its exit is read
-            await ctl.start_shadow()
+            await ctl.startup.start_shadow()
         progress.result = "done"
         self._step(f"done: the slot serves on {now.id} with the new spec")
