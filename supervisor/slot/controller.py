@@ -142,7 +142,8 @@ class SlotController:
         self.planned: Planned = Planned(self)
         self.rollouts: Rollout = Rollout(self)
         self.startup: Startup = Startup(self)
-        self._set_degraded("starting")
+        self.slot.degraded_reason = "starting"  # until the table says otherwise
+        metrics.slot_degraded.labels(self.slot.name).set(1)
         metrics.set_slot_phase(self.slot.name, self.phase.value)
         metrics.init_slot(self.slot.name, backend.name)
 
@@ -242,15 +243,11 @@ class SlotController:
             )
         elif effect or d.row.guard is not Guard.ALWAYS:
             self.log.info(f"{event} while {before}: {effect}: {d.sentence}", on=event.value, **log)
-        if d.row.degraded is Degraded.SET:
-            self._set_degraded(d.sentence)
-        elif d.row.degraded is Degraded.CLEAR:
-            self._set_degraded("")
+        if d.row.degraded is not Degraded.KEEP:
+            reason = d.sentence if d.row.degraded is Degraded.SET else ""
+            self.slot.degraded_reason = reason
+            self.metrics.slot_degraded.labels(self.slot.name).set(1 if reason else 0)
         return d
-
-    def _set_degraded(self, reason: str) -> None:
-        self.slot.degraded_reason = reason
-        self.metrics.slot_degraded.labels(self.slot.name).set(1 if reason else 0)
 
     # -- bookkeeping -------------------------------------------------------------------
     def set_state(self, engine: Engine, state: EngineState, reason: str = "") -> None:
@@ -507,11 +504,6 @@ class SlotController:
     async def drain(self, engine_id: str, limit: float | None = None) -> None:
         await self.planned.drain(engine_id, limit)
 
-    async def retire_now(self, engine: Engine, why: str) -> None:
-        """Stop an engine that serves nothing (a shadow) and wait until its place (port,
-        GPUs) is free."""
-        await self.lifecycle.stop(engine, why, wait=True)
-
     @property
     def rolling_out(self) -> bool:
         return self.rollouts.in_progress
@@ -520,10 +512,6 @@ class SlotController:
     def pending(self) -> SlotConfig | None:
         """A reloaded spec waiting for its rollout."""
         return self.rollouts.pending
-
-    @property
-    def pending_changes(self) -> list[str]:
-        return self.rollouts.pending_changes
 
     @property
     def rollout(self) -> RolloutProgress | None:
