@@ -242,7 +242,8 @@ class SlotController:
                 **log,
             )
         elif effect or d.row.guard is not Guard.ALWAYS:
-            self.log.info(f"{event} while {before}: {effect}: {d.sentence}", on=event.value, **log)
+            did = effect or "nothing"
+            self.log.info(f"{event} while {before}: {did}: {d.sentence}", on=event.value, **log)
         if d.row.degraded is not Degraded.KEEP:
             reason = d.sentence if d.row.degraded is Degraded.SET else ""
             self.slot.degraded_reason = reason
