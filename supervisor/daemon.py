@@ -166,7 +166,7 @@ class DaemonDirectory:
             return
         ctl, engine = found
         if kind == "stall":
-            ep = ctl.endpoint(engine)
+            ep = ctl.lifecycle.endpoint(engine)
             judge = self.sup.judge.stream_stalled
             ctl.spawn(judge, engine, ctl.backend, ep, request_id, reason, why=f"judge {engine.id}")
         else:

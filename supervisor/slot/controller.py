@@ -26,7 +26,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from supervisor import log as logging
-from supervisor.backends import Backend, EngineEndpoint
+from supervisor.backends import Backend
 from supervisor.config import Config, SlotConfig
 from supervisor.coordination.local import Coordinator, LocalCoordinator
 from supervisor.engines import EngineManager
@@ -206,7 +206,7 @@ class SlotController:
         p = self.paused()
         return Facts(
             pause=(p.reason or "paused") if p is not None else "",
-            restarts_cold=self.scfg.shadows == 0 and self.hosts_active,
+            restarts_cold=self.scfg.shadows == 0 and self.scfg.hosts == "active",
             make_before_break=make_before_break,
         )
 
@@ -250,32 +250,7 @@ class SlotController:
             self.metrics.slot_degraded.labels(self.slot.name).set(1 if reason else 0)
         return d
 
-    # -- bookkeeping -------------------------------------------------------------------
-    def set_state(self, engine: Engine, state: EngineState, reason: str = "") -> None:
-        if engine.state is not state:
-            self.log.info(
-                "engine state",
-                engine=engine.id,
-                epoch=self.slot.epoch,
-                **{"from": engine.state.value, "to": state.value},
-                reason=reason or None,
-            )
-        engine.state = state
-        engine.reason = reason
-        if engine.id in self.engines:
-            self.metrics.set_engine_state(engine.slot, engine.id, state)
-        self.update_gauges()
-        self.on_change()
-
-    def update_gauges(self) -> None:
-        self.metrics.shadows_available.labels(self.slot.name).set(len(self.sleeping_shadows()))
-        self.metrics.shadows_missing.labels(self.slot.name).set(self.missing_shadows())
-        self.metrics.slot_epoch.labels(self.slot.name).set(self.slot.epoch)
-
-    def endpoint(self, engine: Engine, timeout: float | None = None) -> EngineEndpoint:
-        """For probes and readiness checks (their own connection pool)."""
-        return self.lifecycle.endpoint(engine, timeout)
-
+    # -- the slot's engines ------------------------------------------------------------
     def live(self) -> list[Engine]:
         return [e for e in self.engines.values() if e.state not in ENDED]
 
@@ -297,11 +272,6 @@ class SlotController:
     def stopped(self) -> bool:
         """The supervisor is shutting down: nothing is launched or woken any more."""
         return self.phase is Phase.STOPPED
-
-    @property
-    def hosts_active(self) -> bool:
-        """Whether this node starts the slot's active engine (else it only keeps shadows)."""
-        return self.scfg.hosts == "active"
 
     @property
     def grouped(self) -> bool:
@@ -360,7 +330,7 @@ class SlotController:
         if epoch != self.slot.epoch:
             self.log.info("the cluster confirms our active", epoch=epoch, was=self.slot.epoch)
             self.slot.epoch = epoch
-            self.update_gauges()
+            self.lifecycle.update_gauges()
 
     async def promote_assigned(self, engine_id: str, epoch: int, reason: str) -> None:
         """The cluster (its leader, in etcd) made this node's shadow the slot's active one
@@ -418,7 +388,7 @@ class SlotController:
         is the ``active_died`` event: a shadow is promoted, unless the slot (or its node)
         is paused, where the table leaves the slot degraded until resumed."""
         was_active = self.slot.active == engine.id
-        self.set_state(engine, EngineState.FAILED, f"{source}: {reason}")
+        self.lifecycle.set_state(engine, EngineState.FAILED, f"{source}: {reason}")
         if source != "exit" or self.cfg.failover.kill_dead_group:
             self.manager.kill_now(engine)  # a hung or stopped engine must not linger
         if not self.stopped:  # (stop_all stops what is left of it)

@@ -117,6 +117,31 @@ class EngineLifecycle:
             lock_path=self.lock_path,
         )
 
+    def set_state(self, engine: Engine, state: EngineState, reason: str = "") -> None:
+        """An engine's new state, logged with its reason; the metrics and routing follow."""
+        ctl = self.ctl
+        if engine.state is not state:
+            ctl.log.info(
+                "engine state",
+                engine=engine.id,
+                epoch=ctl.slot.epoch,
+                **{"from": engine.state.value, "to": state.value},
+                reason=reason or None,
+            )
+        engine.state = state
+        engine.reason = reason
+        if engine.id in ctl.engines:
+            ctl.metrics.set_engine_state(engine.slot, engine.id, state)
+        self.update_gauges()
+        ctl.on_change()
+
+    def update_gauges(self) -> None:
+        """The slot's shadow and epoch gauges, as the slot is now."""
+        ctl = self.ctl
+        ctl.metrics.shadows_available.labels(ctl.slot.name).set(len(ctl.sleeping_shadows()))
+        ctl.metrics.shadows_missing.labels(ctl.slot.name).set(ctl.missing_shadows())
+        ctl.metrics.slot_epoch.labels(ctl.slot.name).set(ctl.slot.epoch)
+
     def plugin_failed(self, engine: Engine, hook: str, e: BaseException) -> None:
         if isinstance(e, Exception) and not isinstance(e, (BackendError, FailoverError)):
             self.ctl.metrics.plugin_errors.labels(self.ctl.backend.name, hook).inc()
@@ -167,7 +192,7 @@ class EngineLifecycle:
             generation=ctl.rollouts.generation,
         )
         ctl.engines[eid] = engine
-        ctl.set_state(engine, EngineState.LAUNCHING)
+        self.set_state(engine, EngineState.LAUNCHING)
         return engine
 
     async def launch(self, engine: Engine) -> None:
@@ -180,12 +205,12 @@ class EngineLifecycle:
         try:
             await ctl.manager.launch(ctl.watchers(), engine, cmd)
         except OSError as e:
-            ctl.set_state(engine, EngineState.FAILED, f"cannot start {cmd.argv[0]}: {e}")
+            self.set_state(engine, EngineState.FAILED, f"cannot start {cmd.argv[0]}: {e}")
             ctl.spawn(self.retire, engine, why=f"retire {engine.id}, which did not start")
             raise FailoverError(
                 f"cannot start engine {engine.id} ({cmd.argv[0]}): {e.strerror or e}"
             ) from e
-        ctl.set_state(engine, EngineState.LOADING)
+        self.set_state(engine, EngineState.LOADING)
         self.start_probes(engine)
 
     def start_probes(self, engine: Engine) -> None:
@@ -239,7 +264,7 @@ class EngineLifecycle:
                 raise FailoverError(f"could not put shadow {engine.id} to sleep: {e!r}") from e
         await self.wait_health(engine, {Readiness.SLEEPING}, f.wake_timeout)
         why = f"loaded and asleep (level {f.shadow_sleep_level})"
-        self.ctl.set_state(engine, EngineState.SLEEPING, why)
+        self.set_state(engine, EngineState.SLEEPING, why)
 
     async def _suspend(self, engine: Engine) -> None:
         """Shadow asleep through the suspend strategy (cuda-checkpoint), not the engine."""
@@ -255,12 +280,12 @@ class EngineLifecycle:
             how = f"loaded and parked on the failover lock {self.lock_path}"
         else:
             how = f"suspended by {self.suspender.name} (pids {pids})"
-        self.ctl.set_state(engine, EngineState.SLEEPING, how)
+        self.set_state(engine, EngineState.SLEEPING, how)
 
     def failed_to_start(self, engine: Engine, why: str) -> None:
         """An engine that did not come up: failed, killed, its place freed."""
         if engine.state not in ENDED:
-            self.ctl.set_state(engine, EngineState.FAILED, why)
+            self.set_state(engine, EngineState.FAILED, why)
             self.ctl.manager.kill_now(engine)
         self.ctl.spawn(self.retire, engine, why=f"retire {engine.id}")
 
@@ -269,7 +294,7 @@ class EngineLifecycle:
         """Wake through the plugin; an OOM is retried for ``wake_oom_retry`` seconds."""
         ctl = self.ctl
         f = ctl.cfg.failover
-        ctl.set_state(shadow, EngineState.WAKING, "chosen for promotion")
+        self.set_state(shadow, EngineState.WAKING, "chosen for promotion")
         if self.suspender is not None and shadow.suspended_by:
             await self._resume(shadow)
             return
@@ -330,7 +355,7 @@ class EngineLifecycle:
 
     def wake_failed(self, shadow: Engine, e: Exception) -> None:
         """A shadow that did not wake is of no use: failed, killed, its place freed."""
-        self.ctl.set_state(shadow, EngineState.FAILED, f"wake failed: {e}")
+        self.set_state(shadow, EngineState.FAILED, f"wake failed: {e}")
         self.ctl.manager.kill_now(shadow)
         self.ctl.spawn(self.retire, shadow, why=f"retire {shadow.id}, which did not wake")
 
@@ -350,9 +375,9 @@ class EngineLifecycle:
         the stop grace (``done``, default ``why``), then retired: in the background, or
         with ``wait`` until its place (port, GPUs) is free."""
         ctl = self.ctl
-        ctl.set_state(engine, EngineState.DRAINING, why)
+        self.set_state(engine, EngineState.DRAINING, why)
         await ctl.manager.stop(engine, ctl.cfg.failover.stop_grace)
-        ctl.set_state(engine, EngineState.STOPPED, done or why)
+        self.set_state(engine, EngineState.STOPPED, done or why)
         if wait:
             await self.retire(engine)
         else:
@@ -414,7 +439,7 @@ class EngineLifecycle:
         """Stop every engine of the slot still running (the daemon is stopping)."""
         ctl = self.ctl
         for engine in ctl.live():
-            ctl.set_state(engine, EngineState.STOPPED, "supervisor shutting down")
+            self.set_state(engine, EngineState.STOPPED, "supervisor shutting down")
         async with anyio.create_task_group() as tg:
             for engine in list(ctl.engines.values()):
                 if ctl.manager.running(engine) or (
@@ -473,6 +498,6 @@ class EngineLifecycle:
             return None
         ctl.engines[engine.id] = engine
         ctl.manager.adopt(ctl.watchers(), engine)
-        ctl.set_state(engine, state, "adopted from an earlier supervisor")
+        self.set_state(engine, state, "adopted from an earlier supervisor")
         self.start_probes(engine)
         return engine

@@ -103,7 +103,7 @@ class Planned:
         ctl, old, record = self.ctl, move.dead, move.record
         assert old is not None and record is not None
         ctl.slot.active = None
-        ctl.set_state(old, EngineState.DRAINING, f"{record.kind} requested")
+        ctl.lifecycle.set_state(old, EngineState.DRAINING, f"{record.kind} requested")
         record.moved_streams = ctl.move_streams(old.id)
         with Step(record, "drain"):
             await ctl.lifecycle.stop(old, f"{record.kind} requested", done=record.kind)
@@ -126,7 +126,9 @@ class Planned:
                 with Step(record, "promote"):
                     # One step for routing: the old engine stops being a candidate as the
                     # new one becomes the active engine.
-                    ctl.set_state(old, EngineState.DRAINING, f"{record.kind}: {new.id} serves")
+                    ctl.lifecycle.set_state(
+                        old, EngineState.DRAINING, f"{record.kind}: {new.id} serves"
+                    )
                     ctl.promoter.promote(new, epoch)
                 ctl.metrics.wake_seconds.labels(ctl.slot.name).observe(record.steps["wake"])
                 record.promoted_engine, record.epoch, record.result = new.id, epoch, "promoted"

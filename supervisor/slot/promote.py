@@ -69,7 +69,7 @@ class Promoter:
         ctl.slot.active = engine.id
         engine.role = "active"
         engine.spec = replace(engine.spec, role="active")
-        ctl.set_state(engine, EngineState.ACTIVE, f"promoted at epoch {epoch}")
+        ctl.lifecycle.set_state(engine, EngineState.ACTIVE, f"promoted at epoch {epoch}")
 
     async def promote_shadow(self, move: Move, why: str) -> None:
         """Effect ``promote_shadow``: fail the slot over to a sleeping shadow."""

@@ -44,7 +44,7 @@ class Replenisher:
             ctl.scfg.shadows == 0
             and ctl.slot.active is None
             and not ctl.live()
-            and ctl.hosts_active
+            and ctl.scfg.hosts == "active"
             and ctl.coord.served_elsewhere(ctl.slot.name) is None
         )
 
@@ -73,7 +73,7 @@ class Replenisher:
             return True  # the rollout launches what the slot needs itself, then kicks
         if (p := ctl.paused()) is not None:
             self.shortfall = f"paused ({p.reason}): nothing is relaunched until resumed"
-            ctl.update_gauges()
+            ctl.lifecycle.update_gauges()
             return True
         if ctl.lifecycle.free_port() is None:
             # A dead engine still holds its place; its retirement kicks us again.
@@ -89,7 +89,7 @@ class Replenisher:
             missing = ctl.missing_shadows()
             if not cold and not missing:
                 self.shortfall = ""
-                ctl.update_gauges()
+                ctl.lifecycle.update_gauges()
                 return
             if self._held_back():
                 return
@@ -114,7 +114,7 @@ class Replenisher:
                 self.failures = 0
             elif not ok:
                 self.failures += 1
-                ctl.update_gauges()
+                ctl.lifecycle.update_gauges()
 
     # -- the effects the table orders ----------------------------------------------------
     async def launch_shadow(self) -> None:

@@ -79,7 +79,7 @@ class Startup:
         elsewhere = ctl.coord.served_elsewhere(ctl.slot.name)
         if ctl.slot.active is not None:
             pass  # adopted, and serving already
-        elif not ctl.hosts_active or elsewhere:
+        elif ctl.scfg.hosts != "active" or elsewhere:
             why = f"served by {elsewhere}" if elsewhere else "this node keeps shadows only"
             await ctl.handle(Event.SERVED_ELSEWHERE, why)
         else:

@@ -61,17 +61,17 @@ class FakeLifecycle(EngineLifecycle):
         if self.fail_launch:
             raise FailoverError(f"cannot start engine {engine.id}: told to fail")
         engine.pid = 4242
-        self.ctl.set_state(engine, EngineState.LOADING)
+        self.ctl.lifecycle.set_state(engine, EngineState.LOADING)
 
     async def ready(self, engine: Engine) -> None:
         await self.launch(engine)
 
     async def load_and_sleep(self, engine: Engine) -> None:
         await self.launch(engine)
-        self.ctl.set_state(engine, EngineState.SLEEPING, "loaded and asleep")
+        self.ctl.lifecycle.set_state(engine, EngineState.SLEEPING, "loaded and asleep")
 
     async def wake(self, shadow: Engine) -> None:
-        self.ctl.set_state(shadow, EngineState.WAKING, "chosen for promotion")
+        self.ctl.lifecycle.set_state(shadow, EngineState.WAKING, "chosen for promotion")
         if shadow.id in self.fail_wake:
             raise FailoverError("wake failed: told to fail")
         self.woken.append(shadow.id)
@@ -80,8 +80,8 @@ class FakeLifecycle(EngineLifecycle):
         return True
 
     async def stop(self, engine: Engine, why: str, *, done: str = "", wait: bool = False) -> None:
-        self.ctl.set_state(engine, EngineState.DRAINING, why)
-        self.ctl.set_state(engine, EngineState.STOPPED, done or why)
+        self.ctl.lifecycle.set_state(engine, EngineState.DRAINING, why)
+        self.ctl.lifecycle.set_state(engine, EngineState.STOPPED, done or why)
         await self.retire(engine)
 
     async def retire(self, engine: Engine) -> None:
