@@ -33,10 +33,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from supervisor.admintarget import AdminTarget
 from supervisor.auth import bearer_ok
-from supervisor.failover import FailoverError
 from supervisor.jsonbody import BadJson
 from supervisor.jsonbody import parse as parse_json
 from supervisor.operate import span
+from supervisor.slot.placement import FailoverError
 
 _WITHIN = 1e9  # seconds (about 31 years): how far from now a time given to the API may be
 # How far in the past a time may be and still mean "now" (a client's clock and latency; Unix

@@ -20,7 +20,7 @@ import anyio
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from supervisor import __version__, confdiff, native, rollout, statefile
+from supervisor import __version__, confdiff, native, statefile
 from supervisor import log as logging
 from supervisor.admin import AdminApi
 from supervisor.admintarget import Described
@@ -29,7 +29,6 @@ from supervisor.config import Config, ConfigError, read_secret, warnings
 from supervisor.config import load as load_config
 from supervisor.coordination.cluster import ClusterCoordinator
 from supervisor.engines import EngineManager
-from supervisor.failover import HISTORY, FailoverError, SlotController
 from supervisor.frontend.app import Frontend
 from supervisor.frontend.routing import KeptTargets, Target
 from supervisor.frontend.server import FrontendServer
@@ -54,6 +53,8 @@ from supervisor.netguard import (
 )
 from supervisor.sdnotify import Notifier
 from supervisor.sessions import Sessions, open_sessions
+from supervisor.slot.controller import HISTORY, SlotController
+from supervisor.slot.placement import FailoverError
 
 
 def _readable(path: str) -> bool:
@@ -167,7 +168,7 @@ class DaemonDirectory:
             return
         ctl, engine = found
         if kind == "stall":
-            ep = ctl.endpoint(engine)
+            ep = ctl.lifecycle.endpoint(engine)
             judge = self.sup.judge.stream_stalled
             ctl.spawn(judge, engine, ctl.backend, ep, request_id, reason, why=f"judge {engine.id}")
         else:
@@ -304,9 +305,9 @@ class Supervisor:
         if self.node_pause is not None:
             self.log.info("node paused since before the restart", reason=self.node_pause.reason)
         for name, ctl in self.controllers.items():
-            ctl.pause = read((saved.get("slots", {}).get(name) or {}).get("pause"))
-        for ctl in self.controllers.values():
-            self.metrics.slot_paused.labels(ctl.slot.name).set(1 if ctl.paused() else 0)
+            ctl.set_pause(
+                read((saved.get("slots", {}).get(name) or {}).get("pause")), restored=True
+            )
 
     # -- reload and rollout ------------------------------------------------------------
     async def reload(self) -> dict[str, Any]:
@@ -344,9 +345,7 @@ class Supervisor:
         for name, ctl in self.controllers.items():
             if ctl.rolling_out:
                 continue  # its target is fixed; a later reload marks what differs then
-            ctl.pending, keys = specs.get(name, (None, []))
-            ctl.pending_changes = keys
-            self.metrics.rollout_pending.labels(name).set(1 if ctl.pending else 0)
+            ctl.rollouts.mark_pending(*specs.get(name, (None, [])))
         for c in changes:
             self.log.info(
                 f"reload: {c.key} {c.effect}", old=c.as_dict()["old"], new=c.as_dict()["new"]
@@ -370,7 +369,7 @@ class Supervisor:
         self.cfg = cfg
         self.judge.cfg = cfg.health
         for ctl in self.controllers.values():
-            ctl.cfg = cfg
+            ctl.reconfigure(cfg)
         if self.frontend is not None:
             self.frontend.cfg, self.frontend.fcfg = cfg, cfg.frontend
             self.frontend.router.cfg = cfg.frontend
@@ -394,8 +393,7 @@ class Supervisor:
         if self.stopping.is_set():
             raise FailoverError("the supervisor is shutting down")
         first = self.controllers[names[0]]
-        assert first.pending is not None
-        progress = rollout.begin(first, first.pending, first.pending_changes)
+        progress = first.rollouts.begin()
         # Known to the shutdown from now, not once the task runs: a stop that comes in
         # between cancels it before it launches anything.
         scope = anyio.CancelScope()
@@ -420,11 +418,11 @@ class Supervisor:
                 if ctl.pending is None:
                     continue
                 try:
-                    progress = rollout.begin(ctl, ctl.pending, ctl.pending_changes)
+                    progress = ctl.rollouts.begin()
                 except FailoverError as e:
                     self.log.error("rollout stops: a slot cannot roll", slot=name, error=str(e))
                     return
-            await rollout.run(ctl, progress)
+            await ctl.rollouts.run()
             if progress.result != "done":
                 rest = names[i + 1 :]
                 if rest:

@@ -114,7 +114,7 @@ async def _demo(tokens: int, keep: bool, work: Path, port: int, admin_port: int)
 
 
 async def _stream_through_failover(sup: Supervisor, ctl: object, tokens: int) -> int:
-    from supervisor.failover import SlotController
+    from supervisor.slot.controller import SlotController
 
     assert isinstance(ctl, SlotController)
     backend = load_backend("vllm")

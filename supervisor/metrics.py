@@ -19,7 +19,7 @@ from supervisor.model import (
     PLUGIN_HOOKS,
     EngineState,
 )
-from supervisor.slotstates import Phase
+from supervisor.slot.table import Phase
 
 # No *_created series: they double the number of names and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -21,7 +21,7 @@ class ClaimRefused(Exception):
 
 
 class Coordinator(Protocol):
-    """The interface :class:`supervisor.failover.SlotController` uses."""
+    """The interface :class:`supervisor.slot.controller.SlotController` uses."""
 
     async def claim(self, slot: str, unit: str, epoch: int, reason: str) -> int | None:
         """Make ``unit`` (an engine id, or a group id) the slot's active one at the epoch
