@@ -7,7 +7,6 @@ SIGINT stops it cleanly: engines are stopped (``node.on_exit = "stop"``) or left
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections import deque
@@ -28,152 +27,27 @@ from supervisor.backends import Backend, load_backend
 from supervisor.config import Config, ConfigError, read_secret, warnings
 from supervisor.config import load as load_config
 from supervisor.coordination.cluster import ClusterCoordinator
+from supervisor.directory import DaemonDirectory
 from supervisor.engines import EngineManager
 from supervisor.frontend.app import Frontend
-from supervisor.frontend.routing import KeptTargets, Target
 from supervisor.frontend.server import FrontendServer
-from supervisor.gpu import (
-    GpuWatcher,
-    JsonReadings,
-    NvmlReader,
-    NvmlUnavailable,
-    follow_file,
-    follow_journal,
-    follow_kmsg,
-)
+from supervisor.gpu import watcher_for
 from supervisor.health import HealthJudge
 from supervisor.looplag import LoopLagTicker
 from supervisor.metrics import Metrics
-from supervisor.model import Engine, EngineState, FailoverRecord, Pause, RolloutProgress, Slot
+from supervisor.model import Engine, EngineState, FailoverRecord, Pause, RolloutProgress
 from supervisor.netguard import (
     ConnectionGuard,
     GuardedSite,
     connection_cap,
     raise_open_file_limit,
 )
+from supervisor.pauses import Pauses
+from supervisor.rollouts import Rollouts
 from supervisor.sdnotify import Notifier
 from supervisor.sessions import Sessions, open_sessions
 from supervisor.slot.controller import HISTORY, SlotController
 from supervisor.slot.placement import FailoverError
-
-
-def _readable(path: str) -> bool:
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-        return True
-    except OSError:
-        return False
-
-
-class DaemonDirectory:
-    """The frontend's view of engines, answered from the slot controllers."""
-
-    def __init__(self, sup: Supervisor) -> None:
-        self.sup = sup
-        self._changed = anyio.Event()
-        self._served: tuple[object, set[str]] = (None, set())
-        self._targets: dict[str, Target] = {}  # by engine id, see _target
-        self._kept: dict[str, KeptTargets] = {}  # per model
-        self._kept_generation = -1  # the cluster view's generation they were worked out at
-
-    def models(self) -> list[str]:
-        # From the config: known before the slots' engines have started.
-        local = {s.model_name for s in self.sup.cfg.slots if s.serve_requests}
-        if self.sup.cluster is not None:
-            local |= self.sup.cluster.models()
-        return sorted(local)
-
-    def has_model(self, model: str) -> bool:
-        cfg = self.sup.cfg
-        if self._served[0] is not cfg:  # the local models, again after a reload
-            self._served = (cfg, {s.model_name for s in cfg.slots if s.serve_requests})
-        if model in self._served[1]:
-            return True
-        cluster = self.sup.cluster
-        return cluster is not None and cluster.has_model(model)
-
-    def candidates(self, model: str) -> list[Target]:
-        # Asked for every request. Each model's answer is kept until an engine changes
-        # state (notify), the config is reloaded or (in a cluster) the coordinator's view
-        # moves on, and checked on every use that each local engine in it is still its
-        # slot's active one: one that stopped is never handed out, even before its change
-        # is heard of. So a request costs the same in a cluster of any size.
-        cluster = self.sup.cluster
-        if cluster is not None and cluster.generation != self._kept_generation:
-            self._kept.clear()
-            self._kept_generation = cluster.generation
-        kept = self._kept.get(model)
-        if kept is not None and kept.still_valid(self.sup.cfg):
-            return kept.targets
-        out, serving = self._candidates(model)
-        self._kept[model] = KeptTargets(self.sup.cfg, serving, out)
-        return out
-
-    def _candidates(self, model: str) -> tuple[list[Target], list[tuple[Slot, Engine]]]:
-        out = []
-        serving = []
-        cluster = self.sup.cluster
-        demoted = cluster is not None and cluster.demoted
-        for c in self.sup.controllers.values():
-            e = c.active_engine()
-            if c.slot.model != model or e is None or e.state is not EngineState.ACTIVE:
-                continue
-            if demoted:
-                continue  # its lease is unrenewed: a peer may serve the slot soon
-            if not c.scfg.serve_requests:
-                continue  # e.g. a prefill engine: its decode engines call it
-            if c.grouped and (c.scfg.group_rank != 0 or cluster is None):
-                continue  # a group serves through its rank-0 member
-            if cluster is not None and c.grouped and cluster.chosen(c.slot.name) != e.unit:
-                continue  # a group serves once the cluster has chosen it
-            t = self._targets.get(e.id)
-            if t is None or t.backend is not c.backend:  # (an engine's url never changes)
-                t = self._target(e.id, e.url, c.backend, self._node)
-            out.append(t)
-            serving.append((c.slot, e))
-        if cluster is not None:
-            for r in cluster.remote_targets(model):
-                backend = self.sup.backend_named(r["backend"])
-                t = self._targets.get(r["id"])
-                if t is None or t.url != r["url"] or t.backend is not backend:
-                    t = self._target(r["id"], r["url"], backend, str(r.get("node", "")))
-                out.append(t)
-        return out, serving
-
-    @property
-    def _node(self) -> str:
-        cfg = self.sup.cfg
-        return cfg.node if cfg.cluster.enabled else ""
-
-    def _target(self, engine_id: str, url: str, backend: Backend, node: str) -> Target:
-        # Targets are kept and handed out again: candidates() runs for every request.
-        if len(self._targets) >= 1024:
-            self._targets.clear()  # engines come and go: this keeps only recent ones
-        t = self._targets[engine_id] = Target(engine_id, url, backend, node)
-        return t
-
-    async def changed(self) -> None:
-        await self._changed.wait()
-
-    def notify(self) -> None:
-        self._kept.clear()
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
-
-    def report_failure(self, engine_id: str, kind: str, reason: str, request_id: str) -> None:
-        # Judged in the slot's own task group: a failover must not run inside (and be
-        # cancelled with) the client request that noticed the fault.
-        found = self.sup.engine(engine_id)
-        if found is None or self.sup.stopping.is_set():
-            return
-        ctl, engine = found
-        if kind == "stall":
-            ep = ctl.lifecycle.endpoint(engine)
-            judge = self.sup.judge.stream_stalled
-            ctl.spawn(judge, engine, ctl.backend, ep, request_id, reason, why=f"judge {engine.id}")
-        else:
-            dead = self.sup.judge.declare_dead
-            ctl.spawn(dead, engine, "stream", reason, time.time(), why=f"judge {engine.id}")
 
 
 class Supervisor:
@@ -182,8 +56,7 @@ class Supervisor:
     def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path  # read again on reload (SIGHUP, POST /reload)
-        self.node_pause: Pause | None = None  # the whole node's maintenance mode
-        self._rollouts: set[anyio.CancelScope] = set()  # rollouts end with the daemon
+        self.log = logging.get(node=cfg.node)
         self._tg: Any = None
         self.metrics = Metrics(cluster=cfg.cluster.enabled)
         self.history: deque[FailoverRecord] = deque(maxlen=HISTORY)
@@ -192,6 +65,8 @@ class Supervisor:
             cfg.log_dir, self.judge.process_exited, sim_ledger=cfg.state_dir / "sim-gpus.json"
         )
         self.controllers: dict[str, SlotController] = {}
+        self.pauses = Pauses(self.controllers, self.log, self._pauses_changed)
+        self.rollouts = Rollouts(self.controllers, self.log)
         self.backends = {s.name: load_backend(s.backend) for s in cfg.slots}
         self._backends_by_name: dict[str, Backend] = {}
         self.cluster: ClusterCoordinator | None = None
@@ -202,8 +77,13 @@ class Supervisor:
         self.directory = DaemonDirectory(self)
         self.frontend: Frontend | None = None
         self.started_at = time.time()
-        self.log = logging.get(node=cfg.node)
-        self.gpu = self._gpu_watcher()
+        self.gpu = watcher_for(
+            cfg.gpu,
+            sorted({gpu for s in cfg.slots for gpu in (*s.gpus, *sum(s.shadow_gpus, ()))}),
+            self.metrics,
+            self._gpu_fatal,
+            self.log,
+        )
         self.notify = Notifier()
         self._state_dirty = anyio.Event()
         self._save_lock = anyio.Lock()
@@ -230,84 +110,19 @@ class Supervisor:
     def _move_streams(self, engine_id: str) -> int:
         return self.frontend.router.move_off(engine_id) if self.frontend is not None else 0
 
-    # -- maintenance mode --------------------------------------------------------------
+    # -- maintenance mode (supervisor.pauses) --------------------------------------------
     def pause(self, slot: str | None, reason: str, until: float | None) -> Pause:
-        """Pause a slot, or (``slot`` None) the whole node: no automatic failover or
-        relaunch until resumed or ``until``."""
-        p = Pause(reason, time.time(), until)
-        if slot is None:
-            self.node_pause = p
-            self.log.info("node paused", reason=reason, until=until)
-            for c in self.controllers.values():
-                c.pause_changed()
-        else:
-            self.controllers[slot].set_pause(p)
-        self._pauses_changed()
-        return p
+        """Pause a slot, or (``slot`` None) the whole node (see :class:`Pauses`)."""
+        return self.pauses.pause(slot, reason, until)
 
     def resume(self, slot: str | None) -> bool:
         """End a pause; whether there was one."""
-        if slot is None:
-            was, self.node_pause = self.node_pause, None
-            if was is not None:
-                self.log.info("node resumed", reason=was.reason)
-                for c in self.controllers.values():
-                    c.pause_changed()
-        else:
-            ctl = self.controllers[slot]
-            was = ctl.pause
-            if was is not None:
-                ctl.set_pause(None)
-        self._pauses_changed()
-        return was is not None
-
-    def _pause_record(self) -> dict[str, Any] | None:
-        """This node's pauses as the cluster sees them (None: nothing paused)."""
-        slots = {n: c.pause.as_dict() for n, c in self.controllers.items() if c.pause}
-        if self.node_pause is None and not slots:
-            return None
-        return {"node": self.node_pause.as_dict() if self.node_pause else None, "slots": slots}
+        return self.pauses.resume(slot)
 
     def _pauses_changed(self) -> None:
         if self.cluster is not None:
             self.cluster.pauses_changed()
         self._engines_changed()
-
-    async def _pause_expiry_loop(self) -> None:
-        """A pause with an end runs out by itself (a forgotten one must not hold failover
-        off for good)."""
-        while True:
-            await anyio.sleep(0.25)
-            now = time.time()
-            if self.node_pause is not None and self.node_pause.expired(now):
-                self.log.info("node pause expired; resuming", reason=self.node_pause.reason)
-                self.resume(None)
-            for name, c in self.controllers.items():
-                if c.pause is not None and c.pause.expired(now):
-                    c.log.info("pause expired; resuming", reason=c.pause.reason)
-                    self.resume(name)
-
-    def _restore_pauses(self, saved: dict[str, Any]) -> None:
-        """Pauses survive a restart of the daemon (maintenance often includes one)."""
-        now = time.time()
-
-        def read(raw: Any) -> Pause | None:
-            try:
-                until = None if raw.get("until") is None else float(raw["until"])
-                p = Pause(str(raw["reason"]), float(raw["since"]), until)
-            except (TypeError, KeyError, ValueError, AttributeError):
-                if raw is not None:
-                    self.log.warning("unreadable pause in the state file; ignored", saved=raw)
-                return None
-            return None if p.expired(now) else p
-
-        self.node_pause = read(saved.get("pause"))
-        if self.node_pause is not None:
-            self.log.info("node paused since before the restart", reason=self.node_pause.reason)
-        for name, ctl in self.controllers.items():
-            ctl.set_pause(
-                read((saved.get("slots", {}).get(name) or {}).get("pause")), restored=True
-            )
 
     # -- reload and rollout ------------------------------------------------------------
     async def reload(self) -> dict[str, Any]:
@@ -374,66 +189,6 @@ class Supervisor:
             self.frontend.cfg, self.frontend.fcfg = cfg, cfg.frontend
             self.frontend.router.cfg = cfg.frontend
 
-    def start_rollout(self, slots: list[str]) -> list[RolloutProgress]:
-        """Roll ``slots`` (none: every slot a reload marked) to their new spec, one at a
-        time, in the background. The first is checked now (FailoverError says why not)."""
-        names = slots or [n for n, c in self.controllers.items() if c.pending]
-        if not names:
-            raise FailoverError(
-                "nothing to roll out: every slot runs its config's spec (edit the file, "
-                "then reload)"
-            )
-        for n in names:
-            if n not in self.controllers:
-                raise FailoverError(f"no slot {n!r}")
-            if self.controllers[n].pending is None:
-                raise FailoverError(
-                    f"slot {n} already runs its config's spec; change it and reload first"
-                )
-        if self.stopping.is_set():
-            raise FailoverError("the supervisor is shutting down")
-        first = self.controllers[names[0]]
-        progress = first.rollouts.begin()
-        # Known to the shutdown from now, not once the task runs: a stop that comes in
-        # between cancels it before it launches anything.
-        scope = anyio.CancelScope()
-        self._rollouts.add(scope)
-        self._tg.start_soon(self._roll_slots, names, progress, scope)
-        return [progress]
-
-    async def _roll_slots(
-        self, names: list[str], first: RolloutProgress, scope: anyio.CancelScope
-    ) -> None:
-        with scope:
-            try:
-                await self._roll_each(names, first)
-            finally:
-                self._rollouts.discard(scope)
-
-    async def _roll_each(self, names: list[str], first: RolloutProgress) -> None:
-        for i, name in enumerate(names):
-            ctl = self.controllers[name]
-            progress = first
-            if i:
-                if ctl.pending is None:
-                    continue
-                try:
-                    progress = ctl.rollouts.begin()
-                except FailoverError as e:
-                    self.log.error("rollout stops: a slot cannot roll", slot=name, error=str(e))
-                    return
-            await ctl.rollouts.run()
-            if progress.result != "done":
-                rest = names[i + 1 :]
-                if rest:
-                    self.log.warning(
-                        "rollout stops: the slot did not roll out; later slots untouched",
-                        slot=name,
-                        result=progress.result,
-                        untouched=rest,
-                    )
-                return
-
     def _inflight(self, engine_id: str) -> int:
         return self.frontend.router.inflight.get(engine_id, 0) if self.frontend else 0
 
@@ -467,7 +222,7 @@ class Supervisor:
         ones. Built on the event loop: the controllers' dicts change only there."""
         return {
             "node": self.cfg.node,
-            "pause": self.node_pause.as_dict() if self.node_pause else None,
+            "pause": self.pauses.node.as_dict() if self.pauses.node else None,
             "slots": {name: c.saved() for name, c in self.controllers.items()},
         }
 
@@ -489,8 +244,8 @@ class Supervisor:
         serving = [c for c in slots if c.slot.active is not None]
         shadows = sum(len(c.sleeping_shadows()) for c in slots)
         line = f"serving {len(serving)}/{len(slots)} slots, {shadows} shadows asleep"
-        if self.node_pause is not None and not self.node_pause.expired(time.time()):
-            line = f"PAUSED ({self.node_pause.reason}): {line}"
+        if (node_pause := self.pauses.in_force()) is not None:
+            line = f"PAUSED ({node_pause.reason}): {line}"
         paused = [c.slot.name for c in slots if c.pause and not c.pause.expired(time.time())]
         if paused:
             line += f"; paused: {', '.join(paused)}"
@@ -507,38 +262,6 @@ class Supervisor:
                 f"{time.strftime('%H:%M:%S', time.localtime(last.detected_at))}"
             )
         return line
-
-    def _gpu_watcher(self) -> GpuWatcher:
-        g = self.cfg.gpu
-        lines: Any = None
-        if g.xid_source == "kmsg" or (g.xid_source == "auto" and _readable("/dev/kmsg")):
-            lines = follow_kmsg
-        elif g.xid_source == "journal":
-            lines = follow_journal
-        elif g.xid_source not in ("auto", "none", "off"):
-            path = Path(g.xid_source)
-            lines = lambda: follow_file(path)  # noqa: E731
-        readings: Any = None
-        if g.nvml in ("auto", "on"):
-            try:
-                readings = NvmlReader()
-            except NvmlUnavailable as e:
-                if g.nvml == "on":
-                    raise
-                self.log.info("NVML readings off", reason=str(e))
-        elif g.nvml != "off":
-            readings = JsonReadings(Path(g.nvml))
-        return GpuWatcher(
-            self.metrics,
-            self._gpu_fatal,
-            pci_map=g.pci,
-            lines=lines,
-            readings=readings,
-            poll_interval=g.poll_interval,
-            gpus=sorted(
-                {gpu for s in self.cfg.slots for gpu in (*s.gpus, *sum(s.shadow_gpus, ()))}
-            ),
-        )
 
     async def _gpu_fatal(self, gpu: str, reason: str, at: float) -> None:
         """A broken GPU: every engine on it is dead; active engines first, so their slots
@@ -561,11 +284,7 @@ class Supervisor:
             "relay": native.STATUS,
             "ready": self.ready.is_set(),
             "stopping": self.stopping.is_set(),
-            "paused": (
-                self.node_pause.as_dict()
-                if self.node_pause and not self.node_pause.expired(time.time())
-                else None
-            ),
+            "paused": (p.as_dict() if (p := self.pauses.in_force()) else None),
             "uptime_s": round(time.time() - self.started_at, 3),
             "frontend": self.frontend_url or None,
             "slots": [c.status() for c in self.controllers.values()],
@@ -606,7 +325,7 @@ class Supervisor:
         ):
             self._tg = tg
             tg.start_soon(self._signals)
-            tg.start_soon(self._pause_expiry_loop)
+            tg.start_soon(self.pauses.expiry_loop)
             tg.start_soon(self.notify.watchdog)
             tg.start_soon(self._save_state_loop)
             # Before the servers, the cluster and the engines: a slow start is seen too.
@@ -633,7 +352,7 @@ class Supervisor:
                     on_view_change=self.directory.notify,
                     on_peer_dead=self._peer_engines_dead,
                     load=self._inflight,
-                    pauses=self._pause_record,
+                    pauses=self.pauses.record,
                     on_demote=self._on_demote,
                 )
                 tg.start_soon(self.cluster.run)
@@ -656,7 +375,7 @@ class Supervisor:
                     on_change=self._engines_changed,
                     gpu_broken=lambda gpu: gpu in self.gpu.broken,
                     coordinator=self.cluster,
-                    node_pause=lambda: self.node_pause,
+                    node_pause=lambda: self.pauses.node,
                     move_streams=self._move_streams,
                     streams_on=self._inflight,
                 )
@@ -664,7 +383,7 @@ class Supervisor:
                 await tg.start(ctl.run)
             saved = statefile.load(self.state_path)
             if saved is not None and saved.get("node") == self.cfg.node:
-                self._restore_pauses(saved)
+                self.pauses.restore(saved)
                 for name, ctl in self.controllers.items():
                     if name in saved.get("slots", {}):
                         n = await ctl.adopt(saved["slots"][name])
@@ -692,16 +411,12 @@ class Supervisor:
                 f"stopping: draining requests, then engines ({self.cfg.on_exit})"
             )
             with anyio.CancelScope(shield=True):
-                for scope in self._rollouts:
-                    scope.cancel()
                 for ctl in self.controllers.values():
                     ctl.begin_stop()
                 # A cancelled rollout may be half-way through launching an engine (the
                 # spawn is shielded): the slots' task groups, where its exit is watched,
                 # stay open until it is over.
-                with anyio.move_on_after(self.cfg.failover.stop_grace + 10):
-                    while self._rollouts:
-                        await anyio.sleep(0.05)
+                await self.rollouts.cancel_all(self.cfg.failover.stop_grace + 10)
                 if self.frontend is not None:
                     await self.frontend.drain()
                 # Nothing scheduled (a relaunch waiting on its backoff, a shadow loading)
@@ -826,15 +541,11 @@ class Supervisor:
         return self.controllers[slot].cancel_scheduled()
 
     async def rollout(self, slots: list[str], wait: bool) -> list[RolloutProgress]:
-        """Start a rollout (see ``start_rollout``); with ``wait``, the slots' records once
+        """Start a rollout (:class:`Rollouts`); with ``wait``, the slots' records once
         every one of them is done, else the first slot's as it starts."""
         names = slots or [n for n, c in self.controllers.items() if c.pending]
-        started = self.start_rollout(slots)
-        if not wait:
-            return started
-        while any(c.rolling_out for n, c in self.controllers.items() if n in names):
-            await anyio.sleep(0.1)
-        return [c.rollout for n, c in self.controllers.items() if n in names and c.rollout]
+        started = self.rollouts.start(slots, self._tg, self.stopping)
+        return await self.rollouts.wait(names) if wait else started
 
     def clear_gpu(self, gpu: str) -> int | None:
         """A GPU marked broken was reset or replaced: how many shadows launch again (None:

@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 
 from supervisor import log as logging
+from supervisor.configschema import GpuConfig
 from supervisor.metrics import Metrics
 
 
@@ -397,3 +398,50 @@ class GpuWatcher:
 
     def snapshot(self) -> dict[str, Any]:
         return {"broken": dict(self.broken), "pci": dict(self.pci_to_gpu)}
+
+
+def _readable(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        return True
+    except OSError:
+        return False
+
+
+def watcher_for(
+    g: GpuConfig,
+    gpus: list[str],
+    metrics: Metrics,
+    on_fatal: Callable[[str, str, float], Awaitable[None]],
+    log: Any,
+) -> GpuWatcher:
+    """The watcher the ``[gpu]`` table asks for: kernel-log XIDs from ``/dev/kmsg`` (when
+    readable), the journal or a file, and NVML (or a JSON file of readings) where asked.
+    NvmlUnavailable when ``nvml = "on"`` and NVML cannot be opened."""
+    lines: Any = None
+    if g.xid_source == "kmsg" or (g.xid_source == "auto" and _readable("/dev/kmsg")):
+        lines = follow_kmsg
+    elif g.xid_source == "journal":
+        lines = follow_journal
+    elif g.xid_source not in ("auto", "none", "off"):
+        path = Path(g.xid_source)
+        lines = lambda: follow_file(path)  # noqa: E731
+    readings: Any = None
+    if g.nvml in ("auto", "on"):
+        try:
+            readings = NvmlReader()
+        except NvmlUnavailable as e:
+            if g.nvml == "on":
+                raise
+            log.info("NVML readings off", reason=str(e))
+    elif g.nvml != "off":
+        readings = JsonReadings(Path(g.nvml))
+    return GpuWatcher(
+        metrics,
+        on_fatal,
+        pci_map=g.pci,
+        lines=lines,
+        readings=readings,
+        poll_interval=g.poll_interval,
+        gpus=gpus,
+    )
