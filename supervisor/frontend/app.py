@@ -43,9 +43,10 @@ from supervisor.frontend.streams import (
 )
 from supervisor.jsonbody import BadJson, has_any_key
 from supervisor.jsonbody import parse as parse_json
+from supervisor.metric_labels import CancelRoute, RejectReason
 from supervisor.metrics import Metrics
-from supervisor.model import ClientRequest, RequestKind
 from supervisor.netguard import ConnectionGuard
+from supervisor.requests import ClientRequest, RequestKind
 from supervisor.sessions import Sessions
 
 # What may wait in a client's socket buffer before the relay stops writing at once and
@@ -272,7 +273,7 @@ class Frontend:
 
     async def _serve(self, request: Request, reply: Reply, kind: RequestKind) -> None:
         if self.router.draining:
-            self.metrics.rejections.labels("draining").inc()
+            self.metrics.rejections.labels(RejectReason.DRAINING).inc()
             return self._unavailable(reply, "the supervisor is shutting down")
         body, features = self._body(request, kind)
         rid = request.headers.get("x-request-id", "")
@@ -408,7 +409,7 @@ class Frontend:
         cancellation (or a reset) is raised again, after the relays' upstream requests are
         aborted. (Only failures pay for this call: an answer that went well never makes it.)"""
         if isinstance(error, (anyio.get_cancelled_exc_class(), ConnectionResetError)):
-            self.metrics.cancellations.labels(kind).inc()
+            self.metrics.cancellations.labels(CancelRoute(kind)).inc()
             with anyio.CancelScope(shield=True):
                 for r in relays:
                     await r.abort_upstream()
@@ -436,7 +437,7 @@ class Frontend:
                 await self._stream_error(reply, 502, str(error))
             return "migration_failed"
         if isinstance(error, ClientGone):
-            self.metrics.cancellations.labels(kind).inc()
+            self.metrics.cancellations.labels(CancelRoute(kind)).inc()
             with anyio.CancelScope(shield=True):
                 for r in relays:
                     await r.abort_upstream()
@@ -578,7 +579,7 @@ class Frontend:
                 401, error_body(401, "Incorrect API key provided.", code="invalid_api_key")
             )
         if self.router.draining:
-            self.metrics.rejections.labels("draining").inc()
+            self.metrics.rejections.labels(RejectReason.DRAINING).inc()
             return self._unavailable(reply, "the supervisor is shutting down")
         content_type = request.headers.get("content-type") or "application/json"
         model = self._forwarded_model(request.body, content_type)

@@ -21,14 +21,10 @@ from typing import Final
 
 import orjson
 
+from supervisor.frontend.engine_pool import EnginePool
 from supervisor.frontend.routing import EngineWait, Lease, Router, Target
 from supervisor.frontend.server import Reply
-from supervisor.frontend.wire import (
-    EngineConnection,
-    EngineConnectionError,
-    EnginePool,
-    EngineProtocolError,
-)
+from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
 
 # Client path -> the label of its metrics (a fixed table: never the client's own path).
 ROUTES: Final[dict[str, str]] = {

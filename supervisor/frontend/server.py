@@ -312,11 +312,8 @@ class _Head:
     length: int
     chunked: bool
     keep_alive: bool
-    size: int  # chunked: the current chunk's size; -1 before a size line; -2 in trailers
-    received: int  # chunked: the sizes of the chunks so far
-    kept: int  # chunked: the bytes in parts
-    trailer: int  # chunked: the bytes of trailer lines so far
-    parts: list[bytes]
+    chunks: h1.ChunkedBody | None  # chunked: the body's decoder
+    parts: list[bytes]  # chunked: the data of its chunks so far
 
     # (Written: a generated __init__ is interpreted even in a compiled class.)
     def __init__(
@@ -333,7 +330,7 @@ class _Head:
         self.method, self.path, self.query, self.version = method, path, query, version
         self.headers, self.length, self.chunked = headers, length, chunked
         self.keep_alive = keep_alive
-        self.size, self.received, self.kept, self.trailer, self.parts = -1, 0, 0, 0, []
+        self.chunks, self.parts = None, []
 
 
 Handler = Callable[[Request, Reply], Awaitable[None]]
@@ -402,7 +399,9 @@ class _Connection(asyncio.Protocol):
         """Count what this connection holds of unfinished requests in the server's total;
         past the server's cap, refuse it (503) and drop what it held."""
         head = self.head
-        held = len(self.buf) + (head.kept if head is not None else 0)
+        held = len(self.buf)
+        if head is not None and head.chunks is not None:  # (its decoder holds the rest)
+            held += head.chunks.kept + len(head.chunks.pending)
         server = self.server
         server.buffered += held - self.held
         self.held = held
@@ -597,52 +596,22 @@ class _Connection(asyncio.Protocol):
 
     def _dechunk(self, head: _Head) -> bytes | None:
         """Take the chunks that arrived off the buffer; the whole body once its last chunk
-        (and trailer) is in, else None. :class:`HeadError` if malformed or too large: a
-        size line must be ``1*HEXDIG`` with well-formed extensions and each line must end
-        in CRLF (h1.chunk_size), each trailer line must be a field line."""
+        (and trailer) is in, else None. :class:`HeadError` if malformed or too large (see
+        :class:`supervisor.frontend.h1.ChunkedBody`)."""
+        chunks = head.chunks
+        if chunks is None:
+            chunks = head.chunks = h1.ChunkedBody(_MAX_TRAILER, self.server.max_body)
         buf = self.buf
-        while True:
-            if head.size >= 0:  # inside a chunk: its data, then CRLF
-                if len(buf) < head.size + 2:
-                    return None
-                if buf[head.size : head.size + 2] != b"\r\n":
-                    raise HeadError(400, "malformed chunk")
-                part = bytes(buf[: head.size])
-                head.parts.append(part)
-                head.kept += len(part)
-                del buf[: head.size + 2]
-                head.size = -1
-                continue
-            eol = buf.find(b"\r\n")
-            if head.size == -2:  # after the last chunk: trailer fields until a blank line
-                if eol < 0:
-                    if head.trailer + len(buf) > _MAX_TRAILER:
-                        raise HeadError(431, "chunked trailer over 8 KiB")
-                    return None
-                if eol == 0:
-                    del buf[:2]
-                    head.kept = 0
-                    return b"".join(head.parts)
-                head.trailer += eol + 2
-                if head.trailer > _MAX_TRAILER:
-                    raise HeadError(431, "chunked trailer over 8 KiB")
-                if not h1.trailer_line_ok(bytes(buf[:eol])):
-                    raise HeadError(400, "malformed trailer field")
-                del buf[: eol + 2]
-                continue
-            # Between chunks: a size line.
-            if eol < 0:
-                if len(buf) > 1024:
-                    raise HeadError(400, "malformed chunk size")
-                return None
-            size = h1.chunk_size(bytes(buf[:eol]))
-            if size < 0:
-                raise HeadError(400, "malformed chunk size")
-            head.received += size
-            if head.received > self.server.max_body:
-                raise HeadError(413, f"request body over {self.server.max_body} bytes")
-            del buf[: eol + 2]
-            head.size = size if size else -2  # after the last chunk: trailer fields
+        data = bytes(buf)
+        buf.clear()
+        try:
+            whole = chunks.feed(data, head.parts)
+        except h1.ChunkError as e:
+            raise HeadError(e.status, str(e)) from e
+        if not whole:
+            return None
+        buf += chunks.rest  # (a request pipelined after this one)
+        return b"".join(head.parts)
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer a request that cannot be read, then read and drop what the client still

@@ -37,13 +37,15 @@ from supervisor.backends import (
 )
 from supervisor.config import FrontendConfig, HealthConfig
 from supervisor.events import SseSplitter
+from supervisor.frontend.outcome import ENGINE_FAULTS, Outcome
 from supervisor.frontend.routing import EngineWait, Lease, Rejected, Router, Target
 from supervisor.frontend.stops import NO_STOPS, StopStrings
 from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
 from supervisor.jsonbody import has_any_key
+from supervisor.metric_labels import MigrationMode, MigrationResult, PluginHook, migration_mode
 from supervisor.metrics import Metrics
-from supervisor.model import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
 from supervisor.openai_shapes import OpenAIStreamDecoder
+from supervisor.requests import ClientRequest, Piece, Progress, TextlessTokens, UpstreamRequest
 from supervisor.sessions import Sessions
 
 # Engine-side ids end in a random tag per process and a counter, in hex: ``-1a2b3c1f``.
@@ -60,20 +62,23 @@ _WHOLE_LIMIT: Final = 64 * 1024 * 1024
 
 
 class UpstreamBroken(Exception):
-    """The engine's stream ended badly; the request may migrate."""
+    """The engine's stream ended badly (``outcome`` says how); the request may migrate."""
 
-    def __init__(
-        self,
-        reason: str,
-        *,
-        engine_fault: str = "",
-        planned: bool = False,
-        may_return: bool = False,
-    ) -> None:
+    def __init__(self, outcome: Outcome, reason: str, *, may_return: bool = False) -> None:
         super().__init__(reason)
-        self.engine_fault = engine_fault  # "garbage" or "stall": reported to health
-        self.planned = planned  # moved off a healthy engine on purpose: not a failure
-        self.may_return = may_return  # and that engine may take it again later
+        self.outcome = outcome
+        self.may_return = may_return  # (MOVED) and that engine may take it again later
+
+    @property
+    def engine_fault(self) -> str:
+        """What it shows of the engine, for health: "garbage", "stall", or "" (nothing)."""
+        return ENGINE_FAULTS.get(self.outcome, "")
+
+    @property
+    def planned(self) -> bool:
+        """Moved off a healthy engine on purpose: not a failure (nor held against the
+        migration limit)."""
+        return self.outcome is Outcome.MOVED
 
 
 class UpstreamClientError(Exception):
@@ -425,30 +430,6 @@ class _Pump:
 class RequestRelay:
     """One client request's journey through one or more engines."""
 
-    # What most requests never change is a class default, not set per request.
-    whole = False  # this attempt's answer comes whole
-    emitted = 0  # characters of the answer sent to the client
-    stop_reason: str | None = None  # the stop string that ended the answer
-    inexact: tuple[str, ...] = ()  # what a continuation could not honour, for the client
-    seam_pending = False  # the next chunk is the first after a migration
-    finish: str | None = None
-    prompt_tokens: int | None = None
-    attempt = 0
-    moves = 0  # planned moves among the attempts (not held against the limit)
-    sent_before_attempt = 0
-    last_event = 0.0
-    writing_since: float | None = None  # blocked on the client, not the engine
-    finished_at = 0.0
-    stalled = False
-    stalled_reason = ""
-    client_slow = False
-    held_windows = 0  # coalescing windows its reads waited for (FrontendConfig.coalesce_window)
-    current: tuple[Lease, UpstreamRequest] | None = None
-    served_by: Target | None = None  # the first engine the request went to
-    moved_to: tuple[Target, ...] = ()  # the engines each later attempt went to, in order
-    _timer: asyncio.TimerHandle | None = None  # the stall watchdog's next check
-    _log: Any = None
-
     def __init__(
         self,
         req: ClientRequest,
@@ -505,6 +486,30 @@ class RequestRelay:
         self.metrics, self.emit = metrics, emit
         self.progress = Progress()
         self.model = str(req.body.get("model"))
+        # The answer so far.
+        self.emitted = 0  # characters of the answer sent to the client
+        self.stop_reason: str | None = None  # the stop string that ended the answer
+        self.finish: str | None = None
+        self.finished_at = 0.0
+        self.prompt_tokens: int | None = None
+        # Its attempts: how many began after the first, and where each went.
+        self.attempt = 0
+        self.moves = 0  # planned moves among the attempts (not held against the limit)
+        self.served_by: Target | None = None  # the first engine the request went to
+        self.moved_to: tuple[Target, ...] = ()  # the engines each later attempt went to
+        self.inexact: tuple[str, ...] = ()  # what a continuation could not honour
+        self.seam_pending = False  # the next chunk is the first after a migration
+        self.held_windows = 0  # coalescing windows its reads waited for
+        # The attempt under way.
+        self.outcome = Outcome.RUNNING  # how it ended, set where that is seen
+        self.outcome_detail = ""  # what the watchdog saw (STALLED, DEADLINE)
+        self.current: tuple[Lease, UpstreamRequest] | None = None
+        self.whole = False  # its answer comes whole
+        self.sent_before_attempt = 0
+        self.last_event = 0.0
+        self.writing_since: float | None = None  # blocked on the client, not the engine
+        self._timer: asyncio.TimerHandle | None = None  # the stall watchdog's next check
+        self._log: Any = None
 
     @property
     def log(self) -> Any:
@@ -519,20 +524,21 @@ class RequestRelay:
         while True:
             if self._budget_left() == 0:  # every token was sent; only the finish was lost
                 self.finish = "length"  # no engine is needed to say so
+                self.outcome = Outcome.FINISHED
                 return
             wait = None if self.attempt == 0 else self.cfg.migration_wait
             try:
                 lease = await self.router.acquire(self.model, exclude=failed, wait=wait)
             except Rejected:
                 if self.attempt:
-                    self.metrics.migrations.labels("failed", self._mode(None)).inc()
+                    self.metrics.migrations.labels(MigrationResult.FAILED, self._mode(None)).inc()
                 raise
             except Exception as bug:
                 if not self.attempt:
                     raise
                 # A bug in routing a moving stream: the client, whose answer has begun, gets
                 # a clean migration failure (an error event), the log the traceback.
-                self.metrics.migrations.labels("failed", self._mode(None)).inc()
+                self.metrics.migrations.labels(MigrationResult.FAILED, self._mode(None)).inc()
                 self.log.error("routing a moving stream failed", exc_info=bug)
                 raise MigrationFailed(
                     "the supervisor could not route the moving stream (an internal error)"
@@ -549,7 +555,7 @@ class RequestRelay:
                 try:
                     up = self._upstream_request(backend)
                 except MigrationFailed:
-                    self.metrics.migrations.labels("failed", "none").inc()
+                    self.metrics.migrations.labels(MigrationResult.FAILED, MigrationMode.NONE).inc()
                     raise
                 try:
                     self.current = (lease, up)
@@ -563,9 +569,12 @@ class RequestRelay:
                         self.inexact += tuple(f for f in up.inexact if f not in self.inexact)
                     await self._piece(lease, up)
                     if self.attempt:
-                        self.metrics.migrations.labels("resumed", self._mode(backend)).inc()
+                        self.metrics.migrations.labels(
+                            MigrationResult.RESUMED, self._mode(backend)
+                        ).inc()
                     return
                 except UpstreamBroken as e:
+                    self.outcome = e.outcome
                     if not e.may_return:
                         failed.add(lease.target.engine_id)
                     if e.engine_fault:
@@ -575,7 +584,9 @@ class RequestRelay:
                     self.attempt += 1
                     self.moves += e.planned
                     if self.attempt - self.moves > self.cfg.migration_limit:
-                        self.metrics.migrations.labels("failed", self._mode(backend)).inc()
+                        self.metrics.migrations.labels(
+                            MigrationResult.FAILED, self._mode(backend)
+                        ).inc()
                         raise MigrationFailed(
                             f"stream broke {self.attempt} times (migration_limit "
                             f"{self.cfg.migration_limit}); last: {e}"
@@ -639,28 +650,32 @@ class RequestRelay:
             raise MigrationFailed(str(e)) from e
         except Exception as bug:
             if whole:
-                hook = "whole_request"
+                hook = PluginHook.WHOLE_REQUEST
+            elif self.attempt == 0:
+                hook = PluginHook.FIRST_REQUEST
             else:
-                hook = "first_request" if self.attempt == 0 else "continuation"
+                hook = PluginHook.CONTINUATION
+            self.outcome = Outcome.PLUGIN_FAILED
             self.metrics.plugin_errors.labels(backend.name, hook).inc()
             self.log.error(f"backend {hook} hook raised", error=repr(bug), exc_info=bug)
             raise MigrationFailed(
                 f"the {backend.name} backend failed to build the request"
             ) from bug
 
-    def _mode(self, backend: object) -> str:
+    def _mode(self, backend: object) -> MigrationMode:
         if self.progress.completion_tokens == 0 or self.whole:
-            return "reroute"
-        return str(getattr(backend, "continuation_mode", "unknown"))
+            return MigrationMode.REROUTE
+        return migration_mode(str(getattr(backend, "continuation_mode", "unknown")))
 
     def _budget_left(self) -> int | None:
         mt = self.budget
         return None if mt is None else mt - self.progress.completion_tokens
 
-    def _plugin_bug(self, backend: Backend, hook: str, e: Exception) -> MigrationFailed:
+    def _plugin_bug(self, backend: Backend, hook: PluginHook, e: Exception) -> MigrationFailed:
         """A plugin hook raised something other than a BackendError: counted, logged with
         its traceback, and the request ends with the error (resuming it would run the same
         plugin again; the engine is not blamed)."""
+        self.outcome = Outcome.PLUGIN_FAILED
         self.metrics.plugin_errors.labels(backend.name, hook).inc()
         self.log.error(f"backend {hook} hook raised", error=repr(e), exc_info=e)
         return MigrationFailed(f"the {backend.name} backend's {hook} failed: {e!r}")
@@ -669,12 +684,12 @@ class RequestRelay:
         try:
             decoder = lease.target.backend.decoder(up)
         except Exception as e:
-            raise self._plugin_bug(lease.target.backend, "decoder", e) from e
+            raise self._plugin_bug(lease.target.backend, PluginHook.DECODER, e) from e
         if self.extras is not None and isinstance(decoder, OpenAIStreamDecoder):
             decoder.keep_logprobs = True
         self.last_event = time.monotonic()
-        self.stalled = False
-        self.stalled_reason = ""
+        self.outcome = Outcome.RUNNING
+        self.outcome_detail = ""
         loop = asyncio.get_running_loop()
         task = asyncio.current_task(loop)
         assert task is not None
@@ -699,37 +714,52 @@ class RequestRelay:
             if not waiting.ended_it():
                 raise
             if up.whole and not lease.cancelled:  # the deadline passed, not a cancel
-                self.stalled = True
-                self.stalled_reason = f"no answer for {limit:g}s (stalled)"
+                self.outcome = Outcome.DEADLINE
+                self.outcome_detail = f"no answer for {limit:g}s (stalled)"
         finally:
             waiting.close()
             lease.wait_in(None)
             if self._timer is not None:
                 self._timer.cancel()
-        if self.finish is not None:
+        outcome = self._settled(lease)
+        if outcome is Outcome.FINISHED:
             return
-        if self.client_slow:
+        if outcome is Outcome.CLIENT_TOO_SLOW:
             raise ClientGone(
                 f"the client read nothing for {self.cfg.client_write_timeout:g}s (too slow)"
             )
-        if lease.moved:
+        if outcome is Outcome.MOVED:
             raise UpstreamBroken(
-                "moved off the engine by plan", planned=True, may_return=lease.may_return
+                outcome, "moved off the engine by plan", may_return=lease.may_return
             )
-        if self.stalled:
-            raise UpstreamBroken(self.stalled_reason, engine_fault="stall")
-        if lease.engine_failed:
-            raise UpstreamBroken("engine declared dead")
-        raise UpstreamBroken("stream ended without a finish reason")
+        if outcome is Outcome.ENGINE_DIED:
+            raise UpstreamBroken(outcome, "engine declared dead")
+        if outcome is Outcome.ENDED_EARLY:
+            raise UpstreamBroken(outcome, "stream ended without a finish reason")
+        raise UpstreamBroken(outcome, self.outcome_detail)  # STALLED, DEADLINE
+
+    def _settled(self, lease: Lease) -> Outcome:
+        """The attempt's outcome once its read returned or was cancelled: what the relay
+        saw itself, unless the router's reason for cancelling the lease outranks it (a
+        planned move is never the engine's fault, whatever the watchdog saw meanwhile)."""
+        outcome = self.outcome
+        if outcome is Outcome.FINISHED or outcome is Outcome.CLIENT_TOO_SLOW:
+            return outcome
+        if lease.moved:
+            outcome = Outcome.MOVED
+        elif outcome is Outcome.RUNNING:
+            outcome = Outcome.ENGINE_DIED if lease.engine_failed else Outcome.ENDED_EARLY
+        self.outcome = outcome
+        return outcome
 
     async def _read(self, lease: Lease, up: UpstreamRequest, decoder: StreamDecoder) -> None:
         pool = self.sessions.relay
         try:
             conn = await pool.request(lease.target.url, up.path, up.headers, orjson.dumps(up.body))
         except EngineConnectionError as e:
-            raise UpstreamBroken(f"connection failed: {e}") from e
+            raise UpstreamBroken(Outcome.CONNECT_FAILED, f"connection failed: {e}") from e
         except EngineProtocolError as garbage:
-            raise UpstreamBroken(f"not HTTP: {garbage}", engine_fault="garbage") from garbage
+            raise UpstreamBroken(Outcome.BAD_ENGINE_OUTPUT, f"not HTTP: {garbage}") from garbage
         try:
             if conn.status != 200:
                 self._bad_status(conn.status, conn.reason, await conn.read_all(2000))
@@ -740,11 +770,11 @@ class RequestRelay:
             else:
                 await self._pump(conn, lease.target, decoder)
         except EngineReportedError as refused:  # this request failed there; the engine may be fine
-            raise UpstreamBroken(str(refused)) from refused
+            raise UpstreamBroken(Outcome.ENGINE_REPORTED_ERROR, str(refused)) from refused
         except (MalformedStream, EngineProtocolError) as broken:  # garbage: the engine is broken
-            raise UpstreamBroken(str(broken), engine_fault="garbage") from broken
+            raise UpstreamBroken(Outcome.BAD_ENGINE_OUTPUT, str(broken)) from broken
         except EngineConnectionError as e:
-            raise UpstreamBroken(f"connection failed: {e}") from e
+            raise UpstreamBroken(Outcome.CONNECT_FAILED, f"connection failed: {e}") from e
         finally:
             pool.release(conn)  # kept if its answer was read whole, else closed (an abort)
 
@@ -867,7 +897,7 @@ class RequestRelay:
             except BackendError:
                 raise
             except Exception as e:
-                raise self._plugin_bug(backend, "decoder", e) from e
+                raise self._plugin_bug(backend, PluginHook.DECODER, e) from e
             if piece is None:
                 continue
             rendered = self._on_piece(piece)
@@ -898,22 +928,22 @@ class RequestRelay:
         ``client_write_timeout``), and before this attempt's first token the longer
         ``first_token_timeout`` applies (prefill, queueing)."""
         now = time.monotonic()
-        if self.finish is not None:
+        if self.outcome is Outcome.FINISHED:
             if now - self.finished_at > 1.0:  # waited long enough for the usage chunk
                 lease.cancel()
                 return
         elif self.writing_since is not None:
             if now - self.writing_since > self.cfg.client_write_timeout:
-                self.client_slow = True
+                self.outcome = Outcome.CLIENT_TOO_SLOW
                 lease.cancel()
                 return
         else:
             first = self.progress.completion_tokens == self.sent_before_attempt
             limit = self.first_token_timeout if first else self.stall_timeout
             if now - self.last_event > limit:
-                self.stalled = True
+                self.outcome = Outcome.STALLED
                 what = "first token" if first else "token"
-                self.stalled_reason = f"no {what} for {limit:g}s (stalled)"
+                self.outcome_detail = f"no {what} for {limit:g}s (stalled)"
                 lease.cancel()
                 return
         self._timer = loop.call_later(step, self._stall_check, lease, loop, step)
@@ -927,8 +957,11 @@ class RequestRelay:
             message = None
         message = message or body.decode("utf-8", "replace") or reason or "error"
         if 400 <= status < 500 and status not in (404, 408, 429):
+            self.outcome = Outcome.ENGINE_REFUSED
             raise UpstreamClientError(status, str(message))
-        raise UpstreamBroken(f"engine answered {status}: {str(message)[:200]}")
+        raise UpstreamBroken(
+            Outcome.ENGINE_ERROR, f"engine answered {status}: {str(message)[:200]}"
+        )
 
     def _on_piece(self, piece: Piece) -> bytes | None:
         """Take one decoded piece into the answer; what the client is to get of it (None
@@ -961,6 +994,7 @@ class RequestRelay:
         if finish is not None:
             self.finish = finish
             self.finished_at = time.monotonic()
+            self.outcome = Outcome.FINISHED
         extras = self.extras
         if extras is not None:  # (a method of its own: this path stays as it was)
             return self._extras_chunk(extras, text, piece, finish)
@@ -1004,6 +1038,7 @@ class RequestRelay:
         try:
             await self.emit(data)
         except ConnectionError as e:  # aiohttp's ClientConnectionResetError included
+            self.outcome = Outcome.CLIENT_GONE
             raise ClientGone(f"the client hung up: {e}") from e
         finally:
             self.writing_since = None
@@ -1043,5 +1078,5 @@ class RequestRelay:
             except (BackendError, aiohttp.ClientError, TimeoutError) as e:
                 self.log.warning("explicit abort failed", error=str(e))
             except Exception as bug:  # a plugin bug: counted and logged, the unwinding goes on
-                self.metrics.plugin_errors.labels(backend.name, "abort").inc()
+                self.metrics.plugin_errors.labels(backend.name, PluginHook.ABORT).inc()
                 self.log.error("backend abort hook raised", error=repr(bug), exc_info=bug)

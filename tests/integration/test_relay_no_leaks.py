@@ -30,7 +30,8 @@ from supervisor.frontend.routing import (
 )
 from supervisor.frontend.streams import ClientGone, ClientShape, MigrationFailed, RequestRelay
 from supervisor.metrics import Metrics
-from supervisor.model import ClientRequest, EngineSpec, Piece, Progress, UpstreamRequest
+from supervisor.model import EngineSpec
+from supervisor.requests import ClientRequest, Piece, Progress, UpstreamRequest
 from supervisor.sessions import Sessions, open_sessions
 from supervisor.testing.cluster import FAST_SIM_ARGS, free_port, running_engine
 
