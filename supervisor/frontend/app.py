@@ -32,15 +32,11 @@ from supervisor.frontend.forward import (
     form_model,
     label_for,
 )
+from supervisor.frontend.outcome import ClientGone, MigrationFailed, UpstreamClientError
 from supervisor.frontend.routing import EngineDirectory, Rejected, Router, Target
 from supervisor.frontend.server import REASONS, FrontendServer, Reply, Request
-from supervisor.frontend.streams import (
-    ClientGone,
-    ClientShape,
-    MigrationFailed,
-    RequestRelay,
-    UpstreamClientError,
-)
+from supervisor.frontend.shape import ClientShape
+from supervisor.frontend.streams import RequestRelay
 from supervisor.jsonbody import BadJson, has_any_key
 from supervisor.jsonbody import parse as parse_json
 from supervisor.metric_labels import CancelRoute, RejectReason

@@ -17,7 +17,9 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+import aiohttp
 import anyio
+import orjson
 
 from supervisor.backends import Backend
 from supervisor.config import FrontendConfig
@@ -339,6 +341,24 @@ class Router:
     async def _first_of(scope: anyio.CancelScope, waiter: Callable[[], Awaitable[object]]) -> None:
         await waiter()
         scope.cancel()
+
+    async def context_length(self, target: Target, session: aiohttp.ClientSession) -> int | None:
+        """The engine's context length (``max_model_len`` in its ``/v1/models``), asked once
+        per engine and remembered; None where it does not say."""
+        known = self.context_lengths
+        if target.engine_id not in known:
+            found: int | None = None
+            with anyio.move_on_after(2.0):
+                try:
+                    async with session.get(target.url + "/v1/models") as r:
+                        if r.status == 200:
+                            data = (orjson.loads(await r.read()) or {}).get("data") or [{}]
+                            value = data[0].get("max_model_len")
+                            found = value if isinstance(value, int) else None
+                except (aiohttp.ClientError, ValueError, AttributeError, TypeError):
+                    pass
+            known[target.engine_id] = found
+        return known[target.engine_id]
 
     def release(self, lease: Lease) -> None:
         eid = lease.target.engine_id

@@ -20,6 +20,7 @@ import pytest
 from plugins.vllm import VllmBackend
 from supervisor.backends import StreamDecoder
 from supervisor.config import FrontendConfig, HealthConfig
+from supervisor.frontend.outcome import ClientGone, MigrationFailed
 from supervisor.frontend.routing import (
     DEADLINE_GRAIN,
     Deadlines,
@@ -28,7 +29,8 @@ from supervisor.frontend.routing import (
     Router,
     Target,
 )
-from supervisor.frontend.streams import ClientGone, ClientShape, MigrationFailed, RequestRelay
+from supervisor.frontend.shape import ClientShape
+from supervisor.frontend.streams import RequestRelay
 from supervisor.metrics import Metrics
 from supervisor.model import EngineSpec
 from supervisor.requests import ClientRequest, Piece, Progress, UpstreamRequest

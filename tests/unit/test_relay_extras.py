@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from supervisor.frontend.streams import Extras
+from supervisor.frontend.extras import Extras
 from supervisor.openai_shapes import token_continuation
 from supervisor.requests import ClientRequest, Progress
 
