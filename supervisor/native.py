@@ -38,6 +38,8 @@ MODULES = (
     "supervisor.frontend.shape",
     "supervisor.frontend.extras",
     "supervisor.frontend.app",
+    "supervisor.frontend.validate",
+    "supervisor.frontend.choices",
     "supervisor.frontend.routing",
     "supervisor.frontend.stops",
     "supervisor.frontend.outcome",

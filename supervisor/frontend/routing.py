@@ -56,6 +56,11 @@ class ServingEngine(Protocol):
 _ACTIVE: Final = "active"  # EngineState.ACTIVE's value
 
 
+def engine_ids(targets: list[Target]) -> str:
+    """The engines' ids, in order, as one comma-separated field."""
+    return ",".join([t.engine_id for t in targets])
+
+
 class KeptTargets:
     """A model's candidates as a directory last worked them out, with the (slot, engine)
     pairs they came from: handed out again while the config is the same one and each of
