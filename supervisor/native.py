@@ -33,6 +33,7 @@ MODULES = (
     "supervisor.frontend.wire",
     "supervisor.frontend.engine_pool",
     "supervisor.frontend.server",
+    "supervisor.frontend.heads",
     "supervisor.frontend.streams",
     "supervisor.frontend.pump",
     "supervisor.frontend.shape",

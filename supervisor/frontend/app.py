@@ -30,9 +30,10 @@ from supervisor.frontend.choices import (
     usage_of,
 )
 from supervisor.frontend.forward import forward_route, label_for
+from supervisor.frontend.heads import REASONS, Request
 from supervisor.frontend.outcome import ClientGone, MigrationFailed, UpstreamClientError
 from supervisor.frontend.routing import EngineDirectory, Rejected, Router, Target, engine_ids
-from supervisor.frontend.server import REASONS, FrontendServer, Reply, Request
+from supervisor.frontend.server import FrontendServer, Reply
 from supervisor.frontend.shape import ClientShape
 from supervisor.frontend.streams import Emit, RequestRelay
 from supervisor.frontend.validate import BadRequest, check_fields, error_body, request_id

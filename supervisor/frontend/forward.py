@@ -24,8 +24,9 @@ import orjson
 
 from supervisor.auth import bearer_matches
 from supervisor.frontend.engine_pool import EnginePool
+from supervisor.frontend.heads import Request
 from supervisor.frontend.routing import EngineWait, Lease, Rejected, Router, Target, engine_ids
-from supervisor.frontend.server import Reply, Request
+from supervisor.frontend.server import Reply
 from supervisor.frontend.validate import BadRequest, error_body, request_id
 from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
 from supervisor.jsonbody import BadJson
