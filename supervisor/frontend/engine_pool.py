@@ -108,11 +108,11 @@ class EnginePool:
                     return conn.status, await conn.read_whole(_ANSWER_LIMIT)
                 finally:
                     self.release(conn)  # kept if read whole, else closed
-        except EngineConnectionError as e:
-            raise EngineUnreachable(str(e)) from e
-        except EngineProtocolError as e:
+        except EngineConnectionError as gone:
+            raise EngineUnreachable(str(gone)) from gone
+        except EngineProtocolError as garbage:
             path = target.partition("?")[0]
-            raise EngineAnswerGarbled(f"{method} {path}: {e}") from e
+            raise EngineAnswerGarbled(f"{method} {path}: {garbage}") from garbage
 
     def release(self, conn: EngineConnection) -> None:
         """Back to the pool if its answer was read whole and it may be reused; else closed."""
