@@ -25,19 +25,19 @@ from supervisor.backends import (
     StreamDecoder,
     loads_event,
 )
-from supervisor.model import (
-    COMPLETIONS_DEFAULT_MAX_TOKENS,
-    ClientRequest,
-    Piece,
-    Progress,
-    Readiness,
-    UpstreamRequest,
-)
+from supervisor.model import Readiness
 from supervisor.openai_shapes import (
     OpenAIStreamDecoder,
     remaining_budget,
     streamed_body,
     text_continuation,
+)
+from supervisor.requests import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    ClientRequest,
+    Piece,
+    Progress,
+    UpstreamRequest,
 )
 
 DIALECT = Dialect(

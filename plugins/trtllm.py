@@ -19,13 +19,14 @@ from supervisor.backends import (
     EngineEndpoint,
     StreamDecoder,
 )
-from supervisor.model import ClientRequest, EngineLoad, Progress, UpstreamRequest
+from supervisor.model import EngineLoad
 from supervisor.openai_shapes import (
     OpenAIStreamDecoder,
     path_for,
     streamed_body,
     text_continuation,
 )
+from supervisor.requests import ClientRequest, Progress, UpstreamRequest
 
 # trtllm-serve's request models forbid unknown fields (pydantic extra="forbid"): these are
 # the fields its OpenAI routes take (tensorrt_llm/serve/openai_protocol.py).

@@ -21,7 +21,6 @@ from supervisor.backends import (
     MetricNames,
     StreamDecoder,
 )
-from supervisor.model import ClientRequest, Progress, UpstreamRequest
 from supervisor.openai_shapes import (
     OpenAIStreamDecoder,
     path_for,
@@ -29,6 +28,7 @@ from supervisor.openai_shapes import (
     text_continuation,
     token_continuation,
 )
+from supervisor.requests import ClientRequest, Progress, UpstreamRequest
 
 DIALECT = Dialect(
     name="vllm",

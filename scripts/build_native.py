@@ -77,7 +77,7 @@ def missing_tools() -> str | None:
 
 
 def clean() -> None:
-    for m in native.MODULES:
+    for m in (*native.MODULES, *native.RETIRED):
         for p in native.compiled_files(m):
             p.unlink()
     lib = ROOT.joinpath(*native.GROUP.split("."))

@@ -11,37 +11,28 @@ there instead of restating them.
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlencode
 
 import aiohttp
 import orjson
 
 # (Re-exported: part of the plugin contract, defined where the compiled relay reaches them.)
+from supervisor.backend_errors import EngineAnswerGarbled as EngineAnswerGarbled
+from supervisor.backend_errors import EngineCallError as EngineCallError
+from supervisor.backend_errors import EngineUnreachable as EngineUnreachable
 from supervisor.events import loads_event as loads_event
-from supervisor.frontend.wire import EngineConnectionError, EnginePool, EngineProtocolError
-from supervisor.model import (
-    ClientRequest,
-    EngineLoad,
-    EngineSpec,
-    LaunchCommand,
-    Piece,
-    Progress,
-    Readiness,
-    UpstreamRequest,
-)
+from supervisor.model import EngineLoad, EngineSpec, LaunchCommand, Readiness
+from supervisor.requests import ClientRequest, Piece, Progress, UpstreamRequest
 from supervisor.stream_errors import BackendError as BackendError
 from supervisor.stream_errors import EngineReportedError as EngineReportedError
 from supervisor.stream_errors import MalformedStream as MalformedStream
 
 ENTRY_POINT_GROUP = "failover_supervisor.backends"
-# The largest answer a lean call reads (an engine's /metrics page is the largest expected).
-_ANSWER_LIMIT = 64 * 1024 * 1024
 
 
 class EngineOutOfMemory(BackendError):
@@ -178,15 +169,25 @@ class Dialect:
         )
 
 
+class LeanClient(Protocol):
+    """What carries an endpoint's lean calls (the relay's
+    :class:`supervisor.frontend.engine_pool.EnginePool`): one whole exchange within a
+    deadline, failing with :class:`EngineCallError` s (or ``TimeoutError``)."""
+
+    async def fetch(
+        self, url: str, method: str, target: str, body: bytes | None, timeout: float
+    ) -> tuple[int, bytes]: ...
+
+
 class EngineEndpoint:
     """An engine's base URL plus an HTTP session; every call has a deadline.
 
     With ``pool`` (the daemon's health probes), ``GET`` and ``POST`` calls go through the
     relay's lean client instead of the session: a probe through aiohttp cost about 0.6 ms
     of the daemon's CPU, which every engine pays twice per probe interval. Plugins see no
-    difference: the same answers, and the same ``aiohttp`` errors for a connection that
-    fails (``ClientConnectionError``) or an answer that is not HTTP
-    (``ClientPayloadError``); redirects are not followed (engines send none)."""
+    difference: the same answers, and the same errors either way: :class:`EngineUnreachable`
+    for a connection that fails, :class:`EngineAnswerGarbled` for an answer that is not HTTP,
+    ``TimeoutError`` past the deadline; redirects are not followed (engines send none)."""
 
     def __init__(
         self,
@@ -194,7 +195,7 @@ class EngineEndpoint:
         session: aiohttp.ClientSession,
         timeout: float = 5.0,
         *,
-        pool: EnginePool | None = None,
+        pool: LeanClient | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.session = session
@@ -210,44 +211,25 @@ class EngineEndpoint:
         params: Mapping[str, str] | None = None,
         timeout_s: float | None = None,
     ) -> tuple[int, bytes]:
-        """One request; returns (status, body). Connection failures raise ``aiohttp`` errors."""
+        """One request; returns (status, body). A call that gets no answer raises an
+        :class:`EngineCallError`."""
+        timeout = timeout_s if timeout_s is not None else self.timeout
         if self.pool is not None and method in ("GET", "POST"):
-            return await self._lean_call(
-                self.pool,
-                method,
-                path,
-                json_body,
-                params,
-                timeout_s if timeout_s is not None else self.timeout,
-            )
-        t = aiohttp.ClientTimeout(total=timeout_s if timeout_s is not None else self.timeout)
-        async with self.session.request(
-            method, self.url + path, json=json_body, params=params, timeout=t
-        ) as resp:
-            return resp.status, await resp.read()
-
-    async def _lean_call(
-        self,
-        pool: EnginePool,
-        method: str,
-        path: str,
-        json_body: Any,
-        params: Mapping[str, str] | None,
-        timeout: float,
-    ) -> tuple[int, bytes]:
-        target = f"{path}?{urlencode(params)}" if params else path
-        body = None if json_body is None else orjson.dumps(json_body)
+            target = f"{path}?{urlencode(params)}" if params else path
+            body = None if json_body is None else orjson.dumps(json_body)
+            return await self.pool.fetch(self.url, method, target, body, timeout)
+        t = aiohttp.ClientTimeout(total=timeout)
         try:
-            async with asyncio.timeout(timeout):
-                conn = await pool.request(self.url, target, {}, body, method)
-                try:
-                    return conn.status, await conn.read_whole(_ANSWER_LIMIT)
-                finally:
-                    pool.release(conn)  # kept if read whole, else closed
-        except EngineConnectionError as e:
-            raise aiohttp.ClientConnectionError(str(e)) from e
-        except EngineProtocolError as e:
-            raise aiohttp.ClientPayloadError(f"{method} {path}: {e}") from e
+            async with self.session.request(
+                method, self.url + path, json=json_body, params=params, timeout=t
+            ) as resp:
+                return resp.status, await resp.read()
+        except TimeoutError:
+            raise  # (aiohttp's own timeouts too: the deadline, as the lean call's)
+        except aiohttp.ClientConnectionError as e:
+            raise EngineUnreachable(f"{method} {path}: {e}") from e
+        except aiohttp.ClientError as e:
+            raise EngineAnswerGarbled(f"{method} {path}: {e}") from e
 
     async def call_ok(self, method: str, path: str, **kw: Any) -> bytes:
         status, body = await self.call(method, path, **kw)
@@ -341,7 +323,7 @@ class Backend(ABC):
         """Liveness and readiness in one answer: loading, sleeping, ready, unhealthy, down."""
         try:
             status, _ = await ep.call("GET", self.dialect.health_path)
-        except (aiohttp.ClientConnectionError, TimeoutError):
+        except (EngineUnreachable, TimeoutError):
             return Readiness.DOWN
         if status >= 500:
             # Some engines answer 503 while loading; a plugin that can tell overrides this.
@@ -355,6 +337,8 @@ class Backend(ABC):
     async def _sleeping_or_none(self, ep: EngineEndpoint) -> bool:
         try:
             return await self.is_sleeping(ep)
+        except EngineCallError:
+            raise  # no answer at all: the probe's to judge
         except BackendError:
             return False  # the route exists only with sleep mode enabled
 

@@ -26,7 +26,7 @@ from supervisor import log
 from supervisor.backends import EngineEndpoint, load_backend
 from supervisor.config import Config, FrontendConfig, parse
 from supervisor.daemon import Supervisor
-from supervisor.model import ClientRequest, Progress
+from supervisor.requests import ClientRequest, Progress
 from supervisor.testing.cluster import free_port, free_port_range
 from supervisor.testing.conformance import stream_piece
 from supervisor.testing.gpuledger import LEDGER_ENV, GpuLedger

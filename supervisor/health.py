@@ -23,10 +23,12 @@ import aiohttp
 import anyio
 
 from supervisor import log as logging
+from supervisor.backend_errors import EngineCallError
 from supervisor.backends import Backend, EngineEndpoint, MalformedStream
 from supervisor.config import HealthConfig
 from supervisor.metrics import Metrics
-from supervisor.model import ClientRequest, Engine, EngineState, Readiness
+from supervisor.model import Engine, EngineState, Readiness
+from supervisor.requests import ClientRequest
 from supervisor.upstream import iter_sse_data
 
 DeadCallback = Callable[[Engine, str, str, float], Awaitable[None]]
@@ -260,7 +262,7 @@ class HealthJudge:
                 return (await backend.health(ep)).value
             except TimeoutError:  # (aiohttp's own timeouts): answered as the deadline's below
                 pass
-            except aiohttp.ClientError as e:
+            except (EngineCallError, aiohttp.ClientError) as e:  # (a plugin's own session's)
                 return f"error {type(e).__name__}"
             except Exception as e:  # a plugin bug must not take the daemon down
                 self.metrics.plugin_errors.labels(backend.name, "health").inc()

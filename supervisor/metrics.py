@@ -11,14 +11,14 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor.looplag import TICK
-from supervisor.model import (
-    CONTINUATION_MODES,
-    DEATH_SOURCES,
-    FAILOVER_RESULTS,
-    MIGRATION_RESULTS,
-    PLUGIN_HOOKS,
-    EngineState,
+from supervisor.metric_labels import (
+    COUNTED_MODES,
+    SLOT_HOOKS,
+    CancelRoute,
+    MigrationResult,
+    RejectReason,
 )
+from supervisor.model import DEATH_SOURCES, FAILOVER_RESULTS, EngineState
 from supervisor.slot.table import Phase
 
 # No *_created series: they double the number of names and nobody graphs them.
@@ -348,17 +348,17 @@ class Metrics:
             registry=r,
         )
 
-        for result in MIGRATION_RESULTS:
-            for mode in (*CONTINUATION_MODES, "reroute", "none"):
+        for result in MigrationResult:
+            for mode in COUNTED_MODES:
                 self.migrations.labels(result, mode)
-        for route in ("completion", "chat"):
+        for route in CancelRoute:
             self.cancellations.labels(route)
-        for reason in ("draining", "queue_full", "saturated", "no_engine"):
+        for reason in RejectReason:
             self.rejections.labels(reason)
         for source in DEATH_SOURCES:
             self.detection_seconds.labels(source)
 
-    def init_slot(self, slot: str, backend: str, hooks: Iterable[str] = PLUGIN_HOOKS) -> None:
+    def init_slot(self, slot: str, backend: str, hooks: Iterable[str] = SLOT_HOOKS) -> None:
         """A slot's series at 0 from the start: its failovers by every known reason and
         result, relaunches, stalls, plugin errors."""
         for source in DEATH_SOURCES:

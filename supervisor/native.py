@@ -31,17 +31,29 @@ from types import ModuleType
 MODULES = (
     "supervisor.frontend.h1",
     "supervisor.frontend.wire",
+    "supervisor.frontend.engine_pool",
     "supervisor.frontend.server",
+    "supervisor.frontend.heads",
     "supervisor.frontend.streams",
+    "supervisor.frontend.pump",
+    "supervisor.frontend.shape",
+    "supervisor.frontend.extras",
     "supervisor.frontend.app",
+    "supervisor.frontend.validate",
+    "supervisor.frontend.choices",
     "supervisor.frontend.routing",
     "supervisor.frontend.stops",
+    "supervisor.frontend.outcome",
     "supervisor.openai_shapes",
-    "supervisor.model",
+    "supervisor.requests",
     "supervisor.jsonbody",
     "supervisor.events",
     "plugins.vllm",
 )
+# Modules that earlier builds compiled and this one does not: an extension file of one, left
+# in a checkout by such a build, would be imported ahead of its source, so it never is (and
+# the build removes it).
+RETIRED = ("supervisor.model",)
 # The group's shared library: supervisor/_native__mypyc.<abi>.so (mypyc adds the suffix).
 GROUP = "supervisor._native"
 ROOT = Path(__file__).resolve().parent.parent  # the source tree: supervisor/ and plugins/
@@ -117,6 +129,9 @@ class _SourcesFirst(importlib.abc.MetaPathFinder):
 def check() -> tuple[str, bool]:
     """Decide, once per process, whether the compiled modules run; say which and why, and
     whether a build was set aside for being stale."""
+    retired = [m for m in RETIRED if compiled_files(m)]
+    if retired:
+        sys.meta_path.insert(0, _SourcesFirst(retired))
     if not any(compiled_files(m) for m in MODULES):
         return "pure Python (not compiled: scripts/build_native.py builds it)", False
     reason = None
@@ -131,7 +146,7 @@ def check() -> tuple[str, bool]:
             reason = f"the build is stale: {', '.join(changed[:3])}{more}"
     if reason is None:
         return f"compiled with mypyc ({len(MODULES)} modules)", False
-    if not any(isinstance(f, _SourcesFirst) for f in sys.meta_path):
+    if not any(isinstance(f, _SourcesFirst) and f.names >= set(MODULES) for f in sys.meta_path):
         sys.meta_path.insert(0, _SourcesFirst(MODULES))
     return f"pure Python ({reason})", stale
 

@@ -11,7 +11,7 @@ from mypy_extensions import mypyc_attr
 
 from supervisor.backends import StreamDecoder
 from supervisor.events import loads_event
-from supervisor.model import ClientRequest, Piece, Progress, UpstreamRequest
+from supervisor.requests import ClientRequest, Piece, Progress, UpstreamRequest
 from supervisor.stream_errors import BackendError, EngineReportedError, MalformedStream
 
 COMPLETIONS_PATH = "/v1/completions"

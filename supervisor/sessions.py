@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from supervisor.frontend.wire import EnginePool
+from supervisor.frontend.engine_pool import EnginePool
 
 
 @dataclass(frozen=True)

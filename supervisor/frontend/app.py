@@ -10,9 +10,6 @@ OpenAI's error shape; nothing a client sends can crash the frontend.
 from __future__ import annotations
 
 import contextlib
-import os
-import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from logging import INFO
@@ -24,28 +21,28 @@ import orjson
 from supervisor import log as logging
 from supervisor.auth import bearer_matches
 from supervisor.config import Config
-from supervisor.frontend.forward import (
-    OTHER_V1,
-    EngineGone,
-    Forwarding,
-    StreamBroken,
-    form_model,
-    label_for,
+from supervisor.frontend.choices import (
+    chat_opening,
+    choice_request,
+    engines_of,
+    failover_of,
+    run_all,
+    usage_of,
 )
-from supervisor.frontend.routing import EngineDirectory, Rejected, Router, Target
-from supervisor.frontend.server import REASONS, FrontendServer, Reply, Request
-from supervisor.frontend.streams import (
-    ClientGone,
-    ClientShape,
-    MigrationFailed,
-    RequestRelay,
-    UpstreamClientError,
-)
-from supervisor.jsonbody import BadJson, has_any_key
+from supervisor.frontend.forward import forward_route, label_for
+from supervisor.frontend.heads import REASONS, Request
+from supervisor.frontend.outcome import ClientGone, MigrationFailed, UpstreamClientError
+from supervisor.frontend.routing import EngineDirectory, Rejected, Router, Target, engine_ids
+from supervisor.frontend.server import FrontendServer, Reply
+from supervisor.frontend.shape import ClientShape
+from supervisor.frontend.streams import Emit, RequestRelay
+from supervisor.frontend.validate import BadRequest, check_fields, error_body, request_id
+from supervisor.jsonbody import BadJson
 from supervisor.jsonbody import parse as parse_json
+from supervisor.metric_labels import CancelRoute, RejectReason
 from supervisor.metrics import Metrics
-from supervisor.model import ClientRequest, RequestKind
 from supervisor.netguard import ConnectionGuard
+from supervisor.requests import ClientRequest, RequestKind
 from supervisor.sessions import Sessions
 
 # What may wait in a client's socket buffer before the relay stops writing at once and
@@ -53,56 +50,6 @@ from supervisor.sessions import Sessions
 _CLIENT_BUFFER: Final = 64 * 1024
 # The statuses answered, as the label's text (no str() per request).
 _STATUS_TEXT: Final = {status: str(status) for status in REASONS}
-_RID_OK: Final = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# Request ids need to be unique, not secret (nothing is authorised by one): a generator
-# seeded from the system's randomness, not a getrandom() call per request.
-_RID_BITS: Final = random.Random(os.urandom(32)).getrandbits
-# (A bound format, called from C: mypyc makes an f-string with a format spec into three
-# method calls.)
-_HEX128: Final = "{:032x}".format
-# Fields the relay reads and renders itself (checked and handled only where one is there).
-_FEATURE_FIELDS: Final = (
-    "n",
-    "logprobs",
-    "top_logprobs",
-    "echo",
-    "prompt_logprobs",
-    "stream_options",
-)
-# The most choices one request may ask for (n): each is a stream of its own to the engines.
-MAX_CHOICES: Final = 128
-
-
-class BadRequest(Exception):
-    def __init__(
-        self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.param, self.status, self.code = param, status, code
-
-
-def error_body(
-    status: int,
-    message: str,
-    *,
-    etype: str | None = None,
-    param: str | None = None,
-    code: str | None = None,
-) -> bytes:
-    """An error in OpenAI's shape."""
-    etype = etype or {
-        400: "invalid_request_error",
-        401: "invalid_request_error",
-        404: "invalid_request_error",
-        405: "invalid_request_error",
-        413: "invalid_request_error",
-        431: "invalid_request_error",
-        503: "service_unavailable",
-    }.get(status, "server_error")
-    err = {"message": message, "type": etype, "param": param, "code": code}
-    return orjson.dumps({"error": err})
-
-
 _ROUTES: Final[dict[str, tuple[str, ...]]] = {
     "/v1/completions": ("POST",),
     "/v1/chat/completions": ("POST",),
@@ -165,7 +112,7 @@ class Frontend:
                 if label is None:
                     raise BadRequest(f"no route {method} {path[:200]}", status=404)
                 route = label
-                await self._forward(request, reply, label)
+                await forward_route(self, request, reply, label)
             elif method not in allowed:
                 raise BadRequest(f"{method[:20]} is not allowed on {path}", status=405)
             elif (
@@ -224,34 +171,11 @@ class Frontend:
         if not isinstance(model, str) or not model:
             raise BadRequest("'model' (a string) is required", param="model")
         if not self.directory.has_model(model):
-            raise self._no_such_model(model)
-        if kind == "chat":
-            _check_messages(body.get("messages"))
-        else:
-            _check_prompt(body.get("prompt"))
-            if isinstance(body["prompt"], list) and isinstance(body["prompt"][0], (str, list)):
-                body["prompt"] = body["prompt"][0]  # a batch of one is that one prompt
-        for key in ("max_tokens", "max_completion_tokens"):
-            v = body.get(key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise BadRequest(f"'{key}' must be a positive integer", param=key)
-        if not isinstance(body.get("stream", False), bool):
-            raise BadRequest("'stream' must be true or false", param="stream")
-        stop = body.get("stop")
-        if stop is not None and not (
-            isinstance(stop, str)
-            or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))
-        ):
-            raise BadRequest("'stop' must be a string or a list of strings", param="stop")
-        so = body.get("stream_options")
-        if so is not None and not isinstance(so, dict):
-            raise BadRequest("'stream_options' must be an object", param="stream_options")
-        features = has_any_key(body, _FEATURE_FIELDS)  # (mostly none of them is there)
-        if features:
-            _check_sampling(body, kind)
+            raise self.no_such_model(model)
+        features = check_fields(body, kind)
         return body, features
 
-    def _no_such_model(self, model: str) -> BadRequest:
+    def no_such_model(self, model: str) -> BadRequest:
         if not self.ready:  # another node's model may not be known yet
             return BadRequest(
                 "the supervisor is starting; retry shortly", status=503, code="unavailable"
@@ -263,21 +187,41 @@ class Frontend:
             code="model_not_found",
         )
 
-    def _engine_fields(self, engines: list[Target]) -> list[tuple[str, str]]:
+    def engine_fields(self, engines: list[Target]) -> list[tuple[str, str]]:
         """The headers that name the engines a request went to, in order."""
         fields = [("X-Failover-Engine", ",".join([t.engine_id for t in engines]))]
         if any(t.node for t in engines):
             fields.append(("X-Failover-Node", ",".join([t.node for t in engines])))
         return fields
 
+    def _relay(
+        self,
+        req: ClientRequest,
+        rid: str,
+        shape: ClientShape,
+        emit: Emit | None,
+        emit_now: Callable[[bytes], bool] | None,
+    ) -> RequestRelay:
+        """The relay of one request (or of one choice of it), on this frontend's engines."""
+        return RequestRelay(
+            req,
+            rid,
+            shape,
+            self.router,
+            self.sessions,
+            self.fcfg,
+            self.cfg.health,
+            self.metrics,
+            emit,
+            emit_now,
+        )
+
     async def _serve(self, request: Request, reply: Reply, kind: RequestKind) -> None:
         if self.router.draining:
-            self.metrics.rejections.labels("draining").inc()
-            return self._unavailable(reply, "the supervisor is shutting down")
+            self.metrics.rejections.labels(RejectReason.DRAINING).inc()
+            return self.unavailable(reply, "the supervisor is shutting down")
         body, features = self._body(request, kind)
-        rid = request.headers.get("x-request-id", "")
-        if not rid or not _RID_OK.match(rid):
-            rid = _HEX128(_RID_BITS(128))  # 128 bits as uuid4, without a system call
+        rid = request_id(request.headers.get("x-request-id", ""))
         if features and body.get("n") not in (None, 1):
             return await self._serve_choices(request, reply, kind, body, rid)
         req = ClientRequest(kind, body, features)
@@ -296,13 +240,13 @@ class Frontend:
                 ("X-Request-Id", rid),
             ]
             if self.fcfg.engine_header:  # (the engines so far: migrations come later)
-                head += self._engine_fields(relay.engines())
+                head += self.engine_fields(relay.engines())
             if kind != "chat":
                 reply.start(200, head)
             elif relay.extras is None:
                 reply.start(200, head, shape.role_chunk())
             else:  # (usage in every chunk, an echo)
-                reply.start(200, head, _chat_opening([relay]))
+                reply.start(200, head, chat_opening([relay]))
 
         emit: Callable[[bytes], Awaitable[None]] | None = None
         emit_now: Callable[[bytes], bool] | None = None
@@ -323,19 +267,8 @@ class Frontend:
                 relay.emit_now = reply.write_now
                 return reply.write_now(data)
 
-        relay = RequestRelay(
-            req,
-            rid,
-            shape,
-            self.router,
-            self.sessions,
-            self.fcfg,
-            self.cfg.health,
-            self.metrics,
-            emit,
-            emit_now,
-        )
-        self.active += 1  # (until _leave)
+        relay = self._relay(req, rid, shape, emit, emit_now)
+        self.active += 1  # (until leave)
         t0 = time.monotonic()
         outcome = "cancelled"  # (unless the relay ends otherwise)
         try:
@@ -346,12 +279,12 @@ class Frontend:
                 outcome = await self._failed(reply, kind, rid, [relay], error)
                 return None
         finally:
-            self._leave()
+            self.leave()
             if self.fcfg.access_log and self.logs_info:
                 first = relay.served_by
                 # (One engine's id as it is, for most requests: no list, no join.)
                 engine = (
-                    _engine_ids(relay.engines())
+                    engine_ids(relay.engines())
                     if relay.moved_to or first is None
                     else first.engine_id
                 )
@@ -379,7 +312,7 @@ class Frontend:
             failover = relay.failover_report()
             headers = [("X-Request-Id", rid)]
             if self.fcfg.engine_header:
-                headers += self._engine_fields(relay.engines())
+                headers += self.engine_fields(relay.engines())
             if failover:
                 headers.append(("X-Failover-Migrations", str(failover["migrations"])))
                 if failover["inexact"]:
@@ -408,7 +341,7 @@ class Frontend:
         cancellation (or a reset) is raised again, after the relays' upstream requests are
         aborted. (Only failures pay for this call: an answer that went well never makes it.)"""
         if isinstance(error, (anyio.get_cancelled_exc_class(), ConnectionResetError)):
-            self.metrics.cancellations.labels(kind).inc()
+            self.metrics.cancellations.labels(CancelRoute(kind)).inc()
             with anyio.CancelScope(shield=True):
                 for r in relays:
                     await r.abort_upstream()
@@ -418,7 +351,7 @@ class Frontend:
         if isinstance(error, Rejected):
             self.metrics.rejections.labels(error.reason).inc()
             if not reply.started:
-                self._unavailable(reply, str(error))
+                self.unavailable(reply, str(error))
             else:
                 await self._stream_error(reply, 503, str(error))
             return f"rejected:{error.reason}"
@@ -436,7 +369,7 @@ class Frontend:
                 await self._stream_error(reply, 502, str(error))
             return "migration_failed"
         if isinstance(error, ClientGone):
-            self.metrics.cancellations.labels(kind).inc()
+            self.metrics.cancellations.labels(CancelRoute(kind)).inc()
             with anyio.CancelScope(shield=True):
                 for r in relays:
                     await r.abort_upstream()
@@ -468,8 +401,8 @@ class Frontend:
                 ("X-Request-Id", rid),
             ]
             if self.fcfg.engine_header:
-                head += self._engine_fields(_engines_of(relays))
-            reply.start(200, head, _chat_opening(relays) if kind == "chat" else b"")
+                head += self.engine_fields(engines_of(relays))
+            reply.start(200, head, chat_opening(relays) if kind == "chat" else b"")
 
         emit: Callable[[bytes], Awaitable[None]] | None = None
         emit_now: Callable[[bytes], bool] | None = None
@@ -489,34 +422,21 @@ class Frontend:
 
         for i in range(body["n"]):
             shape = ClientShape(kind, prefix + rid, body["model"], created, with_ids, i)
-            relays.append(
-                RequestRelay(
-                    _choice(req, i),
-                    rid,
-                    shape,
-                    self.router,
-                    self.sessions,
-                    self.fcfg,
-                    self.cfg.health,
-                    self.metrics,
-                    emit,
-                    emit_now,
-                )
-            )
-        self.active += 1  # (until _leave)
+            relays.append(self._relay(choice_request(req, i), rid, shape, emit, emit_now))
+        self.active += 1  # (until leave)
         t0 = time.monotonic()
         outcome = "cancelled"  # (unless the relays end otherwise)
         try:
             try:
-                await _run_all(relays)
+                await run_all(relays)
                 outcome = "ok"
             except BaseException as error:
                 outcome = await self._failed(reply, kind, rid, relays, error)
                 return None
         finally:
-            self._leave()
+            self.leave()
             if self.fcfg.access_log and self.logs_info:
-                engines = _engines_of(relays)
+                engines = engines_of(relays)
                 nodes = {}
                 if any(t.node for t in engines):  # a cluster: the nodes too
                     nodes["node"] = ",".join([t.node for t in engines])
@@ -531,15 +451,15 @@ class Frontend:
                     migrations=sum([r.attempt for r in relays]),
                     tokens=sum([r.progress.completion_tokens for r in relays]),
                     ms=round((time.monotonic() - t0) * 1000, 1),
-                    engine=_engine_ids(engines),
+                    engine=engine_ids(engines),
                     **nodes,
                 )
-        usage = _usage_of(relays)
+        usage = usage_of(relays)
         if not stream:
-            failover = _failover_of(relays)
+            failover = failover_of(relays)
             headers = [("X-Request-Id", rid)]
             if self.fcfg.engine_header:
-                headers += self._engine_fields(_engines_of(relays))
+                headers += self.engine_fields(engines_of(relays))
             if failover:
                 headers.append(("X-Failover-Migrations", str(failover["migrations"])))
                 if failover["inexact"]:
@@ -561,165 +481,7 @@ class Frontend:
             await reply.write(b"data: [DONE]\n\n")
         return None
 
-    # -- every other route -------------------------------------------------------------
-    async def _forward(self, request: Request, reply: Reply, label: str) -> None:
-        """A route passed to an engine as it is (see :mod:`supervisor.frontend.forward`)."""
-        method = request.method
-        allowed = ("GET", "POST", "DELETE") if label == OTHER_V1 else ("POST",)
-        if method not in allowed:
-            message = f"{method[:20]} is not allowed on {request.path[:200]}"
-            return reply.send(
-                405, error_body(405, message), headers=[("Allow", ", ".join(allowed))]
-            )
-        if self.api_key is not None and not bearer_matches(
-            request.headers.get("authorization", ""), self.api_key
-        ):
-            return reply.send(
-                401, error_body(401, "Incorrect API key provided.", code="invalid_api_key")
-            )
-        if self.router.draining:
-            self.metrics.rejections.labels("draining").inc()
-            return self._unavailable(reply, "the supervisor is shutting down")
-        content_type = request.headers.get("content-type") or "application/json"
-        model = self._forwarded_model(request.body, content_type)
-        if model is None:
-            model = self._any_model()
-            if model is None:
-                return self._unavailable(reply, "no engine is serving any model right now")
-        rid = request.headers.get("x-request-id", "")
-        if not rid or not _RID_OK.match(rid):
-            rid = _HEX128(_RID_BITS(128))
-        target = request.path + ("?" + request.query if request.query else "")
-        fw = Forwarding(
-            self.router,
-            self.sessions.relay,
-            path=target,
-            method=method,
-            body=request.body if request.body or method == "POST" else None,
-            content_type=content_type,
-            headers={"X-Request-Id": rid},
-            first_byte_timeout=self.cfg.health.first_token_timeout,
-            # (Events are not tokens: a Responses stream's first ones come before its
-            # prefill. A dead engine ends the wait at once through its lease.)
-            stall_timeout=self.cfg.health.first_token_timeout,
-            client_write_timeout=self.fcfg.client_write_timeout,
-        )
-
-        def head() -> list[tuple[str, str]]:
-            fields = [("X-Request-Id", rid)]
-            if self.fcfg.engine_header:
-                fields += self._engine_fields(fw.engines)
-            return fields
-
-        self.active += 1
-        t0 = time.monotonic()
-        outcome = "ok"
-        try:
-            lease = await self.router.acquire(model)
-            try:
-                await fw.once(lease, reply, head)
-            except EngineGone as gone:
-                # Nothing reached the client: asked once more, of another engine (a shadow
-                # being woken included, for as long as a migration would wait for one).
-                failed = lease.target.engine_id
-                self.log.warning(
-                    "engine failed before answering; asking another",
-                    request_id=rid,
-                    route=label,
-                    engine=failed,
-                    reason=str(gone),
-                )
-                self.router.release(lease)
-                lease = await self.router.acquire(
-                    model, exclude=frozenset((failed,)), wait=self.fcfg.migration_wait
-                )
-                await fw.once(lease, reply, head)
-            finally:
-                self.router.release(lease)  # (a second release of a lease is harmless)
-        except Rejected as rejected:
-            outcome = f"rejected:{rejected.reason}"
-            self.metrics.rejections.labels(rejected.reason).inc()
-            if not reply.started:
-                self._unavailable(reply, str(rejected))
-        except EngineGone as gone:
-            outcome = "engine_failed"
-            if not reply.started:
-                message = f"the request could not be completed: {gone}"
-                reply.send(502, error_body(502, message), headers=head())
-        except StreamBroken as broken:
-            outcome = f"stream_broken: {broken}"
-        except ConnectionError as gone_client:  # the client went away (its write failed)
-            outcome = f"client_gone: {gone_client}"
-            self.metrics.cancellations.labels(label).inc()
-        except anyio.get_cancelled_exc_class():
-            outcome = "cancelled"
-            self.metrics.cancellations.labels(label).inc()
-            raise
-        except Exception as bug:  # a bug: contained, logged with its traceback, 500
-            outcome = f"error: {type(bug).__name__}"
-            self.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
-            if not reply.started:
-                reply.send(500, error_body(500, "internal error in the supervisor; see its log"))
-        finally:
-            self._leave()
-            if self.fcfg.access_log and self.logs_info:
-                fields: dict[str, Any] = {"engine": _engine_ids(fw.engines)}
-                if fw.engines and fw.engines[0].node:  # a cluster: the nodes too
-                    fields["node"] = ",".join([t.node for t in fw.engines])
-                self.log.info(
-                    "request",
-                    request_id=rid,
-                    model=model,
-                    route=label,
-                    stream=fw.streamed,
-                    outcome=outcome,
-                    ms=round((time.monotonic() - t0) * 1000, 1),
-                    **fields,
-                )
-        return None
-
-    def _forwarded_model(self, body: bytes, content_type: str) -> str | None:
-        """The model a forwarded body names (None: any engine will do); 400 for a JSON body
-        that is not an object or names a model that is not a string, 404 for a model no
-        engine serves. (Whether it streams is the engine's answer's to say.)"""
-        model: Any = None
-        ctype = content_type.lower()
-        if body and ctype.startswith("multipart/form-data"):
-            model = form_model(body)
-        elif body:
-            # JSON whatever it is labelled (curl -d says form-urlencoded); a body that is not
-            # JSON and not labelled so is the engine's to judge, on any engine.
-            try:
-                obj = parse_json(body, max_depth=self.fcfg.max_json_depth)
-            except BadJson as e:
-                if "json" in ctype:
-                    raise BadRequest(str(e)) from e
-                obj = {}
-            if not isinstance(obj, dict):
-                raise BadRequest("request body must be a JSON object")
-            model = obj.get("model")
-        if model is None:
-            return None
-        if not isinstance(model, str) or not model:
-            raise BadRequest("'model' must be a non-empty string", param="model")
-        if not self.directory.has_model(model):
-            raise self._no_such_model(model)
-        return model
-
-    def _any_model(self) -> str | None:
-        """For a request that names no model: the model whose least-loaded engine is the
-        least loaded of all (the first model when none has an engine now: it waits)."""
-        models = self.directory.models()
-        best: str | None = None
-        best_load = 0
-        for m in models:
-            for t in self.directory.candidates(m):
-                load = self.router.inflight.get(t.engine_id, 0)
-                if best is None or load < best_load:
-                    best, best_load = m, load
-        return best if best is not None else (models[0] if models else None)
-
-    def _unavailable(self, reply: Reply, message: str) -> None:
+    def unavailable(self, reply: Reply, message: str) -> None:
         body = error_body(503, message, code="unavailable")
         reply.send(503, body, headers=[("Retry-After", str(self.fcfg.retry_after))])
 
@@ -729,7 +491,7 @@ class Frontend:
             # As vLLM ends a stream that failed: the error event, then [DONE].
             await reply.write(b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n")
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         self.active -= 1
         if self.active == 0 and self._idle is not None:
             self._idle.set()
@@ -744,169 +506,3 @@ class Frontend:
                 await self._idle.wait()
         if self.active:
             self.log.warning("drain timeout: requests still in flight", inflight=self.active)
-
-
-def _engine_ids(engines: list[Target]) -> str:
-    return ",".join([t.engine_id for t in engines])
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_sampling(body: dict[str, Any], kind: RequestKind) -> None:
-    """The fields the relay reads itself must have the types it reads them as (their
-    ranges are the engine's to judge)."""
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or not 1 <= n <= MAX_CHOICES):
-        raise BadRequest(f"'n' must be an integer from 1 to {MAX_CHOICES}", param="n")
-    logprobs = body.get("logprobs")
-    if kind == "chat":
-        if logprobs is not None and not isinstance(logprobs, bool):
-            raise BadRequest("'logprobs' must be true or false", param="logprobs")
-        top = body.get("top_logprobs")
-        if top is not None and not _is_int(top):
-            raise BadRequest("'top_logprobs' must be an integer", param="top_logprobs")
-    elif logprobs is not None and not _is_int(logprobs):
-        raise BadRequest("'logprobs' must be an integer", param="logprobs")
-    prompt_logprobs = body.get("prompt_logprobs")
-    if prompt_logprobs is not None and not _is_int(prompt_logprobs):
-        raise BadRequest("'prompt_logprobs' must be an integer", param="prompt_logprobs")
-    echo = body.get("echo")
-    if echo is not None and not isinstance(echo, bool):
-        raise BadRequest("'echo' must be true or false", param="echo")
-    if (
-        echo
-        and kind == "completion"
-        and not isinstance(body["prompt"], str)
-        and not body.get("return_token_ids")
-    ):
-        # vLLM echoes a token prompt as its text: the frontend has no tokenizer.
-        raise BadRequest(
-            "'echo' of a prompt given as token ids is not supported through the "
-            "failover frontend (it has no tokenizer to render the prompt's text); "
-            "send the prompt as text, or ask for return_token_ids",
-            param="echo",
-            code="unsupported_parameter",
-        )
-
-
-def _check_prompt(prompt: Any) -> None:
-    if isinstance(prompt, str):
-        return
-    if isinstance(prompt, list) and prompt:
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return
-        if len(prompt) == 1 and (
-            isinstance(prompt[0], str)
-            or (
-                isinstance(prompt[0], list)
-                and prompt[0]
-                and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt[0])
-            )
-        ):
-            return
-        raise BadRequest(
-            "'prompt' must be a string or a list of token ids (one prompt per request)",
-            param="prompt",
-        )
-    raise BadRequest("'prompt' (a string or a list of token ids) is required", param="prompt")
-
-
-def _check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list", param="messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise BadRequest(
-                f"messages[{i}] must be an object with a 'role' string", param=f"messages[{i}]"
-            )
-        content = m.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise BadRequest(
-                f"messages[{i}].content must be a string or a list of parts",
-                param=f"messages[{i}].content",
-            )
-
-
-def _choice(req: ClientRequest, index: int) -> ClientRequest:
-    """Choice ``index`` of a request with ``n`` > 1, as a request of one choice. A seed
-    becomes seed + index, as vLLM seeds the choices of one request (its child requests):
-    each choice then equals what the engine would have sampled for it."""
-    body = dict(req.body)
-    body.pop("n", None)
-    seed = body.get("seed")
-    if isinstance(seed, int) and not isinstance(seed, bool) and index:
-        body["seed"] = seed + index
-    return ClientRequest(req.kind, body)
-
-
-async def _run_all(relays: list[RequestRelay]) -> None:
-    """Run every choice's relay; the first to fail ends the others, and its error is the
-    request's."""
-    try:
-        async with anyio.create_task_group() as tg:
-            for r in relays:
-                tg.start_soon(r.run)
-    except BaseExceptionGroup as group:
-        raise _first_error(group) from None
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    cancelled = anyio.get_cancelled_exc_class()
-    found: BaseException | None = None
-    for e in group.exceptions:
-        if isinstance(e, BaseExceptionGroup):
-            e = _first_error(e)
-        if not isinstance(e, cancelled):
-            return e
-        found = found or e
-    assert found is not None
-    return found
-
-
-def _usage_of(relays: list[RequestRelay]) -> dict[str, int]:
-    """Usage of a request with several choices: its prompt once, every choice's tokens."""
-    prompt = next((r.prompt_tokens for r in relays if r.prompt_tokens is not None), 0)
-    completion = sum([r.progress.completion_tokens for r in relays])
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-def _failover_of(relays: list[RequestRelay]) -> dict[str, Any] | None:
-    """The failover report of a request with several choices: every choice's moves."""
-    reports = [r.failover_report() for r in relays]
-    moved = [rep for rep in reports if rep]
-    if not moved:
-        return None
-    inexact: list[str] = []
-    for rep in moved:
-        inexact += [f for f in rep["inexact"] if f not in inexact]
-    out: dict[str, Any] = {"migrations": sum([rep["migrations"] for rep in moved])}
-    out["inexact"] = inexact
-    return out
-
-
-def _engines_of(relays: list[RequestRelay]) -> list[Target]:
-    """The engines a request of several choices went to, each once, in order."""
-    out: list[Target] = []
-    for r in relays:
-        out += [t for t in r.engines() if t not in out]
-    return out
-
-
-def _chat_opening(relays: list[RequestRelay]) -> bytes:
-    """A chat stream's first chunks: each choice's role, then each choice's echo, with usage
-    where the client asked for it in every chunk (vLLM's order)."""
-    prompt = next((r.prompt_tokens for r in relays if r.prompt_tokens is not None), 0)
-    extras = relays[0].extras
-    usage = None
-    if extras is not None and extras.continuous:
-        usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
-    out = [r.shape.role_chunk(usage) for r in relays]
-    if extras is not None and extras.echo:
-        out += [r.shape.echo_chunk(extras.echo, usage) for r in relays]
-    return b"".join(out)

@@ -17,18 +17,24 @@ import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
+import anyio
 import orjson
 
-from supervisor.frontend.routing import EngineWait, Lease, Router, Target
+from supervisor.auth import bearer_matches
+from supervisor.frontend.engine_pool import EnginePool
+from supervisor.frontend.heads import Request
+from supervisor.frontend.routing import EngineWait, Lease, Rejected, Router, Target, engine_ids
 from supervisor.frontend.server import Reply
-from supervisor.frontend.wire import (
-    EngineConnection,
-    EngineConnectionError,
-    EnginePool,
-    EngineProtocolError,
-)
+from supervisor.frontend.validate import BadRequest, error_body, request_id
+from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
+from supervisor.jsonbody import BadJson
+from supervisor.jsonbody import parse as parse_json
+from supervisor.metric_labels import RejectReason
+
+if TYPE_CHECKING:
+    from supervisor.frontend.app import Frontend
 
 # Client path -> the label of its metrics (a fixed table: never the client's own path).
 ROUTES: Final[dict[str, str]] = {
@@ -270,3 +276,160 @@ def error_event(path: str, message: str, last_seq: int) -> bytes:
         return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
     err = {"error": {"message": text, "type": "server_error", "param": None, "code": 502}}
     return b"data: " + orjson.dumps(err) + b"\n\ndata: [DONE]\n\n"
+
+
+# -- the route ---------------------------------------------------------------------------
+async def forward_route(front: Frontend, request: Request, reply: Reply, label: str) -> None:
+    """A route passed to an engine as it is (see :mod:`supervisor.frontend.forward`)."""
+    method = request.method
+    allowed = ("GET", "POST", "DELETE") if label == OTHER_V1 else ("POST",)
+    if method not in allowed:
+        message = f"{method[:20]} is not allowed on {request.path[:200]}"
+        return reply.send(405, error_body(405, message), headers=[("Allow", ", ".join(allowed))])
+    if front.api_key is not None and not bearer_matches(
+        request.headers.get("authorization", ""), front.api_key
+    ):
+        return reply.send(
+            401, error_body(401, "Incorrect API key provided.", code="invalid_api_key")
+        )
+    if front.router.draining:
+        front.metrics.rejections.labels(RejectReason.DRAINING).inc()
+        return front.unavailable(reply, "the supervisor is shutting down")
+    content_type = request.headers.get("content-type") or "application/json"
+    model = forwarded_model(front, request.body, content_type)
+    if model is None:
+        model = any_model(front)
+        if model is None:
+            return front.unavailable(reply, "no engine is serving any model right now")
+    rid = request_id(request.headers.get("x-request-id", ""))
+    target = request.path + ("?" + request.query if request.query else "")
+    fw = Forwarding(
+        front.router,
+        front.sessions.relay,
+        path=target,
+        method=method,
+        body=request.body if request.body or method == "POST" else None,
+        content_type=content_type,
+        headers={"X-Request-Id": rid},
+        first_byte_timeout=front.cfg.health.first_token_timeout,
+        # (Events are not tokens: a Responses stream's first ones come before its
+        # prefill. A dead engine ends the wait at once through its lease.)
+        stall_timeout=front.cfg.health.first_token_timeout,
+        client_write_timeout=front.fcfg.client_write_timeout,
+    )
+
+    def head() -> list[tuple[str, str]]:
+        fields = [("X-Request-Id", rid)]
+        if front.fcfg.engine_header:
+            fields += front.engine_fields(fw.engines)
+        return fields
+
+    front.active += 1
+    t0 = time.monotonic()
+    outcome = "ok"
+    try:
+        lease = await front.router.acquire(model)
+        try:
+            await fw.once(lease, reply, head)
+        except EngineGone as gone:
+            # Nothing reached the client: asked once more, of another engine (a shadow
+            # being woken included, for as long as a migration would wait for one).
+            failed = lease.target.engine_id
+            front.log.warning(
+                "engine failed before answering; asking another",
+                request_id=rid,
+                route=label,
+                engine=failed,
+                reason=str(gone),
+            )
+            front.router.release(lease)
+            lease = await front.router.acquire(
+                model, exclude=frozenset((failed,)), wait=front.fcfg.migration_wait
+            )
+            await fw.once(lease, reply, head)
+        finally:
+            front.router.release(lease)  # (a second release of a lease is harmless)
+    except Rejected as rejected:
+        outcome = f"rejected:{rejected.reason}"
+        front.metrics.rejections.labels(rejected.reason).inc()
+        if not reply.started:
+            front.unavailable(reply, str(rejected))
+    except EngineGone as gone:
+        outcome = "engine_failed"
+        if not reply.started:
+            message = f"the request could not be completed: {gone}"
+            reply.send(502, error_body(502, message), headers=head())
+    except StreamBroken as broken:
+        outcome = f"stream_broken: {broken}"
+    except ConnectionError as gone_client:  # the client went away (its write failed)
+        outcome = f"client_gone: {gone_client}"
+        front.metrics.cancellations.labels(label).inc()
+    except anyio.get_cancelled_exc_class():
+        outcome = "cancelled"
+        front.metrics.cancellations.labels(label).inc()
+        raise
+    except Exception as bug:  # a bug: contained, logged with its traceback, 500
+        outcome = f"error: {type(bug).__name__}"
+        front.log.error("request failed inside the supervisor", request_id=rid, exc_info=bug)
+        if not reply.started:
+            reply.send(500, error_body(500, "internal error in the supervisor; see its log"))
+    finally:
+        front.leave()
+        if front.fcfg.access_log and front.logs_info:
+            fields: dict[str, Any] = {"engine": engine_ids(fw.engines)}
+            if fw.engines and fw.engines[0].node:  # a cluster: the nodes too
+                fields["node"] = ",".join([t.node for t in fw.engines])
+            front.log.info(
+                "request",
+                request_id=rid,
+                model=model,
+                route=label,
+                stream=fw.streamed,
+                outcome=outcome,
+                ms=round((time.monotonic() - t0) * 1000, 1),
+                **fields,
+            )
+    return None
+
+
+def forwarded_model(front: Frontend, body: bytes, content_type: str) -> str | None:
+    """The model a forwarded body names (None: any engine will do); 400 for a JSON body
+    that is not an object or names a model that is not a string, 404 for a model no
+    engine serves. (Whether it streams is the engine's answer's to say.)"""
+    model: Any = None
+    ctype = content_type.lower()
+    if body and ctype.startswith("multipart/form-data"):
+        model = form_model(body)
+    elif body:
+        # JSON whatever it is labelled (curl -d says form-urlencoded); a body that is not
+        # JSON and not labelled so is the engine's to judge, on any engine.
+        try:
+            obj = parse_json(body, max_depth=front.fcfg.max_json_depth)
+        except BadJson as e:
+            if "json" in ctype:
+                raise BadRequest(str(e)) from e
+            obj = {}
+        if not isinstance(obj, dict):
+            raise BadRequest("request body must be a JSON object")
+        model = obj.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string", param="model")
+    if not front.directory.has_model(model):
+        raise front.no_such_model(model)
+    return model
+
+
+def any_model(front: Frontend) -> str | None:
+    """For a request that names no model: the model whose least-loaded engine is the
+    least loaded of all (the first model when none has an engine now: it waits)."""
+    models = front.directory.models()
+    best: str | None = None
+    best_load = 0
+    for m in models:
+        for t in front.directory.candidates(m):
+            load = front.router.inflight.get(t.engine_id, 0)
+            if best is None or load < best_load:
+                best, best_load = m, load
+    return best if best is not None else (models[0] if models else None)

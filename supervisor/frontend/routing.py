@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
+import aiohttp
 import anyio
+import orjson
 
 from supervisor.backends import Backend
 from supervisor.config import FrontendConfig
+from supervisor.metric_labels import RejectReason
 from supervisor.metrics import Metrics
-from supervisor.model import Engine, EngineState, Slot
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,30 @@ class Target:
     node: str = ""  # the cluster node it runs on ("" without a cluster)
 
 
+# What KeptTargets reads of the control plane's records (supervisor.model's Slot and
+# Engine), as protocols: the compiled relay does not import those plain records, so that
+# an edit to them leaves its build current.
+class ServingSlot(Protocol):
+    @property
+    def active(self) -> str | None: ...
+
+
+class ServingEngine(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...  # an EngineState (a StrEnum)
+
+
+_ACTIVE: Final = "active"  # EngineState.ACTIVE's value
+
+
+def engine_ids(targets: list[Target]) -> str:
+    """The engines' ids, in order, as one comma-separated field."""
+    return ",".join([t.engine_id for t in targets])
+
+
 class KeptTargets:
     """A model's candidates as a directory last worked them out, with the (slot, engine)
     pairs they came from: handed out again while the config is the same one and each of
@@ -42,7 +68,10 @@ class KeptTargets:
     stopped is never handed out, even before the directory hears of it)."""
 
     def __init__(
-        self, cfg: object, serving: list[tuple[Slot, Engine]], targets: list[Target]
+        self,
+        cfg: object,
+        serving: Sequence[tuple[ServingSlot, ServingEngine]],
+        targets: list[Target],
     ) -> None:
         self.cfg, self.serving, self.targets = cfg, serving, targets
 
@@ -51,7 +80,7 @@ class KeptTargets:
         if cfg is not self.cfg:
             return False
         for slot, engine in self.serving:
-            if slot.active != engine.id or engine.state is not EngineState.ACTIVE:
+            if slot.active != engine.id or engine.state != _ACTIVE:
                 return False
         return True
 
@@ -82,7 +111,7 @@ class EngineDirectory(Protocol):
 class Rejected(Exception):
     """No engine can take the request now: answer 503 with Retry-After."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: RejectReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -249,13 +278,13 @@ class Router:
         it while it waits.
         """
         if self.draining:
-            raise Rejected("draining", "the supervisor is shutting down")
+            raise Rejected(RejectReason.DRAINING, "the supervisor is shutting down")
         migrating = wait is not None
         target = self._pick(model, exclude, migrating)
         if target is None:
             if not migrating and self.waiting >= self.cfg.max_queue:
                 raise Rejected(
-                    "queue_full",
+                    RejectReason.QUEUE_FULL,
                     f"all engines for {model!r} are busy and the "
                     f"queue is full ({self.cfg.max_queue})",
                 )
@@ -295,7 +324,7 @@ class Router:
                         tg.start_soon(self._first_of, tg.cancel_scope, self._freed.wait)
                         tg.start_soon(self._first_of, tg.cancel_scope, self.directory.changed)
                 if self.draining:
-                    raise Rejected("draining", "the supervisor is shutting down")
+                    raise Rejected(RejectReason.DRAINING, "the supervisor is shutting down")
                 target = self._pick(model, exclude, migrating)
                 if target is not None:
                     return target
@@ -305,15 +334,36 @@ class Router:
                 self.moving.discard(me)
             self.metrics.queued.set(self.waiting)
         if self.directory.candidates(model):
-            raise Rejected("saturated", f"all engines for {model!r} stayed busy for {timeout:g}s")
+            raise Rejected(
+                RejectReason.SATURATED, f"all engines for {model!r} stayed busy for {timeout:g}s"
+            )
         raise Rejected(
-            "no_engine", f"no engine is serving {model!r} right now (failing over or degraded)"
+            RejectReason.NO_ENGINE,
+            f"no engine is serving {model!r} right now (failing over or degraded)",
         )
 
     @staticmethod
     async def _first_of(scope: anyio.CancelScope, waiter: Callable[[], Awaitable[object]]) -> None:
         await waiter()
         scope.cancel()
+
+    async def context_length(self, target: Target, session: aiohttp.ClientSession) -> int | None:
+        """The engine's context length (``max_model_len`` in its ``/v1/models``), asked once
+        per engine and remembered; None where it does not say."""
+        known = self.context_lengths
+        if target.engine_id not in known:
+            found: int | None = None
+            with anyio.move_on_after(2.0):
+                try:
+                    async with session.get(target.url + "/v1/models") as r:
+                        if r.status == 200:
+                            data = (orjson.loads(await r.read()) or {}).get("data") or [{}]
+                            value = data[0].get("max_model_len")
+                            found = value if isinstance(value, int) else None
+                except (aiohttp.ClientError, ValueError, AttributeError, TypeError):
+                    pass
+            known[target.engine_id] = found
+        return known[target.engine_id]
 
     def release(self, lease: Lease) -> None:
         eid = lease.target.engine_id

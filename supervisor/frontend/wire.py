@@ -7,30 +7,35 @@ decodes them and writes to its client there and then), so a read costs no task s
 
 Only what talking to an engine needs: a JSON body or none (the health probes' ``GET``), a
 response framed by ``Content-Length``, ``Transfer-Encoding: chunked`` or the connection's
-end, keep-alive with a pool per engine. Anything else an engine sends is
-:class:`EngineProtocolError`.
+end, keep-alive with a pool per engine (:mod:`supervisor.frontend.engine_pool`). Anything
+else an engine sends is :class:`EngineProtocolError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable
 from typing import Final, cast
-from urllib.parse import urlsplit
 
 from supervisor.frontend.h1 import (
+    COLON,
+    CR,
+    DIGIT_0,
+    DIGIT_1,
+    DIGIT_9,
     FIELD_LINES,
+    LF,
+    SP,
     TOKEN,
-    chunk_size,
+    ChunkedBody,
+    ChunkError,
     content_length,
     is_chunked,
-    trailer_line_ok,
 )
 from supervisor.frontend.wire_errors import EngineConnectionError, EngineProtocolError
 
-__all__ = ["EngineConnection", "EngineConnectionError", "EnginePool", "EngineProtocolError"]
+__all__ = ["EngineConnection", "EngineConnectionError", "EngineProtocolError"]
 
 # Idle connections are kept for less than engines' own keep-alive timeout (uvicorn, under
 # vLLM, SGLang and trtllm-serve, closes them after 5 s): reusing one the engine is closing
@@ -38,7 +43,6 @@ __all__ = ["EngineConnection", "EngineConnectionError", "EnginePool", "EnginePro
 IDLE_FOR: Final = 2.0
 MAX_HEAD: Final = 64 * 1024  # a response's status line and headers (and its trailers)
 MAX_INTERIM: Final = 16  # interim (1xx) answers before one answer
-MAX_LINE: Final = 1024  # a chunk size line, or one trailer line
 # The status line, by RFC 9112's grammar (the reason phrase may be left out, as llhttp
 # allows): version 1.0 or 1.1, a three-digit code, a reason without control bytes.
 _STATUS_LINE: Final = re.compile(
@@ -52,13 +56,6 @@ _CLASS: Final = bytes(
     for c in range(256)
 )
 _ZEROS: Final = 111 * 0x30  # three ASCII digits' codes, less their values
-_0: Final = 0x30  # the bytes b"0", b"1", b"9", b" ", b":", CR and LF, as ints
-_1: Final = 0x31
-_9: Final = 0x39
-_SP: Final = 0x20
-_COLON: Final = 0x3A
-_CR: Final = 0x0D
-_LF: Final = 0x0A
 
 
 Sink = Callable[[bytes], None]
@@ -91,12 +88,8 @@ class EngineConnection(asyncio.Protocol):
         self._bodiless = False  # an answer to HEAD: no body, whatever its fields say
         self._state = "idle"  # idle | head | body | done | closed
         self._held: list[bytes] = []  # body bytes that came before a sink
-        self._chunked = False
+        self._chunks: ChunkedBody | None = None  # the body's chunks (chunked framing)
         self._left: int | None = None  # body bytes still to come (Content-Length framing)
-        self._need = 0  # chunked: bytes of the current chunk still to come; -1: its CRLF
-        self._trailer = False
-        self._trailer_bytes = 0
-        self._cbuf = b""
         self._head_fut: asyncio.Future[None] | None = None
         self._end_fut: asyncio.Future[None] | None = None
         self.error: Exception | None = None
@@ -126,7 +119,7 @@ class EngineConnection(asyncio.Protocol):
                 self.transport.close()
 
     def eof_received(self) -> bool | None:
-        if self._state == "body" and self._left is None and not self._chunked:
+        if self._state == "body" and self._left is None and self._chunks is None:
             self._finish()  # framed by the connection's end
         return None  # close our side too
 
@@ -165,8 +158,7 @@ class EngineConnection(asyncio.Protocol):
             self._head_part.clear()
         self.status, self.reason, self.sink, self._held = 0, "", None, []
         self.content_type = ""
-        self._chunked, self._left, self._need = False, None, 0
-        self._trailer, self._cbuf, self._trailer_bytes = False, b"", 0
+        self._chunks, self._left = None, None
         fields = "".join(
             [f"{k}: {v}\r\n" for k, v in headers.items() if k.lower() != "content-type"]
         )
@@ -314,20 +306,20 @@ class EngineConnection(asyncio.Protocol):
         version = buf[pos + 7]
         d1, d2, d3 = buf[pos + 9], buf[pos + 10], buf[pos + 11]
         if (
-            (version != _0 and version != _1)
-            or buf[pos + 8] != _SP
-            or not _1 <= d1 <= _9
-            or not _0 <= d2 <= _9
-            or not _0 <= d3 <= _9
+            (version != DIGIT_0 and version != DIGIT_1)
+            or buf[pos + 8] != SP
+            or not DIGIT_1 <= d1 <= DIGIT_9
+            or not DIGIT_0 <= d2 <= DIGIT_9
+            or not DIGIT_0 <= d3 <= DIGIT_9
         ):
             raise EngineProtocolError(_malformed_head(buf, pos))
         i = pos + 12
         reason_at = i + 1
-        if buf[i] == _SP:
+        if buf[i] == SP:
             i += 1
             while _CLASS[buf[i]]:  # the reason: any field-value byte
                 i += 1
-        if buf[i] != _CR or buf[i + 1] != _LF:
+        if buf[i] != CR or buf[i + 1] != LF:
             raise EngineProtocolError(_malformed_head(buf, pos))
         status = d1 * 100 + d2 * 10 + d3 - _ZEROS
         if status < 200:
@@ -337,7 +329,7 @@ class EngineConnection(asyncio.Protocol):
             return True
         self.status = status
         self.reason = buf[reason_at:i].decode("latin-1") if reason_at < i else ""
-        http10 = version == _0
+        http10 = version == DIGIT_0
         length, chunked = self._check_fields(buf, i + 2, end + 2)
         if chunked and (length >= 0 or http10):
             # Both framings at once (or chunked from an HTTP/1.0 server, RFC 9112 6.1):
@@ -348,7 +340,7 @@ class EngineConnection(asyncio.Protocol):
         if self._bodiless or status == 204 or status == 304:
             self._left = 0  # no body, whatever the fields say (RFC 9112 6.3)
         elif chunked:
-            self._chunked = True
+            self._chunks = ChunkedBody(MAX_HEAD)
         elif length >= 0:
             self._left = length
         else:
@@ -366,12 +358,12 @@ class EngineConnection(asyncio.Protocol):
             while _CLASS[buf[i]] == _TOKEN_BYTE:
                 i += 1
             colon = i
-            if colon == start or buf[colon] != _COLON:
+            if colon == start or buf[colon] != COLON:
                 raise EngineProtocolError(f"malformed header line: {_bad_line(buf, start)!r}")
             i += 1
             while _CLASS[buf[i]]:
                 i += 1
-            if buf[i] != _CR or buf[i + 1] != _LF:
+            if buf[i] != CR or buf[i + 1] != LF:
                 raise EngineProtocolError(f"malformed header line: {_bad_line(buf, start)!r}")
             eol = i
             i += 2
@@ -405,7 +397,8 @@ class EngineConnection(asyncio.Protocol):
             self._held.append(data)
 
     def _take_body(self, data: bytes) -> None:
-        if not self._chunked:
+        chunks = self._chunks
+        if chunks is None:
             if self._left is None:
                 self._deliver(data)
                 return
@@ -418,69 +411,17 @@ class EngineConnection(asyncio.Protocol):
             if self._left == 0:
                 self._finish()
             return
-        buf = self._cbuf + data if self._cbuf else data
-        pos, n = 0, len(buf)
         out: list[bytes] = []
-        while pos < n:
-            if self._need > 0:
-                piece = buf[pos : pos + self._need]
-                out.append(piece)
-                self._need -= len(piece)
-                pos += len(piece)
-                if self._need:
-                    break
-                self._need = -1
-            if self._need == -1:  # the CRLF after a chunk's data
-                if n - pos < 2:
-                    break
-                if buf[pos : pos + 2] != b"\r\n":
-                    raise EngineProtocolError("chunk not followed by CRLF")
-                pos += 2
-                self._need = 0
-                continue
-            end = buf.find(b"\r\n", pos)
-            if end < 0 or end - pos > MAX_LINE:
-                if n - pos > MAX_LINE:
-                    raise EngineProtocolError("chunk size or trailer line too long")
-                if buf.find(b"\n", pos) >= 0:  # a bare LF: no CRLF will end this line
-                    raise EngineProtocolError("chunk size or trailer line ended by a bare LF")
-                break
-            line = buf[pos:end]
-            pos = end + 2
-            if self._trailer:
-                if not line:  # the empty line that ends the trailers: the body is whole
-                    self._cbuf = b""
-                    if out:
-                        self._deliver(b"".join(out))
-                    if pos < n:
-                        self._reusable = False
-                    self._finish()
-                    return
-                # A trailer field: not needed, but it must be one (a request or an answer
-                # taken for trailer lines is how a hop is fooled), and they are bounded.
-                self._trailer_bytes += len(line) + 2
-                if self._trailer_bytes > MAX_HEAD or not trailer_line_ok(line):
-                    raise EngineProtocolError(f"malformed trailer: {line[:80]!r}")
-                continue
-            size = chunk_size(line)
-            if size < 0:
-                raise EngineProtocolError(f"malformed chunk size line: {line[:80]!r}")
-            if size == 0:
-                self._trailer = True
-                continue
-            stop = pos + size
-            if stop + 2 > n:
-                self._need = size  # the rest of this chunk comes with later reads
-                continue
-            # The whole chunk is here (the common case: an engine writes each event as one
-            # chunk): taken at once, with no state kept between its size, data and CRLF.
-            if buf[stop : stop + 2] != b"\r\n":
-                raise EngineProtocolError("chunk not followed by CRLF")
-            out.append(buf[pos:stop])
-            pos = stop + 2
-        self._cbuf = buf[pos:]
+        try:
+            whole = chunks.feed(data, out)
+        except ChunkError as e:
+            raise EngineProtocolError(str(e)) from e
         if out:
             self._deliver(out[0] if len(out) == 1 else b"".join(out))
+        if whole:
+            if chunks.rest:
+                self._reusable = False  # more than the answer: not a clean connection
+            self._finish()
 
     def _finish(self) -> None:
         self._state = "done"
@@ -510,7 +451,7 @@ def _check_partial(buf: bytes | bytearray, start: int, head_at: int) -> None:
         raise EngineProtocolError(f"response headers over {MAX_HEAD} bytes")
     lf = buf.find(b"\n", start)
     while lf >= 0:
-        if lf == head_at or buf[lf - 1] != _CR:
+        if lf == head_at or buf[lf - 1] != CR:
             raise EngineProtocolError("a response head line ended by a bare LF")
         lf = buf.find(b"\n", lf + 1)
 
@@ -534,101 +475,3 @@ def _bad_line(buf: bytes, at: int) -> bytes:
 def _lists_close(value: bytes) -> bool:
     """Whether a ``Connection`` value lists ``close`` (ASCII, any case)."""
     return any(part.strip(b" \t").lower() == b"close" for part in value.split(b","))
-
-
-class EnginePool:
-    """Kept-alive connections to engines, by host and port: the relay's upstream."""
-
-    def __init__(self, connect_timeout: float = 5.0, max_idle_per_engine: int = 256) -> None:
-        self.connect_timeout = connect_timeout
-        self.max_idle = max_idle_per_engine
-        self._idle: dict[tuple[str, int], list[EngineConnection]] = {}
-        self.opened = 0  # connections made, for tests and metrics
-        self._keys: dict[str, tuple[str, int]] = {}  # engine URL -> (host, port), parsed once
-
-    def key(self, url: str) -> tuple[str, int]:
-        key = self._keys.get(url)
-        if key is None:
-            u = urlsplit(url)
-            if u.scheme != "http" or not u.hostname:
-                raise EngineConnectionError(f"cannot relay to {url!r}: only http:// engines")
-            key = self._keys[url] = (u.hostname, u.port or 80)
-        return key
-
-    async def request(
-        self,
-        url: str,
-        path: str,
-        headers: dict[str, str],
-        body: bytes | None,
-        method: str = "POST",
-        content_type: str = "application/json",
-    ) -> EngineConnection:
-        """A connection with the request sent; its answer is read through it. A kept
-        connection that turns out closed before any answer is replaced once by a new one."""
-        key = self.key(url)
-        conn = self._reused(key)
-        if conn is not None:
-            conn.send(path, headers, body, method, content_type)
-            try:
-                await conn.head()
-                return conn
-            except EngineConnectionError:
-                if conn.received_any:
-                    raise
-                conn.close()  # closed by the engine while idle: try once on a new one
-            except BaseException:  # cancelled while waiting: the request is abandoned
-                conn.close()
-                raise
-        conn = await self._open(key)
-        conn.send(path, headers, body, method, content_type)
-        try:
-            await conn.head()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _reused(self, key: tuple[str, int]) -> EngineConnection | None:
-        idle = self._idle.get(key)
-        now = time.monotonic()
-        while idle:
-            conn = idle.pop()
-            if conn.usable and now - conn.idle_since < IDLE_FOR:
-                return conn
-            conn.close()
-        return None
-
-    async def _open(self, key: tuple[str, int]) -> EngineConnection:
-        loop = asyncio.get_running_loop()
-        host, port = key
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                _, proto = await loop.create_connection(lambda: EngineConnection(key), host, port)
-        except TimeoutError as e:
-            raise EngineConnectionError(
-                f"no connection to {host}:{port} within {self.connect_timeout:g}s"
-            ) from e
-        except OSError as err:
-            raise EngineConnectionError(f"cannot connect to {host}:{port}: {err}") from err
-        self.opened += 1
-        return proto
-
-    def release(self, conn: EngineConnection) -> None:
-        """Back to the pool if its answer was read whole and it may be reused; else closed."""
-        if not conn.ready_again():
-            conn.close()
-            return
-        conn.resume()
-        conn.idle_since = time.monotonic()
-        idle = self._idle.setdefault(conn.key, [])
-        if len(idle) >= self.max_idle:
-            conn.close()
-            return
-        idle.append(conn)
-
-    def close(self) -> None:
-        for idle in self._idle.values():
-            for conn in idle:
-                conn.close()
-        self._idle.clear()

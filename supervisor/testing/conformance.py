@@ -34,15 +34,8 @@ import anyio
 import pytest
 
 from supervisor.backends import Backend, BackendError, EngineEndpoint, load_backend
-from supervisor.model import (
-    ClientRequest,
-    EngineSpec,
-    Progress,
-    Readiness,
-    Role,
-    TextlessTokens,
-    UpstreamRequest,
-)
+from supervisor.model import EngineSpec, Readiness, Role
+from supervisor.requests import ClientRequest, Progress, TextlessTokens, UpstreamRequest
 from supervisor.testing.cluster import EngineProcess, free_port, running_engine, simulated
 from supervisor.testing.gpuledger import LEDGER_ENV
 from supervisor.upstream import iter_sse_data

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from supervisor.model import COMPLETIONS_DEFAULT_MAX_TOKENS
+from supervisor.requests import COMPLETIONS_DEFAULT_MAX_TOKENS
 from supervisor.testing.simchunks import OpenAIShape, embedding_of
 from supervisor.testing.simengine import EngineCoreDead, RequestAborted, Token
 from supervisor.testing.simrequest import ApiBase, ApiError

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from supervisor.backends import BackendError, load_backend
 from supervisor.config import ConfigError, load, parse
-from supervisor.frontend.server import HeadError, parse_head
-from supervisor.model import UpstreamRequest
+from supervisor.frontend.heads import HeadError, parse_head
+from supervisor.requests import UpstreamRequest
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

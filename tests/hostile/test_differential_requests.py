@@ -25,8 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.frontend.app import error_body
-from supervisor.frontend.server import FrontendServer, Reply, Request, _Connection
+from supervisor.frontend.heads import Request
+from supervisor.frontend.server import FrontendServer, Reply, _Connection
+from supervisor.frontend.validate import error_body
 from supervisor.netguard import ConnectionGuard
 
 # (method, path, query, body)

@@ -24,7 +24,8 @@ import anyio
 import pytest
 
 from supervisor.events import SseSplitter
-from supervisor.frontend.wire import EngineConnection, EnginePool, EngineProtocolError
+from supervisor.frontend.engine_pool import EnginePool
+from supervisor.frontend.wire import EngineConnection, EngineProtocolError
 from supervisor.testing.cluster import FAST_SIM_ARGS, sim_slot, start_supervisor
 from supervisor.upstream import iter_sse_data
 

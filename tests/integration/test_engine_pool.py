@@ -14,15 +14,11 @@ import orjson
 import pytest
 
 from plugins.vllm import VllmBackend
-from supervisor.backends import EngineEndpoint
+from supervisor.backends import EngineAnswerGarbled, EngineEndpoint, EngineUnreachable
 from supervisor.config import FrontendConfig
 from supervisor.events import SseSplitter
-from supervisor.frontend.wire import (
-    EngineConnection,
-    EngineConnectionError,
-    EnginePool,
-    EngineProtocolError,
-)
+from supervisor.frontend.engine_pool import EnginePool
+from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
 from supervisor.model import EngineSpec, Readiness
 from supervisor.testing.cluster import free_port, running_engine
 
@@ -328,12 +324,12 @@ async def test_a_lean_get_carries_its_query_and_no_body() -> None:
     assert b"content-length" not in heads[0].lower()
 
 
-async def test_lean_endpoint_failures_are_the_aiohttp_errors_plugins_catch() -> None:
+async def test_lean_endpoint_failures_are_the_contract_errors_plugins_catch() -> None:
     pool = EnginePool(connect_timeout=1)
     async with aiohttp.ClientSession() as session:
         try:
             nobody = EngineEndpoint(f"http://127.0.0.1:{free_port()}", session, 2.0, pool=pool)
-            with pytest.raises(aiohttp.ClientConnectionError):
+            with pytest.raises(EngineUnreachable):
                 await nobody.call("GET", "/health")
             assert await VllmBackend().health(nobody) == Readiness.DOWN
         finally:
@@ -346,7 +342,7 @@ async def test_lean_endpoint_failures_are_the_aiohttp_errors_plugins_catch() -> 
         w.close()
 
     async with lean_endpoint(garbage) as ep:
-        with pytest.raises(aiohttp.ClientPayloadError):
+        with pytest.raises(EngineAnswerGarbled):
             await ep.call("GET", "/health")
 
 

@@ -12,8 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from supervisor.frontend.app import error_body
-from supervisor.frontend.server import FrontendServer, Reply, Request
+from supervisor.frontend.heads import Request
+from supervisor.frontend.server import FrontendServer, Reply
+from supervisor.frontend.validate import error_body
 from supervisor.netguard import ConnectionGuard
 
 pytestmark = pytest.mark.anyio

@@ -20,6 +20,7 @@ import pytest
 from plugins.vllm import VllmBackend
 from supervisor.backends import StreamDecoder
 from supervisor.config import FrontendConfig, HealthConfig
+from supervisor.frontend.outcome import ClientGone, MigrationFailed
 from supervisor.frontend.routing import (
     DEADLINE_GRAIN,
     Deadlines,
@@ -28,9 +29,11 @@ from supervisor.frontend.routing import (
     Router,
     Target,
 )
-from supervisor.frontend.streams import ClientGone, ClientShape, MigrationFailed, RequestRelay
+from supervisor.frontend.shape import ClientShape
+from supervisor.frontend.streams import RequestRelay
 from supervisor.metrics import Metrics
-from supervisor.model import ClientRequest, EngineSpec, Piece, Progress, UpstreamRequest
+from supervisor.model import EngineSpec
+from supervisor.requests import ClientRequest, Piece, Progress, UpstreamRequest
 from supervisor.sessions import Sessions, open_sessions
 from supervisor.testing.cluster import FAST_SIM_ARGS, free_port, running_engine
 

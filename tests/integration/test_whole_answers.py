@@ -12,9 +12,10 @@ import orjson
 import pytest
 
 from supervisor.backends import MalformedStream
-from supervisor.frontend.wire import EnginePool, EngineProtocolError
-from supervisor.model import Progress
+from supervisor.frontend.engine_pool import EnginePool
+from supervisor.frontend.wire import EngineProtocolError
 from supervisor.openai_shapes import OpenAIStreamDecoder
+from supervisor.requests import Progress
 
 pytestmark = pytest.mark.anyio
 

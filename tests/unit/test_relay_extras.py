@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from supervisor.frontend.streams import Extras
-from supervisor.model import ClientRequest, Progress
+from supervisor.frontend.extras import Extras
 from supervisor.openai_shapes import token_continuation
+from supervisor.requests import ClientRequest, Progress
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -18,7 +18,6 @@ from supervisor.backends import (
     MetricNames,
     StreamDecoder,
 )
-from supervisor.model import ClientRequest, Progress, UpstreamRequest
 from supervisor.openai_shapes import (
     OpenAIStreamDecoder,
     path_for,
@@ -26,6 +25,7 @@ from supervisor.openai_shapes import (
     text_continuation,
     token_continuation,
 )
+from supervisor.requests import ClientRequest, Progress, UpstreamRequest
 
 # 1. The engine's facts: how it is launched and what its HTTP API looks like.
 DIALECT = Dialect(

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 
 from supervisor.backends import Backend, BackendError, Dialect, EngineEndpoint, StreamDecoder
-from supervisor.model import ClientRequest, Progress, UpstreamRequest
 from supervisor.openai_shapes import (
     COMPLETIONS_PATH,
     OpenAIStreamDecoder,
     streamed_body,
     text_continuation,
 )
+from supervisor.requests import ClientRequest, Progress, UpstreamRequest
 
 DIALECT = Dialect(
     name="tinyserve",
