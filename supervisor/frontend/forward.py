@@ -17,24 +17,83 @@ import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import anyio
 import orjson
 
 from supervisor.auth import bearer_matches
+from supervisor.config import Config, FrontendConfig
 from supervisor.frontend.engine_pool import EnginePool
 from supervisor.frontend.heads import Request
-from supervisor.frontend.routing import EngineWait, Lease, Rejected, Router, Target, engine_ids
+from supervisor.frontend.routing import (
+    EngineDirectory,
+    EngineWait,
+    Lease,
+    Rejected,
+    Router,
+    Target,
+    engine_ids,
+)
 from supervisor.frontend.server import Reply
 from supervisor.frontend.validate import BadRequest, error_body, request_id
 from supervisor.frontend.wire import EngineConnection, EngineConnectionError, EngineProtocolError
 from supervisor.jsonbody import BadJson
 from supervisor.jsonbody import parse as parse_json
 from supervisor.metric_labels import RejectReason
+from supervisor.metrics import Metrics
+from supervisor.sessions import Sessions
 
-if TYPE_CHECKING:
-    from supervisor.frontend.app import Frontend
+
+class ForwardingFrontend(Protocol):
+    """What a forwarded route reads of the frontend (:class:`supervisor.frontend.app.
+    Frontend` is one): the forwarded routes share its admission, auth, limits and metrics."""
+
+    active: int  # requests in flight (a forwarded one counts while it runs)
+
+    @property
+    def api_key(self) -> str | None: ...
+
+    @property
+    def logs_info(self) -> bool: ...
+
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def fcfg(self) -> FrontendConfig: ...
+
+    @property
+    def directory(self) -> EngineDirectory: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def sessions(self) -> Sessions: ...
+
+    @property
+    def log(self) -> Any: ...
+
+    def no_such_model(self, model: str) -> BadRequest:
+        """The 404 (or, while starting, 503) for a model no engine serves."""
+        ...
+
+    def engine_fields(self, engines: list[Target]) -> list[tuple[str, str]]:
+        """The headers that name the engines a request went to."""
+        ...
+
+    def unavailable(self, reply: Reply, message: str) -> None:
+        """Answer 503 with the frontend's Retry-After."""
+        ...
+
+    def leave(self) -> None:
+        """A request in flight is over (the drain waits for the last one)."""
+        ...
+
 
 # Client path -> the label of its metrics (a fixed table: never the client's own path).
 ROUTES: Final[dict[str, str]] = {
@@ -279,7 +338,9 @@ def error_event(path: str, message: str, last_seq: int) -> bytes:
 
 
 # -- the route ---------------------------------------------------------------------------
-async def forward_route(front: Frontend, request: Request, reply: Reply, label: str) -> None:
+async def forward_route(
+    front: ForwardingFrontend, request: Request, reply: Reply, label: str
+) -> None:
     """A route passed to an engine as it is (see :mod:`supervisor.frontend.forward`)."""
     method = request.method
     allowed = ("GET", "POST", "DELETE") if label == OTHER_V1 else ("POST",)
@@ -392,7 +453,7 @@ async def forward_route(front: Frontend, request: Request, reply: Reply, label: 
     return None
 
 
-def forwarded_model(front: Frontend, body: bytes, content_type: str) -> str | None:
+def forwarded_model(front: ForwardingFrontend, body: bytes, content_type: str) -> str | None:
     """The model a forwarded body names (None: any engine will do); 400 for a JSON body
     that is not an object or names a model that is not a string, 404 for a model no
     engine serves. (Whether it streams is the engine's answer's to say.)"""
@@ -421,7 +482,7 @@ def forwarded_model(front: Frontend, body: bytes, content_type: str) -> str | No
     return model
 
 
-def any_model(front: Frontend) -> str | None:
+def any_model(front: ForwardingFrontend) -> str | None:
     """For a request that names no model: the model whose least-loaded engine is the
     least loaded of all (the first model when none has an engine now: it waits)."""
     models = front.directory.models()

@@ -10,18 +10,50 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import Final
 
-from supervisor.backends import MalformedStream, StreamDecoder
+from supervisor.backends import Backend, MalformedStream, StreamDecoder
+from supervisor.config import FrontendConfig
 from supervisor.events import SseSplitter
-from supervisor.frontend.routing import Target
+from supervisor.frontend.routing import Router, Target
 from supervisor.frontend.wire import EngineConnection
-
-if TYPE_CHECKING:
-    from supervisor.frontend.streams import RequestRelay
 
 # The weight of one read's gap in a stream's running average (about the last eight count).
 _GAP_WEIGHT: Final = 0.125
+
+
+class PumpedRelay:
+    """What the pump reads and writes of the request it relays; the relay
+    (:class:`supervisor.frontend.streams.RequestRelay`) is its subclass. A base class, not
+    a Protocol: compiled, these fields are read as the object's own slots at every read of
+    an engine's stream, where a Protocol would look each one up by name."""
+
+    def __init__(
+        self,
+        cfg: FrontendConfig,
+        router: Router,
+        emit_now: Callable[[bytes], bool] | None,
+    ) -> None:
+        self.cfg = cfg
+        self.router = router
+        # Writes to the client only if it can take them at once, saying whether it did.
+        self.emit_now = emit_now
+        self.stop_reason: str | None = None  # the stop string that ended the answer
+        self.held_windows = 0  # coalescing windows its reads waited for
+        self.last_event = 0.0  # when the engine's last whole event came (monotonic)
+        self.writing_since: float | None = None  # blocked on the client, not the engine
+
+    def take_events(
+        self, backend: Backend, decoder: StreamDecoder, events: list[bytes], out: list[bytes]
+    ) -> bool:
+        """Decode one read's events into the answer, appending what the client is to get
+        to ``out``. True once nothing more is needed from this stream."""
+        raise NotImplementedError  # the relay's
+
+    async def send(self, data: bytes) -> None:
+        """Write to the client, waiting for it to take the bytes."""
+        raise NotImplementedError  # the relay's
 
 
 class _Pump:
@@ -53,7 +85,7 @@ class _Pump:
 
 
 async def pump(
-    relay: RequestRelay, conn: EngineConnection, target: Target, decoder: StreamDecoder
+    relay: PumpedRelay, conn: EngineConnection, target: Target, decoder: StreamDecoder
 ) -> None:
     """Relay the answer as it arrives. Each read is decoded in the connection's
     callback and written to the client there and then; this task only steps in to

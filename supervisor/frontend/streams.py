@@ -43,7 +43,7 @@ from supervisor.frontend.outcome import (
     UpstreamClientError,
     engine_status_error,
 )
-from supervisor.frontend.pump import pump
+from supervisor.frontend.pump import PumpedRelay, pump
 from supervisor.frontend.routing import EngineWait, Lease, Rejected, Router, Target
 from supervisor.frontend.shape import ClientShape
 from supervisor.frontend.stops import NO_STOPS, StopStrings
@@ -71,7 +71,7 @@ _WHOLE_LIMIT: Final = 64 * 1024 * 1024
 Emit = Callable[[bytes], Awaitable[None]]
 
 
-class RequestRelay:
+class RequestRelay(PumpedRelay):
     """One client request's journey through one or more engines."""
 
     def __init__(
@@ -87,10 +87,10 @@ class RequestRelay:
         emit: Emit | None,
         emit_now: Callable[[bytes], bool] | None = None,
     ) -> None:
-        self.req, self.rid, self.shape = req, rid, shape
         # Writes to the client: ``emit`` waits for it; ``emit_now`` writes only if it can
         # at once, and says whether it did.
-        self.emit_now = emit_now
+        super().__init__(cfg, router, emit_now)
+        self.req, self.rid, self.shape = req, rid, shape
         self.budget = req.token_budget  # asked once: it is read at every token
         self.engine_req = req.for_engines()
         # Engine-side ids are unique even when clients reuse an X-Request-Id: an engine
@@ -124,7 +124,7 @@ class RequestRelay:
             # whole, and on a failure asked again from the start (nothing was sent yet).
             self.whole_ok = True
         self.textless = TextlessTokens()
-        self.router, self.sessions, self.cfg = router, sessions, cfg
+        self.sessions = sessions
         self.stall_timeout = health.stall_timeout
         self.first_token_timeout = health.first_token_timeout
         self.metrics, self.emit = metrics, emit
@@ -132,7 +132,6 @@ class RequestRelay:
         self.model = str(req.body.get("model"))
         # The answer so far.
         self.emitted = 0  # characters of the answer sent to the client
-        self.stop_reason: str | None = None  # the stop string that ended the answer
         self.finish: str | None = None
         self.finished_at = 0.0
         self.prompt_tokens: int | None = None
@@ -143,15 +142,12 @@ class RequestRelay:
         self.moved_to: tuple[Target, ...] = ()  # the engines each later attempt went to
         self.inexact: tuple[str, ...] = ()  # what a continuation could not honour
         self.seam_pending = False  # the next chunk is the first after a migration
-        self.held_windows = 0  # coalescing windows its reads waited for
         # The attempt under way.
         self.outcome = Outcome.RUNNING  # how it ended, set where that is seen
         self.outcome_detail = ""  # what the watchdog saw (STALLED, DEADLINE)
         self.current: tuple[Lease, UpstreamRequest] | None = None
         self.whole = False  # its answer comes whole
         self.sent_before_attempt = 0
-        self.last_event = 0.0
-        self.writing_since: float | None = None  # blocked on the client, not the engine
         self._timer: asyncio.TimerHandle | None = None  # the stall watchdog's next check
         self._log: Any = None
 
