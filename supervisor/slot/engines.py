@@ -9,10 +9,11 @@ engine is stopped (:meth:`EngineLifecycle.stop`) and leaves the slot
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import anyio
@@ -22,6 +23,7 @@ from supervisor.engines import group_members, signal_group
 from supervisor.flocklease import FLOCK, FlockStandby
 from supervisor.model import AWAKE, Engine, EngineSpec, EngineState, Readiness, Role
 from supervisor.procfs import read_stat
+from supervisor.slot.core import SlotCore
 from supervisor.slot.placement import (
     FailoverError,
     Held,
@@ -30,10 +32,8 @@ from supervisor.slot.placement import (
     free_port,
     group_of,
     held,
+    next_number,
 )
-
-if TYPE_CHECKING:
-    from supervisor.slot.controller import SlotController
 
 ENDED = (EngineState.FAILED, EngineState.STOPPED)
 
@@ -82,11 +82,14 @@ def suspend_strategy(name: str, lock_path: Path) -> SuspendStrategy | None:
 class EngineLifecycle:
     """Launches, watches, sleeps, wakes, stops and reaps the engines of one slot."""
 
-    def __init__(self, ctl: SlotController) -> None:
+    def __init__(self, ctl: SlotCore) -> None:
         self.ctl = ctl
         self.lock_path = ctl.cfg.state_dir / "locks" / f"{ctl.scfg.name}.lock"
         # With suspend = "flock", the slot's engines share this lock: its holder serves.
         self.suspender = suspend_strategy(ctl.scfg.suspend, self.lock_path)
+        # Engine ids: in a cluster they name their node, so they are unique cluster-wide.
+        self.id_prefix = f"{ctl.cfg.node}." if ctl.cfg.cluster.enabled else ""
+        self.ids = itertools.count()  # past the adopted ones (see adopt)
 
     @property
     def flock(self) -> bool:
@@ -181,7 +184,7 @@ class EngineLifecycle:
         if port is None:
             raise FailoverError("no free port in the slot's range (an engine still runs)")
         gpus = choose_gpus(ctl.scfg, role, taken, ctl.gpu_broken)
-        eid = f"{ctl.id_prefix}{ctl.slot.name}-{next(ctl.ids)}"
+        eid = f"{self.id_prefix}{ctl.slot.name}-{next(self.ids)}"
         engine = Engine(
             eid,
             ctl.slot.name,
@@ -497,6 +500,7 @@ class EngineLifecycle:
             signal_group(engine.pid or 0, signal.SIGKILL)  # ours, but not usable
             return None
         ctl.engines[engine.id] = engine
+        self.ids = itertools.count(next_number(ctl.engines))  # new engines number on
         ctl.manager.adopt(ctl.watchers(), engine)
         self.set_state(engine, state, "adopted from an earlier supervisor")
         self.start_probes(engine)

@@ -21,6 +21,7 @@ from supervisor.metrics import Metrics
 from supervisor.model import Engine, EngineState, FailoverRecord, Pause
 from supervisor.sessions import Sessions
 from supervisor.slot.controller import EFFECTS, SlotController
+from supervisor.slot.core import SlotCore
 from supervisor.slot.engines import EngineLifecycle
 from supervisor.slot.placement import FailoverError
 from supervisor.slot.table import Effect, Phase
@@ -51,7 +52,7 @@ class FakeLifecycle(EngineLifecycle):
     """Engines come up, sleep, wake and stop at once; ``fail_wake`` names engines whose
     wake fails, ``fail_launch`` makes every launch fail."""
 
-    def __init__(self, ctl: SlotController) -> None:
+    def __init__(self, ctl: SlotCore) -> None:
         super().__init__(ctl)
         self.fail_wake: set[str] = set()
         self.fail_launch = False
