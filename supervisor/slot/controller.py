@@ -66,6 +66,10 @@ HISTORY = 50  # failover records kept for /status
 RETIRED = 16  # gone engines kept for /status (the rest leave it, and the metrics)
 
 EffectHandler = Callable[["SlotController", Move, str], Awaitable[None]]
+# EngineLifecycle, or a stand-in for it (the unit tests' engines that are records).
+LifecycleFactory = Callable[
+    [SlotCore, Backend, EngineManager, HealthJudge, Sessions], EngineLifecycle
+]
 
 
 async def _nothing() -> None:
@@ -111,7 +115,7 @@ class SlotController:
         node_pause: Callable[[], Pause | None] = lambda: None,
         move_streams: Callable[[str], int] = lambda engine_id: 0,
         streams_on: Callable[[str], int] = lambda engine_id: 0,
-        lifecycle: Callable[[SlotCore], EngineLifecycle] = EngineLifecycle,
+        lifecycle: LifecycleFactory = EngineLifecycle,
     ) -> None:
         self.cfg, self.scfg, self.backend = cfg, slot_cfg, backend
         self.manager, self.judge, self.metrics = manager, judge, metrics
@@ -133,7 +137,7 @@ class SlotController:
         self.ready = anyio.Event()
         # The slot's parts, each with one job (their modules say which); each sees the
         # slot only as a SlotCore (supervisor.slot.core: what a part may touch).
-        self.lifecycle: EngineLifecycle = lifecycle(self)
+        self.lifecycle: EngineLifecycle = lifecycle(self, backend, manager, judge, sessions)
         self.replenisher: Replenisher = Replenisher(self)
         self.promoter: Promoter = Promoter(self)
         self.planned: Planned = Planned(self, move_streams, streams_on)

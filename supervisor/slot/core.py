@@ -30,11 +30,8 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from supervisor.backends import Backend
 from supervisor.config import Config, SlotConfig
 from supervisor.coordination.local import Coordinator
-from supervisor.engines import EngineManager
-from supervisor.health import HealthJudge
 from supervisor.metrics import Metrics
 from supervisor.model import (
     Engine,
@@ -45,7 +42,6 @@ from supervisor.model import (
     ScheduledSwitchover,
     Slot,
 )
-from supervisor.sessions import Sessions
 from supervisor.slot.table import Decision, Event, Facts, FailoverCause, Phase
 
 
@@ -197,26 +193,15 @@ class SlotCore(Protocol):
     ``phase`` moves only through :meth:`handle`.
     """
 
-    # The settings and the node's tools.
+    # The settings and the node's tools. (An engine's processes, plugin and probes are
+    # the lifecycle's alone: it is handed the backend, manager, judge and sessions.)
     @property
     def cfg(self) -> Config: ...
 
     scfg: SlotConfig  # the slot's spec engines launch from (a rollout changes it)
 
     @property
-    def backend(self) -> Backend: ...
-
-    @property
-    def manager(self) -> EngineManager: ...
-
-    @property
-    def judge(self) -> HealthJudge: ...
-
-    @property
     def metrics(self) -> Metrics: ...
-
-    @property
-    def sessions(self) -> Sessions: ...
 
     @property
     def coord(self) -> Coordinator: ...

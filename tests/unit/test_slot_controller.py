@@ -52,8 +52,8 @@ class FakeLifecycle(EngineLifecycle):
     """Engines come up, sleep, wake and stop at once; ``fail_wake`` names engines whose
     wake fails, ``fail_launch`` makes every launch fail."""
 
-    def __init__(self, ctl: SlotCore) -> None:
-        super().__init__(ctl)
+    def __init__(self, ctl: SlotCore, *tools: Any) -> None:
+        super().__init__(ctl, *tools)
         self.fail_wake: set[str] = set()
         self.fail_launch = False
         self.woken: list[str] = []
