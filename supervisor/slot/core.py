@@ -76,8 +76,8 @@ class Step:
 
 # -- what the parts ask of one another (each through the slot) -------------------------
 class Lifecycle(Protocol):
-    """What the other parts ask of the slot's engines (:class:`~supervisor.slot.engines.
-    EngineLifecycle`): the one place an engine is placed, launched, woken, stopped."""
+    """What the other parts ask of the slot's engines: the one place an engine is placed,
+    launched, woken and stopped (:class:`~supervisor.slot.engines.EngineLifecycle`)."""
 
     @property
     def flock(self) -> bool:
