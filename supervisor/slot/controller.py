@@ -6,7 +6,9 @@ decision's sentence, sets or clears the degraded reason as the row says, and run
 row's effect through ``EFFECTS``. The work itself lives next door: engines in
 :mod:`~supervisor.slot.engines`, unplanned promotions in :mod:`~supervisor.slot.promote`,
 switchovers and drains in :mod:`~supervisor.slot.planned`, rollouts in
-:mod:`~supervisor.slot.rollout`, relaunches in :mod:`~supervisor.slot.replenish`.
+:mod:`~supervisor.slot.rollout`, relaunches in :mod:`~supervisor.slot.replenish`. Each
+part is handed the controller as a :class:`~supervisor.slot.core.SlotCore`, the list of
+what a part may touch on its slot; the parts import that module, never this one.
 
 Who may change the slot's epoch: a promotion (``Promoter.promote``, after the cluster
 granted the claim), the cluster confirming our active (:meth:`SlotController.confirm_epoch`),
@@ -16,10 +18,9 @@ and the state file at adoption (:meth:`SlotController.adopt`). Nothing outside
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -42,9 +43,10 @@ from supervisor.model import (
     Slot,
 )
 from supervisor.sessions import Sessions
+from supervisor.slot.core import Move, SlotCore
 from supervisor.slot.engines import ENDED, EngineLifecycle
 from supervisor.slot.planned import Planned
-from supervisor.slot.promote import Move, Promoter
+from supervisor.slot.promote import Promoter
 from supervisor.slot.replenish import Replenisher
 from supervisor.slot.rollout import Rollout
 from supervisor.slot.startup import Startup
@@ -64,6 +66,10 @@ HISTORY = 50  # failover records kept for /status
 RETIRED = 16  # gone engines kept for /status (the rest leave it, and the metrics)
 
 EffectHandler = Callable[["SlotController", Move, str], Awaitable[None]]
+# EngineLifecycle, or a stand-in for it (the unit tests' engines that are records).
+LifecycleFactory = Callable[
+    [SlotCore, Backend, EngineManager, HealthJudge, Sessions], EngineLifecycle
+]
 
 
 async def _nothing() -> None:
@@ -109,7 +115,7 @@ class SlotController:
         node_pause: Callable[[], Pause | None] = lambda: None,
         move_streams: Callable[[str], int] = lambda engine_id: 0,
         streams_on: Callable[[str], int] = lambda engine_id: 0,
-        lifecycle: Callable[[SlotController], EngineLifecycle] = EngineLifecycle,
+        lifecycle: LifecycleFactory = EngineLifecycle,
     ) -> None:
         self.cfg, self.scfg, self.backend = cfg, slot_cfg, backend
         self.manager, self.judge, self.metrics = manager, judge, metrics
@@ -118,28 +124,23 @@ class SlotController:
         self.gpu_broken = gpu_broken  # GPUs a fatal XID (or NVML) marked broken
         self.coord: Coordinator = coordinator or LocalCoordinator()
         self.node_pause = node_pause  # the whole node's maintenance mode, if any
-        # Takes every stream off an engine now; they resume where the slot is served.
-        self.move_streams = move_streams
-        self.streams_on = streams_on  # streams the frontend relays through an engine now
         self.pause: Pause | None = None  # this slot's own maintenance mode
         self.waiting_for_etcd = False  # a promotion refused while etcd was unreachable
-        # In a cluster, engine ids name their node: they are unique cluster-wide.
-        self.id_prefix = f"{cfg.node}." if cfg.cluster.enabled else ""
         self.slot = Slot(slot_cfg.name, slot_cfg.model_name)
         self.phase = Phase.STARTING
         self.engines: dict[str, Engine] = {}
         self.retired: deque[Engine] = deque(maxlen=RETIRED)
         self.lock = anyio.Lock()  # one promotion at a time per slot
-        self.ids: Iterator[int] = itertools.count()
         self._closed = anyio.Event()
         self._tg: TaskGroup | None = None
         self.log = logging.get(node=cfg.node, slot=slot_cfg.name)
         self.ready = anyio.Event()
-        # The slot's parts, each with one job (their modules say which).
-        self.lifecycle: EngineLifecycle = lifecycle(self)
+        # The slot's parts, each with one job (their modules say which); each sees the
+        # slot only as a SlotCore (supervisor.slot.core: what a part may touch).
+        self.lifecycle: EngineLifecycle = lifecycle(self, backend, manager, judge, sessions)
         self.replenisher: Replenisher = Replenisher(self)
         self.promoter: Promoter = Promoter(self)
-        self.planned: Planned = Planned(self)
+        self.planned: Planned = Planned(self, move_streams, streams_on)
         self.rollouts: Rollout = Rollout(self)
         self.startup: Startup = Startup(self)
         self.slot.degraded_reason = "starting"  # until the table says otherwise
@@ -292,7 +293,7 @@ class SlotController:
             "shadows_missing": self.missing_shadows(),
             "shadow_shortfall": self.replenisher.shortfall or None,
             "paused": p.as_dict() if (p := self.paused()) is not None else None,
-            "scheduled_switchover": self.scheduled.as_dict() if self.scheduled else None,
+            "scheduled_switchover": s.as_dict() if (s := self.planned.scheduled) else None,
             "generation": r.generation,
             "rollout_pending": r.pending_changes or None,
             "rollout": r.progress.as_dict() if r.progress else None,
@@ -362,7 +363,9 @@ class SlotController:
         """etcd answers again: a promotion it refused meanwhile is tried now."""
         if self.waiting_for_etcd and self._tg is not None and not self.stopped:
             self.waiting_for_etcd = False
-            self.spawn(self.recover, "etcd is reachable again", why="recover: etcd is back")
+            self.spawn(
+                self.promoter.recover, "etcd is reachable again", why="recover: etcd is back"
+            )
             self.replenisher.kick()  # a slot without shadows restarts its engine cold
 
     # -- start-up (the work is in startup.py) -------------------------------------------
@@ -404,13 +407,6 @@ class SlotController:
         why = f"active engine {engine.id} failed ({source}: {reason})"
         await self.handle(Event.ACTIVE_DIED, why, move=move)
 
-    async def recover(self, why: str) -> None:
-        """A degraded slot (or one whose active engine did not start) with a shadow ready:
-        promote it."""
-        if self.slot.active is not None or self.coord.served_elsewhere(self.slot.name):
-            return
-        await self.handle(Event.SHADOW_READY, why)
-
     # -- replenishing --------------------------------------------------------------------
     def restore_shadows(self) -> int:
         """Launch the shadows the slot is missing (e.g. after a broken GPU was cleared)."""
@@ -449,7 +445,7 @@ class SlotController:
             self.log.info("resumed: automatic failover and relaunch are on again")
             if self.slot.active is None and self.phase is Phase.DEGRADED and self.ready.is_set():
                 why = "resumed with the active engine lost"
-                self.spawn(self.recover, why, why=f"recover: {why}")
+                self.spawn(self.promoter.recover, why, why=f"recover: {why}")
             self.replenisher.kick()
         self.on_change()
 
@@ -467,10 +463,6 @@ class SlotController:
 
     def cancel_scheduled(self, why: str = "cancelled") -> ScheduledSwitchover | None:
         return self.planned.cancel(why)
-
-    @property
-    def scheduled(self) -> ScheduledSwitchover | None:
-        return self.planned.scheduled
 
     async def drain(self, engine_id: str, limit: float | None = None) -> None:
         await self.planned.drain(engine_id, limit)

@@ -9,19 +9,23 @@ engine is stopped (:meth:`EngineLifecycle.stop`) and leaves the slot
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import anyio
 
-from supervisor.backends import BackendError, EngineEndpoint, EngineOutOfMemory
-from supervisor.engines import group_members, signal_group
+from supervisor.backends import Backend, BackendError, EngineEndpoint, EngineOutOfMemory
+from supervisor.engines import EngineManager, group_members, signal_group
 from supervisor.flocklease import FLOCK, FlockStandby
+from supervisor.health import HealthJudge
 from supervisor.model import AWAKE, Engine, EngineSpec, EngineState, Readiness, Role
 from supervisor.procfs import read_stat
+from supervisor.sessions import Sessions
+from supervisor.slot.core import SlotCore
 from supervisor.slot.placement import (
     FailoverError,
     Held,
@@ -30,10 +34,8 @@ from supervisor.slot.placement import (
     free_port,
     group_of,
     held,
+    next_number,
 )
-
-if TYPE_CHECKING:
-    from supervisor.slot.controller import SlotController
 
 ENDED = (EngineState.FAILED, EngineState.STOPPED)
 
@@ -82,11 +84,24 @@ def suspend_strategy(name: str, lock_path: Path) -> SuspendStrategy | None:
 class EngineLifecycle:
     """Launches, watches, sleeps, wakes, stops and reaps the engines of one slot."""
 
-    def __init__(self, ctl: SlotController) -> None:
+    def __init__(
+        self,
+        ctl: SlotCore,
+        backend: Backend,
+        manager: EngineManager,
+        judge: HealthJudge,
+        sessions: Sessions,
+    ) -> None:
         self.ctl = ctl
+        # The engines' own tools: no other part of the slot talks to an engine's processes,
+        # its plugin or its probes (the slot's callers may, through the controller).
+        self.backend, self.manager, self.judge, self.sessions = backend, manager, judge, sessions
         self.lock_path = ctl.cfg.state_dir / "locks" / f"{ctl.scfg.name}.lock"
         # With suspend = "flock", the slot's engines share this lock: its holder serves.
         self.suspender = suspend_strategy(ctl.scfg.suspend, self.lock_path)
+        # Engine ids: in a cluster they name their node, so they are unique cluster-wide.
+        self.id_prefix = f"{ctl.cfg.node}." if ctl.cfg.cluster.enabled else ""
+        self.ids = itertools.count()  # past the adopted ones (see adopt)
 
     @property
     def flock(self) -> bool:
@@ -95,15 +110,13 @@ class EngineLifecycle:
 
     def endpoint(self, engine: Engine, timeout: float | None = None) -> EngineEndpoint:
         """For probes and readiness checks (their own connection pool)."""
-        s = self.ctl.sessions
+        s = self.sessions
         timeout = timeout or self.ctl.cfg.health.probe_timeout
         return EngineEndpoint(engine.url, s.probes, timeout, pool=s.probe_pool)
 
     def control(self, engine: Engine) -> EngineEndpoint:
         """For sleep and wake (their own pool, never queued behind probes or clients)."""
-        return EngineEndpoint(
-            engine.url, self.ctl.sessions.control, self.ctl.cfg.failover.wake_timeout
-        )
+        return EngineEndpoint(engine.url, self.sessions.control, self.ctl.cfg.failover.wake_timeout)
 
     def spec(self, engine_id: str, role: Role, port: int, gpus: tuple[str, ...]) -> EngineSpec:
         ctl = self.ctl
@@ -144,7 +157,7 @@ class EngineLifecycle:
 
     def plugin_failed(self, engine: Engine, hook: str, e: BaseException) -> None:
         if isinstance(e, Exception) and not isinstance(e, (BackendError, FailoverError)):
-            self.ctl.metrics.plugin_errors.labels(self.ctl.backend.name, hook).inc()
+            self.ctl.metrics.plugin_errors.labels(self.backend.name, hook).inc()
             self.ctl.log.error(
                 f"backend {hook} hook raised", engine=engine.id, error=repr(e), exc_info=e
             )
@@ -153,7 +166,7 @@ class EngineLifecycle:
     def held(self) -> Held:
         # An engine's port and GPUs stay taken until its process group is gone.
         engines = self.ctl.engines.values()
-        running = self.ctl.manager.running
+        running = self.manager.running
         return held(
             (e.spec.port, e.spec.gpus) for e in engines if e.state not in ENDED or running(e)
         )
@@ -181,7 +194,7 @@ class EngineLifecycle:
         if port is None:
             raise FailoverError("no free port in the slot's range (an engine still runs)")
         gpus = choose_gpus(ctl.scfg, role, taken, ctl.gpu_broken)
-        eid = f"{ctl.id_prefix}{ctl.slot.name}-{next(ctl.ids)}"
+        eid = f"{self.id_prefix}{ctl.slot.name}-{next(self.ids)}"
         engine = Engine(
             eid,
             ctl.slot.name,
@@ -197,13 +210,13 @@ class EngineLifecycle:
 
     async def launch(self, engine: Engine) -> None:
         ctl = self.ctl
-        cmd = ctl.manager.command(engine, ctl.backend, ctl.scfg.simulate, ctl.scfg.sim_args)
+        cmd = self.manager.command(engine, self.backend, ctl.scfg.simulate, ctl.scfg.sim_args)
         for gpu in engine.spec.gpus:
             ctl.metrics.engine_gpu.labels(engine.slot, engine.id, gpu).set(1)
         if ctl.stopped:  # (nothing starts while the slot stops, see spawn)
             raise FailoverError(f"engine {engine.id} not started: the supervisor is shutting down")
         try:
-            await ctl.manager.launch(ctl.watchers(), engine, cmd)
+            await self.manager.launch(ctl.watchers(), engine, cmd)
         except OSError as e:
             self.set_state(engine, EngineState.FAILED, f"cannot start {cmd.argv[0]}: {e}")
             ctl.spawn(self.retire, engine, why=f"retire {engine.id}, which did not start")
@@ -217,7 +230,7 @@ class EngineLifecycle:
         """The health judge's probes of ``engine``, in the slot's task group."""
         ctl = self.ctl
         ep = self.endpoint(engine)
-        ctl.spawn(ctl.judge.probe_loop, engine, ctl.backend, ep, why=f"probe {engine.id}")
+        ctl.spawn(self.judge.probe_loop, engine, self.backend, ep, why=f"probe {engine.id}")
 
     async def wait_health(self, engine: Engine, want: set[Readiness], timeout: float) -> Readiness:
         ctl = self.ctl
@@ -228,9 +241,9 @@ class EngineLifecycle:
             if engine.state in ENDED:
                 raise FailoverError(f"engine {engine.id} failed: {engine.reason}")
             try:
-                last = await ctl.backend.health(ep)
+                last = await self.backend.health(ep)
             except Exception as e:  # plugin bug: contained, counted, retried
-                ctl.metrics.plugin_errors.labels(ctl.backend.name, "health").inc()
+                ctl.metrics.plugin_errors.labels(self.backend.name, "health").inc()
                 ctl.log.error("backend health hook raised", engine=engine.id, error=repr(e))
             if last in want:
                 return last
@@ -258,7 +271,7 @@ class EngineLifecycle:
         if state is Readiness.READY:
             try:
                 with anyio.fail_after(f.wake_timeout):
-                    await self.ctl.backend.sleep(self.control(engine), f.shadow_sleep_level)
+                    await self.backend.sleep(self.control(engine), f.shadow_sleep_level)
             except Exception as e:
                 self.plugin_failed(engine, "sleep", e)
                 raise FailoverError(f"could not put shadow {engine.id} to sleep: {e!r}") from e
@@ -286,7 +299,7 @@ class EngineLifecycle:
         """An engine that did not come up: failed, killed, its place freed."""
         if engine.state not in ENDED:
             self.set_state(engine, EngineState.FAILED, why)
-            self.ctl.manager.kill_now(engine)
+            self.manager.kill_now(engine)
         self.ctl.spawn(self.retire, engine, why=f"retire {engine.id}")
 
     # -- wake ----------------------------------------------------------------------------
@@ -303,7 +316,7 @@ class EngineLifecycle:
         while True:
             try:
                 with anyio.fail_after(f.wake_timeout):
-                    await ctl.backend.wake(ep)
+                    await self.backend.wake(ep)
                 break
             except EngineOutOfMemory as e:
                 if time.monotonic() >= deadline:
@@ -344,7 +357,7 @@ class EngineLifecycle:
             # Its health route said ready all along; it serves once it generates.
             ep = self.endpoint(shadow)
             with anyio.move_on_after(timeout) as waited:
-                while not await ctl.judge.generates(shadow, ctl.backend, ep):
+                while not await self.judge.generates(shadow, self.backend, ep):
                     await anyio.sleep(0.05)
             if waited.cancelled_caught:
                 raise FailoverError(
@@ -356,14 +369,14 @@ class EngineLifecycle:
     def wake_failed(self, shadow: Engine, e: Exception) -> None:
         """A shadow that did not wake is of no use: failed, killed, its place freed."""
         self.set_state(shadow, EngineState.FAILED, f"wake failed: {e}")
-        self.ctl.manager.kill_now(shadow)
+        self.manager.kill_now(shadow)
         self.ctl.spawn(self.retire, shadow, why=f"retire {shadow.id}, which did not wake")
 
     async def memory_released(self, dead: Engine) -> bool:
         """Whether the dead engine's whole process group (its GPU memory with it) is gone
         within ``memory_release_timeout``; one that is not is killed."""
         assert dead.pid is not None
-        m = self.ctl.manager
+        m = self.manager
         gone = await m.wait_group_gone(dead.pid, self.ctl.cfg.failover.memory_release_timeout)
         if not gone:
             m.kill_now(dead)
@@ -376,7 +389,7 @@ class EngineLifecycle:
         with ``wait`` until its place (port, GPUs) is free."""
         ctl = self.ctl
         self.set_state(engine, EngineState.DRAINING, why)
-        await ctl.manager.stop(engine, ctl.cfg.failover.stop_grace)
+        await self.manager.stop(engine, ctl.cfg.failover.stop_grace)
         self.set_state(engine, EngineState.STOPPED, done or why)
         if wait:
             await self.retire(engine)
@@ -391,13 +404,13 @@ class EngineLifecycle:
         if engine.pid is not None and not await self._group_gone(engine):
             return
         if ctl.engines.get(engine.id) is engine and engine.state in ENDED:
-            if ctl.manager.running(engine) and engine.pid is not None:
+            if self.manager.running(engine) and engine.pid is not None:
                 # Its processes are gone but its exit is not read yet (the leader is a
                 # zombie until reaped): returning here held its place, and its port, forever.
                 with anyio.move_on_after(10):
-                    while ctl.manager.running(engine):
+                    while self.manager.running(engine):
                         await anyio.sleep(0.05)
-                if ctl.manager.running(engine):
+                if self.manager.running(engine):
                     ctl.log.warning(f"{engine.id}'s exit was not seen", engine=engine.id)
                     return
             if ctl.engines.get(engine.id) is engine:  # (not retired meanwhile)
@@ -410,7 +423,7 @@ class EngineLifecycle:
         del ctl.engines[engine.id]
         ctl.retired.appendleft(engine)
         ctl.metrics.forget_engine(engine.slot, engine.id, engine.spec.gpus)
-        ctl.judge.forget(engine.id)
+        self.judge.forget(engine.id)
         ctl.on_change()
 
     async def _group_gone(self, engine: Engine) -> bool:
@@ -418,7 +431,7 @@ class EngineLifecycle:
         assert engine.pid is not None
         ctl = self.ctl
         wait = ctl.cfg.failover.stop_grace + 10
-        while not await ctl.manager.wait_group_gone(engine.pid, wait):
+        while not await self.manager.wait_group_gone(engine.pid, wait):
             # Something of it outlives SIGKILL (a process in uninterruptible sleep, say):
             # say what, kill again, keep waiting; giving up would hold its place forever.
             members = group_members(engine.pid)
@@ -430,7 +443,7 @@ class EngineLifecycle:
                 processes=states,
             )
             signal_group(engine.pid, signal.SIGCONT)
-            ctl.manager.kill_now(engine)
+            self.manager.kill_now(engine)
             if ctl.stopped:
                 return False
         return True
@@ -442,10 +455,10 @@ class EngineLifecycle:
             self.set_state(engine, EngineState.STOPPED, "supervisor shutting down")
         async with anyio.create_task_group() as tg:
             for engine in list(ctl.engines.values()):
-                if ctl.manager.running(engine) or (
-                    engine.pid is not None and ctl.manager.group_alive(engine.pid)
+                if self.manager.running(engine) or (
+                    engine.pid is not None and self.manager.group_alive(engine.pid)
                 ):
-                    tg.start_soon(ctl.manager.stop, engine, ctl.cfg.failover.stop_grace)
+                    tg.start_soon(self.manager.stop, engine, ctl.cfg.failover.stop_grace)
 
     # -- adopt ---------------------------------------------------------------------------
     async def adopt(self, rec: dict[str, Any]) -> Engine | None:
@@ -483,7 +496,7 @@ class EngineLifecycle:
             engine.suspended_by = self.suspender.name
         want = Readiness.READY if state is EngineState.ACTIVE or awake else Readiness.SLEEPING
         try:
-            answer = await ctl.backend.health(self.endpoint(engine))
+            answer = await self.backend.health(self.endpoint(engine))
         except Exception as e:
             answer = Readiness.DOWN
             self.plugin_failed(engine, "health", e)
@@ -497,7 +510,8 @@ class EngineLifecycle:
             signal_group(engine.pid or 0, signal.SIGKILL)  # ours, but not usable
             return None
         ctl.engines[engine.id] = engine
-        ctl.manager.adopt(ctl.watchers(), engine)
+        self.ids = itertools.count(next_number(ctl.engines))  # new engines number on
+        self.manager.adopt(ctl.watchers(), engine)
         self.set_state(engine, state, "adopted from an earlier supervisor")
         self.start_probes(engine)
         return engine

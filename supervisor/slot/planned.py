@@ -11,25 +11,30 @@ the slot. A drain of the active engine is a switchover; of a shadow, a stop.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import anyio
 
 from supervisor.coordination.local import ClaimRefused
 from supervisor.model import Engine, EngineState, FailoverRecord, ScheduledSwitchover
+from supervisor.slot.core import Move, SlotCore, Step
 from supervisor.slot.placement import FailoverError
-from supervisor.slot.promote import Move, Step
 from supervisor.slot.table import Effect, Event, FailoverCause, Phase
-
-if TYPE_CHECKING:
-    from supervisor.slot.controller import SlotController
 
 
 class Planned:
     """A slot's planned moves and its one scheduled switchover."""
 
-    def __init__(self, ctl: SlotController) -> None:
+    def __init__(
+        self,
+        ctl: SlotCore,
+        move_streams: Callable[[str], int] = lambda engine_id: 0,
+        streams_on: Callable[[str], int] = lambda engine_id: 0,
+    ) -> None:
         self.ctl = ctl
+        # The frontend's: take every stream off an engine now (they resume where the slot
+        # is served), and how many it relays through an engine now.
+        self.move_streams, self.streams_on = move_streams, streams_on
         self.scheduled: ScheduledSwitchover | None = None
         self._scheduled_scope: anyio.CancelScope | None = None
 
@@ -104,7 +109,7 @@ class Planned:
         assert old is not None and record is not None
         ctl.slot.active = None
         ctl.lifecycle.set_state(old, EngineState.DRAINING, f"{record.kind} requested")
-        record.moved_streams = ctl.move_streams(old.id)
+        record.moved_streams = self.move_streams(old.id)
         with Step(record, "drain"):
             await ctl.lifecycle.stop(old, f"{record.kind} requested", done=record.kind)
         await ctl.promoter.failover(move)
@@ -187,10 +192,10 @@ class Planned:
         with Step(record, "drain"):
             # The old engine's streams may finish where they are (no re-prefill) ...
             with anyio.move_on_after(drain_for):
-                while ctl.streams_on(old.id):
+                while self.streams_on(old.id):
                     await anyio.sleep(0.05)
         # ... and past the limit they move instead of being cut by its stop.
-        record.moved_streams = ctl.move_streams(old.id)
+        record.moved_streams = self.move_streams(old.id)
         if record.moved_streams:
             ctl.log.info(
                 f"{record.moved_streams} stream(s) moved off {old.id} to {new.id}",

@@ -13,52 +13,21 @@ Every step is timed into the failover record.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
 from supervisor.coordination.local import ClaimRefused
 from supervisor.model import Engine, EngineState, FailoverRecord
+from supervisor.slot.core import Move, SlotCore, Step
 from supervisor.slot.placement import FailoverError
 from supervisor.slot.table import Event, FailoverCause
-
-if TYPE_CHECKING:
-    from supervisor.slot.controller import SlotController
-
-
-@dataclass
-class Move:
-    """What an effect acts on, handed to ``handle`` by whoever brought the event."""
-
-    record: FailoverRecord | None = None  # the move's record in /status (history)
-    cause: FailoverCause = FailoverCause.RECOVERY  # its metric label
-    dead: Engine | None = None  # the engine that served (or still does)
-    target: Engine | None = None  # the shadow to promote (else the first asleep)
-    epoch: int = 0  # an epoch the cluster gave (an assignment, a step down)
-    by: str = ""  # who the cluster gave the slot to (a step down)
-    reason: str = ""  # the cluster's reason (an assignment)
-    drain_for: float = 0.0  # a planned move: how long the old engine may finish streams
-    in_background: bool = False  # promote in the slot's task group; the caller goes on
-
-
-class Step:
-    """Times one failover step into ``record.steps[name]`` (seconds)."""
-
-    def __init__(self, record: FailoverRecord, name: str) -> None:
-        self.record, self.name = record, name
-
-    def __enter__(self) -> Step:
-        self.t0 = time.monotonic()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.record.steps[self.name] = round(time.monotonic() - self.t0, 6)
 
 
 class Promoter:
     """Carries out the slot's unplanned promotions (effects ``promote_shadow``,
-    ``hand_over``, ``wake_assigned``, ``stop_active``)."""
+    ``hand_over``, ``wake_assigned``, ``stop_active``), and the recovery of a degraded
+    slot once a shadow is ready (:meth:`recover`)."""
 
-    def __init__(self, ctl: SlotController) -> None:
+    def __init__(self, ctl: SlotCore) -> None:
         self.ctl = ctl
 
     def promote(self, engine: Engine, epoch: int) -> None:
@@ -70,6 +39,14 @@ class Promoter:
         engine.role = "active"
         engine.spec = replace(engine.spec, role="active")
         ctl.lifecycle.set_state(engine, EngineState.ACTIVE, f"promoted at epoch {epoch}")
+
+    async def recover(self, why: str) -> None:
+        """A degraded slot (or one whose active engine did not start) with a shadow ready:
+        promote it."""
+        ctl = self.ctl
+        if ctl.slot.active is not None or ctl.coord.served_elsewhere(ctl.slot.name):
+            return
+        await ctl.handle(Event.SHADOW_READY, why)
 
     async def promote_shadow(self, move: Move, why: str) -> None:
         """Effect ``promote_shadow``: fail the slot over to a sleeping shadow."""

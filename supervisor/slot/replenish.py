@@ -9,22 +9,19 @@ slot is paused or rolling out (the rollout launches what it needs itself), or on
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import anyio
 
 from supervisor.model import FailoverRecord
+from supervisor.slot.core import SlotCore
 from supervisor.slot.placement import FailoverError
 from supervisor.slot.table import Event
-
-if TYPE_CHECKING:
-    from supervisor.slot.controller import SlotController
 
 
 class Replenisher:
     """The slot's shadow count (and cold restarts), restored in the background."""
 
-    def __init__(self, ctl: SlotController) -> None:
+    def __init__(self, ctl: SlotCore) -> None:
         self.ctl = ctl
         self.failures = 0  # consecutive failed launches; the backoff grows with them
         self.shortfall = ""  # why the slot has fewer shadows than configured
@@ -69,7 +66,7 @@ class Replenisher:
     def _held_back(self) -> bool:
         """Whether nothing may be launched now (the reason is the shortfall)."""
         ctl = self.ctl
-        if ctl.rolling_out:
+        if ctl.rollouts.in_progress:
             return True  # the rollout launches what the slot needs itself, then kicks
         if (p := ctl.paused()) is not None:
             self.shortfall = f"paused ({p.reason}): nothing is relaunched until resumed"
@@ -97,7 +94,7 @@ class Replenisher:
             what = "the active engine cold" if cold else f"1 of {missing} missing shadow(s)"
             ctl.log.info(f"relaunching {what} in {delay:g}s", consecutive_failures=self.failures)
             await anyio.sleep(delay)
-            if ctl.stopped or ctl.paused() is not None or ctl.rolling_out:
+            if ctl.stopped or ctl.paused() is not None or ctl.rollouts.in_progress:
                 continue  # looked at again from the top
             self._launched = False
             if cold:

@@ -20,15 +20,12 @@ the rollout is refused with the reason.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from supervisor.config import SlotConfig
 from supervisor.model import EngineState, RolloutProgress
+from supervisor.slot.core import SlotCore
 from supervisor.slot.placement import FailoverError
 from supervisor.slot.table import Phase
-
-if TYPE_CHECKING:
-    from supervisor.slot.controller import SlotController
 
 
 class RolloutFailed(Exception):
@@ -39,7 +36,7 @@ class Rollout:
     """A slot's spec generations: the one engines launch from, one a reload marked as
     pending, and the rollout in progress between them."""
 
-    def __init__(self, ctl: SlotController) -> None:
+    def __init__(self, ctl: SlotCore) -> None:
         self.ctl = ctl
         self.generation = 0  # the spec engines launch from now (a rollout moves it on)
         self.pending: SlotConfig | None = None  # a reloaded spec waiting for its rollout
@@ -79,8 +76,8 @@ class Rollout:
                 f"slot {name} has no shadow to hand over to, so a rollout would stop serving; "
                 "give it shadows = 1 (a reload and a restart), or accept the gap and restart"
             )
-        if ctl.scheduled is not None:
-            ctl.cancel_scheduled("cancelled: a rollout switches the slot over itself")
+        if ctl.planned.scheduled is not None:
+            ctl.planned.cancel("cancelled: a rollout switches the slot over itself")
         progress = RolloutProgress(
             name,
             list(self.pending_changes),
@@ -157,7 +154,7 @@ class Rollout:
         old_active = ctl.active_engine()
         self._step(f"switching over from {old_active.id if old_active else '-'} to {fresh.id}")
         try:
-            record = await ctl.switchover(fresh.id, kind="rollout", drain_for=0)
+            record = await ctl.planned.switchover(fresh.id, kind="rollout", drain_for=0)
         except FailoverError as e:
             raise RolloutFailed(f"the switchover was refused: {e}") from e
         progress.migrated_streams = record.moved_streams

@@ -6,25 +6,21 @@ Also the two launches the replenisher repeats later: a shadow, and a cold active
 
 from __future__ import annotations
 
-import itertools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 
 from supervisor.coordination.local import ClaimRefused
 from supervisor.model import Engine, EngineState
-from supervisor.slot.placement import FailoverError, next_number
-from supervisor.slot.promote import Move
+from supervisor.slot.core import Move, SlotCore
+from supervisor.slot.placement import FailoverError
 from supervisor.slot.table import Event
-
-if TYPE_CHECKING:
-    from supervisor.slot.controller import SlotController
 
 
 class Startup:
     """Adopts and starts the slot's engines."""
 
-    def __init__(self, ctl: SlotController) -> None:
+    def __init__(self, ctl: SlotCore) -> None:
         self.ctl = ctl
 
     def saved(self) -> dict[str, Any]:
@@ -62,7 +58,6 @@ class Startup:
             if engine.state is EngineState.ACTIVE:
                 ctl.slot.active = engine.id
             adopted += 1
-        ctl.ids = itertools.count(next_number(ctl.engines))
         return adopted
 
     async def start(self) -> None:
@@ -86,7 +81,7 @@ class Startup:
             await self.start_active()
             if ctl.slot.active is None and ctl.sleeping_shadows():
                 # The active engine did not come up, but a shadow is ready: serve with it.
-                await ctl.recover("the active engine did not come up at start")
+                await ctl.promoter.recover("the active engine did not come up at start")
         if flock:
             await self.start_shadows()
         ctl.ready.set()

@@ -21,6 +21,7 @@ from supervisor.metrics import Metrics
 from supervisor.model import Engine, EngineState, FailoverRecord, Pause
 from supervisor.sessions import Sessions
 from supervisor.slot.controller import EFFECTS, SlotController
+from supervisor.slot.core import SlotCore
 from supervisor.slot.engines import EngineLifecycle
 from supervisor.slot.placement import FailoverError
 from supervisor.slot.table import Effect, Phase
@@ -51,8 +52,8 @@ class FakeLifecycle(EngineLifecycle):
     """Engines come up, sleep, wake and stop at once; ``fail_wake`` names engines whose
     wake fails, ``fail_launch`` makes every launch fail."""
 
-    def __init__(self, ctl: SlotController) -> None:
-        super().__init__(ctl)
+    def __init__(self, ctl: SlotCore, *tools: Any) -> None:
+        super().__init__(ctl, *tools)
         self.fail_wake: set[str] = set()
         self.fail_launch = False
         self.woken: list[str] = []
