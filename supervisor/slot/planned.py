@@ -87,7 +87,7 @@ class Planned:
         move = Move(record, FailoverCause.of_plan(kind), old, target, drain_for=drain_for)
         if old is None:
             why = f"{kind} requested on a slot with no active"
-            d = await ctl.handle(Event.SHADOW_READY, why, move=move)
+            d = await ctl.handle(Event.SWITCHOVER, why, move=move)
             if d is None or d.effect is not Effect.PROMOTE_SHADOW:
                 raise FailoverError(f"slot {ctl.slot.name} is {ctl.phase}")
             return record

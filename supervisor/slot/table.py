@@ -172,6 +172,9 @@ def _rows() -> list[Row]:
         Row(P.SERVING, E.SWITCHOVER, G.MAKE_BEFORE_BREAK, P.FAILING_OVER, X.SWITCH_LIVE),
         Row(P.SERVING, E.SWITCHOVER, G.ALWAYS, P.FAILING_OVER, X.STOP_THEN_PROMOTE, D.SET),
         Row(P.SERVING, E.STEP_DOWN, G.ALWAYS, P.STANDBY, X.STOP_ACTIVE, D.CLEAR),
+        # An operator's switchover of a slot that nothing serves promotes a shadow, paused
+        # or not (a pause holds off what is automatic, never what is asked for).
+        Row(P.DEGRADED, E.SWITCHOVER, G.ALWAYS, P.FAILING_OVER, X.PROMOTE_SHADOW),
         # A shadow is ready: a degraded slot is served again, unless paused.
         Row(P.DEGRADED, E.SHADOW_READY, G.PAUSED, P.DEGRADED, says="{why}; paused ({pause})"),
         Row(P.DEGRADED, E.SHADOW_READY, G.ALWAYS, P.FAILING_OVER, X.PROMOTE_SHADOW),

@@ -190,6 +190,25 @@ async def test_an_active_engine_that_dies_while_paused_leaves_the_slot_down(
         assert failovers(ctl, "recovery:recover", "promoted") == 1
 
 
+async def test_a_switchover_asked_while_paused_serves_a_degraded_slot(tmp_path: Path) -> None:
+    # A pause holds off automatic promotion, not what an operator asks for.
+    node_pause: list[Pause] = []
+    async with slot_of(config(tmp_path), pause=lambda: next(iter(node_pause), None)) as (
+        ctl,
+        life,
+    ):
+        await ctl.start()
+        node_pause.append(Pause("kernel upgrade", 0.0))
+        dead = ctl.active_engine()
+        assert dead is not None
+        await ctl.on_engine_dead(dead, "exit", "gone", 0.0)
+        assert ctl.phase is Phase.DEGRADED and life.woken == []
+        record = await ctl.switchover(None)
+        assert ctl.phase is Phase.SERVING and ctl.slot.active == "s-0"
+        assert record.result == "promoted" and life.woken == ["s-0"]
+        assert failovers(ctl, "switchover:switchover", "promoted") == 1
+
+
 async def test_a_shadow_that_fails_to_wake_gives_way_to_the_next(tmp_path: Path) -> None:
     async with slot_of(config(tmp_path, shadows=2)) as (ctl, life):
         await ctl.start()
