@@ -166,9 +166,12 @@ async def test_an_active_engines_death_promotes_its_shadow(tmp_path: Path) -> No
         await until(lambda: len(ctl.sleeping_shadows()) == 1)  # replenished
 
 
-async def test_an_active_engine_that_dies_while_paused_leaves_the_slot_down(
+@asynccontextmanager
+async def down_while_paused(
     tmp_path: Path,
-) -> None:
+) -> AsyncIterator[tuple[SlotController, FakeLifecycle, list[Pause]]]:
+    """A started slot whose active engine died while its node was paused (the pause is
+    the list's one item: clear it to resume)."""
     node_pause: list[Pause] = []
     async with slot_of(config(tmp_path), pause=lambda: next(iter(node_pause), None)) as (
         ctl,
@@ -179,6 +182,13 @@ async def test_an_active_engine_that_dies_while_paused_leaves_the_slot_down(
         dead = ctl.active_engine()
         assert dead is not None
         await ctl.on_engine_dead(dead, "probe", "3 failed probes", 0.0)
+        yield ctl, life, node_pause
+
+
+async def test_an_active_engine_that_dies_while_paused_leaves_the_slot_down(
+    tmp_path: Path,
+) -> None:
+    async with down_while_paused(tmp_path) as (ctl, life, node_pause):
         assert ctl.phase is Phase.DEGRADED and ctl.slot.active is None
         assert "paused (kernel upgrade)" in ctl.slot.degraded_reason
         assert life.woken == []
@@ -192,16 +202,7 @@ async def test_an_active_engine_that_dies_while_paused_leaves_the_slot_down(
 
 async def test_a_switchover_asked_while_paused_serves_a_degraded_slot(tmp_path: Path) -> None:
     # A pause holds off automatic promotion, not what an operator asks for.
-    node_pause: list[Pause] = []
-    async with slot_of(config(tmp_path), pause=lambda: next(iter(node_pause), None)) as (
-        ctl,
-        life,
-    ):
-        await ctl.start()
-        node_pause.append(Pause("kernel upgrade", 0.0))
-        dead = ctl.active_engine()
-        assert dead is not None
-        await ctl.on_engine_dead(dead, "exit", "gone", 0.0)
+    async with down_while_paused(tmp_path) as (ctl, life, _):
         assert ctl.phase is Phase.DEGRADED and life.woken == []
         record = await ctl.switchover(None)
         assert ctl.phase is Phase.SERVING and ctl.slot.active == "s-0"
