@@ -351,7 +351,6 @@ class Supervisor:
                     admin_url=lambda: self.admin_url,
                     on_view_change=self.directory.notify,
                     on_peer_dead=self._peer_engines_dead,
-                    load=self._inflight,
                     pauses=self.pauses.record,
                     on_demote=self._on_demote,
                 )

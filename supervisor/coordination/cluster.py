@@ -75,7 +75,6 @@ class ClusterCoordinator:
         admin_url: Callable[[], str],
         on_view_change: Callable[[], None],
         on_peer_dead: Callable[[list[str]], None],
-        load: Callable[[str], int] = lambda engine_id: 0,
         pauses: Callable[[], dict[str, Any] | None] = lambda: None,
         on_demote: Callable[[bool], None] = lambda demoted: None,
     ) -> None:
@@ -85,7 +84,6 @@ class ClusterCoordinator:
         # The slots, filled by the daemon after this is made: the parts read it as it is.
         self.controllers = controllers
         self.metrics = metrics
-        self.load = load  # requests in flight to an engine through this node's frontend
         # Counts changes to the view and to peers' states: the frontend's directory reads
         # it on every request, so it is a plain attribute, counted by each kick.
         self.generation = 0
